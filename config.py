@@ -1,0 +1,252 @@
+"""Run configuration: YAML files merged in order, then `section.key=value` overrides, validated into dataclasses.
+
+    python train.py configs/tiny.yaml more.yaml train.max_steps=40 model.n_layer=2
+
+Unknown keys and values of the wrong type stop with a message naming the key, where it came from (file or
+command line) and the closest valid key, before anything is computed or written. Derived numbers (gradient
+accumulation, tokens per step) are computed once in `derive()`.
+"""
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal
+
+import yaml
+
+from model import GPTConfig
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, with a message meant for the user."""
+
+
+@dataclass
+class DataConfig:
+    datasets: list[str] = field(default_factory=lambda: ["data/pycode"])  # prepared dataset folders (meta.json)
+    weights: list[float] | None = None  # mixture weights, one per dataset; None: equal
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/run"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda when available, else cpu
+    precision: Literal["bf16", "fp32"] = "bf16"  # bf16: autocast matmuls, FP32 master weights and loss
+    seed: int = 1337
+    batch_size: int = 64  # global batch in sequences per optimizer step, whatever the world size
+    micro_batch_size: int = 8  # sequences per device per forward/backward
+    max_steps: int = 1000
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    decay_frac: float = 0.2  # wsd: fraction of max_steps spent decaying at the end
+    weight_decay: float = 0.1  # matrices only: never norms, biases or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    compile: bool = False
+    eval_interval: int = 200  # steps; 0 disables periodic eval
+    eval_batches: int = 20  # micro-batches of the val split per eval
+    ckpt_interval: int = 500  # steps; a checkpoint is also written at the end
+    keep_last: int = 2  # checkpoints kept on disk
+    resume: bool = True  # continue from out_dir/latest when present
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10  # steps between log lines / metrics.jsonl rows
+
+
+@dataclass
+class Config:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+SECTIONS = {f.name: f.type for f in fields(Config)}
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)]
+
+
+def _suggest(key: str, options: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def _coerce(value, tp, where: str):
+    """Check `value` against the annotation `tp`, converting only where YAML is known to be ambiguous."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(v, args[0], where) for v in items]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:  # YAML 1.1 reads 1e6 as a string
+            f = float(value) if isinstance(value, (str, float)) else None
+            if f is not None and f.is_integer():
+                return int(f)
+        except ValueError:
+            pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 3e-4 as a string
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{where}: expected {name}, got {value!r}")
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{at} YAML syntax error: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, log)")
+    return data
+
+
+def _set(tree: dict, sources: dict, section, key, value, source: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section '{section}' ({source}){_suggest(section, list(SECTIONS))}"
+                          f" (sections: {', '.join(SECTIONS)})")
+    names = [f.name for f in fields(SECTIONS[section])]
+    if key not in names:
+        elsewhere = [k for k in _all_keys() if k.endswith(f".{key}")]  # right key, wrong section
+        hint = _suggest(key, names, f"{section}.") if not elsewhere else f"; did you mean '{elsewhere[0]}'?"
+        raise ConfigError(f"unknown key '{section}.{key}' ({source}){hint}")
+    tree.setdefault(section, {})[key] = value
+    sources[f"{section}.{key}"] = source
+
+
+def build(tree: dict, sources: dict | None = None) -> Config:
+    """Nested dict -> validated Config; `sources` maps 'section.key' to where the value came from."""
+    sources = sources or {}
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = {}
+        for f in fields(cls):
+            if f.name in tree.get(name, {}):
+                key = f"{name}.{f.name}"
+                where = f"{key} ({sources.get(key, 'config')})"
+                values[f.name] = _coerce(tree[name][f.name], f.type, where)
+        sections[name] = cls(**values)
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def load(args: list[str]) -> Config:
+    """YAML paths and `section.key=value` overrides, in order -> Config. Raises ConfigError."""
+    tree, sources = {}, {}
+    for arg in args:
+        if "=" in arg:
+            dotted, raw = arg.split("=", 1)
+            section, _, key = dotted.partition(".")
+            if not key:
+                raise ConfigError(f"override '{arg}' must look like section.key=value")
+            value = raw
+            if section in SECTIONS and key in {f.name: f for f in fields(SECTIONS[section])}:
+                tp = {f.name: f.type for f in fields(SECTIONS[section])}[key]
+                if tp is not str:  # strings stay verbatim; everything else is read as YAML (numbers, lists, null)
+                    try:
+                        value = yaml.safe_load(raw)
+                    except yaml.YAMLError:
+                        raise ConfigError(f"override '{arg}': cannot parse value {raw!r}") from None
+            _set(tree, sources, section, key, value, "command line")
+        elif arg.endswith((".yaml", ".yml")):
+            for section, values in _read_yaml(arg).items():
+                if not isinstance(values, dict):
+                    raise ConfigError(f"{arg}: section '{section}' must be a mapping")
+                for key, value in values.items():
+                    _set(tree, sources, section, key, value, arg)
+        else:
+            raise ConfigError(f"argument '{arg}' is neither a .yaml file nor a section.key=value override")
+    return build(tree, sources)
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express; model shape checks wait until the vocab is known."""
+    t = cfg.train
+    positive = {"train.batch_size": t.batch_size, "train.micro_batch_size": t.micro_batch_size,
+                "train.max_steps": t.max_steps, "train.keep_last": t.keep_last, "log.interval": cfg.log.interval,
+                "train.ckpt_interval": t.ckpt_interval, "train.eval_batches": t.eval_batches}
+    for key, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{key} must be >= 1 (got {v})")
+    for key, v in {"train.warmup_steps": t.warmup_steps, "train.eval_interval": t.eval_interval,
+                   "train.lr": t.lr, "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip}.items():
+        if v < 0:
+            raise ConfigError(f"{key} must be >= 0 (got {v})")
+    if not 0 <= t.min_lr_ratio <= 1 or not 0 <= t.decay_frac <= 1:
+        raise ConfigError("train.min_lr_ratio and train.decay_frac must be in [0, 1]")
+    if not cfg.data.datasets:
+        raise ConfigError("data.datasets is empty")
+    w = cfg.data.weights
+    if w is not None and (len(w) != len(cfg.data.datasets) or min(w) < 0 or sum(w) <= 0):
+        raise ConfigError(f"data.weights needs one non-negative weight per dataset ({len(cfg.data.datasets)}), "
+                          f"not all zero; got {w}")
+
+
+@dataclass
+class Derived:
+    world_size: int
+    grad_accum: int
+    tokens_per_step: int
+
+    def banner(self, cfg: Config) -> str:
+        t = cfg.train
+        return (f"global batch {t.batch_size} seqs = micro batch {t.micro_batch_size} x grad accum "
+                f"{self.grad_accum} x world size {self.world_size}; {self.tokens_per_step:,} tokens/step "
+                f"(block_size {cfg.model.block_size}); {t.max_steps} steps = "
+                f"{self.tokens_per_step * t.max_steps:,} tokens")
+
+
+def derive(cfg: Config, world_size: int = 1) -> Derived:
+    """The one place where numbers that follow from the config are computed."""
+    t = cfg.train
+    per_step = t.micro_batch_size * world_size
+    if t.batch_size % per_step:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
+                          f"({t.micro_batch_size}) x world size ({world_size})")
+    return Derived(world_size, t.batch_size // per_step, t.batch_size * cfg.model.block_size)
+
+
+def to_dict(cfg: Config) -> dict:
+    return asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

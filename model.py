@@ -1,0 +1,332 @@
+"""GPT model: one code path for a Llama-style and a GPT-2-style decoder.
+
+`arch: llama` -> RMSNorm, rotary positions (angles in FP32), SwiGLU MLP, grouped-query attention, no biases.
+`arch: gpt2`  -> LayerNorm with bias, learned positions, GELU MLP, biases (the nanoGPT / gigaGPT model).
+Module names follow Hugging Face Llama (`embed_tokens`, `layers.N.self_attn.q_proj`, `mlp.down_proj`,
+`input_layernorm`, `norm`, `lm_head`, ...) so import/export is a key table. No distributed or file code here.
+"""
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    arch: Literal["llama", "gpt2"] = "llama"
+    vocab_size: int | None = None  # None: taken from the data's meta.json
+    block_size: int = 1024  # context length in tokens
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # grouped-query attention; None: = n_head
+    n_embd: int = 768
+    intermediate_size: int | None = None  # None: 4*n_embd (gpt2), 8/3*n_embd rounded up to 128 (llama)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dropout: float = 0.0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        if self.arch == "gpt2":
+            return 4 * self.n_embd
+        return 128 * math.ceil(8 * self.n_embd / 3 / 128)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocab rounded up to a multiple of 128 (tensor-core friendly); ids past vocab_size are never sampled."""
+        return 128 * math.ceil(self.vocab_size / 128)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when the shape is inconsistent."""
+        if not self.vocab_size or self.vocab_size < 2:
+            raise ValueError(f"model.vocab_size must be >= 2 (got {self.vocab_size})")
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.kv_heads})")
+        if self.arch == "llama" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dim (n_embd/n_head = {self.head_dim})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1) (got {self.dropout})")
+
+
+def rope_cache(cfg: GPTConfig, device=None) -> torch.Tensor:
+    """(block_size, head_dim/2, 2) cos/sin table, always computed and kept in FP32 (BF16 angles lose positions)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
+    angles = torch.outer(torch.arange(cfg.block_size, device=device, dtype=torch.float32), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, D) by rope (T, D/2, 2) in FP32, Hugging Face's rotate-half layout."""
+    cos = rope[None, :, None, :, 0].repeat(1, 1, 1, 2)  # (1, T, 1, D)
+    sin = rope[None, :, None, :, 1].repeat(1, 1, 1, 2)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).type_as(x)
+
+
+class KVCache:
+    """Preallocated keys/values for all layers: (n_layer, B, n_kv_head, max_len, head_dim) each."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens already cached
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, n_kv, T, D) at the current position; return all keys/values cached so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        bias = cfg.arch == "gpt2"
+        d, hd = cfg.n_embd, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.n_head * hd, bias=bias)
+        self.k_proj = nn.Linear(d, cfg.kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, cfg.kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(cfg.n_head * hd, d, bias=bias)
+
+    def forward(self, x, rope=None, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim)
+        k = self.k_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim)
+        v = self.v_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(self.layer_idx, k, v)
+        mask, causal = None, True
+        if start > 0:  # queries sit at positions start..start+T-1 and see every cached key up to their own
+            causal = False
+            if T > 1:
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+            dropout_p=cfg.dropout if self.training else 0.0, enable_gqa=cfg.kv_heads != cfg.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gated = cfg.arch == "llama"
+        bias = not self.gated
+        if self.gated:
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=bias)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=bias)
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.arch == "llama":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        V, d = cfg.padded_vocab_size, cfg.n_embd
+        device = torch.empty(0).device  # the caller's default device; meta when building for sharded init
+        with torch.device("meta"):  # modules' own default inits would waste time and RNG draws
+            self.embed_tokens = nn.Embedding(V, d)
+            if cfg.arch == "gpt2":
+                self.embed_positions = nn.Embedding(cfg.block_size, d)
+            self.dropout = nn.Dropout(cfg.dropout)
+            self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+            self.norm = make_norm(cfg)
+            self.lm_head = nn.Linear(d, V, bias=False)
+            if cfg.arch == "llama":
+                self.register_buffer("rope", torch.empty(cfg.block_size, cfg.head_dim // 2, 2), persistent=False)
+        if device.type != "meta":
+            self.to_empty(device=device)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer in place; call after `to_empty()` when built on the meta device.
+
+        Linear weights and embeddings ~ N(0, init_std); the residual projections (`o_proj`, `down_proj`) use
+        init_std / sqrt(2 * n_layer) so the residual stream's variance does not grow with depth (GPT-2);
+        biases 0, norm weights 1. The RoPE table is recomputed in FP32. A no-op on the meta device.
+        """
+        if self.cfg.tie_embeddings:  # (re)tie: to_empty() gives each module its own new parameter
+            self.lm_head.weight = self.embed_tokens.weight
+        if self.lm_head.weight.is_meta:
+            return
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "layernorm" in name or name.startswith("norm."):
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+        if self.cfg.arch == "llama":
+            self.rope.copy_(rope_cache(self.cfg, self.rope.device))
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Unique parameters (a tied embedding counts once); `embeddings=False` leaves out the embedding tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.embed_tokens.weight.numel() if not self.cfg.tie_embeddings else 0
+            n -= self.embed_positions.weight.numel() if self.cfg.arch == "gpt2" else 0
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token by PaLM's count (Chowdhery et al. 2022, appendix B): 6*N + 12*L*d*T.
+
+        N counts the parameters that take part in matrix multiplies, lm_head included (embedding lookups and
+        norms do not); 12*L*d*T is attention's QK^T and AV, forward and backward, over the full (non-causal)
+        T x T square as PaLM counts it.
+        """
+        cfg = self.cfg
+        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """idx (B, T) -> logits (B, T, padded_vocab), or the mean FP32 cross-entropy when targets (B, T) are
+        given (target -1 is ignored)."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
+        x = self.embed_tokens(idx)
+        rope = None
+        if self.cfg.arch == "gpt2":
+            x = x + self.embed_positions(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = self.rope[start:start + T]
+        x = self.dropout(x)
+        for layer in self.layers:
+            x = layer(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None,
+                        use_cache: bool = True, generator: torch.Generator | None = None):
+        """Yield the next token ids (B,) one step at a time after the prompt idx (B, T).
+
+        temperature 0 is greedy; top_k keeps the k most likely ids; top_p keeps the smallest set whose
+        probability reaches p. A sequence that has produced `stop_token` keeps producing it; the stream ends
+        when every sequence has stopped. With `use_cache` a KV cache avoids recomputing the prefix; when the
+        context would pass block_size the window slides and the cache is rebuilt from the last tokens.
+        """
+        B = idx.size(0)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache, fed = None, 0  # tokens of idx already in the cache
+        for _ in range(max_new_tokens):
+            if idx.size(1) > self.cfg.block_size:
+                idx = idx[:, -self.cfg.block_size:]
+                cache = None
+            if not use_cache:
+                logits = self(idx)[:, -1]
+            else:
+                if cache is None:
+                    dtype = self.lm_head.weight.dtype
+                    if torch.is_autocast_enabled(idx.device.type):
+                        dtype = torch.get_autocast_dtype(idx.device.type)
+                    cache = KVCache(self.cfg, B, self.cfg.block_size, idx.device, dtype)
+                    fed = 0
+                logits = self(idx[:, fed:], cache=cache)[:, -1]
+                fed = idx.size(1)
+            nxt = self._sample(logits.float(), temperature, top_k, top_p, generator)
+            if stop_token is not None:
+                nxt = torch.where(done, stop_token, nxt)
+                done |= nxt == stop_token
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            yield nxt
+            if stop_token is not None and bool(done.all()):
+                return
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kw) -> torch.Tensor:
+        """Prompt (B, T) -> (B, T + new) ids; same options as `generate_stream`."""
+        new = list(self.generate_stream(idx, max_new_tokens, **kw))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+    def _sample(self, logits, temperature, top_k, top_p, generator):
+        logits[:, self.cfg.vocab_size:] = float("-inf")  # padded ids are never sampled
+        if temperature <= 0:
+            return logits.argmax(dim=-1)
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.size(-1):
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this id already reaches p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def build(cfg: GPTConfig, device) -> GPT:
+    """Build on the meta device (no memory touched), then allocate on `device` and initialise once."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

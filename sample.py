@@ -1,0 +1,73 @@
+"""Generate text from a checkpoint, streaming tokens as they come (KV cache).
+
+    python sample.py OUT_DIR --prompt "def fib(n):" --max_new_tokens 200 [--temperature 0.8] [--top_k 200]
+                     [--top_p 0.95] [--num_samples 1] [--seed 1337] [--prompt_file F]
+"""
+import argparse
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", help="run folder (uses its latest checkpoint) or a step_NNNNNN folder")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--prompt_file", help="read the prompt from this file instead")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--no_stop", action="store_true", help="keep generating past the end-of-text token")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: the run's")
+    args = p.parse_args(argv)
+
+    import checkpoint
+    from data.prepare import load_tokenizer
+    from train import pick_device
+    device = pick_device(args.device)
+    try:
+        model, cfg, path = checkpoint.load_model(args.out_dir, device)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir = os.path.dirname(path)
+    tok = load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            args.prompt = f.read()
+    ids = tok.encode(args.prompt) or [tok.eot_id]
+    if len(ids) >= cfg.model.block_size:
+        ids = ids[-(cfg.model.block_size - 1):]
+    precision = args.precision or cfg.train.precision
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    print(f"# {path}", file=sys.stderr)
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"\n--- sample {i + 1} ---", flush=True)
+        print(args.prompt, end="", flush=True)
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        new, shown = [], ""
+        with autocast:
+            for nxt in model.generate_stream(idx, args.max_new_tokens, temperature=args.temperature,
+                                             top_k=args.top_k, top_p=args.top_p, generator=gen,
+                                             stop_token=None if args.no_stop else tok.eot_id):
+                if not args.no_stop and nxt.item() == tok.eot_id:
+                    break
+                new.append(nxt.item())
+                text = tok.decode(new)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    print(text[len(shown):], end="", flush=True)
+                    shown = text
+        print(tok.decode(new)[len(shown):], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
