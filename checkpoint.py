@@ -125,7 +125,7 @@ def load(path: str, model: torch.nn.Module, optimizer=None) -> dict:
     return read_state(path)
 
 
-def load_model(path: str, device) -> tuple[torch.nn.Module, "config.Config", str]:
+def load_model(path: str, device) -> tuple:
     """A run folder or checkpoint folder -> (model in eval mode, its Config, the checkpoint folder)."""
     import config
     from model import build

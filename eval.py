@@ -3,8 +3,8 @@
     python eval.py OUT_DIR [--data DIR] [--split val] [--max_tokens N] [--json]
 
 Bits per byte = total nats / ln 2 / UTF-8 bytes of the text the scored tokens decode to (the EOT token
-counts as zero bytes), so models with different tokenizers can be compared; over a whole split the byte
-count equals the split's source bytes in meta.json.
+counts as zero bytes), so models with different tokenizers can be compared. A whole split scores every
+token but the first of each shard, which has no context to be predicted from.
 """
 import argparse
 import json
@@ -12,7 +12,6 @@ import math
 import sys
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -223,8 +223,8 @@ class GPT(nn.Module):
     def num_params(self, embeddings: bool = True) -> int:
         """Unique parameters (a tied embedding counts once); `embeddings=False` leaves out the embedding tables."""
         n = sum(p.numel() for p in self.parameters())
-        if not embeddings:
-            n -= self.embed_tokens.weight.numel() if not self.cfg.tie_embeddings else 0
+        if not embeddings:  # Kaplan et al.'s non-embedding count (a tied table leaves with the head)
+            n -= self.embed_tokens.weight.numel()
             n -= self.embed_positions.weight.numel() if self.cfg.arch == "gpt2" else 0
         return n
 
@@ -260,7 +260,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

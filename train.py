@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -109,7 +109,7 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
 
 
-def prepare_data(cfg: config.Config) -> dict:
+def prepare_data(cfg: config.Config) -> None:
     """Prepare missing named corpora, check the datasets agree, and fill in model.vocab_size from the data."""
     metas = [ensure_prepared(p) for p in cfg.data.datasets]
     vocab = metas[0]["vocab_size"]
@@ -122,7 +122,22 @@ def prepare_data(cfg: config.Config) -> dict:
         cfg.model.validate()
     except ValueError as e:
         raise config.ConfigError(str(e)) from None
-    return metas[0]
+
+
+@contextmanager
+def stop_requests():
+    """Turn SIGINT/SIGTERM into a request to stop after the current step; the old handlers come back after."""
+    stop = {"signal": None}
+
+    def request(signum, frame):
+        stop["signal"] = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint", flush=True)
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def check_same_model(saved: dict, cfg: config.Config, path: str) -> None:
@@ -141,7 +156,7 @@ def main(argv: list[str]) -> int:
         cfg = config.load(argv)
         rank, world = dist_env()
         device = pick_device(cfg.train.device)
-        meta = prepare_data(cfg)
+        prepare_data(cfg)
         plan = config.derive(cfg, world)
         t = cfg.train
         loader = TrainLoader(cfg.data.datasets, cfg.data.weights, cfg.model.block_size, t.micro_batch_size,
@@ -190,14 +205,6 @@ def main(argv: list[str]) -> int:
     fwd = torch.compile(model) if t.compile else model
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext())
 
-    stop = {"signal": None}
-
-    def request_stop(signum, frame):
-        stop["signal"] = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint", flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, request_stop)
-
     def log(row: dict) -> None:
         if rank == 0:
             with open(metrics_path, "a") as f:
@@ -208,70 +215,70 @@ def main(argv: list[str]) -> int:
         path = checkpoint.save(t.out_dir, step, model, optimizer, state, t.keep_last)
         print(f"saved {path}")
 
-    loss_sum = torch.zeros((), device=device)
-    steps_since_log, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
-    model.train()
-    while step < t.max_steps and stop["signal"] is None:
-        # Dropout randomness is a function of (seed, step, rank), so a resumed run repeats it exactly.
-        torch.manual_seed(t.seed * 1_000_003 + step * 1009 + rank)
-        lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(plan.grad_accum):
-            x, y = loader.batch(step, micro)
-            if device.type == "cuda":
-                x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-            else:
-                x, y = x.to(device), y.to(device)
-            with autocast:
-                loss = fwd(x, y)
-            (loss / plan.grad_accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += plan.tokens_per_step
-        steps_since_log += 1
+    with stop_requests() as stop:
+        loss_sum = torch.zeros((), device=device)
+        steps_since_log, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
+        model.train()
+        while step < t.max_steps and stop["signal"] is None:
+            # Dropout randomness is a function of (seed, step, rank), so a resumed run repeats it exactly.
+            torch.manual_seed(t.seed * 1_000_003 + step * 1009 + rank)
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(plan.grad_accum):
+                x, y = loader.batch(step, micro)
+                if device.type == "cuda":
+                    x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+                else:
+                    x, y = x.to(device), y.to(device)
+                with autocast:
+                    loss = fwd(x, y)
+                (loss / plan.grad_accum).backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += plan.tokens_per_step
+            steps_since_log += 1
 
-        if step % cfg.log.interval == 0 or step == t.max_steps:
-            loss_val = loss_sum.item() / (steps_since_log * plan.grad_accum)  # the one host sync per log step
-            now = time.perf_counter()
-            tok_s = steps_since_log * plan.tokens_per_step / (now - t_log)
-            row = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens,
-                   "tokens_per_s": tok_s, "mfu": tok_s / plan.tokens_per_step * flops_per_step / peak if peak
-                   else None, "mem_gb": memory_gb(device), "elapsed_s": now - t_start}
-            log(row)
-            if rank == 0:
-                eta = (t.max_steps - step) * (now - t_log) / steps_since_log
-                mfu = f" | mfu {row['mfu']:.1%}" if peak else ""
-                print(f"step {step:>6} | loss {loss_val:.4f} | lr {lr:.2e} | grad {row['grad_norm']:.3f} | "
-                      f"{tok_s:,.0f} tok/s{mfu} | mem {row['mem_gb']:.2f} GB | eta {eta / 60:.1f} min", flush=True)
-            if not math.isfinite(loss_val):
-                print("error: loss is not finite; stopping without saving", file=sys.stderr)
-                return 1
-            loss_sum.zero_()
-            steps_since_log, t_log = 0, time.perf_counter()
+            if step % cfg.log.interval == 0 or step == t.max_steps:
+                loss_val = loss_sum.item() / (steps_since_log * plan.grad_accum)  # the one host sync per log step
+                now = time.perf_counter()
+                tok_s = steps_since_log * plan.tokens_per_step / (now - t_log)
+                row = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens,
+                       "tokens_per_s": tok_s, "mfu": tok_s / plan.tokens_per_step * flops_per_step / peak if peak
+                       else None, "mem_gb": memory_gb(device), "elapsed_s": now - t_start}
+                log(row)
+                if rank == 0:
+                    eta = (t.max_steps - step) * (now - t_log) / steps_since_log
+                    mfu = f" | mfu {row['mfu']:.1%}" if peak else ""
+                    print(f"step {step:>6} | loss {loss_val:.4f} | lr {lr:.2e} | grad {row['grad_norm']:.3f} | "
+                          f"{tok_s:,.0f} tok/s{mfu} | mem {row['mem_gb']:.2f} GB | eta {eta / 60:.1f} min", flush=True)
+                if not math.isfinite(loss_val):
+                    print("error: loss is not finite; stopping without saving", file=sys.stderr)
+                    return 1
+                loss_sum.zero_()
+                steps_since_log, t_log = 0, time.perf_counter()
 
-        if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
-            t0 = time.perf_counter()
-            res = evaluate(fwd, cfg.data.datasets, cfg.model.block_size, cfg.model.vocab_size, t.micro_batch_size,
-                           device, max_tokens=t.eval_batches * t.micro_batch_size * cfg.model.block_size,
-                           autocast=autocast, rank=rank, world=world)
-            model.train()
-            log({"step": step, "tokens": tokens, "val_loss": res["loss"], "val_bpb": res["bpb"]})
-            if rank == 0:
-                print(f"step {step:>6} | val loss {res['loss']:.4f} | val bpb {res['bpb']:.4f} "
-                      f"({res['tokens']:,} tokens, {time.perf_counter() - t0:.1f} s)", flush=True)
-            t_log += time.perf_counter() - t0  # eval time does not count against training throughput
+            if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
+                t0 = time.perf_counter()
+                # the uncompiled model: eval mode and a logits-only graph would each cost a recompile
+                res = evaluate(model, cfg.data.datasets, cfg.model.block_size, cfg.model.vocab_size, t.micro_batch_size,
+                               device, max_tokens=t.eval_batches * t.micro_batch_size * cfg.model.block_size,
+                               autocast=autocast, rank=rank, world=world)
+                model.train()
+                log({"step": step, "tokens": tokens, "val_loss": res["loss"], "val_bpb": res["bpb"]})
+                if rank == 0:
+                    print(f"step {step:>6} | val loss {res['loss']:.4f} | val bpb {res['bpb']:.4f} "
+                          f"({res['tokens']:,} tokens, {time.perf_counter() - t0:.1f} s)", flush=True)
+                t_log += time.perf_counter() - t0  # eval time does not count against training throughput
 
-        if step % t.ckpt_interval == 0 or step == t.max_steps or stop["signal"] is not None:
-            t0 = time.perf_counter()
-            save()
-            t_log += time.perf_counter() - t0
-    if stop["signal"] == signal.SIGINT:
-        return 130
-    return 0
+            if step % t.ckpt_interval == 0 or step == t.max_steps or stop["signal"] is not None:
+                t0 = time.perf_counter()
+                save()
+                t_log += time.perf_counter() - t0
+    return 130 if stop["signal"] == signal.SIGINT else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,210 @@
+"""Token shards on disk -> training and evaluation batches.
+
+Training batches are a pure function of (seed, step, micro_step, rank, world_size): a resumed run, or a run
+on another number of ranks with the same global batch, sees exactly the same token stream, and nothing about
+the loader needs saving. Each dataset is cut into non-overlapping windows of block_size + 1 tokens (stride
+block_size, never across a shard boundary); global sample s of epoch s // n_windows reads the window that a
+keyed pseudo-random permutation puts at position s % n_windows, so an epoch visits every window once and
+never repeats one. The permutation is evaluated per index (a Feistel network with cycle-walking), so a
+dataset of any size costs memory in proportion to the batch, not the corpus.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+MASK64 = (1 << 64) - 1
+
+
+class DataError(ValueError):
+    """Missing, mismatched or corrupt data, with a message meant for the user."""
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijective, well-mixing hash of uint64 values."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _key(*parts: int) -> int:
+    h = np.array([0], dtype=np.uint64)
+    for p in parts:
+        h = _mix64(h ^ np.uint64(int(p) & MASK64))
+    return int(h[0])
+
+
+def permute(idx: np.ndarray, n: int, key: int) -> np.ndarray:
+    """A keyed permutation of range(n) evaluated at `idx` (uint64 array of values < n)."""
+    bits = max(2, int(n - 1).bit_length())
+    bits += bits % 2
+    half, mask = np.uint64(bits // 2), np.uint64((1 << (bits // 2)) - 1)
+    keys = [np.uint64(_key(key, r)) for r in range(4)]
+
+    def feistel(x):
+        left, right = x >> half, x & mask
+        for k in keys:
+            left, right = right, left ^ (_mix64(right ^ k) & mask)
+        return (left << half) | right
+
+    out = feistel(idx.astype(np.uint64))
+    while (bad := out >= n).any():  # cycle-walk back into range; the domain is < 4n, so this ends fast
+        out[bad] = feistel(out[bad])
+    return out
+
+
+def read_meta(path: str) -> dict:
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path} is not a prepared dataset (no meta.json); "
+                        f"run: python data/prepare.py --input ... --out {path}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}/meta.json is not valid JSON ({e})") from None
+
+
+def _open_shard(file: str, tokens: int, dtype: str) -> np.ndarray:
+    """Memory-map a .npy shard after checking its header and size against meta.json."""
+    try:
+        with open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, found = read(f)
+            offset = f.tell()
+    except FileNotFoundError:
+        raise DataError(f"shard {file} is missing") from None
+    except ValueError as e:
+        raise DataError(f"shard {file} is not a valid .npy file ({e})") from None
+    if found != np.dtype(dtype):
+        raise DataError(f"shard {file} holds {found} but meta.json says {dtype}")
+    if shape != (tokens,):
+        raise DataError(f"shard {file} has shape {shape} but meta.json says {tokens} tokens")
+    size, want = os.path.getsize(file), offset + tokens * found.itemsize
+    if size != want:
+        raise DataError(f"shard {file} is truncated or padded: {size} bytes, expected {want} "
+                        f"({tokens} tokens of {dtype})")
+    return np.load(file, mmap_mode="r")
+
+
+class TokenSplit:
+    """One split ('train', 'val') of one prepared dataset, memory-mapped and validated."""
+
+    def __init__(self, path: str, split: str, vocab_size: int | None = None):
+        self.path, self.split = path, split
+        self.meta = read_meta(path)
+        if split not in self.meta.get("splits", {}):
+            raise DataError(f"{path} has no '{split}' split (has: {', '.join(self.meta.get('splits', {}))})")
+        if vocab_size is not None and self.meta["vocab_size"] > vocab_size:
+            raise DataError(f"{path}: data vocab {self.meta['vocab_size']} exceeds the model's vocab {vocab_size}")
+        self.vocab_size = vocab_size
+        info = self.meta["splits"][split]
+        self.shards = [_open_shard(os.path.join(path, s["file"]), s["tokens"], self.meta["dtype"])
+                       for s in info["shards"]]
+        self.tokens = sum(len(s) for s in self.shards)
+
+    def check_range(self, rows: np.ndarray, where: str) -> None:
+        if self.vocab_size is not None and rows.size and int(rows.max()) >= self.vocab_size:
+            raise DataError(f"{self.path} ({self.split}, {where}) holds token id {int(rows.max())}, "
+                            f"outside the model's vocab of {self.vocab_size}: the shards do not match meta.json")
+
+
+class TrainLoader:
+    """Training micro-batches from one dataset or a weighted mixture; see the module docstring."""
+
+    def __init__(self, paths: list[str], weights: list[float] | None, block_size: int, micro_batch_size: int,
+                 grad_accum: int, seed: int, rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
+        self.splits = [TokenSplit(p, "train", vocab_size) for p in paths]
+        first = self.splits[0].meta
+        for s in self.splits[1:]:
+            if any(s.meta[k] != first[k] for k in ("tokenizer", "vocab_size", "eot_id")):
+                raise DataError(f"{s.path} and {paths[0]} use different tokenizers; a mixture needs one")
+        self.T, self.mb, self.accum = block_size, micro_batch_size, grad_accum
+        self.seed, self.rank, self.world = seed, rank, world_size
+        self.starts = []  # per dataset: cumulative window counts per shard
+        for s in self.splits:
+            counts = [max(0, (len(a) - 1) // block_size) for a in s.shards]
+            if sum(counts) == 0:
+                raise DataError(f"{s.path}: the train split ({s.tokens} tokens) is shorter than one window of "
+                                f"block_size + 1 = {block_size + 1} tokens")
+            self.starts.append(np.cumsum([0] + counts))
+        w = np.ones(len(paths)) if weights is None else np.asarray(weights, dtype=np.float64)
+        self.cum_weights = np.cumsum(w / w.sum())
+
+    def sample_ids(self, step: int, micro_step: int) -> np.ndarray:
+        """Global sample indices of this rank's micro-batch; their union over ranks and micro-steps is the same
+        set for every world size with the same global batch."""
+        global_batch = self.mb * self.accum * self.world
+        first = step * global_batch + (micro_step * self.world + self.rank) * self.mb
+        return np.arange(first, first + self.mb, dtype=np.uint64)
+
+    def batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) int64 CPU tensors of shape (micro_batch_size, block_size); y is x shifted by one."""
+        ids = self.sample_ids(step, micro_step)
+        if len(self.splits) == 1:
+            which = np.zeros(len(ids), dtype=np.int64)
+        else:
+            u = _mix64(ids ^ np.uint64(_key(self.seed, 0x6D6978))).astype(np.float64) / 2.0**64
+            which = np.minimum(np.searchsorted(self.cum_weights, u, side="right"), len(self.splits) - 1)
+        rows = np.empty((len(ids), self.T + 1), dtype=np.int64)
+        for d in np.unique(which):
+            split, starts = self.splits[d], self.starts[d]
+            n = int(starts[-1])
+            sel = np.flatnonzero(which == d)
+            epoch, pos = ids[sel] // np.uint64(n), ids[sel] % np.uint64(n)
+            for e in np.unique(epoch):
+                here = epoch == e
+                windows = permute(pos[here], n, _key(self.seed, d, int(e)))
+                shard = np.searchsorted(starts, windows, side="right") - 1
+                for j, w, sh in zip(sel[here], windows, shard):
+                    begin = (int(w) - int(starts[sh])) * self.T
+                    rows[j] = split.shards[sh][begin:begin + self.T + 1]
+            split.check_range(rows[sel], f"step {step}, micro-step {micro_step}")
+        return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+
+
+def eval_batches(path: str, split: str, block_size: int, batch_size: int, max_tokens: int | None = None,
+                 rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
+    """Yield (x, y) int64 CPU tensors (batch_size, block_size) covering `split` in order.
+
+    Windows start at 0, T, 2T, ... within each shard, so every token but a shard's first is a target exactly
+    once; short windows and the last batch are padded with x=0, y=-1 (ignored). Stops once max_tokens targets
+    are covered (whole windows). Batch i goes to rank i % world_size.
+    """
+    data = TokenSplit(path, split, vocab_size)
+    T = block_size
+
+    def windows():
+        covered = 0
+        for sh, arr in enumerate(data.shards):
+            for start in range(0, len(arr) - 1, T):
+                if max_tokens is not None and covered >= max_tokens:
+                    return
+                chunk = np.asarray(arr[start:start + T + 1], dtype=np.int64)
+                covered += len(chunk) - 1
+                data.check_range(chunk, f"shard {sh}, offset {start}")
+                yield chunk
+
+    x = np.zeros((batch_size, T), dtype=np.int64)
+    y = np.full((batch_size, T), -1, dtype=np.int64)
+    i, n = 0, 0
+    for chunk in windows():
+        x[n, :len(chunk) - 1], y[n, :len(chunk) - 1] = chunk[:-1], chunk[1:]
+        n += 1
+        if n == batch_size:
+            if i % world_size == rank:
+                yield torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
+            x[:], y[:], n, i = 0, -1, 0, i + 1
+    if n and i % world_size == rank:
+        yield torch.from_numpy(x), torch.from_numpy(y)
+
+
+def token_bytes(path: str) -> np.ndarray:
+    """UTF-8 bytes each token id decodes to (0 for special tokens), from a prepared dataset."""
+    try:
+        return np.load(os.path.join(path, "token_bytes.npy"))
+    except FileNotFoundError:
+        raise DataError(f"{path}/token_bytes.npy is missing; prepare the dataset again") from None

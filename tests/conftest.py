@@ -1,0 +1,48 @@
+"""Shared fixtures: a small prepared dataset made from real Python sources, and a tiny training run."""
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A model small enough that a training step takes milliseconds on 2 CPU cores.
+TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64", "train.batch_size=8",
+        "train.micro_batch_size=4", "train.compile=false", "train.warmup_steps=5", "train.lr=3e-3",
+        "train.eval_batches=4", "log.interval=1"]
+
+
+def run(script: str, *args: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one of the repo's scripts as a user would, from the repo root."""
+    r = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> str:
+    """~300 KB of standard-library Python prepared with a 512-token BPE; returns the dataset folder."""
+    src = tmp_path_factory.mktemp("src")
+    stdlib = sysconfig.get_paths()["stdlib"]
+    picked = 0
+    for name in sorted(os.listdir(stdlib)):
+        path = os.path.join(stdlib, name)
+        if name.endswith(".py") and 2_000 < os.path.getsize(path) < 40_000 and picked < 40:
+            shutil.copy(path, src / name)
+            picked += 1
+    out = str(tmp_path_factory.mktemp("data") / "stdlib_bpe512")
+    run("data/prepare.py", "--input", str(src), "--out", out, "--tokenizer", "bpe", "--vocab_size", "512",
+        "--val_frac", "0.1", "--workers", "1")
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(corpus, tmp_path_factory) -> str:
+    """A run folder trained for 30 steps through the command line, as a user would."""
+    out = str(tmp_path_factory.mktemp("runs") / "trained")
+    run("train.py", "configs/tiny.yaml", *TINY, f"data.datasets=[{corpus}]", f"train.out_dir={out}",
+        "train.max_steps=30", "train.eval_interval=15", "train.ckpt_interval=15")
+    return out
