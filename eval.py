@@ -9,6 +9,7 @@ token but the first of each shard, which has no context to be predicted from.
 import argparse
 import json
 import math
+import os
 import sys
 from contextlib import nullcontext
 
@@ -59,18 +60,22 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     import checkpoint
-    from loader import DataError
+    from loader import DataError, same_tokenizer
     from train import pick_device
-    device = pick_device(args.device)
     try:
+        device = pick_device(args.device)
         model, cfg, path = checkpoint.load_model(args.out_dir, device)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     precision = args.precision or cfg.train.precision
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     datasets = args.data or cfg.data.datasets
     try:
+        run_tokenizer = os.path.join(os.path.dirname(path), "tokenizer")
+        for d in datasets:
+            if os.path.isdir(run_tokenizer) and not same_tokenizer(run_tokenizer, d):
+                raise DataError(f"{d} was tokenized differently from the data {path} was trained on")
         res = evaluate(model, datasets, cfg.model.block_size, cfg.model.vocab_size, args.batch_size, device,
                        args.split, args.max_tokens, autocast)
     except DataError as e:

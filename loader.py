@@ -90,6 +90,18 @@ def _open_shard(file: str, tokens: int, dtype: str) -> np.ndarray:
     return np.load(file, mmap_mode="r")
 
 
+def same_tokenizer(a: str, b: str) -> bool:
+    """Whether two prepared datasets (or run tokenizer folders) were tokenized alike."""
+    ma, mb = read_meta(a), read_meta(b)
+    if any(ma[k] != mb[k] for k in ("tokenizer", "vocab_size", "eot_id")):
+        return False
+    file = ma["tokenizer"].get("file")
+    if file is None:
+        return True
+    with open(os.path.join(a, file), "rb") as fa, open(os.path.join(b, file), "rb") as fb:
+        return fa.read() == fb.read()
+
+
 class TokenSplit:
     """One split ('train', 'val') of one prepared dataset, memory-mapped and validated."""
 
@@ -118,10 +130,9 @@ class TrainLoader:
     def __init__(self, paths: list[str], weights: list[float] | None, block_size: int, micro_batch_size: int,
                  grad_accum: int, seed: int, rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
         self.splits = [TokenSplit(p, "train", vocab_size) for p in paths]
-        first = self.splits[0].meta
-        for s in self.splits[1:]:
-            if any(s.meta[k] != first[k] for k in ("tokenizer", "vocab_size", "eot_id")):
-                raise DataError(f"{s.path} and {paths[0]} use different tokenizers; a mixture needs one")
+        for p in paths[1:]:
+            if not same_tokenizer(paths[0], p):
+                raise DataError(f"{p} and {paths[0]} use different tokenizers; a mixture needs one")
         self.T, self.mb, self.accum = block_size, micro_batch_size, grad_accum
         self.seed, self.rank, self.world = seed, rank, world_size
         self.starts = []  # per dataset: cumulative window counts per shard

@@ -30,10 +30,10 @@ def main(argv: list[str]) -> int:
     import checkpoint
     from data.prepare import load_tokenizer
     from train import pick_device
-    device = pick_device(args.device)
     try:
+        device = pick_device(args.device)
         model, cfg, path = checkpoint.load_model(args.out_dir, device)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir = os.path.dirname(path)

@@ -40,11 +40,13 @@ def dist_env() -> tuple[int, int]:
     return 0, 1
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, precision: str = "fp32") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise config.ConfigError("train.device is cuda but no CUDA device is available")
+    if name == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise config.ConfigError("this GPU has no BF16 support: set train.precision=fp32")
     if name == "mps" and not torch.backends.mps.is_available():
         raise config.ConfigError("train.device is mps but MPS is not available")
     return torch.device(name)
@@ -110,9 +112,9 @@ def memory_gb(device: torch.device) -> float:
 
 
 def prepare_data(cfg: config.Config) -> None:
-    """Prepare missing named corpora, check the datasets agree, and fill in model.vocab_size from the data."""
+    """Prepare missing named corpora and fill in model.vocab_size from the data (or check it is big enough)."""
     metas = [ensure_prepared(p) for p in cfg.data.datasets]
-    vocab = metas[0]["vocab_size"]
+    vocab = max(m["vocab_size"] for m in metas)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = vocab
     elif cfg.model.vocab_size < vocab:
@@ -155,7 +157,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = config.load(argv)
         rank, world = dist_env()
-        device = pick_device(cfg.train.device)
+        device = pick_device(cfg.train.device, cfg.train.precision)
         prepare_data(cfg)
         plan = config.derive(cfg, world)
         t = cfg.train
@@ -215,6 +217,8 @@ def main(argv: list[str]) -> int:
         path = checkpoint.save(t.out_dir, step, model, optimizer, state, t.keep_last)
         print(f"saved {path}")
 
+    if step >= t.max_steps:
+        print(f"nothing to do: the checkpoint is at step {step} and train.max_steps is {t.max_steps}")
     with stop_requests() as stop:
         loss_sum = torch.zeros((), device=device)
         steps_since_log, t_log, t_start = 0, time.perf_counter(), time.perf_counter()

@@ -140,3 +140,13 @@ def test_sample_and_eval_cli(trained, corpus):
     assert 0 < res["bpb"] < 8 and abs(res["ppl"] - 2.718281828 ** res["loss"]) < 1e-6 * res["ppl"]
     bad = run("eval.py", str(os.path.join(trained, "nope")), check=False)
     assert bad.returncode == 2 and "no complete checkpoint" in bad.stderr
+
+
+def test_eval_refuses_data_of_another_tokenizer(trained, tmp_path):
+    from data.prepare import prepare
+    doc = tmp_path / "doc.txt"
+    doc.write_text("def main():\n    pass\n" * 50)
+    other = str(tmp_path / "gpt2data")
+    prepare([str(doc)], other, "gpt2", val_frac=1.0, workers=1)
+    r = run("eval.py", trained, "--data", other, check=False)
+    assert r.returncode == 2 and "tokenized differently" in r.stderr
