@@ -69,21 +69,21 @@ class GPTConfig:
 
 
 def rope_cache(cfg: GPTConfig, device=None) -> torch.Tensor:
-    """(block_size, head_dim/2, 2) cos/sin table, always computed and kept in FP32 (BF16 angles lose positions)."""
+    """(block_size, 2, head_dim) cos/sin table in the rotate-half layout, always computed and kept in FP32
+    (BF16 angles lose positions)."""
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
     angles = torch.outer(torch.arange(cfg.block_size, device=device, dtype=torch.float32), inv_freq)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, D): pair i with i + D/2, as Hugging Face Llama does
+    return torch.stack([angles.cos(), angles.sin()], dim=1)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, H, D) by rope (T, D/2, 2) in FP32, Hugging Face's rotate-half layout."""
-    cos = rope[None, :, None, :, 0].repeat(1, 1, 1, 2)  # (1, T, 1, D)
-    sin = rope[None, :, None, :, 1].repeat(1, 1, 1, 2)
+    """Rotate x (B, T, H, D) by rope (T, 2, D) in FP32."""
+    cos, sin = rope[None, :, 0, None, :], rope[None, :, 1, None, :]  # (1, T, 1, D) views
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).type_as(x)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
 class KVCache:
@@ -190,7 +190,7 @@ class GPT(nn.Module):
             self.norm = make_norm(cfg)
             self.lm_head = nn.Linear(d, V, bias=False)
             if cfg.arch == "llama":
-                self.register_buffer("rope", torch.empty(cfg.block_size, cfg.head_dim // 2, 2), persistent=False)
+                self.register_buffer("rope", torch.empty(cfg.block_size, 2, cfg.head_dim), persistent=False)
         if device.type != "meta":
             self.to_empty(device=device)
         self.init_weights()

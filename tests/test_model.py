@@ -121,3 +121,24 @@ def test_stop_token_ends_generation():
     prompt = torch.randint(0, 300, (2, 4))
     out = m.generate(prompt, 20, temperature=0, stop_token=7)
     assert out.shape[1] < 4 + 20 and (out[:, -1] == 7).all()
+
+
+def test_rope_is_a_relative_rotation():
+    """RoPE preserves norms, and q.k after rotation depends only on the distance between positions."""
+    from model import apply_rope, rope_cache
+    c = small(block_size=32)
+    rope = rope_cache(c)
+    q, k = torch.randn(1, 1, 1, c.head_dim), torch.randn(1, 1, 1, c.head_dim)
+
+    def at(x, pos):
+        return apply_rope(x, rope[pos:pos + 1])[0, 0, 0]
+    torch.testing.assert_close(at(q, 5).norm(), q.norm())
+    torch.testing.assert_close(at(q, 7) @ at(k, 3), at(q, 20) @ at(k, 16), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(at(q, 7) @ at(k, 3), at(q, 7) @ at(k, 5))
+    # pairs (i, i + D/2) rotate by angle pos * theta^(-2i/D): Hugging Face Llama's layout
+    x = torch.zeros(1, 1, 1, c.head_dim)
+    x[..., 1] = 1.0
+    y = at(x, 3)
+    angle = 3 * c.rope_theta ** (-2 / c.head_dim)
+    torch.testing.assert_close(y[1], torch.tensor(math.cos(angle)))
+    torch.testing.assert_close(y[1 + c.head_dim // 2], torch.tensor(math.sin(angle)))

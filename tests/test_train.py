@@ -150,3 +150,27 @@ def test_eval_refuses_data_of_another_tokenizer(trained, tmp_path):
     prepare([str(doc)], other, "gpt2", val_frac=1.0, workers=1)
     r = run("eval.py", trained, "--data", other, check=False)
     assert r.returncode == 2 and "tokenized differently" in r.stderr
+
+
+def test_shipped_tiny_config_end_to_end(tmp_path):
+    """The README's main job, cut to 40 steps: prepares the offline pycode corpus, compiles, trains; then the
+    sample and eval command lines. The slowest test (~1 min on 2 cores) and the one a new user runs."""
+    data, out = str(tmp_path / "pycode"), str(tmp_path / "run")
+    run("train.py", "configs/tiny.yaml", "train.max_steps=40", f"train.out_dir={out}", f"data.datasets=[{data}]",
+        timeout=900)
+    meta = json.load(open(os.path.join(data, "meta.json")))
+    assert meta["vocab_size"] == 8192 and meta["splits"]["val"]["docs"] > 10
+    ls = losses(out)
+    assert sorted(ls) == [10, 20, 30, 40] and ls[40] < ls[10] - 1.0, ls
+    assert run("sample.py", out, "--prompt", "def ", "--max_new_tokens", "20").stdout.startswith("def ")
+    assert "bits/byte" in run("eval.py", out, "--max_tokens", "20000").stdout
+
+
+def test_gpt2_arch_trains(corpus, tmp_path):
+    out = str(tmp_path / "gpt2")
+    assert train.main(train_args(corpus, out, "model.arch=gpt2", "train.max_steps=10", "train.eval_interval=5",
+                                 "train.precision=fp32")) == 0
+    ls = losses(out)
+    assert ls[10] < ls[1]
+    model, cfg, _ = checkpoint.load_model(out, "cpu")
+    assert cfg.model.arch == "gpt2" and hasattr(model, "embed_positions")
