@@ -9,7 +9,7 @@ accumulation, tokens per step) are computed once in `derive()`.
 import difflib
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
 import yaml
@@ -198,7 +198,11 @@ def load(args: list[str]) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Value checks that types alone cannot express; model shape checks wait until the vocab is known."""
+    """Value checks that types alone cannot express (the vocab may still be unknown: it can come from the data)."""
+    try:
+        replace(cfg.model, vocab_size=cfg.model.vocab_size or 2).validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     t = cfg.train
     positive = {"train.batch_size": t.batch_size, "train.micro_batch_size": t.micro_batch_size,
                 "train.max_steps": t.max_steps, "train.keep_last": t.keep_last, "log.interval": cfg.log.interval,
@@ -224,14 +228,14 @@ def validate(cfg: Config) -> None:
 class Derived:
     world_size: int
     grad_accum: int
-    tokens_per_step: int
+    batch_tokens: int
 
     def banner(self, cfg: Config) -> str:
         t = cfg.train
         return (f"global batch {t.batch_size} seqs = micro batch {t.micro_batch_size} x grad accum "
-                f"{self.grad_accum} x world size {self.world_size}; {self.tokens_per_step:,} tokens/step "
+                f"{self.grad_accum} x world size {self.world_size}; {self.batch_tokens:,} tokens/step "
                 f"(block_size {cfg.model.block_size}); {t.max_steps} steps = "
-                f"{self.tokens_per_step * t.max_steps:,} tokens")
+                f"{self.batch_tokens * t.max_steps:,} tokens")
 
 
 def derive(cfg: Config, world_size: int = 1) -> Derived:

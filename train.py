@@ -187,11 +187,11 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(t.seed)
     model = build(cfg.model, device)
     optimizer = make_optimizer(model, t, device)
-    flops_per_step = model.flops_per_token() * plan.tokens_per_step
+    flops_per_token = model.flops_per_token()
     peak = peak_flops(device)
     print(f"model: {cfg.model.arch}, {model.num_params() / 1e6:.2f}M parameters "
           f"({model.num_params(embeddings=False) / 1e6:.2f}M without embeddings), "
-          f"{model.flops_per_token() / 1e6:.1f} MFLOPs/token; device {device}, precision {t.precision}")
+          f"{flops_per_token / 1e6:.1f} MFLOPs/token; device {device}, precision {t.precision}")
 
     step, tokens = 0, 0
     if resume_from:
@@ -243,16 +243,16 @@ def main(argv: list[str]) -> int:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens += plan.tokens_per_step
+            tokens += plan.batch_tokens
             steps_since_log += 1
 
             if step % cfg.log.interval == 0 or step == t.max_steps:
                 loss_val = loss_sum.item() / (steps_since_log * plan.grad_accum)  # the one host sync per log step
                 now = time.perf_counter()
-                tok_s = steps_since_log * plan.tokens_per_step / (now - t_log)
+                tok_s = steps_since_log * plan.batch_tokens / (now - t_log)
                 row = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens,
-                       "tokens_per_s": tok_s, "mfu": tok_s / plan.tokens_per_step * flops_per_step / peak if peak
-                       else None, "mem_gb": memory_gb(device), "elapsed_s": now - t_start}
+                       "tokens_per_s": tok_s, "mfu": tok_s * flops_per_token / peak if peak else None,
+                       "mem_gb": memory_gb(device), "elapsed_s": now - t_start}
                 log(row)
                 if rank == 0:
                     eta = (t.max_steps - step) * (now - t_log) / steps_since_log

@@ -44,6 +44,8 @@ def test_every_shipped_config_loads():
     (["model.arch=gpt3"], ["model.arch", "gpt3", "llama, gpt2"]),
     (["train.compile=maybe"], ["train.compile", "expected bool"]),
     (["train.batch_size=0"], ["train.batch_size must be >= 1"]),
+    (["model.n_embd=100", "model.n_head=3"], ["model.n_embd (100) must be divisible by model.n_head (3)"]),
+    (["model.n_kv_head=5"], ["divisible by model.n_kv_head"]),
     (["data.weights=[1]", "data.datasets=[a, b]"], ["data.weights"]),
     (["n_layer=2"], ["section.key=value"]),
     (["nonsense"], ["neither a .yaml file"]),
@@ -70,7 +72,7 @@ def test_derived_grad_accum():
     cfg = config.load(["train.batch_size=64", "train.micro_batch_size=8"])
     assert config.derive(cfg, 1).grad_accum == 8
     assert config.derive(cfg, 4).grad_accum == 2
-    assert config.derive(cfg, 4).tokens_per_step == 64 * cfg.model.block_size
+    assert config.derive(cfg, 4).batch_tokens == 64 * cfg.model.block_size
     assert "x grad accum 2 x world size 4" in config.derive(cfg, 4).banner(cfg)
     with pytest.raises(config.ConfigError, match="multiple"):
         config.derive(cfg, 3)
