@@ -17,7 +17,7 @@ def write(tmp_path, name, text):
 
 
 def test_merge_in_order_then_overrides(tmp_path):
-    a = write(tmp_path, "a.yaml", "model:\n  n_layer: 4\n  n_embd: 128\ntrain:\n  lr: 3e-4\n  max_steps: 10\n")
+    a = write(tmp_path, "a.yaml", "model:\n  n_layer: 4\n  n_embd: 128\n  n_head: 4\ntrain:\n  lr: 3e-4\n  max_steps: 10\n")
     b = write(tmp_path, "b.yaml", "model:\n  n_layer: 8\n")
     cfg = config.load([a, b, "train.max_steps=20", "data.datasets=[x, y]", "data.weights=[1, 3]"])
     assert cfg.model.n_layer == 8 and cfg.model.n_embd == 128  # later file wins, earlier keys stay
