@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -248,7 +249,7 @@ class ShardWriter:
         self.shards, self.tokens, self.bytes, self.docs = [], 0, 0, 0
 
     def add(self, ids: np.ndarray, nbytes: int) -> None:
-        self.buf.append(ids)
+        self.buf.append(ids.astype(self.dtype))
         self.pending += len(ids)
         self.tokens += len(ids)
         self.bytes += nbytes
@@ -263,7 +264,7 @@ class ShardWriter:
 
     def _write(self, count: int) -> None:
         arr = np.concatenate(self.buf)
-        head, rest = arr[:count].astype(self.dtype), arr[count:]
+        head, rest = arr[:count], arr[count:]
         self.buf, self.pending = ([rest] if len(rest) else []), len(rest)
         name = f"{self.split}_{len(self.shards):05d}.npy"
         tmp = os.path.join(self.out, name + ".tmp")
@@ -281,8 +282,8 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bpe", vocab_size: int
     t0 = time.time()
     files = list_files(inputs)
     os.makedirs(out, exist_ok=True)
-    for name in os.listdir(out):  # start clean: old shards must not mix with new ones
-        if name.endswith((".npy", ".tmp")) or name in ("meta.json", "tokenizer.json"):
+    for name in os.listdir(out):  # start clean: old shards must not mix with new ones (other files stay)
+        if re.fullmatch(r"(train|val)_\d{5}\.npy(\.tmp)?|meta\.json|tokenizer\.json|token_bytes\.npy", name):
             os.remove(os.path.join(out, name))
     stats = {"skipped_files": 0}
     if tokenizer == "bpe":

@@ -112,8 +112,12 @@ def test_prepare_is_deterministic(dataset, sources, tmp_path):
 
 def test_prepare_gpt2_and_bad_inputs(sources, tmp_path):
     root, _ = sources
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "notes.npy").write_bytes(b"the user's own file")
     meta = prepare([str(root / "docs.jsonl")], str(tmp_path / "g"), "gpt2", val_frac=0.0, workers=1)
     assert meta["vocab_size"] == 50257 and meta["eot_id"] == 50256 and meta["dtype"] == "uint16"
+    meta = prepare([str(root / "docs.jsonl")], str(tmp_path / "g"), "gpt2", val_frac=0.0, workers=1)  # again
+    assert (tmp_path / "g" / "notes.npy").read_bytes() == b"the user's own file"  # only its own files replaced
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: no field 'text'"):
