@@ -283,7 +283,7 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bpe", vocab_size: int
     files = list_files(inputs)
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(out):  # start clean: old shards must not mix with new ones (other files stay)
-        if re.fullmatch(r"(train|val)_\d{5}\.npy(\.tmp)?|meta\.json|tokenizer\.json|token_bytes\.npy", name):
+        if re.fullmatch(r"(train|val)_\d{5}\.npy(\.tmp)?|meta\.json(\.tmp)?|tokenizer\.json|token_bytes\.npy", name):
             os.remove(os.path.join(out, name))
     stats = {"skipped_files": 0}
     if tokenizer == "bpe":
