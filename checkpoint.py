@@ -85,26 +85,58 @@ def resolve(path: str) -> str:
     return found
 
 
-def save(out_dir: str, step: int, model: torch.nn.Module, optimizer, train_state: dict, keep_last: int) -> str:
-    """Write the checkpoint of `step` (every rank calls this) and publish it; returns its folder."""
-    name = f"step_{step:06d}"
-    final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".tmp_{name}")
-    if _rank() == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)  # left by a run killed mid-save
-    _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    if _rank() == 0:
-        _write_atomic(os.path.join(tmp, STATE_FILE), json.dumps({**train_state, "step": step}, indent=1))
+class Pending:
+    """A checkpoint being written. `wait()` blocks until this rank's part is on disk, then (rank 0) publishes
+    it: rename to its final name, point `latest` at it, drop old ones. Returns the final folder."""
+
+    def __init__(self, out_dir: str, name: str, keep_last: int, future=None):
+        self.out_dir, self.name, self.keep_last, self.future = out_dir, name, keep_last, future
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def wait(self) -> str:
+        if self.future is not None:
+            self.future.result()  # re-raises a failed write
+            self.future = None
+            self._publish()
+        return os.path.join(self.out_dir, self.name)
+
+    def _publish(self) -> None:
+        if _rank() != 0:
+            return
+        final, tmp = os.path.join(self.out_dir, self.name), os.path.join(self.out_dir, f".tmp_{self.name}")
         if os.path.exists(final):  # the same step saved again (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _write_atomic(os.path.join(out_dir, "latest"), name + "\n")
-        _fsync_dir(out_dir)
-        for old in list_checkpoints(out_dir)[:-keep_last]:
+        _write_atomic(os.path.join(self.out_dir, "latest"), self.name + "\n")
+        _fsync_dir(self.out_dir)
+        for old in list_checkpoints(self.out_dir)[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def save(out_dir: str, step: int, model: torch.nn.Module, optimizer, train_state: dict, keep_last: int,
+         async_group=False) -> Pending:
+    """Write the checkpoint of `step` (every rank calls this). Synchronous by default: it is published when
+    this returns. With `async_group` (a gloo process group, or None on one process) the state is copied to
+    host memory and written by a background thread; `Pending.wait()` publishes it."""
+    name = f"step_{step:06d}"
+    tmp = os.path.join(out_dir, f".tmp_{name}")
+    if _rank() == 0:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)  # left by a run killed mid-save
+        os.makedirs(tmp)
+        _write_atomic(os.path.join(tmp, STATE_FILE), json.dumps({**train_state, "step": step}, indent=1))
     _barrier()
-    return final
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    if async_group is not False:
+        return Pending(out_dir, name, keep_last, dcp.async_save(state, checkpoint_id=tmp, process_group=async_group))
+    dcp.save(state, checkpoint_id=tmp)
+    pending = Pending(out_dir, name, keep_last)
+    pending._publish()
+    _barrier()  # no rank starts the next save before this one is published
+    return pending
 
 
 def read_state(path: str) -> dict:

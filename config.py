@@ -52,6 +52,15 @@ class TrainConfig:
     ckpt_interval: int = 500  # steps; a checkpoint is also written at the end
     keep_last: int = 2  # checkpoints kept on disk
     resume: bool = True  # continue from out_dir/latest when present
+    async_checkpoint: bool = False  # write checkpoints in a background thread while training goes on
+    # Scale-out (torchrun). auto: no wrap on one process; DDP while the model and its AdamW state take under
+    # 40 % of a device's memory; FSDP2 otherwise.
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (ZeRO-3); false: ZeRO-2
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # fsdp: dtype of gradient reduce-scatter
+    fsdp_defer_sync: bool = False  # fsdp: reduce gradients only on the last micro-step (holds unsharded grads)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~25 % more compute
+    dist_timeout_s: int = 600  # a collective that waits longer than this fails the run instead of hanging
 
 
 @dataclass
@@ -206,7 +215,8 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     positive = {"train.batch_size": t.batch_size, "train.micro_batch_size": t.micro_batch_size,
                 "train.max_steps": t.max_steps, "train.keep_last": t.keep_last, "log.interval": cfg.log.interval,
-                "train.ckpt_interval": t.ckpt_interval, "train.eval_batches": t.eval_batches}
+                "train.ckpt_interval": t.ckpt_interval, "train.eval_batches": t.eval_batches,
+                "train.dist_timeout_s": t.dist_timeout_s}
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{key} must be >= 1 (got {v})")

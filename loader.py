@@ -183,7 +183,8 @@ def eval_batches(path: str, split: str, block_size: int, batch_size: int, max_to
 
     Windows start at 0, T, 2T, ... within each shard, so every token but a shard's first is a target exactly
     once; short windows and the last batch are padded with x=0, y=-1 (ignored). Stops once max_tokens targets
-    are covered (whole windows). Batch i goes to rank i % world_size.
+    are covered (whole windows). Batch i goes to rank i % world_size; a rank left one short gets an all-padding
+    batch, so every rank runs the same number of forwards (FSDP's gathers need all ranks).
     """
     data = TokenSplit(path, split, vocab_size)
     T = block_size
@@ -209,8 +210,12 @@ def eval_batches(path: str, split: str, block_size: int, batch_size: int, max_to
             if i % world_size == rank:
                 yield torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
             x[:], y[:], n, i = 0, -1, 0, i + 1
-    if n and i % world_size == rank:
-        yield torch.from_numpy(x), torch.from_numpy(y)
+    if n:
+        if i % world_size == rank:
+            yield torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
+        i += 1
+    if rank >= i % world_size > 0:  # ranks i % world .. world-1 got one batch fewer than the others
+        yield torch.zeros((batch_size, T), dtype=torch.int64), torch.full((batch_size, T), -1, dtype=torch.int64)
 
 
 def token_bytes(path: str) -> np.ndarray:

@@ -6,6 +6,7 @@ Module names follow Hugging Face Llama (`embed_tokens`, `layers.N.self_attn.q_pr
 `input_layernorm`, `norm`, `lm_head`, ...) so import/export is a key table. No distributed or file code here.
 """
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -196,12 +197,14 @@ class GPT(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int = 0, assign=None) -> None:
         """Initialise every parameter and buffer in place; call after `to_empty()` when built on the meta device.
 
         Linear weights and embeddings ~ N(0, init_std); the residual projections (`o_proj`, `down_proj`) use
         init_std / sqrt(2 * n_layer) so the residual stream's variance does not grow with depth (GPT-2);
-        biases 0, norm weights 1. The RoPE table is recomputed in FP32. A no-op on the meta device.
+        biases 0, norm weights 1. Each parameter's full value is drawn from its own generator seeded by
+        (seed, name), so the model is the same however it is sharded; `assign(param, full_value)` stores it
+        (a sharded trainer passes one that keeps only the local shard). A no-op on the meta device.
         """
         if self.cfg.tie_embeddings:  # (re)tie: to_empty() gives each module its own new parameter
             self.lm_head.weight = self.embed_tokens.weight
@@ -209,14 +212,20 @@ class GPT(nn.Module):
             return
         std = self.cfg.init_std
         for name, p in self.named_parameters():
+            full = torch.empty(p.shape, dtype=p.dtype, device=p.device)  # p.shape is global for a sharded p
+            gen = torch.Generator(p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             if name.endswith("bias"):
-                nn.init.zeros_(p)
+                full.zero_()
             elif "layernorm" in name or name.startswith("norm."):
-                nn.init.ones_(p)
+                full.fill_(1.0)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+                full.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layer), generator=gen)
             else:
-                nn.init.normal_(p, mean=0.0, std=std)
+                full.normal_(0.0, std, generator=gen)
+            if assign is None:
+                p.copy_(full)
+            else:
+                assign(p, full)
         if self.cfg.arch == "llama":
             self.rope.copy_(rope_cache(self.cfg, self.rope.device))
 
@@ -323,10 +332,10 @@ class GPT(nn.Module):
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def build(cfg: GPTConfig, device) -> GPT:
+def build(cfg: GPTConfig, device, seed: int = 0) -> GPT:
     """Build on the meta device (no memory touched), then allocate on `device` and initialise once."""
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device=device)
-    model.init_weights()
+    model.init_weights(seed)
     return model

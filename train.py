@@ -17,30 +17,44 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import distribute_tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint as recompute
 
 import checkpoint
 import config
 from data.prepare import copy_tokenizer, ensure_prepared
 from eval import evaluate
 from loader import DataError, TrainLoader
-from model import build
+from model import GPT
 
 # Dense BF16 peak TFLOP/s by device name, for MFU (FP32 runs use the same peak: TF32 tensor cores).
 PEAK_TFLOPS = {"H100 PCIe": 756, "H800 PCIe": 756, "H100": 989, "H800": 989, "H200": 989, "A100": 312}
 
 
-def dist_env() -> tuple[int, int]:
-    """(rank, world_size) from torchrun's environment; the seam where the distributed wrap plugs in."""
+def init_distributed(device_name: str, timeout_s: int) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; joins the process group when world > 1.
+
+    NCCL on CUDA, gloo on CPU. The timeout turns a dead or stuck peer into an error instead of a hang.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise SystemExit("error: multi-process training (torchrun) is not supported yet; run one process")
-    return 0, 1
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s),
+                                device_id=torch.device("cuda", local_rank) if cuda else None)
+    return rank, local_rank, world
 
 
-def pick_device(name: str, precision: str = "fp32") -> torch.device:
+def pick_device(name: str, precision: str = "fp32", local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -49,7 +63,7 @@ def pick_device(name: str, precision: str = "fp32") -> torch.device:
         raise config.ConfigError("this GPU has no BF16 support: set train.precision=fp32")
     if name == "mps" and not torch.backends.mps.is_available():
         raise config.ConfigError("train.device is mps but MPS is not available")
-    return torch.device(name)
+    return torch.device(name, local_rank) if name == "cuda" else torch.device(name)
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -150,26 +164,119 @@ def check_same_model(saved: dict, cfg: config.Config, path: str) -> None:
                                  f"use another train.out_dir or train.resume=false")
 
 
+def parallel_mode(cfg: config.Config, device: torch.device, world: int, n_params: int) -> str:
+    """'none' on one process; else train.parallel, where auto picks DDP while the FP32 model, its gradients
+    and AdamW's two moments (16 bytes a parameter) take under 40 % of one device's memory, else FSDP."""
+    if world == 1:
+        return "none"
+    if cfg.train.parallel != "auto":
+        return cfg.train.parallel
+    if device.type != "cuda":
+        return "ddp"
+    return "ddp" if 16 * n_params < 0.4 * torch.cuda.get_device_properties(device).total_memory else "fsdp"
+
+
+def setup_model(cfg: config.Config, device: torch.device, mode: str) -> tuple[GPT, nn.Module]:
+    """Build the model on the meta device, apply activation checkpointing, per-block compile and the
+    FSDP2/DDP wrap, then materialise and initialise it; returns (model, the module the training step calls).
+
+    Under FSDP2 each rank allocates only its shards; the initial values do not depend on the sharding, so
+    1 process, DDP and FSDP start from the same weights. Compiling blocks in place keeps the state-dict names.
+    """
+    t = cfg.train
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    for block in model.layers:
+        if t.activation_checkpointing:  # keep only each block's input; recompute the rest in backward
+            block.forward = (lambda fwd: lambda *a, **k: recompute(fwd, *a, use_reentrant=False, **k))(block.forward)
+        if t.compile:
+            block.compile()
+    if mode == "fsdp":
+        bf16 = t.precision == "bf16"
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                  reduce_dtype=torch.bfloat16 if t.reduce_dtype == "bf16" else torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp, reshard_after_forward=t.reshard_after_forward)
+        fully_shard(model, mp_policy=mp, reshard_after_forward=t.reshard_after_forward)
+        model.to_empty(device=device)
+        # every rank draws the same full tensor (one parameter at a time) and keeps its own shard
+        model.init_weights(t.seed, assign=lambda p, full: p.copy_(
+            distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)))
+        return model, model
+    model.to_empty(device=device)
+    model.init_weights(t.seed)
+    if mode == "ddp":
+        return model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, model
+
+
+def sync_grads(train_model: nn.Module, mode: str, last_micro: bool, defer_fsdp: bool):
+    """Context for one micro-step's backward: DDP reduces gradients on the last micro-step only; FSDP2
+    reduce-scatters every micro-step (gradients stay sharded) unless told to defer."""
+    if mode == "ddp" and not last_micro:
+        return train_model.no_sync()
+    if mode == "fsdp" and defer_fsdp:
+        train_model.set_requires_gradient_sync(last_micro)
+    return nullcontext()
+
+
+def any_rank(flag: bool, group) -> bool:
+    """Whether `flag` is set on any rank (a CPU all-reduce: no device sync), so all ranks stop together."""
+    if group is None:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    rank = 0
     try:
         cfg = config.load(argv)
-        rank, world = dist_env()
-        device = pick_device(cfg.train.device, cfg.train.precision)
-        prepare_data(cfg)
-        plan = config.derive(cfg, world)
         t = cfg.train
+        rank, local_rank, world = init_distributed(t.device, t.dist_timeout_s)
+        device = pick_device(t.device, t.precision, local_rank)
+        # rank 0 prepares missing data; the others wait and then see the same outcome
+        error = None
+        if rank == 0:
+            try:
+                prepare_data(cfg)
+            except (config.ConfigError, DataError) as e:
+                error = str(e)
+        if world > 1:
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0]
+            if error is None and rank != 0:
+                prepare_data(cfg)
+        if error is not None:
+            raise config.ConfigError(error)
+        plan = config.derive(cfg, world)
         loader = TrainLoader(cfg.data.datasets, cfg.data.weights, cfg.model.block_size, t.micro_batch_size,
                              plan.grad_accum, t.seed, rank, world, cfg.model.vocab_size)
         resume_from = checkpoint.find_latest(t.out_dir) if t.resume else None
         if resume_from:
             check_same_model(checkpoint.read_state(resume_from)["config"], cfg, resume_from)
     except (config.ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
         return 2
+    try:
+        return train(cfg, plan, loader, device, rank, world, resume_from)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
+
+def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device: torch.device, rank: int,
+          world: int, resume_from: str | None) -> int:
+    t = cfg.train
+    say = print if rank == 0 else (lambda *a, **k: None)  # one voice for the whole job
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals make the FP32 backward ~10x slower on CPU
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -179,32 +286,36 @@ def main(argv: list[str]) -> int:
         with open(os.path.join(t.out_dir, "config.yaml"), "w") as f:
             f.write(config.dump(cfg))
         with open(os.path.join(t.out_dir, "run_info.json"), "w") as f:
-            json.dump(run_info(device), f, indent=1)
+            json.dump({**run_info(device), "world_size": world}, f, indent=1)
         copy_tokenizer(cfg.data.datasets[0], os.path.join(t.out_dir, "tokenizer"))
-        print(config.dump(cfg), end="")
-        print(plan.banner(cfg))
+    say(config.dump(cfg), end="")
+    say(plan.banner(cfg))
 
-    torch.manual_seed(t.seed)
-    model = build(cfg.model, device)
+    with torch.device("meta"):
+        n_params = GPT(cfg.model).num_params()
+    mode = parallel_mode(cfg, device, world, n_params)
+    model, train_model = setup_model(cfg, device, mode)
     optimizer = make_optimizer(model, t, device)
     flops_per_token = model.flops_per_token()
     peak = peak_flops(device)
-    print(f"model: {cfg.model.arch}, {model.num_params() / 1e6:.2f}M parameters "
-          f"({model.num_params(embeddings=False) / 1e6:.2f}M without embeddings), "
-          f"{flops_per_token / 1e6:.1f} MFLOPs/token; device {device}, precision {t.precision}")
+    say(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters "
+        f"({model.num_params(embeddings=False) / 1e6:.2f}M without embeddings), "
+        f"{flops_per_token / 1e6:.1f} MFLOPs/token; device {device}, precision {t.precision}, "
+        f"parallel {mode} x {world}" + (", activation checkpointing" if t.activation_checkpointing else ""))
+    # stop requests and async checkpoints talk over a CPU group, so they never wait on the GPU's stream
+    cpu_group = dist.new_group(backend="gloo") if world > 1 else None
 
     step, tokens = 0, 0
     if resume_from:
         state = checkpoint.load(resume_from, model, optimizer)
         step, tokens = state["step"], state["tokens"]
-        print(f"resumed from {resume_from} at step {step}")
+        say(f"resumed from {resume_from} at step {step} (saved by {state.get('world_size', 1)} process(es))")
     metrics_path = os.path.join(t.out_dir, "metrics.jsonl")
     if rank == 0 and os.path.exists(metrics_path):  # drop rows a killed run logged after its last checkpoint
         with open(metrics_path) as f:
             rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
         with open(metrics_path, "w") as f:
             f.writelines(rows)
-    fwd = torch.compile(model) if t.compile else model
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext())
 
     def log(row: dict) -> None:
@@ -212,18 +323,26 @@ def main(argv: list[str]) -> int:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    pending = None  # an async checkpoint still being written
+
     def save() -> None:
+        nonlocal pending
+        if pending is not None:
+            say(f"saved {pending.wait()}")
         state = {"tokens": tokens, "config": config.to_dict(cfg), "world_size": world}
-        path = checkpoint.save(t.out_dir, step, model, optimizer, state, t.keep_last)
-        print(f"saved {path}")
+        pending = checkpoint.save(t.out_dir, step, model, optimizer, state, t.keep_last,
+                                  async_group=cpu_group if t.async_checkpoint else False)
+        if not t.async_checkpoint:
+            say(f"saved {pending.wait()}")
+            pending = None
 
     if step >= t.max_steps:
-        print(f"nothing to do: the checkpoint is at step {step} and train.max_steps is {t.max_steps}")
+        say(f"nothing to do: the checkpoint is at step {step} and train.max_steps is {t.max_steps}")
     with stop_requests() as stop:
         loss_sum = torch.zeros((), device=device)
         steps_since_log, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
         model.train()
-        while step < t.max_steps and stop["signal"] is None:
+        while step < t.max_steps:
             # Dropout randomness is a function of (seed, step, rank), so a resumed run repeats it exactly.
             torch.manual_seed(t.seed * 1_000_003 + step * 1009 + rank)
             lr = lr_at(step, t)
@@ -235,9 +354,10 @@ def main(argv: list[str]) -> int:
                     x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
                 else:
                     x, y = x.to(device), y.to(device)
-                with autocast:
-                    loss = fwd(x, y)
-                (loss / plan.grad_accum).backward()
+                with sync_grads(train_model, mode, micro == plan.grad_accum - 1, t.fsdp_defer_sync):
+                    with autocast:
+                        loss = train_model(x, y)
+                    (loss / plan.grad_accum).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
             optimizer.step()
@@ -245,20 +365,27 @@ def main(argv: list[str]) -> int:
             step += 1
             tokens += plan.batch_tokens
             steps_since_log += 1
+            if pending is not None and pending.done():
+                say(f"saved {pending.wait()}")
+                pending = None
 
             if step % cfg.log.interval == 0 or step == t.max_steps:
-                loss_val = loss_sum.item() / (steps_since_log * plan.grad_accum)  # the one host sync per log step
+                if world > 1:
+                    dist.all_reduce(loss_sum)
+                # the one host sync per log step
+                loss_val = loss_sum.item() / (steps_since_log * plan.grad_accum * world)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                    grad_norm = grad_norm.full_tensor()
                 now = time.perf_counter()
                 tok_s = steps_since_log * plan.batch_tokens / (now - t_log)
                 row = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens,
-                       "tokens_per_s": tok_s, "mfu": tok_s * flops_per_token / peak if peak else None,
+                       "tokens_per_s": tok_s, "mfu": tok_s / world * flops_per_token / peak if peak else None,
                        "mem_gb": memory_gb(device), "elapsed_s": now - t_start}
                 log(row)
-                if rank == 0:
-                    eta = (t.max_steps - step) * (now - t_log) / steps_since_log
-                    mfu = f" | mfu {row['mfu']:.1%}" if peak else ""
-                    print(f"step {step:>6} | loss {loss_val:.4f} | lr {lr:.2e} | grad {row['grad_norm']:.3f} | "
-                          f"{tok_s:,.0f} tok/s{mfu} | mem {row['mem_gb']:.2f} GB | eta {eta / 60:.1f} min", flush=True)
+                eta = (t.max_steps - step) * (now - t_log) / steps_since_log
+                mfu = f" | mfu {row['mfu']:.1%}" if peak else ""
+                say(f"step {step:>6} | loss {loss_val:.4f} | lr {lr:.2e} | grad {row['grad_norm']:.3f} | "
+                    f"{tok_s:,.0f} tok/s{mfu} | mem {row['mem_gb']:.2f} GB | eta {eta / 60:.1f} min", flush=True)
                 if not math.isfinite(loss_val):
                     print("error: loss is not finite; stopping without saving", file=sys.stderr)
                     return 1
@@ -273,15 +400,19 @@ def main(argv: list[str]) -> int:
                                autocast=autocast, rank=rank, world=world)
                 model.train()
                 log({"step": step, "tokens": tokens, "val_loss": res["loss"], "val_bpb": res["bpb"]})
-                if rank == 0:
-                    print(f"step {step:>6} | val loss {res['loss']:.4f} | val bpb {res['bpb']:.4f} "
-                          f"({res['tokens']:,} tokens, {time.perf_counter() - t0:.1f} s)", flush=True)
+                say(f"step {step:>6} | val loss {res['loss']:.4f} | val bpb {res['bpb']:.4f} "
+                    f"({res['tokens']:,} tokens, {time.perf_counter() - t0:.1f} s)", flush=True)
                 t_log += time.perf_counter() - t0  # eval time does not count against training throughput
 
-            if step % t.ckpt_interval == 0 or step == t.max_steps or stop["signal"] is not None:
+            stopping = any_rank(stop["signal"] is not None, cpu_group)  # every rank stops at the same step
+            if step % t.ckpt_interval == 0 or step == t.max_steps or stopping:
                 t0 = time.perf_counter()
                 save()
                 t_log += time.perf_counter() - t0
+            if stopping:
+                break
+        if pending is not None:
+            say(f"saved {pending.wait()}")
     return 130 if stop["signal"] == signal.SIGINT else 0
 
 
