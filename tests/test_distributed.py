@@ -1,0 +1,86 @@
+"""torchrun on CPU over gloo, two processes: DDP and FSDP2 match one process, checkpoints reshard between
+world sizes, BF16 FSDP trains, and a failing rank ends the launch instead of hanging it.
+
+Tolerance: in FP32 the 2-process runs differ from one process only in the order gradients are summed
+(all-reduce / reduce-scatter of two per-rank sums against one accumulated sum), a rounding of ~1e-7 relative
+per step; losses over a few steps agree to 1e-5 (absolute, on losses of ~9 nats).
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import train
+from conftest import ROOT, TINY
+from test_train import losses, train_args
+
+# 2 ranks x micro batch 2 x accumulation 2 = the 1-process global batch of 8 with accumulation 4
+DIST = [*TINY, "train.micro_batch_size=2", "train.precision=fp32", "train.eval_interval=3", "train.ckpt_interval=3",
+        "train.keep_last=5"]
+
+
+def torchrun(*args, script="train.py", timeout=180) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def ok(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+
+
+def close(a: dict, b: dict, steps) -> None:
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in steps), (a, b)
+
+
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory):
+    """The 1-process reference: 6 steps, checkpoints at 3 and 6."""
+    out = str(tmp_path_factory.mktemp("dist") / "single")
+    assert train.main(train_args(corpus, out, *DIST, "train.max_steps=6")) == 0
+    return out
+
+
+def test_fsdp_matches_one_process_and_resumes_on_one(corpus, single, tmp_path):
+    fsdp = str(tmp_path / "fsdp")
+    ok(torchrun(*train_args(corpus, fsdp, *DIST, "train.max_steps=6", "train.parallel=fsdp")))
+    ref = losses(single)
+    close(losses(fsdp), ref, range(1, 7))
+    # the FSDP run's step-3 checkpoint (sharded by 2 ranks) resumes in one process
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(fsdp, "step_000003"), os.path.join(resumed, "step_000003"))
+    assert train.main(train_args(corpus, resumed, *DIST, "train.max_steps=6")) == 0
+    assert sorted(losses(resumed)) == [4, 5, 6]
+    close(losses(resumed), ref, range(4, 7))
+
+
+def test_ddp_resumes_a_one_process_checkpoint(corpus, single, tmp_path):
+    out = str(tmp_path / "ddp")
+    os.makedirs(out)
+    shutil.copytree(os.path.join(single, "step_000003"), os.path.join(out, "step_000003"))
+    r = torchrun(*train_args(corpus, out, *DIST, "train.max_steps=6", "train.parallel=ddp"))
+    ok(r)
+    assert "resumed from" in r.stdout and "parallel ddp x 2" in r.stdout
+    assert r.stdout.count("step      4 |") == 1  # only rank 0 prints
+    close(losses(out), losses(single), range(4, 7))
+
+
+def test_fsdp_bf16_with_activation_checkpointing_trains(corpus, tmp_path):
+    out = str(tmp_path / "bf16")
+    ok(torchrun(*train_args(corpus, out, *TINY, "train.max_steps=20", "train.eval_interval=0", "train.precision=bf16",
+                            "train.parallel=fsdp", "train.activation_checkpointing=true",
+                            "train.async_checkpoint=true", "train.ckpt_interval=10")))
+    ls = losses(out)
+    assert ls[20] < ls[1] - 0.3, ls
+    assert sorted(n for n in os.listdir(out) if n.startswith("step_")) == ["step_000010", "step_000020"]
+
+
+def test_a_failing_rank_ends_the_launch(corpus, tmp_path):
+    out = str(tmp_path / "fails")
+    r = torchrun(*train_args(corpus, out, *TINY, "train.max_steps=50", "train.eval_interval=0",
+                             "train.parallel=ddp", "train.dist_timeout_s=30"),
+                 script="tests/raise_on_rank.py", timeout=120)  # a hang would run into the timeout
+    assert r.returncode != 0
+    assert "injected failure on rank 1" in r.stderr
