@@ -11,7 +11,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import config
 import train
 from conftest import ROOT, TINY
 from test_train import losses, train_args
@@ -84,3 +86,17 @@ def test_a_failing_rank_ends_the_launch(corpus, tmp_path):
                  script="tests/raise_on_rank.py", timeout=120)  # a hang would run into the timeout
     assert r.returncode != 0
     assert "injected failure on rank 1" in r.stderr
+
+
+def test_plan_activation_estimate_matches_saved_tensors():
+    import plan
+    from model import GPT, GPTConfig
+    cfg = GPTConfig(vocab_size=1000, n_layer=2, n_embd=128, n_head=4, n_kv_head=2, block_size=64)
+    model = GPT(cfg)
+    x = torch.randint(0, 1000, (2, 64))
+    got = plan.measure_saved(model, x, "fp32")
+    assert abs(plan.activation_bytes(cfg, x.numel(), "fp32") / got - 1) < 0.01
+    # 8 GPUs: FSDP shards the 16 bytes/parameter of weights, gradients and AdamW moments 8 ways
+    rows = {r["mode"]: r for r in plan.plan(config.load(["configs/1b.yaml"]), 8, "h100")}
+    assert rows["ddp"]["optim"] == pytest.approx(8 * rows["fsdp"]["optim"])
+    assert rows["fsdp + AC"]["activations"] < rows["fsdp"]["activations"] / 4

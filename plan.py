@@ -1,0 +1,184 @@
+"""Memory and throughput plan of a config on N GPUs, before renting them.
+
+    python plan.py configs/1b.yaml --gpus 8 --gpu h100 [section.key=value ...]
+    python plan.py --check        # the activation estimate against measured saved tensors on this CPU
+
+Per GPU and per parallel mode (DDP, FSDP2, FSDP2 with activation checkpointing): parameter, gradient,
+optimizer and activation memory and whether they fit; FLOPs per step and the tokens/s that 40 % and 50 % MFU
+would give. The activation estimate counts the tensors autograd keeps for backward in one micro-batch, by
+the dtype each has under the run's precision (see `activation_bytes`).
+"""
+import argparse
+import sys
+from dataclasses import replace
+
+import torch
+
+import config
+from model import GPT, GPTConfig
+
+# (memory GiB, dense BF16 TFLOP/s); the peaks agree with train.PEAK_TFLOPS
+GPUS = {"h100": (80, 989), "h100-pcie": (80, 756), "h800": (80, 989), "h800-pcie": (80, 756), "h200": (141, 989),
+        "a100": (80, 312), "a100-40gb": (40, 312)}
+RESERVED_GIB = 3.0  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation
+GIB = 2**30
+
+
+def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: bool = False,
+                     checkpointing: bool = False, chunked_loss: bool = False) -> int:
+    """Bytes autograd saves for backward in one forward of `tokens` tokens (Llama blocks, no dropout).
+
+    Per layer and token, by the dtype each tensor has (matmul activations a: 2 in BF16, 4 in FP32; residual
+    stream r: FP32 unless the parameters themselves are BF16, as under FSDP2 mixed precision):
+    each RMSNorm computes in FP32 and keeps its FP32 input and normalised input, plus its output as the matmuls
+    see it (autocast casts once per matmul: 3 copies before q/k/v, 2 before gate/up; FP32 or BF16 parameters
+    need 1);
+    attention keeps q, k, v, its output (the o_proj input is a view of it) and a per-head log-sum-exp (no
+    T x T scores with flash/SDPA kernels); the MLP keeps gate, up, silu(gate) and their product.
+    The head keeps the final norm's tensors and the FP32 log-probabilities (4 bytes per vocab entry) unless
+    the loss is chunked. Activation checkpointing keeps each block's input and recomputes one block at a time.
+    """
+    d, kv, f, V = cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim, cfg.padded_vocab_size
+    a = 2 if precision == "bf16" else 4
+    r = 2 if bf16_params else 4
+    casts_attn, casts_mlp = (3, 2) if precision == "bf16" and not bf16_params else (1, 1)
+
+    def norm(casts):
+        return 8 * d + a * d * casts
+    layer = norm(casts_attn) + a * (d + 2 * kv) + a * d + 4 * cfg.n_head + norm(casts_mlp) + 4 * a * f
+    head = norm(1) + (0 if chunked_loss else 4 * V)
+    per_token = (r * d * cfg.n_layer + layer if checkpointing else layer * cfg.n_layer) + head
+    return per_token * tokens
+
+
+def loss_transient_bytes(cfg: GPTConfig, tokens: int, chunked_loss: bool = False) -> int:
+    """Peak memory the loss adds beyond what it saves: BF16 logits and the FP32 logits and their gradient."""
+    return 0 if chunked_loss else 10 * cfg.padded_vocab_size * tokens
+
+
+def plan(cfg: config.Config, gpus: int, gpu: str) -> list[dict]:
+    """One row per parallel mode: memory terms in GiB per GPU, fits, and throughput at 40 / 50 % MFU."""
+    mem_gib, peak_tflops = GPUS[gpu]
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    n = model.num_params()
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    flops_tok = model.flops_per_token()
+    t, m = cfg.train, cfg.model
+    derived = config.derive(cfg, gpus)
+    tokens = t.micro_batch_size * m.block_size
+    bf16 = t.precision == "bf16"
+    parallel_mode = "ddp" if t.parallel == "auto" and 16 * n < 0.4 * mem_gib * GIB else t.parallel
+    parallel_mode = "fsdp" if parallel_mode == "auto" else parallel_mode
+    rows = []
+    for mode, ac in (("ddp", False), ("fsdp", False), ("fsdp", True)):
+        shards = gpus if mode == "fsdp" else 1
+        params, grads, optim = 4 * n / shards, 4 * n / shards, 8 * n / shards  # FP32 master, grads, 2 moments
+        if mode == "ddp":  # autocast's cached BF16 weight copies live through forward and backward
+            working = 2 * n if bf16 else 0
+        elif t.reshard_after_forward:  # gathered BF16 blocks (current + prefetched), their unsharded FP32
+            working = (2 if bf16 else 4) * (2 * block + n - block * m.n_layer) + 2 * 4 * block  # grads, the root
+        else:  # every block stays gathered from its forward to its backward
+            working = (2 if bf16 else 4) * n + 2 * 4 * block
+        working += loss_transient_bytes(m, tokens)
+        act = activation_bytes(m, tokens, t.precision, bf16_params=mode == "fsdp" and bf16, checkpointing=ac)
+        total = params + grads + optim + working + act + RESERVED_GIB * GIB
+        rows.append({"mode": mode + (" + AC" if ac else ""), "params": params / GIB, "grads": grads / GIB,
+                     "optim": optim / GIB, "working": working / GIB, "activations": act / GIB,
+                     "total": total / GIB, "fits": total / GIB <= mem_gib,
+                     "configured": (mode, ac) == (parallel_mode, t.activation_checkpointing)})
+    step_flops = flops_tok * derived.batch_tokens
+    for r in rows:
+        r.update(step_tflops=step_flops / 1e12, **{
+            f"tok_s_per_gpu_at_{p}": p / 100 * peak_tflops * 1e12 / flops_tok for p in (40, 50)})
+    return rows
+
+
+def print_plan(cfg: config.Config, gpus: int, gpu: str) -> None:
+    mem_gib, peak = GPUS[gpu]
+    rows = plan(cfg, gpus, gpu)
+    d = config.derive(cfg, gpus)
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    f = model.flops_per_token()
+    print(f"{model.num_params() / 1e6:,.0f}M parameters, {f / 1e9:.2f} GFLOPs/token (PaLM: 6N + 12 L d T); "
+          f"{gpus} x {gpu} ({mem_gib} GiB, {peak} BF16 TFLOP/s)")
+    print(d.banner(cfg))
+    print(f"per step: {f * d.batch_tokens / 1e15:.1f} PFLOP; per GPU at 40 % MFU: "
+          f"{rows[0]['tok_s_per_gpu_at_40']:,.0f} tok/s ({d.batch_tokens / gpus / rows[0]['tok_s_per_gpu_at_40']:.2f}"
+          f" s/step), at 50 %: {rows[0]['tok_s_per_gpu_at_50']:,.0f} tok/s "
+          f"({d.batch_tokens / gpus / rows[0]['tok_s_per_gpu_at_50']:.2f} s/step)")
+    print(f"memory per GPU in GiB (micro batch {cfg.train.micro_batch_size} x {cfg.model.block_size} tokens, "
+          f"{cfg.train.precision}, FSDP reshard_after_forward={cfg.train.reshard_after_forward}; "
+          f"{RESERVED_GIB:.0f} GiB reserved for CUDA/NCCL workspaces; working = gathered/cast weights and the "
+          f"loss's logits):")
+    print(f"{'mode':<10} {'params':>7} {'grads':>7} {'optim':>7} {'working':>8} {'activ.':>7} {'total':>7}  fits")
+    for r in rows:
+        print(f"{r['mode']:<10} {r['params']:7.2f} {r['grads']:7.2f} {r['optim']:7.2f} {r['working']:8.2f} "
+              f"{r['activations']:7.2f} {r['total']:7.2f}  {'yes' if r['fits'] else 'NO '}{'  <- the config' if r['configured'] else ''}")
+
+
+def measure_saved(model: GPT, tokens: torch.Tensor, precision: str) -> int:
+    """Bytes of the distinct tensors autograd saves in one forward (what backward will need)."""
+    seen = {}
+
+    def pack(t):
+        if t.requires_grad and isinstance(t, torch.nn.Parameter) or t.data_ptr() == 0:
+            return t
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
+        b.untyped_storage().data_ptr() for b in model.buffers()}
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        loss = model(tokens, tokens)
+    loss.backward()
+    return sum(n for ptr, n in seen.items() if ptr not in params)
+
+
+def check() -> None:
+    """Estimate vs measured saved-tensor bytes for a few small shapes (CPU, torch SDPA, unchunked loss); in BF16
+    the estimate adds autocast's weight copies, which the plan counts as working memory."""
+    shapes = [dict(n_layer=2, n_embd=256, n_head=4, block_size=256),
+              dict(n_layer=4, n_embd=384, n_head=6, n_kv_head=2, block_size=128),
+              dict(n_layer=2, n_embd=512, n_head=8, block_size=512, intermediate_size=1024)]
+    print(f"{'shape':<52} {'prec':>11} {'estimate MiB':>13} {'measured MiB':>13} {'error':>7}")
+    for s in shapes:
+        cfg = GPTConfig(vocab_size=4096, **s)
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        x = torch.randint(0, cfg.vocab_size, (4, cfg.block_size))
+        for precision in ("fp32", "bf16", "bf16 params"):
+            est = activation_bytes(cfg, x.numel(), precision[:4], bf16_params=precision == "bf16 params")
+            if precision == "bf16":  # autocast's BF16 weight copies are saved for backward too
+                est += 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+            m = model.to(torch.bfloat16) if precision == "bf16 params" else model  # as FSDP2 computes
+            got = measure_saved(m, x, "fp32" if precision == "bf16 params" else precision)
+            print(f"{str(s):<52} {precision:>11} {est / 2**20:13.1f} {got / 2**20:13.1f} {est / got - 1:+7.1%}")
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="*", help="YAML configs and section.key=value overrides, as for train.py")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpu", choices=list(GPUS), default="h100")
+    p.add_argument("--check", action="store_true", help="compare the activation estimate with this CPU")
+    a = p.parse_args(argv)
+    if a.check:
+        check()
+        return 0
+    try:
+        cfg = config.load(a.args)
+        if cfg.model.vocab_size is None:
+            cfg = replace(cfg, model=replace(cfg.model, vocab_size=50257))
+            print("model.vocab_size is unset (it comes from the data): planning with 50257")
+        print_plan(cfg, a.gpus, a.gpu)
+    except config.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
