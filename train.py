@@ -206,7 +206,8 @@ def setup_model(cfg: config.Config, device: torch.device, mode: str) -> tuple[GP
     model.to_empty(device=device)
     model.init_weights(t.seed)
     if mode == "ddp":
-        return model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                          gradient_as_bucket_view=True)  # gradients live in the buckets: no second copy
     return model, model
 
 
