@@ -69,10 +69,10 @@ def test_ddp_resumes_a_one_process_checkpoint(corpus, single, tmp_path):
     close(losses(out), losses(single), range(4, 7))
 
 
-def test_fsdp_bf16_with_activation_checkpointing_trains(corpus, tmp_path):
+def test_fsdp_bf16_compiled_with_activation_checkpointing_trains(corpus, tmp_path):
     out = str(tmp_path / "bf16")
     ok(torchrun(*train_args(corpus, out, *TINY, "train.max_steps=20", "train.eval_interval=0", "train.precision=bf16",
-                            "train.parallel=fsdp", "train.activation_checkpointing=true",
+                            "train.parallel=fsdp", "train.activation_checkpointing=true", "train.compile=true",
                             "train.async_checkpoint=true", "train.ckpt_interval=10")))
     ls = losses(out)
     assert ls[20] < ls[1] - 0.3, ls
