@@ -1,11 +1,13 @@
-"""Train a GPT from YAML configs.
+"""Train a GPT from YAML configs, on one CPU or GPU or many through torchrun.
 
     python train.py configs/tiny.yaml [more.yaml ...] [section.key=value ...]
+    torchrun --standalone --nproc_per_node=8 train.py configs/500m.yaml
 
-config -> device and precision -> data (the offline default corpus is prepared on first use) -> model built
-on the meta device and initialised -> AdamW + LR schedule -> resume from out_dir/latest -> optional
-torch.compile -> loop: micro-batches with gradient accumulation, clip, step, log, eval, checkpoint.
-SIGINT/SIGTERM finish the current step, write a checkpoint and exit.
+config -> process group (from torchrun's environment) and device -> data (the offline default corpus is
+prepared on first use, by rank 0) -> model built on the meta device -> activation checkpointing, compile,
+FSDP2 or DDP -> materialised and initialised -> AdamW + LR schedule -> resume from out_dir/latest -> loop:
+micro-batches with gradient accumulation (gradients synchronised once per step), clip, step, log, eval,
+checkpoint. SIGINT/SIGTERM finish the current step on every rank, write a checkpoint and exit.
 """
 import json
 import math
@@ -176,9 +178,9 @@ def parallel_mode(cfg: config.Config, device: torch.device, world: int, n_params
     return "ddp" if 16 * n_params < 0.4 * torch.cuda.get_device_properties(device).total_memory else "fsdp"
 
 
-def setup_model(cfg: config.Config, device: torch.device, mode: str) -> tuple[GPT, nn.Module]:
-    """Build the model on the meta device, apply activation checkpointing, per-block compile and the
-    FSDP2/DDP wrap, then materialise and initialise it; returns (model, the module the training step calls).
+def setup_model(cfg: config.Config, device: torch.device, world: int) -> tuple[GPT, nn.Module, str]:
+    """Build the model on the meta device, apply activation checkpointing, compile and the FSDP2/DDP wrap, then
+    materialise and initialise it; returns (model, the module the training step calls, the parallel mode).
 
     Under FSDP2 each rank allocates only its shards; the initial values do not depend on the sharding, so
     1 process, DDP and FSDP start from the same weights. `torch.compile` applies per block under FSDP2 (in place,
@@ -188,6 +190,7 @@ def setup_model(cfg: config.Config, device: torch.device, mode: str) -> tuple[GP
     t = cfg.train
     with torch.device("meta"):
         model = GPT(cfg.model)
+    mode = parallel_mode(cfg, device, world, model.num_params())
     for block in model.layers:
         if t.activation_checkpointing:  # keep only each block's input; recompute the rest in backward
             block.forward = (lambda fwd: lambda *a, **k: recompute(fwd, *a, use_reentrant=False, **k))(block.forward)
@@ -204,14 +207,14 @@ def setup_model(cfg: config.Config, device: torch.device, mode: str) -> tuple[GP
         # every rank draws the same full tensor (one parameter at a time) and keeps its own shard
         model.init_weights(t.seed, assign=lambda p, full: p.copy_(
             distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)))
-        return model, model
+        return model, model, mode
     model.to_empty(device=device)
     model.init_weights(t.seed)
     wrapped = model
     if mode == "ddp":
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       gradient_as_bucket_view=True)  # gradients live in the buckets: no second copy
-    return model, torch.compile(wrapped) if t.compile else wrapped
+    return model, torch.compile(wrapped) if t.compile else wrapped, mode
 
 
 def sync_grads(train_model: nn.Module, mode: str, last_micro: bool, defer_fsdp: bool):
@@ -295,19 +298,18 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
     say(config.dump(cfg), end="")
     say(plan.banner(cfg))
 
-    with torch.device("meta"):
-        n_params = GPT(cfg.model).num_params()
-    mode = parallel_mode(cfg, device, world, n_params)
-    model, train_model = setup_model(cfg, device, mode)
+    model, train_model, mode = setup_model(cfg, device, world)
     optimizer = make_optimizer(model, t, device)
     flops_per_token = model.flops_per_token()
     peak = peak_flops(device)
-    say(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters "
+    say(f"model: {cfg.model.arch}, {model.num_params() / 1e6:.2f}M parameters "
         f"({model.num_params(embeddings=False) / 1e6:.2f}M without embeddings), "
         f"{flops_per_token / 1e6:.1f} MFLOPs/token; device {device}, precision {t.precision}, "
         f"parallel {mode} x {world}" + (", activation checkpointing" if t.activation_checkpointing else ""))
-    # stop requests and async checkpoints talk over a CPU group, so they never wait on the GPU's stream
+    # Stop requests go over a CPU group, so they never wait on the GPU's stream; async checkpoints get a group
+    # of their own, since their collectives run in a background thread (two threads must not share one group).
     cpu_group = dist.new_group(backend="gloo") if world > 1 else None
+    ckpt_group = dist.new_group(backend="gloo") if world > 1 and t.async_checkpoint else None
 
     step, tokens = 0, 0
     if resume_from:
@@ -335,7 +337,7 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
             say(f"saved {pending.wait()}")
         state = {"tokens": tokens, "config": config.to_dict(cfg), "world_size": world}
         pending = checkpoint.save(t.out_dir, step, model, optimizer, state, t.keep_last,
-                                  async_group=cpu_group if t.async_checkpoint else False)
+                                  async_group=ckpt_group if t.async_checkpoint else False)
         if not t.async_checkpoint:
             say(f"saved {pending.wait()}")
             pending = None
