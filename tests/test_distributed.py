@@ -7,6 +7,7 @@ per step; losses over a few steps agree to 1e-5 (absolute, on losses of ~9 nats)
 """
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -24,8 +25,17 @@ DIST = [*TINY, "train.micro_batch_size=2", "train.precision=fp32", "train.eval_i
 
 
 def torchrun(*args, script="train.py", timeout=180) -> subprocess.CompletedProcess:
+    """Launch 2 ranks; on a hang, kill torchrun and its workers together and fail."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"torchrun hung for {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def ok(r: subprocess.CompletedProcess) -> None:
