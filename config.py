@@ -31,7 +31,11 @@ class DataConfig:
 class TrainConfig:
     out_dir: str = "out/run"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda when available, else cpu
-    precision: Literal["bf16", "fp32"] = "bf16"  # bf16: autocast matmuls, FP32 master weights and loss
+    # bf16: autocast matmuls, FP32 master weights and loss; fp8: bf16 plus torchao float8 Linear layers in the
+    # blocks (CUDA, compute capability >= 8.9)
+    precision: Literal["bf16", "fp32", "fp8"] = "bf16"
+    kernels: Literal["auto", "torch", "flash", "liger"] = "auto"  # see kernels.py
+    loss: Literal["auto", "chunked", "plain", "liger"] = "auto"  # lm_head + cross-entropy kernel
     seed: int = 1337
     batch_size: int = 64  # global batch in sequences per optimizer step, whatever the world size
     micro_batch_size: int = 8  # sequences per device per forward/backward

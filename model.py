@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 
 @dataclass
 class GPTConfig:
@@ -79,12 +81,7 @@ def rope_cache(cfg: GPTConfig, device=None) -> torch.Tensor:
     return torch.stack([angles.cos(), angles.sin()], dim=1)
 
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, H, D) by rope (T, 2, D) in FP32."""
-    cos, sin = rope[None, :, 0, None, :], rope[None, :, 1, None, :]  # (1, T, 1, D) views
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
+apply_rope = kernels.torch_rope  # the reference RoPE, for code that wants it by this name
 
 
 class KVCache:
@@ -122,7 +119,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim)
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q, k = kernels.ACTIVE["rope"](q, rope), kernels.ACTIVE["rope"](k, rope)
+        if cache is None and not (self.training and cfg.dropout):  # the training path: the chosen kernel
+            return self.o_proj(kernels.ACTIVE["attention"](q, k, v).reshape(B, T, -1))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         start = 0
         if cache is not None:
@@ -155,9 +154,19 @@ class MLP(nn.Module):
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return kernels.ACTIVE["rms_norm"](x, self.weight, self.eps)
+
+
 def make_norm(cfg: GPTConfig) -> nn.Module:
     if cfg.arch == "llama":
-        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
 
 
@@ -250,7 +259,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """idx (B, T) -> logits (B, T, padded_vocab), or the mean FP32 cross-entropy when targets (B, T) are
-        given (target -1 is ignored)."""
+        given (target -1 is ignored), computed by the loss kernel `kernels.configure()` chose."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -266,10 +275,11 @@ class GPT(nn.Module):
             x = layer(x, rope, cache)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+            return self.lm_head(x)
+        # lm_head and the loss in one kernel: the chunked/fused ones never hold all (B*T, V) FP32 logits
+        return kernels.ACTIVE["loss"](x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 import checkpoint
 import config
+import kernels
 from data.prepare import copy_tokenizer, ensure_prepared
 from eval import evaluate
 from loader import DataError, TrainLoader
@@ -61,7 +62,7 @@ def pick_device(name: str, precision: str = "fp32", local_rank: int = 0) -> torc
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise config.ConfigError("train.device is cuda but no CUDA device is available")
-    if name == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if name == "cuda" and precision in ("bf16", "fp8") and not torch.cuda.is_bf16_supported():
         raise config.ConfigError("this GPU has no BF16 support: set train.precision=fp32")
     if name == "mps" and not torch.backends.mps.is_available():
         raise config.ConfigError("train.device is mps but MPS is not available")
@@ -191,13 +192,15 @@ def setup_model(cfg: config.Config, device: torch.device, world: int) -> tuple[G
     with torch.device("meta"):
         model = GPT(cfg.model)
     mode = parallel_mode(cfg, device, world, model.num_params())
+    if t.precision == "fp8":
+        kernels.convert_to_float8(model, fsdp=mode == "fsdp")
     for block in model.layers:
         if t.activation_checkpointing:  # keep only each block's input; recompute the rest in backward
             block.forward = (lambda fwd: lambda *a, **k: recompute(fwd, *a, use_reentrant=False, **k))(block.forward)
         if t.compile and mode == "fsdp":
             block.compile()
     if mode == "fsdp":
-        bf16 = t.precision == "bf16"
+        bf16 = t.precision != "fp32"
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                   reduce_dtype=torch.bfloat16 if t.reduce_dtype == "bf16" else torch.float32)
         for block in model.layers:
@@ -246,6 +249,9 @@ def main(argv: list[str]) -> int:
         t = cfg.train
         rank, local_rank, world = init_distributed(t.device, t.dist_timeout_s)
         device = pick_device(t.device, t.precision, local_rank)
+        if t.precision == "fp8" and (why := kernels.float8_supported(device)):
+            raise config.ConfigError(f"train.precision=fp8: {why}")
+        ops = kernels.configure(t.kernels, t.loss, device, torch.float32 if t.precision == "fp32" else torch.bfloat16)
         # rank 0 prepares missing data; the others wait and then see the same outcome
         error = None
         if rank == 0:
@@ -267,21 +273,21 @@ def main(argv: list[str]) -> int:
         resume_from = checkpoint.find_latest(t.out_dir) if t.resume else None
         if resume_from:
             check_same_model(checkpoint.read_state(resume_from)["config"], cfg, resume_from)
-    except (config.ConfigError, DataError) as e:
+    except (config.ConfigError, DataError, kernels.KernelError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         if dist.is_initialized():
             dist.destroy_process_group()
         return 2
     try:
-        return train(cfg, plan, loader, device, rank, world, resume_from)
+        return train(cfg, plan, loader, device, rank, world, resume_from, ops)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device: torch.device, rank: int,
-          world: int, resume_from: str | None) -> int:
+          world: int, resume_from: str | None, ops: dict[str, str]) -> int:
     t = cfg.train
     say = print if rank == 0 else (lambda *a, **k: None)  # one voice for the whole job
     if device.type == "cpu":
@@ -306,6 +312,7 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
         f"({model.num_params(embeddings=False) / 1e6:.2f}M without embeddings), "
         f"{flops_per_token / 1e6:.1f} MFLOPs/token; device {device}, precision {t.precision}, "
         f"parallel {mode} x {world}" + (", activation checkpointing" if t.activation_checkpointing else ""))
+    say("kernels: " + ", ".join(f"{op} {name}" for op, name in ops.items()))
     # Stop requests go over a CPU group, so they never wait on the GPU's stream; async checkpoints get a group
     # of their own, since their collectives run in a background thread (two threads must not share one group).
     cpu_group = dist.new_group(backend="gloo") if world > 1 else None
@@ -322,7 +329,7 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
             rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
         with open(metrics_path, "w") as f:
             f.writelines(rows)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision != "fp32" else nullcontext()
 
     def log(row: dict) -> None:
         if rank == 0:
@@ -368,6 +375,8 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if t.precision == "fp8" and mode == "fsdp":
+                kernels.precompute_float8_scales(model)
             step += 1
             tokens += plan.batch_tokens
             steps_since_log += 1

@@ -1,0 +1,253 @@
+"""The one place that picks fast implementations of the hot ops, by config and availability.
+
+    ops:       attention        rms_norm         rope             loss (lm_head + cross-entropy)
+    torch:     SDPA             F.rms_norm       rotate-half      chunked (never the full FP32 logits)
+    flash:     flash-attn 3/2   flash-attn       flash-attn       chunked
+    liger:     SDPA             liger-kernel     liger-kernel     liger fused linear + cross-entropy
+    auto:      flash where installed (CUDA, BF16/FP16), then liger where installed (CUDA), else torch
+
+The `torch_*` functions are the reference: they define the maths every other backend must reproduce
+(tests/test_kernels.py). Optional packages are imported only when chosen; asking for a missing one is an
+error that names the pip line. `configure()` is called once at start-up; the model reads `ACTIVE`.
+`train.loss` overrides the loss alone (`plain` materialises the FP32 logits: the reference).
+"""
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+PIP = {"flash_attn": "pip install flash-attn --no-build-isolation",
+       "flash_attn_interface": "build FlashAttention-3 from the hopper/ folder of the flash-attention repository",
+       "liger_kernel": "pip install liger-kernel",
+       "torchao": "pip install torchao"}
+
+
+class KernelError(RuntimeError):
+    """A requested kernel cannot run here, with a message meant for the user."""
+
+
+def _import(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise KernelError(f"{name} is not installed ({e}); install it with: {PIP[name.split('.')[0]]}") from None
+
+
+# ----------------------------------------------------------------------------- references (plain PyTorch)
+
+def torch_attention(q, k, v):
+    """Causal attention; q (B, T, H, D), k/v (B, T, H_kv, D) -> (B, T, H, D). GQA without repeating K/V."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
+
+
+def torch_rms_norm(x, weight, eps):
+    return F.rms_norm(x, (x.size(-1),), weight, eps)
+
+
+def torch_rope(x, rope):
+    """Rotate x (B, T, H, D) by the FP32 table rope (T, 2, D) (rotate-half layout, as Hugging Face Llama)."""
+    cos, sin = rope[None, :, 0, None, :], rope[None, :, 1, None, :]  # (1, T, 1, D) views
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
+
+
+def plain_loss(h, weight, targets):
+    """Mean cross-entropy of logits h @ weight.T in FP32; h (N, d), weight (V, d), targets (N,), -1 ignored."""
+    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-1)
+
+
+class ChunkedLoss(torch.autograd.Function):
+    """lm_head + mean cross-entropy, `chunk` rows at a time: the FP32 logits of one chunk exist at once, never
+    all N x V of them. The gradients are computed in the forward pass (the chunk's logits are at hand then) and
+    kept: dh (N, d) in h's dtype and dW (V, d) in FP32, which backward scales by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        need_grad = any(ctx.needs_input_grad[:2])
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dtype)
+            acc = torch.promote_types(dtype, torch.float32)  # logits, loss and dW: FP32 at least
+            valid = targets >= 0
+            scale = valid.to(acc) / valid.sum().clamp(min=1)  # (N,) per-row weight of the mean; 0 when ignored
+            safe = targets.clamp(min=0)
+            loss = torch.zeros((), device=h.device, dtype=acc)
+            dh = torch.empty_like(h) if need_grad else None
+            dw = torch.zeros(weight.shape, device=h.device, dtype=acc) if need_grad else None
+            for i in range(0, h.size(0), chunk):
+                hc, tc, sc = h[i:i + chunk].to(dtype), safe[i:i + chunk], scale[i:i + chunk]
+                logits = (hc @ w.t()).to(acc)  # (chunk, V): the only large buffer
+                lse = torch.logsumexp(logits, dim=-1)
+                rows = torch.arange(hc.size(0), device=h.device)
+                loss += ((lse - logits[rows, tc]) * sc).sum()
+                if need_grad:  # d loss / d logits = (softmax - onehot) * row weight, built in the logits buffer
+                    g = logits.sub_(lse[:, None]).exp_()
+                    g[rows, tc] -= 1.0
+                    g = g.to(dtype)
+                    dh[i:i + chunk] = ((g @ w) * sc[:, None]).to(h.dtype)
+                    dw += (g.t() @ (hc * sc[:, None].to(dtype))).to(acc)
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        return dh * grad.to(dh.dtype), (dw * grad).to(ctx.weight_dtype), None, None
+
+
+def chunked_loss(h, weight, targets, chunk: int | None = None):
+    """Same value and gradients as `plain_loss`, holding one chunk of FP32 logits at a time (by default
+    ~2^26 logits: 256 MB in FP32, a chunk of 1,334 rows at a 50k vocab, still a large GEMM)."""
+    return ChunkedLoss.apply(h, weight, targets, chunk or max(1, 2**26 // weight.size(0)))
+
+
+# ----------------------------------------------------------------------------- optional backends
+
+def _flash_attention(mod):
+    def attention(q, k, v):  # (B, T, H, D) in BF16/FP16; GQA native: K/V keep their n_kv_head heads
+        out = mod.flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the log-sum-exp
+    return attention
+
+
+def _flash_rms_norm(mod):
+    def rms_norm(x, weight, eps):
+        return mod.rms_norm_fn(x, weight, None, eps=eps)
+    return rms_norm
+
+
+def _flash_rope(mod):
+    def rope(x, table):  # flash-attn wants (T, D/2) halves; the angles were computed in FP32
+        half = table.size(-1) // 2
+        return mod.apply_rotary_emb(x, table[:, 0, :half].to(x.dtype), table[:, 1, :half].to(x.dtype),
+                                    interleaved=False)
+    return rope
+
+
+def _liger_rms_norm(mod):
+    def rms_norm(x, weight, eps):
+        return mod.liger_rms_norm(x, weight, eps)
+    return rms_norm
+
+
+def _liger_rope(mod):
+    def rope(x, table):  # liger rotates q and k together in (B, H, T, D); rotate x alone, k = x
+        cos, sin = table[None, :, 0].to(x.dtype), table[None, :, 1].to(x.dtype)
+        xt = x.transpose(1, 2)
+        out, _ = mod.liger_rope(xt, xt, cos, sin)
+        return out.transpose(1, 2)
+    return rope
+
+
+def _liger_loss(mod):
+    def loss(h, weight, targets):
+        out = mod.liger_fused_linear_cross_entropy(h, weight, targets, ignore_index=-1)
+        return out[0] if isinstance(out, tuple) else out
+    return loss
+
+
+# ----------------------------------------------------------------------------- choice
+
+TORCH = {"attention": torch_attention, "rms_norm": torch_rms_norm, "rope": torch_rope, "loss": chunked_loss}
+ACTIVE = dict(TORCH)  # what the model calls; set by configure()
+
+
+def _flash_attention_module():
+    try:  # FlashAttention-3 (Hopper) first
+        return _import("flash_attn_interface"), "flash-attn 3"
+    except KernelError:
+        return _import("flash_attn"), "flash-attn 2"
+
+
+def _installed(backend: str) -> bool:
+    try:
+        _flash_attention_module() if backend == "flash" else _import("liger_kernel")
+        return True
+    except KernelError:
+        return False
+
+
+def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> dict[str, str]:
+    """Choose one implementation per op for this process; returns {op: backend name} for the start-up log.
+
+    `kernels` is auto | torch | flash | liger; `loss` is auto | chunked | plain | liger. Fused kernels need
+    CUDA (flash attention also BF16/FP16): asking for them elsewhere raises KernelError before training.
+    """
+    device = torch.device(device)
+    cuda, half = device.type == "cuda", dtype in (torch.bfloat16, torch.float16)
+    chosen, names = dict(TORCH), {op: "torch" for op in TORCH} | {"loss": "chunked"}
+    if kernels in ("flash", "liger") and not cuda:
+        raise KernelError(f"train.kernels={kernels} needs a CUDA device (this run is on {device.type}); "
+                          f"use train.kernels=torch or auto")
+    if kernels == "flash" and not half:
+        raise KernelError("train.kernels=flash needs BF16 or FP16 (train.precision=bf16)")
+
+    use_flash = kernels == "flash" or (kernels == "auto" and cuda and half and _installed("flash"))
+    use_liger = kernels == "liger" or (kernels == "auto" and cuda and _installed("liger"))
+    if use_flash:
+        mod, label = _flash_attention_module()
+        chosen["attention"], names["attention"] = _flash_attention(mod), label
+        if kernels == "flash":
+            chosen["rms_norm"] = _flash_rms_norm(_import("flash_attn.ops.triton.layer_norm"))
+            chosen["rope"] = _flash_rope(_import("flash_attn.layers.rotary"))
+            names["rms_norm"] = names["rope"] = "flash-attn triton"
+    if use_liger:
+        fn = _import("liger_kernel.transformers.functional")
+        chosen["rms_norm"], chosen["rope"] = _liger_rms_norm(fn), _liger_rope(fn)
+        names["rms_norm"] = names["rope"] = "liger"
+        if loss == "auto":
+            chosen["loss"], names["loss"] = _liger_loss(fn), "liger fused"
+    if loss == "plain":
+        chosen["loss"], names["loss"] = plain_loss, "plain"
+    elif loss == "liger":
+        if not cuda:
+            raise KernelError("train.loss=liger needs a CUDA device")
+        chosen["loss"], names["loss"] = _liger_loss(_import("liger_kernel.transformers.functional")), "liger fused"
+    elif loss == "chunked":
+        chosen["loss"], names["loss"] = chunked_loss, "chunked"
+    ACTIVE.update(chosen)
+    return names
+
+
+def float8_supported(device: torch.device) -> str | None:
+    """None when FP8 training can run on `device`, else the reason it cannot."""
+    if device.type != "cuda":
+        return f"FP8 training needs a CUDA GPU of compute capability >= 8.9 (this run is on {device.type})"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        return f"FP8 training needs compute capability >= 8.9 (Ada, Hopper); this GPU has {cap[0]}.{cap[1]}"
+    try:
+        _import("torchao.float8")
+    except KernelError as e:
+        return str(e)
+    return None
+
+
+def convert_to_float8(model: torch.nn.Module, fsdp: bool) -> int:
+    """Swap the Linear layers of the transformer blocks (not the embedding, not lm_head) for torchao's float8
+    training Linear (dynamic tensorwise scaling); under FSDP2 the weights are also all-gathered in FP8.
+    Returns how many layers were converted."""
+    float8 = _import("torchao.float8")
+    config = float8.Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp)
+    converted = []
+
+    def only_blocks(module, fqn):
+        ok = isinstance(module, torch.nn.Linear) and fqn.startswith("layers.") and \
+            module.in_features % 16 == 0 and module.out_features % 16 == 0  # FP8 GEMMs need multiples of 16
+        if ok:
+            converted.append(fqn)
+        return ok
+    float8.convert_to_float8_training(model, config=config, module_filter_fn=only_blocks)
+    return len(converted)
+
+
+def precompute_float8_scales(model: torch.nn.Module) -> None:
+    """After each optimizer step under FSDP2 + FP8 all-gather: one all-reduce for all weight scales."""
+    _import("torchao.float8").precompute_float8_dynamic_scale_for_fsdp(model)
+
+
