@@ -10,6 +10,8 @@ dataset of any size costs memory in proportion to the batch, not the corpus.
 """
 import json
 import os
+import queue
+import threading
 
 import numpy as np
 import torch
@@ -224,3 +226,43 @@ def token_bytes(path: str) -> np.ndarray:
         return np.load(os.path.join(path, "token_bytes.npy"))
     except FileNotFoundError:
         raise DataError(f"{path}/token_bytes.npy is missing; prepare the dataset again") from None
+
+
+class Prefetcher:
+    """Training micro-batches in order from `start_step`, read `depth` ahead by a background thread so that
+    reading shards overlaps the device's work. On CUDA the batches wait in pinned memory and `get()` sends
+    them with a non-blocking copy. A loader error surfaces from the `get()` that would have returned it."""
+
+    def __init__(self, loader: TrainLoader, start_step: int, grad_accum: int, device: torch.device, depth: int = 4):
+        self.device, self.pin = device, device.type == "cuda"
+        self.queue, self.stop = queue.Queue(maxsize=depth), threading.Event()
+        self.thread = threading.Thread(target=self._fill, args=(loader, start_step, grad_accum), daemon=True)
+        self.thread.start()
+
+    def _fill(self, loader: TrainLoader, step: int, grad_accum: int) -> None:
+        try:
+            while not self.stop.is_set():
+                for micro in range(grad_accum):
+                    x, y = loader.batch(step, micro)
+                    self._put((x.pin_memory(), y.pin_memory()) if self.pin else (x, y))
+                step += 1
+        except Exception as e:  # handed to the training loop, which raises it
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                return self.queue.put(item, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        item = self.queue.get()
+        if isinstance(item, Exception):
+            raise item
+        x, y = item
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()

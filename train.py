@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from datetime import timedelta
 
 import torch
@@ -34,7 +34,7 @@ import config
 import kernels
 from data.prepare import copy_tokenizer, ensure_prepared
 from eval import evaluate
-from loader import DataError, TrainLoader
+from loader import DataError, Prefetcher, TrainLoader
 from model import GPT
 
 # Dense BF16 peak TFLOP/s by device name, for MFU (FP32 runs use the same peak: TF32 tensor cores).
@@ -230,6 +230,25 @@ def sync_grads(train_model: nn.Module, mode: str, last_micro: bool, defer_fsdp: 
     return nullcontext()
 
 
+def train_step(model: GPT, train_model: nn.Module, optimizer, batches, grad_accum: int, mode: str,
+               t: config.TrainConfig, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `grad_accum` micro-batches (x, y) already on the device; returns the summed
+    micro-batch losses and the gradient norm before clipping, both left on the device (no host sync)."""
+    loss_sum = 0.0
+    for micro, (x, y) in enumerate(batches):
+        with sync_grads(train_model, mode, micro == grad_accum - 1, t.fsdp_defer_sync):
+            with autocast:
+                loss = train_model(x, y)
+            (loss / grad_accum).backward()
+        loss_sum = loss_sum + loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if t.precision == "fp8" and mode == "fsdp":
+        kernels.precompute_float8_scales(model)
+    return loss_sum, grad_norm
+
+
 def any_rank(flag: bool, group) -> bool:
     """Whether `flag` is set on any rank (a CPU all-reduce: no device sync), so all ranks stop together."""
     if group is None:
@@ -351,7 +370,8 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
 
     if step >= t.max_steps:
         say(f"nothing to do: the checkpoint is at step {step} and train.max_steps is {t.max_steps}")
-    with stop_requests() as stop:
+    batches_ahead = Prefetcher(loader, step, plan.grad_accum, device)
+    with stop_requests() as stop, closing(batches_ahead):
         loss_sum = torch.zeros((), device=device)
         steps_since_log, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
         model.train()
@@ -361,22 +381,10 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for micro in range(plan.grad_accum):
-                x, y = loader.batch(step, micro)
-                if device.type == "cuda":
-                    x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-                else:
-                    x, y = x.to(device), y.to(device)
-                with sync_grads(train_model, mode, micro == plan.grad_accum - 1, t.fsdp_defer_sync):
-                    with autocast:
-                        loss = train_model(x, y)
-                    (loss / plan.grad_accum).backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if t.precision == "fp8" and mode == "fsdp":
-                kernels.precompute_float8_scales(model)
+            batches = (batches_ahead.get() for _ in range(plan.grad_accum))
+            step_loss, grad_norm = train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t,
+                                              autocast)
+            loss_sum += step_loss
             step += 1
             tokens += plan.batch_tokens
             steps_since_log += 1

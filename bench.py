@@ -1,0 +1,128 @@
+"""Training throughput on synthetic data: tokens/s, step time, MFU, peak memory, as one JSON line.
+
+    python bench.py configs/tiny.yaml [section.key=value ...] [--warmup 3] [--steps 10] [--peak-tflops 989]
+    python bench.py configs/tiny.yaml --baseline     # the same shape, nanoGPT-style attention and loss
+    torchrun --standalone --nproc_per_node=8 bench.py configs/500m.yaml
+
+The step is train.py's own (`setup_model`, `make_optimizer`, `train_step`: the same parallel wrap, compile,
+kernels and precision); only the data is synthetic (uniform random token ids made once on the device), as in
+Pax's synthetic configs, so the numbers measure the model and not the disk. Timing starts after the warm-up
+steps (compilation, allocator growth) and ends with a device sync. MFU uses PaLM's FLOPs per token and the
+dense BF16 peak of the GPU (train.PEAK_TFLOPS; `--peak-tflops` overrides, e.g. 756 for PCIe cards; FP8 runs
+are still reported against the BF16 peak). The JSON line is the last line of stdout.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import config
+import kernels
+import train
+
+
+def naive_attention(q, k, v):
+    """nanoGPT's attention without flash: the full (T, T) score matrix, masked, softmaxed, in the model dtype."""
+    B, T, H, D = q.shape
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    if k.size(1) != H:  # GQA: repeat K/V heads, as a plain implementation would
+        k, v = (t.repeat_interleave(H // k.size(1), dim=1) for t in (k, v))
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(D)
+    att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (att.softmax(dim=-1) @ v).transpose(1, 2)
+
+
+def naive_rms_norm(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+BASELINE = {"attention": naive_attention, "rms_norm": naive_rms_norm, "rope": kernels.torch_rope,
+            "loss": kernels.plain_loss}
+
+
+def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None, baseline: bool) -> dict:
+    t = cfg.train
+    rank, local_rank, world = train.init_distributed(t.device, t.dist_timeout_s)
+    device = train.pick_device(t.device, t.precision, local_rank)
+    if t.precision == "fp8" and (why := kernels.float8_supported(device)):
+        raise config.ConfigError(f"train.precision=fp8: {why}")
+    names = kernels.configure(t.kernels, t.loss, device, torch.float32 if t.precision == "fp32" else torch.bfloat16)
+    if baseline:
+        kernels.ACTIVE.update(BASELINE)
+        names = {"attention": "naive", "rms_norm": "naive", "rope": "torch", "loss": "plain"}
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    plan = config.derive(cfg, world)
+    model, train_model, mode = train.setup_model(cfg, device, world)
+    optimizer = train.make_optimizer(model, t, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision != "fp32" else nullcontext()
+    gen = torch.Generator(device).manual_seed(t.seed + rank)
+    shape = (t.micro_batch_size, cfg.model.block_size + 1)
+    data = [torch.randint(0, cfg.model.vocab_size, shape, device=device, generator=gen) for _ in range(plan.grad_accum)]
+    batches = [(d[:, :-1], d[:, 1:]) for d in data]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
+        loss, _ = train.train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t, autocast)
+    final_loss = loss.item() / plan.grad_accum  # a device sync
+    elapsed = time.perf_counter() - t0
+    tok_s = steps * plan.batch_tokens / elapsed
+    peak = peak_tflops * 1e12 if peak_tflops else train.peak_flops(device)
+    flops = model.flops_per_token()
+    result = {
+        "config": cfg.model.arch, "params": model.num_params(), "n_layer": cfg.model.n_layer,
+        "n_embd": cfg.model.n_embd, "block_size": cfg.model.block_size, "vocab_size": cfg.model.vocab_size,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x {torch.get_num_threads()}",
+        "world_size": world, "parallel": mode, "precision": t.precision, "compile": t.compile,
+        "activation_checkpointing": t.activation_checkpointing, "baseline": baseline, "kernels": names,
+        "micro_batch_size": t.micro_batch_size, "grad_accum": plan.grad_accum, "batch_tokens": plan.batch_tokens,
+        "warmup_steps": warmup, "steps": steps, "step_time_s": elapsed / steps,
+        "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / world, "flops_per_token": flops,
+        "peak_tflops": peak / 1e12 if peak else None, "mfu": tok_s / world * flops / peak if peak else None,
+        "peak_mem_gb": train.memory_gb(device),  # CUDA: allocated; CPU: peak RSS
+        "final_loss": final_loss}
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="+", help="YAML configs and section.key=value overrides, as for train.py")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense BF16 peak of one device, for MFU")
+    p.add_argument("--baseline", action="store_true", help="nanoGPT-style attention (full score matrix) and "
+                   "unfused loss instead of the chosen kernels")
+    a = p.parse_args(argv)
+    try:
+        cfg = config.load(a.args)
+        if cfg.model.vocab_size is None:  # set by the data in training; synthetic data needs one
+            cfg.model.vocab_size = 50257
+        cfg.model.validate()
+        result = bench(cfg, a.warmup, a.steps, a.peak_tflops, a.baseline)
+    except (config.ConfigError, kernels.KernelError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result["world_size"] == 1 or os.environ.get("RANK", "0") == "0":
+        mfu = f", MFU {result['mfu']:.1%}" if result["mfu"] else ""
+        print(f"{result['tokens_per_s']:,.0f} tokens/s ({result['tokens_per_s_per_device']:,.0f} per device), "
+              f"{result['step_time_s'] * 1000:.0f} ms/step{mfu}, peak memory {result['peak_mem_gb']:.2f} GB",
+              file=sys.stderr)
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

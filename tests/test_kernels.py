@@ -1,0 +1,167 @@
+"""Every kernel backend that can run here agrees with the plain-PyTorch reference, forward and gradients.
+
+Tolerances by dtype: FP32 paths differ only in summation order (1e-5 relative); under BF16 autocast the
+matmul inputs are rounded to 8 bits of mantissa (2e-2). Fused CUDA backends (flash-attn, liger) are checked
+on CPU under TRITON_INTERPRET=1 where their Triton kernels run there, and skipped where the package is absent.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import kernels
+import train
+from conftest import ROOT, TINY
+from model import GPT, GPTConfig
+from test_train import train_args
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels():
+    kernels.configure("torch")
+    yield
+    kernels.configure("torch")
+
+
+def grads(fn, *inputs):
+    inputs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    out = fn(*inputs)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.dtype))
+    return out.detach(), [x.grad for x in inputs if x.is_floating_point()]
+
+
+def assert_close(a, b, rtol):
+    (oa, ga), (ob, gb) = a, b
+    torch.testing.assert_close(oa, ob, rtol=rtol, atol=rtol)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 10_000])
+def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
+    torch.manual_seed(0)
+    h, w = torch.randn(100, 32), torch.randn(300, 32) * 0.2
+    t = torch.randint(0, 300, (100,))
+    t[::9] = -1  # ignored targets count neither in the mean nor in the gradients
+    ref = grads(lambda h, w: kernels.plain_loss(h, w, t), h, w)
+    got = grads(lambda h, w: kernels.chunked_loss(h, w, t, chunk), h, w)
+    assert_close(got, ref, 1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref16 = grads(lambda h, w: kernels.plain_loss(h, w, t), h, w)
+        got16 = grads(lambda h, w: kernels.chunked_loss(h, w, t, chunk), h, w)
+    assert_close(got16, ref16, 2e-2)
+    assert got16[1][1].dtype == torch.float32  # the FP32 weight gets an FP32 gradient
+
+
+def test_chunked_loss_under_compile_and_with_all_targets_ignored():
+    torch.manual_seed(0)
+    h, w = torch.randn(64, 16), torch.randn(50, 16)
+    t = torch.randint(0, 50, (64,))
+    compiled = torch.compile(lambda h, w: kernels.chunked_loss(h, w, t, 16))
+    assert_close(grads(compiled, h, w), grads(lambda h, w: kernels.plain_loss(h, w, t), h, w), 1e-5)
+    none = torch.full((64,), -1)
+    loss, (gh, gw) = grads(lambda h, w: kernels.chunked_loss(h, w, none), h, w)
+    assert loss.item() == 0 and not gh.any() and not gw.any()
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_attention_matches_the_full_score_matrix(kv_heads):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 24, 4, 16), torch.randn(2, 24, kv_heads, 16), torch.randn(2, 24, kv_heads, 16)
+    assert_close(grads(kernels.torch_attention, q, k, v), grads(bench.naive_attention, q, k, v), 1e-5)
+
+
+def test_rms_norm_and_rope_match_the_formulas():
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 10, 64), torch.randn(64)
+    assert_close(grads(lambda x, w: kernels.torch_rms_norm(x, w, 1e-5), x, w),
+                 grads(lambda x, w: bench.naive_rms_norm(x, w, 1e-5), x, w), 1e-5)
+    # RoPE in the rotate-half layout is a rotation of the pairs (i, i + D/2) by angle pos * theta^(-2i/D)
+    from model import rope_cache
+    cfg = GPTConfig(vocab_size=10, n_embd=64, n_head=4, block_size=10)
+    x = torch.randn(1, 10, 1, 16)
+    out = kernels.torch_rope(x, rope_cache(cfg))
+    pos, i = 7, 3
+    angle = pos * 10000.0 ** (-2 * i / 16)
+    a, b = x[0, pos, 0, i], x[0, pos, 0, i + 8]
+    c, s = torch.cos(torch.tensor(angle)), torch.sin(torch.tensor(angle))
+    torch.testing.assert_close(out[0, pos, 0, [i, i + 8]], torch.stack([a * c - b * s, a * s + b * c]))
+
+
+def test_model_loss_is_the_same_with_every_loss_kernel():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=200, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=16)
+    model = GPT(cfg)
+    x = torch.randint(0, 200, (3, 16))
+    results = {}
+    for loss in ("plain", "chunked"):
+        kernels.configure("torch", loss)
+        model.zero_grad()
+        value = model(x, x)
+        value.backward()
+        results[loss] = (value.detach(), [p.grad.clone() for p in model.parameters()])
+    assert_close(results["chunked"], results["plain"], 1e-5)
+    # the logits path (eval, sampling) is the plain lm_head
+    kernels.configure("torch", "plain")
+    logits = model(x)
+    assert logits.shape == (3, 16, cfg.padded_vocab_size)
+
+
+def test_configure_names_the_choice_and_refuses_what_cannot_run_here():
+    assert kernels.configure("auto", "auto", "cpu", torch.bfloat16) == {
+        "attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "chunked"}
+    assert kernels.configure("torch", "plain")["loss"] == "plain"
+    for name in ("flash", "liger"):
+        with pytest.raises(kernels.KernelError, match="needs a CUDA device"):
+            kernels.configure(name, "auto", "cpu", torch.bfloat16)
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(kernels.KernelError, match="pip install flash-attn"):
+            kernels._import("flash_attn")
+    assert "compute capability >= 8.9" in kernels.float8_supported(torch.device("cpu"))
+
+
+def test_fp8_and_cuda_kernels_stop_before_training(corpus, tmp_path, capsys):
+    out = str(tmp_path / "fp8")
+    assert train.main(train_args(corpus, out, "train.precision=fp8")) == 2
+    assert "train.precision=fp8: FP8 training needs a CUDA GPU" in capsys.readouterr().err
+    assert train.main(train_args(corpus, out, "train.kernels=liger")) == 2
+    assert "train.kernels=liger needs a CUDA device" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+def test_bench_prints_one_json_line():
+    r = subprocess.run([sys.executable, "bench.py", "configs/tiny.yaml", *TINY, "model.vocab_size=512",
+                        "--warmup", "1", "--steps", "2", "--peak-tflops", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["tokens_per_s"] > 0 and result["batch_tokens"] == 8 * 64 and result["kernels"]["loss"] == "chunked"
+    assert result["mfu"] == pytest.approx(result["tokens_per_s"] * result["flops_per_token"] / 1e12)
+
+
+LIGER = importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.skipif(not LIGER, reason="liger-kernel (and triton) not installed")
+def test_liger_kernels_under_the_triton_interpreter():
+    """liger's Triton kernels on CPU tensors, in a subprocess with TRITON_INTERPRET=1 set before triton loads."""
+    code = """
+import torch, kernels
+fn = kernels._import("liger_kernel.transformers.functional")
+torch.manual_seed(0)
+x, w = torch.randn(2, 8, 64), torch.rand(64) + 0.5
+ref = kernels.torch_rms_norm(x, w, 1e-5)
+got = kernels._liger_rms_norm(fn)(x, w, 1e-5)
+torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+h, W, t = torch.randn(32, 64), torch.randn(128, 64) * 0.1, torch.randint(0, 128, (32,))
+torch.testing.assert_close(kernels._liger_loss(fn)(h, W, t), kernels.plain_loss(h, W, t), rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
