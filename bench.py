@@ -41,7 +41,7 @@ def naive_rms_norm(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-BASELINE = {"attention": naive_attention, "rms_norm": naive_rms_norm, "rope": kernels.torch_rope,
+BASELINE = {"attention": naive_attention, "rms_norm": naive_rms_norm, "rope": kernels.torch_rope_qk,
             "loss": kernels.plain_loss}
 
 

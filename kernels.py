@@ -46,6 +46,11 @@ def torch_rms_norm(x, weight, eps):
     return F.rms_norm(x, (x.size(-1),), weight, eps)
 
 
+def torch_rope_qk(q, k, rope):
+    """Rotate queries and keys (B, T, H, D) by the FP32 table rope (T, 2, D); the kernels' signature."""
+    return torch_rope(q, rope), torch_rope(k, rope)
+
+
 def torch_rope(x, rope):
     """Rotate x (B, T, H, D) by the FP32 table rope (T, 2, D) (rotate-half layout, as Hugging Face Llama)."""
     cos, sin = rope[None, :, 0, None, :], rope[None, :, 1, None, :]  # (1, T, 1, D) views
@@ -121,10 +126,10 @@ def _flash_rms_norm(mod):
 
 
 def _flash_rope(mod):
-    def rope(x, table):  # flash-attn wants (T, D/2) halves; the angles were computed in FP32
+    def rope(q, k, table):  # flash-attn wants (T, D/2) halves; the angles were computed in FP32
         half = table.size(-1) // 2
-        return mod.apply_rotary_emb(x, table[:, 0, :half].to(x.dtype), table[:, 1, :half].to(x.dtype),
-                                    interleaved=False)
+        cos, sin = table[:, 0, :half].to(q.dtype), table[:, 1, :half].to(q.dtype)
+        return tuple(mod.apply_rotary_emb(x, cos, sin, interleaved=False) for x in (q, k))
     return rope
 
 
@@ -135,11 +140,10 @@ def _liger_rms_norm(mod):
 
 
 def _liger_rope(mod):
-    def rope(x, table):  # liger rotates q and k together in (B, H, T, D); rotate x alone, k = x
-        cos, sin = table[None, :, 0].to(x.dtype), table[None, :, 1].to(x.dtype)
-        xt = x.transpose(1, 2)
-        out, _ = mod.liger_rope(xt, xt, cos, sin)
-        return out.transpose(1, 2)
+    def rope(q, k, table):  # liger rotates q and k together, in (B, H, T, D)
+        cos, sin = table[None, :, 0].to(q.dtype), table[None, :, 1].to(q.dtype)
+        q, k = mod.liger_rope(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2)
     return rope
 
 
@@ -152,7 +156,7 @@ def _liger_loss(mod):
 
 # ----------------------------------------------------------------------------- choice
 
-TORCH = {"attention": torch_attention, "rms_norm": torch_rms_norm, "rope": torch_rope, "loss": chunked_loss}
+TORCH = {"attention": torch_attention, "rms_norm": torch_rms_norm, "rope": torch_rope_qk, "loss": chunked_loss}
 ACTIVE = dict(TORCH)  # what the model calls; set by configure()
 
 

@@ -119,7 +119,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim)
         if rope is not None:
-            q, k = kernels.ACTIVE["rope"](q, rope), kernels.ACTIVE["rope"](k, rope)
+            q, k = kernels.ACTIVE["rope"](q, k, rope)
         if cache is None and not (self.training and cfg.dropout):  # the training path: the chosen kernel
             return self.o_proj(kernels.ACTIVE["attention"](q, k, v).reshape(B, T, -1))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
