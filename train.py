@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 import checkpoint
 import config
+import export
 import kernels
 from data.prepare import copy_tokenizer, ensure_prepared
 from eval import evaluate
@@ -208,11 +209,16 @@ def setup_model(cfg: config.Config, device: torch.device, world: int) -> tuple[G
         fully_shard(model, mp_policy=mp, reshard_after_forward=t.reshard_after_forward)
         model.to_empty(device=device)
         # every rank draws the same full tensor (one parameter at a time) and keeps its own shard
-        model.init_weights(t.seed, assign=lambda p, full: p.copy_(
-            distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)))
+        def assign(p, full):
+            p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
+        model.init_weights(t.seed, assign=assign)
+        if t.init_from:
+            export.load_weights(model, t.init_from, assign)
         return model, model, mode
     model.to_empty(device=device)
     model.init_weights(t.seed)
+    if t.init_from:
+        export.load_weights(model, t.init_from)
     wrapped = model
     if mode == "ddp":
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -266,6 +272,8 @@ def main(argv: list[str]) -> int:
     try:
         cfg = config.load(argv)
         t = cfg.train
+        if t.init_from:  # the model's shape comes from the Hugging Face checkpoint
+            cfg.model = export.config_from_hf(t.init_from, cfg.model)
         rank, local_rank, world = init_distributed(t.device, t.dist_timeout_s)
         device = pick_device(t.device, t.precision, local_rank)
         if t.precision == "fp8" and (why := kernels.float8_supported(device)):
