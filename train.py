@@ -33,6 +33,7 @@ import checkpoint
 import config
 import export
 import kernels
+import tracking
 from data.prepare import copy_tokenizer, ensure_prepared
 from eval import evaluate
 from loader import DataError, Prefetcher, TrainLoader
@@ -271,6 +272,7 @@ def main(argv: list[str]) -> int:
     rank = 0
     try:
         cfg = config.load(argv)
+        tracking.check(cfg)
         t = cfg.train
         if t.init_from:  # the model's shape comes from the Hugging Face checkpoint
             cfg.model = export.config_from_hf(t.init_from, cfg.model)
@@ -358,10 +360,13 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
             f.writelines(rows)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision != "fp32" else nullcontext()
 
+    tracker = tracking.Tracker(cfg, active=rank == 0)
+
     def log(row: dict) -> None:
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            tracker.log(row)
 
     pending = None  # an async checkpoint still being written
 
@@ -379,7 +384,7 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
     if step >= t.max_steps:
         say(f"nothing to do: the checkpoint is at step {step} and train.max_steps is {t.max_steps}")
     batches_ahead = Prefetcher(loader, step, plan.grad_accum, device)
-    with stop_requests() as stop, closing(batches_ahead):
+    with stop_requests() as stop, closing(batches_ahead), closing(tracker):
         loss_sum = torch.zeros((), device=device)
         steps_since_log, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
         model.train()
