@@ -55,6 +55,7 @@ class TrainConfig:
     eval_batches: int = 20  # micro-batches of the val split per eval
     ckpt_interval: int = 500  # steps; a checkpoint is also written at the end
     keep_last: int = 2  # checkpoints kept on disk
+    ckpt_dir: str | None = None  # where checkpoints go: a folder or an fsspec URL (s3://bucket/run); None: out_dir
     resume: bool = True  # continue from out_dir/latest when present
     async_checkpoint: bool = False  # write checkpoints in a background thread while training goes on
     # A Hugging Face Llama (or GPT-2) folder to start from: its config.json sets the model's shape (block_size

@@ -299,7 +299,7 @@ def main(argv: list[str]) -> int:
         plan = config.derive(cfg, world)
         loader = TrainLoader(cfg.data.datasets, cfg.data.weights, cfg.model.block_size, t.micro_batch_size,
                              plan.grad_accum, t.seed, rank, world, cfg.model.vocab_size)
-        resume_from = checkpoint.find_latest(t.out_dir) if t.resume else None
+        resume_from = checkpoint.find_latest(t.ckpt_dir or t.out_dir) if t.resume else None
         if resume_from:
             check_same_model(checkpoint.read_state(resume_from)["config"], cfg, resume_from)
     except (config.ConfigError, DataError, kernels.KernelError) as e:
@@ -375,7 +375,7 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
         if pending is not None:
             say(f"saved {pending.wait()}")
         state = {"tokens": tokens, "config": config.to_dict(cfg), "world_size": world}
-        pending = checkpoint.save(t.out_dir, step, model, optimizer, state, t.keep_last,
+        pending = checkpoint.save(t.ckpt_dir or t.out_dir, step, model, optimizer, state, t.keep_last,
                                   async_group=ckpt_group if t.async_checkpoint else False)
         if not t.async_checkpoint:
             say(f"saved {pending.wait()}")
