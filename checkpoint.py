@@ -227,6 +227,12 @@ def load(path: str, model: torch.nn.Module, optimizer=None) -> dict:
     return read_state(path)
 
 
+def tokenizer_dir(path: str, cfg) -> str:
+    """The run's copy of its tokenizer for checkpoint `path`: beside it, or in the run's local out_dir when the
+    checkpoints live elsewhere (train.ckpt_dir)."""
+    return os.path.join(cfg.train.out_dir if is_remote(path) else os.path.dirname(path), "tokenizer")
+
+
 def load_model(path: str, device) -> tuple:
     """A run folder or checkpoint folder -> (model in eval mode, its Config, the checkpoint folder)."""
     import config

@@ -185,14 +185,14 @@ def main(argv: list[str]) -> int:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     if args.tasks:
         from data.prepare import load_tokenizer
-        tok = load_tokenizer(os.path.join(os.path.dirname(path), "tokenizer"))
+        tok = load_tokenizer(checkpoint.tokenizer_dir(path, cfg))
         lm = harness_lm(model, tok, device, args.batch_size, autocast)
         res = run_tasks(lm, args.tasks.split(","), args.num_fewshot, args.limit, args.include_path)
         print(json.dumps({"checkpoint": path, "results": res}, indent=None if args.json else 1))
         return 0
     datasets = args.data or cfg.data.datasets
     try:
-        run_tokenizer = os.path.join(os.path.dirname(path), "tokenizer")
+        run_tokenizer = checkpoint.tokenizer_dir(path, cfg)
         for d in datasets:
             if os.path.isdir(run_tokenizer) and not same_tokenizer(run_tokenizer, d):
                 raise DataError(f"{d} was tokenized differently from the data {path} was trained on")

@@ -237,7 +237,7 @@ def main(argv: list[str]) -> int:
     import checkpoint
     try:
         model, cfg, path = checkpoint.load_model(args.out_dir, torch.device("cpu"))
-        export_hf(model, args.dst, os.path.join(os.path.dirname(path), "tokenizer"))
+        export_hf(model, args.dst, checkpoint.tokenizer_dir(path, cfg))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

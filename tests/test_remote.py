@@ -16,7 +16,7 @@ import torch
 
 import checkpoint
 import train
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, run
 
 pytest.importorskip("s3fs")
 BUCKET = "ckpt"
@@ -112,6 +112,11 @@ def test_train_saves_and_resumes_through_s3(s3, corpus, tmp_path, monkeypatch):
     assert path == f"{url}/step_000008"
     for (k, x), y in zip(m_local.state_dict().items(), m_remote.state_dict().values()):
         assert torch.equal(x, y), k
+    # the tools take the URL; the tokenizer comes from the run's local folder
+    r = run("sample.py", url, "--prompt", "def ", "--max_new_tokens", "8", "--temperature", "0")
+    assert r.stdout.startswith("def ") and f"{url}/step_000008" in r.stderr
+    run("export.py", url, "--to", "hf", str(tmp_path / "hf"))
+    assert os.path.isfile(tmp_path / "hf" / "tokenizer.json")
 
 
 def test_a_save_killed_midway_leaves_latest_whole(s3, monkeypatch):
