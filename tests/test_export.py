@@ -96,3 +96,17 @@ def test_training_starts_from_a_hf_checkpoint(corpus, tmp_path, monkeypatch):
     assert (cfg.model.n_layer, cfg.model.n_kv_head, cfg.model.rope_theta, cfg.model.tie_embeddings) == (2, 2, 5e5, False)
     for (k, a), b in zip(src.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_gpt2_tokenizer_exports_as_transformers_gpt2(tmp_path):
+    from data.prepare import Tokenizer
+    spec = {"type": "tiktoken", "name": "gpt2"}
+    run_tok, dst = tmp_path / "tok", tmp_path / "hf"
+    os.makedirs(run_tok)
+    os.makedirs(dst)
+    (run_tok / "meta.json").write_text(json.dumps({"tokenizer": spec, "eot_id": 50256}))
+    assert export.export_tokenizer(str(run_tok), str(dst), 1024)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(dst))
+    text = "def add(a, b):\n    return a + b  # h\u00e9llo \u00fcnicode\n\n\n  x"
+    assert theirs(text)["input_ids"] == Tokenizer(spec, str(run_tok)).encode(text)
+    assert theirs.eos_token_id == 50256
