@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 
 import config
+import kernels
 from model import GPT, GPTConfig
 
 # (memory GiB, dense BF16 TFLOP/s); the peaks agree with train.PEAK_TFLOPS
@@ -39,9 +40,9 @@ def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: b
     the loss is chunked. Activation checkpointing keeps each block's input and recomputes one block at a time.
     """
     d, kv, f, V = cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim, cfg.padded_vocab_size
-    a = 2 if precision == "bf16" else 4
+    a = 4 if precision == "fp32" else 2
     r = 2 if bf16_params else 4
-    casts_attn, casts_mlp = (3, 2) if precision == "bf16" and not bf16_params else (1, 1)
+    casts_attn, casts_mlp = (3, 2) if precision != "fp32" and not bf16_params else (1, 1)
 
     def norm(casts):
         return 8 * d + a * d * casts
@@ -52,8 +53,11 @@ def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: b
 
 
 def loss_transient_bytes(cfg: GPTConfig, tokens: int, chunked_loss: bool = False) -> int:
-    """Peak memory the loss adds beyond what it saves: BF16 logits and the FP32 logits and their gradient."""
-    return 0 if chunked_loss else 10 * cfg.padded_vocab_size * tokens
+    """Peak memory the loss adds beyond what it saves: the BF16 logits and the FP32 logits and their gradient;
+    chunked, one chunk of ~2^26 FP32 logits and its BF16 copy, plus the kept dW (FP32) and dh."""
+    if chunked_loss:
+        return 6 * 2**26 + 4 * cfg.padded_vocab_size * cfg.n_embd + 4 * tokens * cfg.n_embd
+    return 10 * cfg.padded_vocab_size * tokens
 
 
 def plan(cfg: config.Config, gpus: int, gpu: str) -> list[dict]:
@@ -67,7 +71,8 @@ def plan(cfg: config.Config, gpus: int, gpu: str) -> list[dict]:
     t, m = cfg.train, cfg.model
     derived = config.derive(cfg, gpus)
     tokens = t.micro_batch_size * m.block_size
-    bf16 = t.precision == "bf16"
+    bf16 = t.precision != "fp32"
+    chunked = t.loss != "plain"  # the chunked and liger losses never hold the (tokens, vocab) FP32 logits
     parallel_mode = "ddp" if t.parallel == "auto" and 16 * n < 0.4 * mem_gib * GIB else t.parallel
     parallel_mode = "fsdp" if parallel_mode == "auto" else parallel_mode
     rows = []
@@ -80,8 +85,9 @@ def plan(cfg: config.Config, gpus: int, gpu: str) -> list[dict]:
             working = (2 if bf16 else 4) * (2 * block + n - block * m.n_layer) + 2 * 4 * block  # grads, the root
         else:  # every block stays gathered from its forward to its backward
             working = (2 if bf16 else 4) * n + 2 * 4 * block
-        working += loss_transient_bytes(m, tokens)
-        act = activation_bytes(m, tokens, t.precision, bf16_params=mode == "fsdp" and bf16, checkpointing=ac)
+        working += loss_transient_bytes(m, tokens, chunked)
+        act = activation_bytes(m, tokens, t.precision, bf16_params=mode == "fsdp" and bf16, checkpointing=ac,
+                               chunked_loss=chunked)
         total = params + grads + optim + working + act + RESERVED_GIB * GIB
         rows.append({"mode": mode + (" + AC" if ac else ""), "params": params / GIB, "grads": grads / GIB,
                      "optim": optim / GIB, "working": working / GIB, "activations": act / GIB,
@@ -109,7 +115,7 @@ def print_plan(cfg: config.Config, gpus: int, gpu: str) -> None:
           f" s/step), at 50 %: {rows[0]['tok_s_per_gpu_at_50']:,.0f} tok/s "
           f"({d.batch_tokens / gpus / rows[0]['tok_s_per_gpu_at_50']:.2f} s/step)")
     print(f"memory per GPU in GiB (micro batch {cfg.train.micro_batch_size} x {cfg.model.block_size} tokens, "
-          f"{cfg.train.precision}, FSDP reshard_after_forward={cfg.train.reshard_after_forward}; "
+          f"{cfg.train.precision}, loss {'plain' if cfg.train.loss == 'plain' else 'chunked'}, FSDP reshard_after_forward={cfg.train.reshard_after_forward}; "
           f"{RESERVED_GIB:.0f} GiB reserved for CUDA/NCCL workspaces; working = gathered/cast weights and the "
           f"loss's logits):")
     print(f"{'mode':<10} {'params':>7} {'grads':>7} {'optim':>7} {'working':>8} {'activ.':>7} {'total':>7}  fits")
@@ -140,6 +146,7 @@ def measure_saved(model: GPT, tokens: torch.Tensor, precision: str) -> int:
 def check() -> None:
     """Estimate vs measured saved-tensor bytes for a few small shapes (CPU, torch SDPA, unchunked loss); in BF16
     the estimate adds autocast's weight copies, which the plan counts as working memory."""
+    kernels.configure("torch", "plain")  # the estimate's unchunked head; SDPA saves what flash-attn saves
     shapes = [dict(n_layer=2, n_embd=256, n_head=4, block_size=256),
               dict(n_layer=4, n_embd=384, n_head=6, n_kv_head=2, block_size=128),
               dict(n_layer=2, n_embd=512, n_head=8, block_size=512, intermediate_size=1024)]
@@ -164,7 +171,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--gpu", choices=list(GPUS), default="h100")
     p.add_argument("--check", action="store_true", help="compare the activation estimate with this CPU")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     if a.check:
         check()
         return 0
