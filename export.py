@@ -58,9 +58,9 @@ def model_config(hf: dict, block_size: int | None = None) -> GPTConfig:
         n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
         if hf.get("head_dim", n_embd // n_head) != n_embd // n_head:
             raise ValueError("head_dim must equal hidden_size / num_attention_heads")
-        return GPTConfig(arch="llama", vocab_size=hf["vocab_size"], block_size=block_size or hf["max_position_embeddings"],
-                         n_layer=hf["num_hidden_layers"], n_head=n_head,
-                         n_kv_head=hf.get("num_key_value_heads", n_head), n_embd=n_embd,
+        return GPTConfig(arch="llama", vocab_size=hf["vocab_size"],
+                         block_size=block_size or hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+                         n_head=n_head, n_kv_head=hf.get("num_key_value_heads", n_head), n_embd=n_embd,
                          intermediate_size=hf["intermediate_size"],
                          rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
                          norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=tie)
