@@ -28,6 +28,7 @@ GPT2_TOP = {"embed_tokens": "transformer.wte", "embed_positions": "transformer.w
 
 def hf_config(cfg: GPTConfig, eot_id: int | None = None) -> dict:
     """Our model config -> the `config.json` transformers reads (FP32 weights); `eot_id` ends generation."""
+    # both spellings of dtype and RoPE theta: transformers 5 reads `dtype`/`rope_parameters`, 4.x the others
     common = {"vocab_size": cfg.padded_vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
               "bos_token_id": eot_id, "eos_token_id": eot_id, "torch_dtype": "float32", "dtype": "float32"}
     if cfg.arch == "llama":
@@ -162,7 +163,7 @@ def load_weights(model: GPT, path: str, assign=None) -> None:
 
     A vocabulary smaller than our padded table fills its first rows (the rest keep their init). `assign(param,
     full_value)` stores a full tensor into a parameter (a sharded trainer passes one that keeps its shard)."""
-    hf, sd = read_hf(path)
+    _, sd = read_hf(path)
     ours = from_hf(sd, model.cfg)
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(ours) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set()))
