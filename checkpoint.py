@@ -192,14 +192,14 @@ def save(out_dir: str, step: int, model: torch.nn.Module, optimizer, train_state
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    writer = None
+    io = {}
     if is_remote(tmp):
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-        writer = FsspecWriter(tmp)
+        io["storage_writer"] = FsspecWriter(tmp)
     if async_group is not False:
-        return Pending(out_dir, name, keep_last, dcp.async_save(state, checkpoint_id=tmp, storage_writer=writer,
-                                                                process_group=async_group))
-    dcp.save(state, checkpoint_id=tmp, storage_writer=writer)
+        return Pending(out_dir, name, keep_last, dcp.async_save(state, checkpoint_id=tmp, process_group=async_group,
+                                                                **io))
+    dcp.save(state, checkpoint_id=tmp, **io)
     pending = Pending(out_dir, name, keep_last)
     pending._publish()
     _barrier()  # no rank starts the next save before this one is published
@@ -212,17 +212,17 @@ def read_state(path: str) -> dict:
 
 def load(path: str, model: torch.nn.Module, optimizer=None) -> dict:
     """Load model (and optimizer) state from a checkpoint folder in place; returns its train_state."""
-    reader = None
+    io = {}
     if is_remote(path):
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-        reader = FsspecReader(path)
+        io["storage_reader"] = FsspecReader(path)
     if optimizer is None:
         model_sd = get_model_state_dict(model)
-        dcp.load({"model": model_sd}, checkpoint_id=path, storage_reader=reader)
+        dcp.load({"model": model_sd}, checkpoint_id=path, **io)
         set_model_state_dict(model, model_sd)
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, storage_reader=reader)
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, **io)
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     return read_state(path)
 
