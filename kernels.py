@@ -104,6 +104,7 @@ class ChunkedLoss(torch.autograd.Function):
         return dh * grad.to(dh.dtype), (dw * grad).to(ctx.weight_dtype), None, None
 
 
+@torch.compiler.disable  # traced, its chunk loop ran ~3.5x slower than eager (inductor, CPU); eager it is
 def chunked_loss(h, weight, targets, chunk: int | None = None):
     """Same value and gradients as `plain_loss`, holding one chunk of FP32 logits at a time (by default
     ~2^26 logits: 256 MB in FP32, a chunk of 1,334 rows at a 50k vocab, still a large GEMM)."""
