@@ -7,6 +7,11 @@ and renamed when complete; `out_dir/latest` (one line, the folder name) is repla
 any moment therefore leaves the previous checkpoint whole, and `latest` never names a partial one. An
 asynchronous save copies the state to host memory and writes it from a background thread; it is published
 the same way once written.
+
+The folder may also be an fsspec URL (`s3://bucket/run`, with s3fs; credentials and endpoint from the usual
+AWS_* environment). Object stores cannot rename a folder, so there a checkpoint is written under its final
+name: `train_state.json` first, DCP's data files, DCP's `.metadata` last; a folder counts as complete only with
+both files, and `latest` (one PUT, atomic) is replaced after that, so it still never names a partial one.
 """
 import json
 import os
@@ -36,7 +41,48 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def is_remote(path: str) -> bool:
+    """Whether `path` is an fsspec URL (s3://, gs://, ...) rather than a local folder."""
+    return "://" in path and not path.startswith("file://")
+
+
+def _fs(path: str):
+    import fsspec
+    fs = fsspec.core.url_to_fs(path)[0]
+    fs.invalidate_cache()  # listings cached by s3fs would miss what DCP's writer (or another run) just wrote
+    return fs
+
+
+def _join(folder: str, name: str) -> str:
+    return f"{folder.rstrip('/')}/{name}" if is_remote(folder) else os.path.join(folder, name)
+
+
+def _exists(path: str) -> bool:
+    return _fs(path).exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def _rmtree(path: str) -> None:
+    if is_remote(path):
+        fs = _fs(path)
+        if fs.exists(_join(path, ".metadata")):
+            fs.rm(_join(path, ".metadata"))  # first: the folder stops counting as complete at once
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_text(path: str) -> str:
+    if is_remote(path):
+        return _fs(path).cat_file(path).decode()
+    with open(path) as f:
+        return f.read()
+
+
 def _write_atomic(path: str, text: str) -> None:
+    if is_remote(path):
+        _fs(path).pipe_file(path, text.encode())  # one PUT: readers see the old object or the new one
+        return
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -54,22 +100,31 @@ def _fsync_dir(path: str) -> None:
 
 
 def is_complete(path: str) -> bool:
+    if is_remote(path):
+        fs = _fs(path)
+        return fs.isfile(_join(path, ".metadata")) and fs.isfile(_join(path, STATE_FILE))
     return os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, STATE_FILE))
+
+
+def _listdir(path: str) -> list[str]:
+    if is_remote(path):
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in _fs(path).ls(path, detail=False)]
+        except FileNotFoundError:
+            return []
+    return os.listdir(path) if os.path.isdir(path) else []
 
 
 def list_checkpoints(out_dir: str) -> list[str]:
     """Complete checkpoint folders in out_dir, oldest first."""
-    if not os.path.isdir(out_dir):
-        return []
-    found = [(int(m.group(1)), name) for name in os.listdir(out_dir) if (m := STEP_DIR.match(name))]
-    return [os.path.join(out_dir, name) for _, name in sorted(found) if is_complete(os.path.join(out_dir, name))]
+    found = [(int(m.group(1)), name) for name in _listdir(out_dir) if (m := STEP_DIR.match(name))]
+    return [_join(out_dir, name) for _, name in sorted(found) if is_complete(_join(out_dir, name))]
 
 
 def find_latest(out_dir: str) -> str | None:
     """The checkpoint `out_dir/latest` names, else the newest complete one, else None."""
     try:
-        with open(os.path.join(out_dir, "latest")) as f:
-            path = os.path.join(out_dir, f.read().strip())
+        path = _join(out_dir, _read_text(_join(out_dir, "latest")).strip())
         if is_complete(path):
             return path
     except OSError:
@@ -103,19 +158,21 @@ class Pending:
             self.future.result()  # re-raises a failed write
             self.future = None
             self._publish()
-        return os.path.join(self.out_dir, self.name)
+        return _join(self.out_dir, self.name)
 
     def _publish(self) -> None:
         if _rank() != 0:
             return
-        final, tmp = os.path.join(self.out_dir, self.name), os.path.join(self.out_dir, f".tmp_{self.name}")
-        if os.path.exists(final):  # the same step saved again (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _write_atomic(os.path.join(self.out_dir, "latest"), self.name + "\n")
-        _fsync_dir(self.out_dir)
+        if not is_remote(self.out_dir):  # remote checkpoints were written under their final name
+            final, tmp = os.path.join(self.out_dir, self.name), os.path.join(self.out_dir, f".tmp_{self.name}")
+            if os.path.exists(final):  # the same step saved again (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        _write_atomic(_join(self.out_dir, "latest"), self.name + "\n")
+        if not is_remote(self.out_dir):
+            _fsync_dir(self.out_dir)
         for old in list_checkpoints(self.out_dir)[:-self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _rmtree(old)
 
 
 def save(out_dir: str, step: int, model: torch.nn.Module, optimizer, train_state: dict, keep_last: int,
@@ -124,18 +181,25 @@ def save(out_dir: str, step: int, model: torch.nn.Module, optimizer, train_state
     this returns. With `async_group` (a gloo process group, or None on one process) the state is copied to
     host memory and written by a background thread; `Pending.wait()` publishes it."""
     name = f"step_{step:06d}"
-    tmp = os.path.join(out_dir, f".tmp_{name}")
+    # remote: the final name at once (see the module docstring); an older save of this step is dropped first
+    tmp = _join(out_dir, name if is_remote(out_dir) else f".tmp_{name}")
     if _rank() == 0:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)  # left by a run killed mid-save
-        os.makedirs(tmp)
-        _write_atomic(os.path.join(tmp, STATE_FILE), json.dumps({**train_state, "step": step}, indent=1))
+        if _exists(tmp):
+            _rmtree(tmp)  # left by a run killed mid-save
+        if not is_remote(tmp):
+            os.makedirs(tmp)
+        _write_atomic(_join(tmp, STATE_FILE), json.dumps({**train_state, "step": step}, indent=1))
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
+    io = {}
+    if is_remote(tmp):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+        io["storage_writer"] = FsspecWriter(tmp)
     if async_group is not False:
-        return Pending(out_dir, name, keep_last, dcp.async_save(state, checkpoint_id=tmp, process_group=async_group))
-    dcp.save(state, checkpoint_id=tmp)
+        return Pending(out_dir, name, keep_last, dcp.async_save(state, checkpoint_id=tmp, process_group=async_group,
+                                                                **io))
+    dcp.save(state, checkpoint_id=tmp, **io)
     pending = Pending(out_dir, name, keep_last)
     pending._publish()
     _barrier()  # no rank starts the next save before this one is published
@@ -143,21 +207,30 @@ def save(out_dir: str, step: int, model: torch.nn.Module, optimizer, train_state
 
 
 def read_state(path: str) -> dict:
-    with open(os.path.join(path, STATE_FILE)) as f:
-        return json.load(f)
+    return json.loads(_read_text(_join(path, STATE_FILE)))
 
 
 def load(path: str, model: torch.nn.Module, optimizer=None) -> dict:
     """Load model (and optimizer) state from a checkpoint folder in place; returns its train_state."""
+    io = {}
+    if is_remote(path):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+        io["storage_reader"] = FsspecReader(path)
     if optimizer is None:
         model_sd = get_model_state_dict(model)
-        dcp.load({"model": model_sd}, checkpoint_id=path)
+        dcp.load({"model": model_sd}, checkpoint_id=path, **io)
         set_model_state_dict(model, model_sd)
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, **io)
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     return read_state(path)
+
+
+def tokenizer_dir(path: str, cfg) -> str:
+    """The run's copy of its tokenizer for checkpoint `path`: beside it, or in the run's local out_dir when the
+    checkpoints live elsewhere (train.ckpt_dir)."""
+    return os.path.join(cfg.train.out_dir if is_remote(path) else os.path.dirname(path), "tokenizer")
 
 
 def load_model(path: str, device) -> tuple:

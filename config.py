@@ -55,8 +55,12 @@ class TrainConfig:
     eval_batches: int = 20  # micro-batches of the val split per eval
     ckpt_interval: int = 500  # steps; a checkpoint is also written at the end
     keep_last: int = 2  # checkpoints kept on disk
+    ckpt_dir: str | None = None  # where checkpoints go: a folder or an fsspec URL (s3://bucket/run); None: out_dir
     resume: bool = True  # continue from out_dir/latest when present
     async_checkpoint: bool = False  # write checkpoints in a background thread while training goes on
+    # A Hugging Face Llama (or GPT-2) folder to start from: its config.json sets the model's shape (block_size
+    # stays ours), its safetensors the initial weights. Resuming from out_dir still takes precedence.
+    init_from: str | None = None
     # Scale-out (torchrun). auto: no wrap on one process; DDP while the model and its AdamW state take under
     # 40 % of a device's memory; FSDP2 otherwise.
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
@@ -70,6 +74,12 @@ class TrainConfig:
 @dataclass
 class LogConfig:
     interval: int = 10  # steps between log lines / metrics.jsonl rows
+    # Mirrors of metrics.jsonl (rank 0 only). wandb honours WANDB_MODE (offline/disabled) and WANDB_DIR.
+    wandb: bool = False
+    wandb_project: str = "gptrain"
+    wandb_run_name: str | None = None  # None: the out_dir's folder name
+    wandb_tags: list[str] = field(default_factory=list)
+    tensorboard: bool = False  # event files in out_dir/tensorboard
 
 
 @dataclass

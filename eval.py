@@ -1,6 +1,8 @@
-"""Validation loss, perplexity and bits per byte of a checkpoint on a prepared split.
+"""Validation loss, perplexity and bits per byte of a checkpoint on a prepared split; or benchmark tasks
+through EleutherAI's lm-evaluation-harness (`pip install lm-eval`, an optional extra).
 
     python eval.py OUT_DIR [--data DIR] [--split val] [--max_tokens N] [--json]
+    python eval.py OUT_DIR --tasks hellaswag,arc_easy [--num_fewshot 0] [--limit 100]
 
 Bits per byte = total nats / ln 2 / UTF-8 bytes of the text the scored tokens decode to (the EOT token
 counts as zero bytes), so models with different tokenizers can be compared. A whole split scores every
@@ -47,6 +49,108 @@ def evaluate(model, paths: list[str], block_size: int, vocab_size: int, batch_si
             "tokens": int(n_tokens), "bytes": int(n_bytes)}
 
 
+class HarnessLM:
+    """Our model behind the three request types of lm-evaluation-harness; each request has `.args`:
+    loglikelihood (context, continuation) -> (log p(continuation | context), whether greedy decoding gives it);
+    loglikelihood_rolling (text,) -> log p(text) from an empty context, in windows of block_size;
+    generate_until (context, {"until": [...], "max_gen_toks": N, ...}) -> greedy text, cut at the first stop.
+    A plain class, so it works and is tested without lm-eval; `harness_lm()` makes it an lm-eval `LM`."""
+
+    def __init__(self, model, tokenizer, device, batch_size: int = 8, autocast=nullcontext()):
+        self.model, self.tok, self._device = model, tokenizer, device  # _device: lm-eval's LM reads it
+        self.batch_size, self.autocast = batch_size, autocast
+        self.block_size, self.vocab_size = model.cfg.block_size, model.cfg.vocab_size
+
+    def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        # Tokenize the whole text, so the boundary token is the one the model saw in training; a context's
+        # trailing spaces belong to the continuation (BPE attaches a space to the word after it).
+        spaces = len(context) - len(context.rstrip(" "))
+        context, continuation = context[:len(context) - spaces], context[len(context) - spaces:] + continuation
+        ctx = self.tok.encode(context) if context else []
+        whole = self.tok.encode(context + continuation)
+        return [self.tok.eot_id] + ctx, whole[len(ctx):]  # EOT: the document start the model knows
+
+    @torch.no_grad()
+    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(context ids, continuation ids) -> (summed log-prob of the continuation, greedy?), in batches;
+        a window longer than block_size keeps its last tokens."""
+        out = []
+        for i in range(0, len(pairs), self.batch_size):
+            chunk = pairs[i:i + self.batch_size]
+            windows = [(c + t)[-(self.block_size + 1):] for c, t in chunk]
+            width = max(len(w) - 1 for w in windows)
+            x = torch.zeros(len(windows), width, dtype=torch.long)  # right padding: causal, so it never leaks back
+            for row, w in enumerate(windows):
+                x[row, :len(w) - 1] = torch.tensor(w[:-1])
+            with self.autocast:
+                logits = self.model(x.to(self._device))
+            logp = logits.float()[..., :self.vocab_size].log_softmax(-1).cpu()
+            for row, (w, (_, cont)) in enumerate(zip(windows, chunk)):
+                n = min(len(cont), len(w) - 1)
+                target = torch.tensor(w[-n:])
+                lp = logp[row, len(w) - 1 - n:len(w) - 1]  # positions that predict the continuation
+                out.append((lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all())))
+        return out
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        return self._score([self._split(*r.args[:2]) for r in requests])
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        totals = []
+        for r in requests:
+            ids = self.tok.encode(r.args[0])
+            tokens = [self.tok.eot_id] + ids
+            # each token scored once: windows of block_size targets, each window filled with the tokens before
+            pairs = [(tokens[:s + 1], ids[s:s + self.block_size]) for s in range(0, len(ids), self.block_size)]
+            totals.append(sum(lp for lp, _ in self._score(pairs)))
+        return totals
+
+    @torch.no_grad()
+    def generate_until(self, requests) -> list[str]:
+        out = []
+        for r in requests:
+            context, kw = r.args
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else until
+            ids = [self.tok.eot_id] + self.tok.encode(context)
+            idx = torch.tensor([ids[-self.block_size:]], device=self._device)
+            new, text = [], ""
+            with self.autocast:
+                for nxt in self.model.generate_stream(idx, kw.get("max_gen_toks", 256), temperature=0,
+                                                      stop_token=self.tok.eot_id):
+                    if nxt.item() == self.tok.eot_id:
+                        break
+                    new.append(nxt.item())
+                    text = self.tok.decode(new)
+                    if any(u in text for u in until):
+                        break
+            cut = min([text.index(u) for u in until if u in text], default=len(text))
+            out.append(text[:cut])
+        return out
+
+
+def harness_lm(*args, **kw):
+    """A HarnessLM that is also an lm-eval `LM` (which keeps rank and cache hooks); needs lm-eval."""
+    from lm_eval.api.model import LM
+
+    class Adapter(HarnessLM, LM):
+        def __init__(self):
+            LM.__init__(self)
+            HarnessLM.__init__(self, *args, **kw)
+    return Adapter()
+
+
+def run_tasks(lm, tasks: list[str], num_fewshot: int | None = None, limit: float | None = None,
+              include_path: str | None = None) -> dict:
+    """Run lm-eval tasks (built-in, or YAMLs in `include_path`) on an `LM`; returns {task: {metric: value}}."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=TaskManager(include_path=include_path))
+    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            for task, metrics in res["results"].items()}
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", help="run folder (uses its latest checkpoint) or a step_NNNNNN folder")
@@ -57,7 +161,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: the run's")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+    p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs: pip install lm-eval)")
+    p.add_argument("--num_fewshot", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None, help="examples per task (a fraction when < 1)")
+    p.add_argument("--include_path", help="folder of extra lm-eval task YAMLs (e.g. on local data)")
     args = p.parse_args(argv)
+    if args.tasks:
+        import importlib.util
+        if importlib.util.find_spec("lm_eval") is None:
+            print("error: --tasks needs EleutherAI's lm-evaluation-harness: pip install lm-eval", file=sys.stderr)
+            return 2
 
     import checkpoint
     from loader import DataError, same_tokenizer
@@ -70,9 +183,16 @@ def main(argv: list[str]) -> int:
         return 2
     precision = args.precision or cfg.train.precision
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    if args.tasks:
+        from data.prepare import load_tokenizer
+        tok = load_tokenizer(checkpoint.tokenizer_dir(path, cfg))
+        lm = harness_lm(model, tok, device, args.batch_size, autocast)
+        res = run_tasks(lm, args.tasks.split(","), args.num_fewshot, args.limit, args.include_path)
+        print(json.dumps({"checkpoint": path, "results": res}, indent=None if args.json else 1))
+        return 0
     datasets = args.data or cfg.data.datasets
     try:
-        run_tokenizer = os.path.join(os.path.dirname(path), "tokenizer")
+        run_tokenizer = checkpoint.tokenizer_dir(path, cfg)
         for d in datasets:
             if os.path.isdir(run_tokenizer) and not same_tokenizer(run_tokenizer, d):
                 raise DataError(f"{d} was tokenized differently from the data {path} was trained on")

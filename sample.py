@@ -4,7 +4,6 @@
                      [--top_p 0.95] [--num_samples 1] [--seed 1337] [--prompt_file F]
 """
 import argparse
-import os
 import sys
 from contextlib import nullcontext
 
@@ -36,8 +35,7 @@ def main(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir = os.path.dirname(path)
-    tok = load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    tok = load_tokenizer(checkpoint.tokenizer_dir(path, cfg))
     if args.prompt_file:
         with open(args.prompt_file) as f:
             args.prompt = f.read()

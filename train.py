@@ -31,7 +31,9 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 import checkpoint
 import config
+import export
 import kernels
+import tracking
 from data.prepare import copy_tokenizer, ensure_prepared
 from eval import evaluate
 from loader import DataError, Prefetcher, TrainLoader
@@ -208,11 +210,16 @@ def setup_model(cfg: config.Config, device: torch.device, world: int) -> tuple[G
         fully_shard(model, mp_policy=mp, reshard_after_forward=t.reshard_after_forward)
         model.to_empty(device=device)
         # every rank draws the same full tensor (one parameter at a time) and keeps its own shard
-        model.init_weights(t.seed, assign=lambda p, full: p.copy_(
-            distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)))
+        def assign(p, full):
+            p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
+        model.init_weights(t.seed, assign=assign)
+        if t.init_from:
+            export.load_weights(model, t.init_from, assign)
         return model, model, mode
     model.to_empty(device=device)
     model.init_weights(t.seed)
+    if t.init_from:
+        export.load_weights(model, t.init_from)
     wrapped = model
     if mode == "ddp":
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -265,7 +272,10 @@ def main(argv: list[str]) -> int:
     rank = 0
     try:
         cfg = config.load(argv)
+        tracking.check(cfg)
         t = cfg.train
+        if t.init_from:  # the model's shape comes from the Hugging Face checkpoint
+            cfg.model = export.config_from_hf(t.init_from, cfg.model)
         rank, local_rank, world = init_distributed(t.device, t.dist_timeout_s)
         device = pick_device(t.device, t.precision, local_rank)
         if t.precision == "fp8" and (why := kernels.float8_supported(device)):
@@ -289,7 +299,7 @@ def main(argv: list[str]) -> int:
         plan = config.derive(cfg, world)
         loader = TrainLoader(cfg.data.datasets, cfg.data.weights, cfg.model.block_size, t.micro_batch_size,
                              plan.grad_accum, t.seed, rank, world, cfg.model.vocab_size)
-        resume_from = checkpoint.find_latest(t.out_dir) if t.resume else None
+        resume_from = checkpoint.find_latest(t.ckpt_dir or t.out_dir) if t.resume else None
         if resume_from:
             check_same_model(checkpoint.read_state(resume_from)["config"], cfg, resume_from)
     except (config.ConfigError, DataError, kernels.KernelError) as e:
@@ -350,10 +360,13 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
             f.writelines(rows)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision != "fp32" else nullcontext()
 
+    tracker = tracking.Tracker(cfg, active=rank == 0)
+
     def log(row: dict) -> None:
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            tracker.log(row)
 
     pending = None  # an async checkpoint still being written
 
@@ -362,7 +375,7 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
         if pending is not None:
             say(f"saved {pending.wait()}")
         state = {"tokens": tokens, "config": config.to_dict(cfg), "world_size": world}
-        pending = checkpoint.save(t.out_dir, step, model, optimizer, state, t.keep_last,
+        pending = checkpoint.save(t.ckpt_dir or t.out_dir, step, model, optimizer, state, t.keep_last,
                                   async_group=ckpt_group if t.async_checkpoint else False)
         if not t.async_checkpoint:
             say(f"saved {pending.wait()}")
@@ -371,7 +384,7 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
     if step >= t.max_steps:
         say(f"nothing to do: the checkpoint is at step {step} and train.max_steps is {t.max_steps}")
     batches_ahead = Prefetcher(loader, step, plan.grad_accum, device)
-    with stop_requests() as stop, closing(batches_ahead):
+    with stop_requests() as stop, closing(batches_ahead), closing(tracker):
         loss_sum = torch.zeros((), device=device)
         steps_since_log, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
         model.train()

