@@ -88,7 +88,9 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
             elapsed, final_loss = run(steps)
-            best[name] = min(best.get(name, (float("inf"),)), (elapsed, final_loss, train.memory_gb(device)))
+            # memory from the first round only: later rounds would also see the other variant's peak
+            mem = train.memory_gb(device) if round_ == 0 else best[name][2]
+            best[name] = min(best.get(name, (float("inf"),)), (elapsed, final_loss, mem))
     kernels.ACTIVE.update(chosen)
     elapsed, final_loss, mem = best["chosen"]
     tok_s = steps * plan.batch_tokens / elapsed
@@ -104,7 +106,7 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
         "warmup_steps": warmup, "steps": steps, "step_time_s": elapsed / steps,
         "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / world, "flops_per_token": flops,
         "peak_tflops": peak / 1e12 if peak else None, "mfu": tok_s / world * flops / peak if peak else None,
-        "peak_mem_gb": mem,  # CUDA: allocated; CPU: peak RSS of the process
+        "peak_mem_gb": mem,  # CUDA: allocated; CPU: peak RSS of the process (run without --baseline to compare)
         "final_loss": final_loss}
     if baseline:
         base_tok_s = steps * plan.batch_tokens / best["baseline"][0]
