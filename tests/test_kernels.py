@@ -114,7 +114,8 @@ def test_model_loss_is_the_same_with_every_loss_kernel():
 
 def test_configure_names_the_choice_and_refuses_what_cannot_run_here():
     assert kernels.configure("auto", "auto", "cpu", torch.bfloat16) == {
-        "attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "chunked"}
+        "attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "plain"}
+    assert kernels.configure("auto", "chunked", "cpu", torch.bfloat16)["loss"] == "chunked"
     assert kernels.configure("torch", "plain")["loss"] == "plain"
     for name in ("flash", "liger"):
         with pytest.raises(kernels.KernelError, match="needs a CUDA device"):
@@ -136,6 +137,7 @@ def test_fp8_and_cuda_kernels_stop_before_training(corpus, tmp_path, capsys):
 
 def test_bench_prints_one_json_line():
     r = subprocess.run([sys.executable, "bench.py", "configs/tiny.yaml", *TINY, "model.vocab_size=512",
+                        "train.loss=chunked",
                         "--warmup", "1", "--steps", "2", "--peak-tflops", "1", "--baseline"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
