@@ -12,15 +12,28 @@ The folder may also be an fsspec URL (`s3://bucket/run`, with s3fs; credentials 
 AWS_* environment). Object stores cannot rename a folder, so there a checkpoint is written under its final
 name: `train_state.json` first, DCP's data files, DCP's `.metadata` last; a folder counts as complete only with
 both files, and `latest` (one PUT, atomic) is replaced after that, so it still never names a partial one.
+
+Loading never runs code from the checkpoint. DCP keeps its index (`.metadata`) as a pickle and reads the
+non-tensor values (the optimizer's hyperparameters) with `torch.load(weights_only=False)`; here the index goes
+through an unpickler that admits only DCP's own metadata classes, and the values through
+`torch.load(weights_only=True)`. Anything else is refused with a CheckpointError before it is constructed.
 """
+import io
 import json
 import os
+import pathlib
+import pickle
 import re
 import shutil
 import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
@@ -30,6 +43,99 @@ STATE_FILE = "train_state.json"
 # Without a process group DCP warns that it runs single-process; that is the intended use on one device.
 warnings.filterwarnings("ignore", message=".*torch.distributed is (disabled|not initialized).*")
 warnings.filterwarnings("ignore", message=".*process group.*not initialized.*")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (unsafe, unreadable, or of another model), with a message for the user."""
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (full disk, lost storage); the previous one is intact."""
+
+
+def _save_failed(out_dir: str, step: int, e: BaseException) -> SaveError:
+    """Drop the unfinished save of `step` and describe the failure (DCP wraps each rank's error)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        first = next(iter(e.failures.values()))
+        e = first[0] if isinstance(first, tuple) else first
+    try:
+        discard(out_dir, step)
+    except OSError:
+        pass
+    latest = find_latest(out_dir)
+    return SaveError(f"writing checkpoint step_{step:06d} failed ({type(e).__name__}: {e}); the previous "
+                     f"checkpoint ({latest or 'none yet'}) is intact")
+
+
+# Every global a DCP `.metadata` pickle names (torch 2.13; checked by tests/test_faults.py on real checkpoints).
+_METADATA_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+}
+_GLOBAL_OBJECTS = {"_StorageInfo": _StorageInfo, "PosixPath": pathlib.PosixPath,
+                   "PurePosixPath": pathlib.PurePosixPath}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) not in _METADATA_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a DCP checkpoint index never holds")
+        if module == "torch.distributed.checkpoint.metadata":
+            return getattr(dcp_metadata, name)
+        return _GLOBAL_OBJECTS.get(name) or super().find_class(module, name)
+
+
+class _SafeIndex:
+    """Mixed into DCP's readers: the `.metadata` index through the allow-listing unpickler."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"refusing to load {path}: {e}") from None
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise CheckpointError(f"refusing to load {path}: it holds a {type(metadata).__name__}, not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeReader(_SafeIndex, FileSystemReader):
+    pass
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """DCP's default planner, but non-tensor values are read with `torch.load(weights_only=True)`."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"refusing to load the value of {read_item.dest_index.fqn}: "
+                                  f"{str(e).splitlines()[0]}") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _reader(path: str):
+    if is_remote(path):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        class _SafeFsspecReader(_SafeIndex, FsspecReader):
+            pass
+        return _SafeFsspecReader(path)
+    return _SafeReader(path)
 
 
 def _rank() -> int:
@@ -62,14 +168,38 @@ def _exists(path: str) -> bool:
 
 
 def _rmtree(path: str) -> None:
+    """Delete a checkpoint folder. Locally it is first renamed to `.trash_*` (atomic), so a run killed while
+    deleting never leaves a half-deleted folder under a name that looks complete."""
     if is_remote(path):
         fs = _fs(path)
         if fs.exists(_join(path, ".metadata")):
             fs.rm(_join(path, ".metadata"))  # first: the folder stops counting as complete at once
         if fs.exists(path):
             fs.rm(path, recursive=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        head, name = os.path.split(path.rstrip("/"))
+        trash = os.path.join(head, f".trash_{name.removeprefix('.tmp_')}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean(out_dir: str) -> list[str]:
+    """Remove what a killed run left behind in a local out_dir (partial `.tmp_*` saves, `.trash_*` deletions);
+    returns their names. Call only while holding the run's lock."""
+    left = [n for n in _listdir(out_dir) if n.startswith((".tmp_step_", ".trash_"))] if not is_remote(out_dir) else []
+    for name in left:
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    return left
+
+
+def discard(out_dir: str, step: int) -> None:
+    """Remove the unfinished save of `step` after a failed write (rank 0); published checkpoints stay."""
+    if _rank() == 0:
+        name = f"step_{step:06d}"
+        tmp = _join(out_dir, name if is_remote(out_dir) else f".tmp_{name}")
+        if not is_remote(out_dir) or not is_complete(tmp):
+            _rmtree(tmp)
 
 
 def _read_text(path: str) -> str:
@@ -154,10 +284,14 @@ class Pending:
         return self.future is None or self.future.done()
 
     def wait(self) -> str:
+        """Raises SaveError (after removing the partial folder) when the write failed."""
         if self.future is not None:
-            self.future.result()  # re-raises a failed write
-            self.future = None
-            self._publish()
+            future, self.future = self.future, None
+            try:
+                future.result()  # re-raises a failed write
+                self._publish()
+            except (OSError, CheckpointException) as e:
+                raise _save_failed(self.out_dir, int(self.name.split("_")[1]), e) from None
         return _join(self.out_dir, self.name)
 
     def _publish(self) -> None:
@@ -165,8 +299,7 @@ class Pending:
             return
         if not is_remote(self.out_dir):  # remote checkpoints were written under their final name
             final, tmp = os.path.join(self.out_dir, self.name), os.path.join(self.out_dir, f".tmp_{self.name}")
-            if os.path.exists(final):  # the same step saved again (e.g. after a resume): replace it
-                shutil.rmtree(final)
+            _rmtree(final)  # the same step saved again (e.g. after a resume): replace it
             os.rename(tmp, final)
         _write_atomic(_join(self.out_dir, "latest"), self.name + "\n")
         if not is_remote(self.out_dir):
@@ -179,29 +312,33 @@ def save(out_dir: str, step: int, model: torch.nn.Module, optimizer, train_state
          async_group=False) -> Pending:
     """Write the checkpoint of `step` (every rank calls this). Synchronous by default: it is published when
     this returns. With `async_group` (a gloo process group, or None on one process) the state is copied to
-    host memory and written by a background thread; `Pending.wait()` publishes it."""
+    host memory and written by a background thread; `Pending.wait()` publishes it. A failed write (a full
+    disk) raises SaveError from here or from `wait()`, with the partial folder removed."""
     name = f"step_{step:06d}"
     # remote: the final name at once (see the module docstring); an older save of this step is dropped first
     tmp = _join(out_dir, name if is_remote(out_dir) else f".tmp_{name}")
-    if _rank() == 0:
-        if _exists(tmp):
-            _rmtree(tmp)  # left by a run killed mid-save
-        if not is_remote(tmp):
-            os.makedirs(tmp)
-        _write_atomic(_join(tmp, STATE_FILE), json.dumps({**train_state, "step": step}, indent=1))
-    _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    io = {}
-    if is_remote(tmp):
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-        io["storage_writer"] = FsspecWriter(tmp)
-    if async_group is not False:
-        return Pending(out_dir, name, keep_last, dcp.async_save(state, checkpoint_id=tmp, process_group=async_group,
-                                                                **io))
-    dcp.save(state, checkpoint_id=tmp, **io)
-    pending = Pending(out_dir, name, keep_last)
-    pending._publish()
+    try:
+        if _rank() == 0:
+            if _exists(tmp):
+                _rmtree(tmp)  # left by a run killed mid-save
+            if not is_remote(tmp):
+                os.makedirs(tmp)
+            _write_atomic(_join(tmp, STATE_FILE), json.dumps({**train_state, "step": step}, indent=1))
+        _barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        io = {}
+        if is_remote(tmp):
+            from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+            io["storage_writer"] = FsspecWriter(tmp)
+        if async_group is not False:
+            return Pending(out_dir, name, keep_last, dcp.async_save(state, checkpoint_id=tmp,
+                                                                    process_group=async_group, **io))
+        dcp.save(state, checkpoint_id=tmp, **io)
+        pending = Pending(out_dir, name, keep_last)
+        pending._publish()
+    except (OSError, CheckpointException) as e:
+        raise _save_failed(out_dir, step, e) from None
     _barrier()  # no rank starts the next save before this one is published
     return pending
 
@@ -210,19 +347,55 @@ def read_state(path: str) -> dict:
     return json.loads(_read_text(_join(path, STATE_FILE)))
 
 
+def _fits(path: str, metadata, model_sd: dict) -> None:
+    """Raise a CheckpointError naming the keys and shapes where checkpoint and model differ."""
+    saved = {k[len("model."):]: tuple(v.size) for k, v in metadata.state_dict_metadata.items()
+             if k.startswith("model.") and isinstance(v, dcp_metadata.TensorStorageMetadata)}
+    want = {k: tuple(v.shape) for k, v in model_sd.items()}
+
+    def some(keys):
+        return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+    problems = []
+    if missing := sorted(set(want) - set(saved)):
+        problems.append(f"missing from the checkpoint: {some(missing)}")
+    if extra := sorted(set(saved) - set(want)):
+        problems.append(f"not in the model: {some(extra)}")
+    if shapes := [f"{k} {saved[k]} vs {want[k]}" for k in want if k in saved and saved[k] != want[k]]:
+        problems.append(f"shapes differ (checkpoint vs model): {some(shapes)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit this model; " + "; ".join(problems))
+
+
+def verify(path: str, model: torch.nn.Module) -> None:
+    """Check, reading only the index, that checkpoint `path` is safe to open and fits `model` (a model on the
+    meta device will do); raises CheckpointError naming what differs."""
+    _fits(path, _reader(path).read_metadata(), model.state_dict())
+
+
 def load(path: str, model: torch.nn.Module, optimizer=None) -> dict:
-    """Load model (and optimizer) state from a checkpoint folder in place; returns its train_state."""
-    io = {}
-    if is_remote(path):
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-        io["storage_reader"] = FsspecReader(path)
+    """Load model (and optimizer) state from a checkpoint folder in place; returns its train_state.
+    Raises CheckpointError for an unsafe, unreadable or mismatched checkpoint, before the model is touched."""
     if optimizer is None:
         model_sd = get_model_state_dict(model)
-        dcp.load({"model": model_sd}, checkpoint_id=path, **io)
-        set_model_state_dict(model, model_sd)
+        state = {"model": model_sd}
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, **io)
+        state = {"model": model_sd, "optim": optim_sd}
+    reader = _reader(path)
+    _fits(path, reader.read_metadata(), model_sd)
+    try:
+        dcp.load(state, checkpoint_id=path, storage_reader=reader, planner=_SafePlanner())
+    except CheckpointException as e:  # DCP gathers every rank's failure into one exception
+        first = next(iter(e.failures.values()))
+        first = first[0] if isinstance(first, tuple) else first
+        if isinstance(first, CheckpointError):
+            raise first from None
+        older = [os.path.basename(c) for c in list_checkpoints(os.path.dirname(path.rstrip("/"))) if c != path]
+        hint = f"; remove it to resume from {older[-1]}" if older and not is_remote(path) else ""
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(first).__name__}: {first}){hint}") from None
+    if optimizer is None:
+        set_model_state_dict(model, model_sd)
+    else:
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     return read_state(path)
 

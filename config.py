@@ -69,6 +69,9 @@ class TrainConfig:
     fsdp_defer_sync: bool = False  # fsdp: reduce gradients only on the last micro-step (holds unsharded grads)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~25 % more compute
     dist_timeout_s: int = 600  # a collective that waits longer than this fails the run instead of hanging
+    # A step with a non-finite loss or gradient norm is skipped (weights and optimizer state untouched); this many
+    # in a row stop the run without saving, leaving the last good checkpoint. 1: stop at the first.
+    max_consecutive_skips: int = 5
 
 
 @dataclass
@@ -230,7 +233,7 @@ def validate(cfg: Config) -> None:
     positive = {"train.batch_size": t.batch_size, "train.micro_batch_size": t.micro_batch_size,
                 "train.max_steps": t.max_steps, "train.keep_last": t.keep_last, "log.interval": cfg.log.interval,
                 "train.ckpt_interval": t.ckpt_interval, "train.eval_batches": t.eval_batches,
-                "train.dist_timeout_s": t.dist_timeout_s}
+                "train.dist_timeout_s": t.dist_timeout_s, "train.max_consecutive_skips": t.max_consecutive_skips}
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{key} must be >= 1 (got {v})")

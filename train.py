@@ -7,8 +7,12 @@ config -> process group (from torchrun's environment) and device -> data (the of
 prepared on first use, by rank 0) -> model built on the meta device -> activation checkpointing, compile,
 FSDP2 or DDP -> materialised and initialised -> AdamW + LR schedule -> resume from out_dir/latest -> loop:
 micro-batches with gradient accumulation (gradients synchronised once per step), clip, step, log, eval,
-checkpoint. SIGINT/SIGTERM finish the current step on every rank, write a checkpoint and exit.
+checkpoint. SIGTERM/SIGUSR1 (what SLURM sends before a preemption or the time limit) and SIGINT finish the
+current step on every rank, write a checkpoint and exit. A step whose loss or gradient norm is not finite is
+skipped; train.max_consecutive_skips of them in a row stop the run. RELIABILITY.md lists what a run survives.
 """
+import collections
+import fcntl
 import json
 import math
 import os
@@ -145,15 +149,46 @@ def prepare_data(cfg: config.Config) -> None:
         raise config.ConfigError(str(e)) from None
 
 
+def lock_run(out_dir: str):
+    """Create out_dir, check that it is writable and take its lock, so that a second run on the same folder stops
+    before it writes anything. The lock is a POSIX record lock on `out_dir/.lock` (honoured over NFS); the kernel
+    drops it when the process ends, kill -9 included, so it never goes stale. Returns the open lock file."""
+    path = os.path.join(out_dir, ".lock")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        raise config.ConfigError(f"train.out_dir {out_dir} is not writable ({e.strerror or e})") from None
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its name yet"
+        f.close()
+        raise config.ConfigError(f"train.out_dir {out_dir} is in use by another run ({holder}); wait for it to "
+                                 f"end or choose another train.out_dir") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+    except OSError as e:
+        f.close()
+        raise config.ConfigError(f"train.out_dir {out_dir} is not writable ({e.strerror or e})") from None
+    return f
+
+
 @contextmanager
 def stop_requests():
-    """Turn SIGINT/SIGTERM into a request to stop after the current step; the old handlers come back after."""
+    """Turn SIGINT/SIGTERM/SIGUSR1 into a request to stop after the current step; the old handlers come back
+    after. Repeated signals (torchrun forwards the one SLURM also sends each worker) change nothing."""
     stop = {"signal": None}
 
     def request(signum, frame):
+        if stop["signal"] is None:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint", flush=True)
         stop["signal"] = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint", flush=True)
-    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
         yield stop
     finally:
@@ -238,9 +273,14 @@ def sync_grads(train_model: nn.Module, mode: str, last_micro: bool, defer_fsdp: 
 
 
 def train_step(model: GPT, train_model: nn.Module, optimizer, batches, grad_accum: int, mode: str,
-               t: config.TrainConfig, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+               t: config.TrainConfig, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over `grad_accum` micro-batches (x, y) already on the device; returns the summed
-    micro-batch losses and the gradient norm before clipping, both left on the device (no host sync)."""
+    micro-batch losses, the gradient norm before clipping and a flag (1.0) for a skipped step, all left on the
+    device (no host sync).
+
+    A step whose loss (on any rank) or gradient norm is not finite is skipped: fused AdamW's `found_inf` input
+    (the mechanism GradScaler uses) makes it leave weights, moments and step count exactly as they were,
+    decided on the device. The data moves on, so a bad batch is not retried."""
     loss_sum = 0.0
     for micro, (x, y) in enumerate(batches):
         with sync_grads(train_model, mode, micro == grad_accum - 1, t.fsdp_defer_sync):
@@ -249,11 +289,47 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, grad_accu
             (loss / grad_accum).backward()
         loss_sum = loss_sum + loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
+    if mode != "none":  # a loss is per rank; every rank must skip alike (no host sync on NCCL)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    optimizer.found_inf = bad
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if t.precision == "fp8" and mode == "fsdp":
         kernels.precompute_float8_scales(model)
-    return loss_sum, grad_norm
+    return loss_sum, grad_norm, bad
+
+
+class SkipCounter:
+    """Counts skipped steps and the current run of them. Each step's (flag, loss, grad norm) is read on the host
+    `lag` steps late: on CUDA through a pinned copy and an event one step behind, so that checking never waits
+    for the step just queued; elsewhere at once."""
+
+    def __init__(self, total: int = 0):
+        self.total, self.streak, self.queue = total, 0, collections.deque()
+
+    def push(self, step: int, values: torch.Tensor) -> None:
+        event = None
+        if values.device.type == "cuda":
+            values, event = values.to("cpu", non_blocking=True), torch.cuda.Event()
+            event.record()
+        self.queue.append((step, values, event))
+
+    def poll(self, lag: int = 0) -> list[tuple[int, float, float]]:
+        """Read all but the newest `lag` steps; returns the skipped ones among them as (step, loss, grad norm)."""
+        skipped = []
+        while len(self.queue) > lag:
+            step, values, event = self.queue.popleft()
+            if event is not None:
+                event.synchronize()
+            flag, loss, norm = values.tolist()
+            self.streak = self.streak + 1 if flag else 0
+            if flag:
+                self.total += 1
+                skipped.append((step, loss, norm))
+        return skipped
 
 
 def any_rank(flag: bool, group) -> bool:
@@ -269,7 +345,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    rank = 0
+    rank, lock = 0, None
     try:
         cfg = config.load(argv)
         tracking.check(cfg)
@@ -281,10 +357,15 @@ def main(argv: list[str]) -> int:
         if t.precision == "fp8" and (why := kernels.float8_supported(device)):
             raise config.ConfigError(f"train.precision=fp8: {why}")
         ops = kernels.configure(t.kernels, t.loss, device, torch.float32 if t.precision == "fp32" else torch.bfloat16)
-        # rank 0 prepares missing data; the others wait and then see the same outcome
+        # rank 0 takes the run's lock and prepares missing data; the others wait and then see the same outcome
         error = None
         if rank == 0:
             try:
+                lock = lock_run(t.out_dir)
+                if t.ckpt_dir and not checkpoint.is_remote(t.ckpt_dir):
+                    lock_run(t.ckpt_dir).close()  # only checks that it is writable
+                for name in checkpoint.clean(t.ckpt_dir or t.out_dir):
+                    print(f"removed {name}, an unfinished save or deletion of a killed run")
                 prepare_data(cfg)
             except (config.ConfigError, DataError) as e:
                 error = str(e)
@@ -302,17 +383,18 @@ def main(argv: list[str]) -> int:
         resume_from = checkpoint.find_latest(t.ckpt_dir or t.out_dir) if t.resume else None
         if resume_from:
             check_same_model(checkpoint.read_state(resume_from)["config"], cfg, resume_from)
-    except (config.ConfigError, DataError, kernels.KernelError) as e:
+            with torch.device("meta"):
+                checkpoint.verify(resume_from, GPT(cfg.model))
+        return train(cfg, plan, loader, device, rank, world, resume_from, ops)
+    except (config.ConfigError, DataError, kernels.KernelError, checkpoint.CheckpointError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
-        if dist.is_initialized():
-            dist.destroy_process_group()
         return 2
-    try:
-        return train(cfg, plan, loader, device, rank, world, resume_from, ops)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        if lock is not None:
+            lock.close()
 
 
 def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device: torch.device, rank: int,
@@ -347,17 +429,23 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
     cpu_group = dist.new_group(backend="gloo") if world > 1 else None
     ckpt_group = dist.new_group(backend="gloo") if world > 1 and t.async_checkpoint else None
 
-    step, tokens = 0, 0
+    step, tokens, skips = 0, 0, SkipCounter()
     if resume_from:
         state = checkpoint.load(resume_from, model, optimizer)
-        step, tokens = state["step"], state["tokens"]
+        step, tokens, skips.total = state["step"], state["tokens"], state.get("skipped_steps", 0)
         say(f"resumed from {resume_from} at step {step} (saved by {state.get('world_size', 1)} process(es))")
     metrics_path = os.path.join(t.out_dir, "metrics.jsonl")
-    if rank == 0 and os.path.exists(metrics_path):  # drop rows a killed run logged after its last checkpoint
+    if rank == 0 and os.path.exists(metrics_path):
+        # drop rows a killed run logged after its last checkpoint, and a line cut short by the kill
+        kept = []
         with open(metrics_path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(metrics_path, "w") as f:
-            f.writelines(rows)
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except ValueError:
+                    pass
+        checkpoint._write_atomic(metrics_path, "".join(kept))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision != "fp32" else nullcontext()
 
     tracker = tracking.Tracker(cfg, active=rank == 0)
@@ -374,7 +462,7 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
         nonlocal pending
         if pending is not None:
             say(f"saved {pending.wait()}")
-        state = {"tokens": tokens, "config": config.to_dict(cfg), "world_size": world}
+        state = {"tokens": tokens, "config": config.to_dict(cfg), "world_size": world, "skipped_steps": skips.total}
         pending = checkpoint.save(t.ckpt_dir or t.out_dir, step, model, optimizer, state, t.keep_last,
                                   async_group=ckpt_group if t.async_checkpoint else False)
         if not t.async_checkpoint:
@@ -384,71 +472,115 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
     if step >= t.max_steps:
         say(f"nothing to do: the checkpoint is at step {step} and train.max_steps is {t.max_steps}")
     batches_ahead = Prefetcher(loader, step, plan.grad_accum, device)
+    lag = 1 if device.type == "cuda" else 0  # how many steps late skip flags are read (see SkipCounter)
+
+    def check_skips(lag: int) -> bool:
+        """Report newly seen skipped steps; True when the run has to stop (too many in a row)."""
+        for s, loss, norm in skips.poll(lag):
+            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
+            say(f"step {s:>6} | {what} is not finite: update skipped ({skips.streak} in a row, {skips.total} in "
+                f"total; the run stops at {t.max_consecutive_skips} in a row)", flush=True)
+            log({"step": s, "skipped": True, "skipped_steps": skips.total})
+        return skips.streak >= t.max_consecutive_skips
+
+    def finite(x: float) -> float | None:  # metrics.jsonl stays strict JSON
+        return x if math.isfinite(x) else None
+
     with stop_requests() as stop, closing(batches_ahead), closing(tracker):
         loss_sum = torch.zeros((), device=device)
+        good_steps = torch.zeros((), device=device)  # steps since the last log line that were not skipped
         steps_since_log, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
+        save_due, diverged = False, False
         model.train()
-        while step < t.max_steps:
-            # Dropout randomness is a function of (seed, step, rank), so a resumed run repeats it exactly.
-            torch.manual_seed(t.seed * 1_000_003 + step * 1009 + rank)
-            lr = lr_at(step, t)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batches = (batches_ahead.get() for _ in range(plan.grad_accum))
-            step_loss, grad_norm = train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t,
-                                              autocast)
-            loss_sum += step_loss
-            step += 1
-            tokens += plan.batch_tokens
-            steps_since_log += 1
-            if pending is not None and pending.done():
+        try:
+            while step < t.max_steps:
+                # Dropout randomness is a function of (seed, step, rank), so a resumed run repeats it exactly.
+                torch.manual_seed(t.seed * 1_000_003 + step * 1009 + rank)
+                lr = lr_at(step, t)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batches = (batches_ahead.get() for _ in range(plan.grad_accum))
+                step_loss, grad_norm, bad = train_step(model, train_model, optimizer, batches, plan.grad_accum,
+                                                       mode, t, autocast)
+                loss_sum += torch.where(bad > 0, 0.0, step_loss)
+                good_steps += 1 - bad
+                skips.push(step + 1, torch.stack([bad, step_loss / plan.grad_accum, grad_norm.float()]))
+                step += 1
+                tokens += plan.batch_tokens
+                steps_since_log += 1
+                if pending is not None and pending.done():
+                    say(f"saved {pending.wait()}")
+                    pending = None
+                if diverged := check_skips(lag):
+                    break
+
+                if step % cfg.log.interval == 0 or step == t.max_steps:
+                    if diverged := check_skips(0):
+                        break
+                    if world > 1:
+                        dist.all_reduce(loss_sum)
+                    sums = torch.stack([loss_sum, good_steps]).tolist()  # the one host sync per log step
+                    loss_val = sums[0] / (sums[1] * plan.grad_accum * world) if sums[1] else float("nan")
+                    now = time.perf_counter()
+                    tok_s = steps_since_log * plan.batch_tokens / (now - t_log)
+                    row = {"step": step, "loss": finite(loss_val), "lr": lr, "grad_norm": finite(grad_norm.item()),
+                           "tokens": tokens, "tokens_per_s": tok_s,
+                           "mfu": tok_s / world * flops_per_token / peak if peak else None,
+                           "mem_gb": memory_gb(device), "elapsed_s": now - t_start, "skipped_steps": skips.total}
+                    log(row)
+                    eta = (t.max_steps - step) * (now - t_log) / steps_since_log
+                    mfu = f" | mfu {row['mfu']:.1%}" if peak else ""
+                    say(f"step {step:>6} | loss {loss_val:.4f} | lr {lr:.2e} | grad {grad_norm.item():.3f} | "
+                        f"{tok_s:,.0f} tok/s{mfu} | mem {row['mem_gb']:.2f} GB | eta {eta / 60:.1f} min", flush=True)
+                    loss_sum.zero_()
+                    good_steps.zero_()
+                    steps_since_log, t_log = 0, time.perf_counter()
+
+                if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
+                    t0 = time.perf_counter()
+                    # the uncompiled model: eval mode and a logits-only graph would each cost a recompile
+                    res = evaluate(model, cfg.data.datasets, cfg.model.block_size, cfg.model.vocab_size,
+                                   t.micro_batch_size, device,
+                                   max_tokens=t.eval_batches * t.micro_batch_size * cfg.model.block_size,
+                                   autocast=autocast, rank=rank, world=world)
+                    model.train()
+                    log({"step": step, "tokens": tokens, "val_loss": finite(res["loss"]), "val_bpb": finite(res["bpb"])})
+                    say(f"step {step:>6} | val loss {res['loss']:.4f} | val bpb {res['bpb']:.4f} "
+                        f"({res['tokens']:,} tokens, {time.perf_counter() - t0:.1f} s)", flush=True)
+                    t_log += time.perf_counter() - t0  # eval time does not count against training throughput
+
+                stopping = any_rank(stop["signal"] is not None, cpu_group)  # every rank stops at the same step
+                save_due = save_due or step % t.ckpt_interval == 0 or step == t.max_steps
+                if save_due or stopping:
+                    if diverged := check_skips(0):
+                        break
+                    # A periodic save waits for a step that was not skipped, so that checkpoints sit at good
+                    # steps; the weights are the same either way, so a stop request or the last step saves now.
+                    if skips.streak == 0 or stopping or step == t.max_steps:
+                        t0 = time.perf_counter()
+                        save()
+                        t_log += time.perf_counter() - t0
+                        save_due = False
+                    elif step % t.ckpt_interval == 0:
+                        say(f"step {step:>6} | checkpoint postponed: the last {skips.streak} step(s) were skipped")
+                if stopping:
+                    break
+            if pending is not None:
                 say(f"saved {pending.wait()}")
-                pending = None
-
-            if step % cfg.log.interval == 0 or step == t.max_steps:
-                if world > 1:
-                    dist.all_reduce(loss_sum)
-                # the one host sync per log step
-                loss_val = loss_sum.item() / (steps_since_log * plan.grad_accum * world)
-                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-                    grad_norm = grad_norm.full_tensor()
-                now = time.perf_counter()
-                tok_s = steps_since_log * plan.batch_tokens / (now - t_log)
-                row = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens,
-                       "tokens_per_s": tok_s, "mfu": tok_s / world * flops_per_token / peak if peak else None,
-                       "mem_gb": memory_gb(device), "elapsed_s": now - t_start}
-                log(row)
-                eta = (t.max_steps - step) * (now - t_log) / steps_since_log
-                mfu = f" | mfu {row['mfu']:.1%}" if peak else ""
-                say(f"step {step:>6} | loss {loss_val:.4f} | lr {lr:.2e} | grad {row['grad_norm']:.3f} | "
-                    f"{tok_s:,.0f} tok/s{mfu} | mem {row['mem_gb']:.2f} GB | eta {eta / 60:.1f} min", flush=True)
-                if not math.isfinite(loss_val):
-                    print("error: loss is not finite; stopping without saving", file=sys.stderr)
-                    return 1
-                loss_sum.zero_()
-                steps_since_log, t_log = 0, time.perf_counter()
-
-            if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
-                t0 = time.perf_counter()
-                # the uncompiled model: eval mode and a logits-only graph would each cost a recompile
-                res = evaluate(model, cfg.data.datasets, cfg.model.block_size, cfg.model.vocab_size, t.micro_batch_size,
-                               device, max_tokens=t.eval_batches * t.micro_batch_size * cfg.model.block_size,
-                               autocast=autocast, rank=rank, world=world)
-                model.train()
-                log({"step": step, "tokens": tokens, "val_loss": res["loss"], "val_bpb": res["bpb"]})
-                say(f"step {step:>6} | val loss {res['loss']:.4f} | val bpb {res['bpb']:.4f} "
-                    f"({res['tokens']:,} tokens, {time.perf_counter() - t0:.1f} s)", flush=True)
-                t_log += time.perf_counter() - t0  # eval time does not count against training throughput
-
-            stopping = any_rank(stop["signal"] is not None, cpu_group)  # every rank stops at the same step
-            if step % t.ckpt_interval == 0 or step == t.max_steps or stopping:
-                t0 = time.perf_counter()
-                save()
-                t_log += time.perf_counter() - t0
-            if stopping:
-                break
-        if pending is not None:
-            say(f"saved {pending.wait()}")
+        except checkpoint.SaveError as e:
+            if rank == 0:
+                print(f"error: {e}; stopping. Free space (or fix the storage) and run the same command to resume "
+                      f"from it.", file=sys.stderr)
+            return 1
+        if diverged:
+            if pending is not None:
+                pending.wait()
+            if rank == 0:
+                print(f"error: {skips.streak} steps in a row had a non-finite loss or gradient "
+                      f"norm (train.max_consecutive_skips={t.max_consecutive_skips}); stopping without saving. The "
+                      f"last checkpoint, {checkpoint.find_latest(t.ckpt_dir or t.out_dir) or 'none'}, is from "
+                      f"before them: resume from it with a lower train.lr or other data.", file=sys.stderr)
+            return 1
     return 130 if stop["signal"] == signal.SIGINT else 0
 
 
