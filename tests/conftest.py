@@ -1,6 +1,7 @@
 """Shared fixtures: a small prepared dataset made from real Python sources, and a tiny training run."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -20,6 +21,35 @@ def run(script: str, *args: str, timeout: int = 300, check: bool = True) -> subp
     if check and r.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
+
+
+def children(pid: int) -> list[int]:
+    """Child processes of `pid`, from /proc (torchrun starts each worker in a session of its own, so killing
+    torchrun's process group does not reach them)."""
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and all its descendants at once, as a node failure or SLURM's final kill would."""
+    todo, found = [pid], []
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children(p)
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import torch
 
 import config
 import train
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, kill_tree
 from test_train import losses, train_args
 
 # 2 ranks x micro batch 2 x accumulation 2 = the 1-process global batch of 8 with accumulation 4
@@ -24,15 +24,17 @@ DIST = [*TINY, "train.micro_batch_size=2", "train.precision=fp32", "train.eval_i
         "train.keep_last=5"]
 
 
-def torchrun(*args, script="train.py", timeout=180) -> subprocess.CompletedProcess:
-    """Launch 2 ranks; on a hang, kill torchrun and its workers together and fail."""
+def torchrun(*args, script="train.py", timeout=180, fault="") -> subprocess.CompletedProcess:
+    """Launch 2 ranks (of tests/faulty.py with `fault`); on a hang, kill torchrun and its workers together and fail."""
+    if fault:
+        script = "tests/faulty.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True, env={**os.environ, "FAULT": fault})
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+        kill_tree(p.pid)
         out, err = p.communicate()
         pytest.fail(f"torchrun hung for {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
@@ -94,7 +96,7 @@ def test_a_failing_rank_ends_the_launch(corpus, tmp_path):
     out = str(tmp_path / "fails")
     r = torchrun(*train_args(corpus, out, *TINY, "train.max_steps=50", "train.eval_interval=0",
                              "train.parallel=ddp", "train.dist_timeout_s=30"),
-                 script="tests/raise_on_rank.py", timeout=120)  # a hang would run into the timeout
+                 fault="raise:1:2", timeout=120)  # a hang would run into the timeout
     assert r.returncode != 0
     assert "injected failure on rank 1" in r.stderr
 
