@@ -72,7 +72,7 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
         sync()
         t0 = time.perf_counter()
         for _ in range(n):
-            loss, _ = train.train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t, autocast)
+            loss, _, _ = train.train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t, autocast)
         loss = loss.item() / plan.grad_accum  # a device sync
         return time.perf_counter() - t0, loss
 

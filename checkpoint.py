@@ -14,7 +14,7 @@ name: `train_state.json` first, DCP's data files, DCP's `.metadata` last; a fold
 both files, and `latest` (one PUT, atomic) is replaced after that, so it still never names a partial one.
 
 Loading never runs code from the checkpoint. DCP keeps its index (`.metadata`) as a pickle and reads the
-non-tensor values (the optimizer's hyperparameters) with `torch.load(weights_only=False)`; here the index goes
+non-tensor values (the optimizer's hyperparameters) with torch's full unpickler (weights_only off); here the index goes
 through an unpickler that admits only DCP's own metadata classes, and the values through
 `torch.load(weights_only=True)`. Anything else is refused with a CheckpointError before it is constructed.
 """
