@@ -209,7 +209,8 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+    """Replace the file `path` with `text`: a reader (or a run killed meanwhile) sees the old or the new one."""
     if is_remote(path):
         _fs(path).pipe_file(path, text.encode())  # one PUT: readers see the old object or the new one
         return
@@ -301,7 +302,7 @@ class Pending:
             final, tmp = os.path.join(self.out_dir, self.name), os.path.join(self.out_dir, f".tmp_{self.name}")
             _rmtree(final)  # the same step saved again (e.g. after a resume): replace it
             os.rename(tmp, final)
-        _write_atomic(_join(self.out_dir, "latest"), self.name + "\n")
+        write_atomic(_join(self.out_dir, "latest"), self.name + "\n")
         if not is_remote(self.out_dir):
             _fsync_dir(self.out_dir)
         for old in list_checkpoints(self.out_dir)[:-self.keep_last]:
@@ -323,7 +324,7 @@ def save(out_dir: str, step: int, model: torch.nn.Module, optimizer, train_state
                 _rmtree(tmp)  # left by a run killed mid-save
             if not is_remote(tmp):
                 os.makedirs(tmp)
-            _write_atomic(_join(tmp, STATE_FILE), json.dumps({**train_state, "step": step}, indent=1))
+            write_atomic(_join(tmp, STATE_FILE), json.dumps({**train_state, "step": step}, indent=1))
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}

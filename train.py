@@ -445,7 +445,7 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
                         kept.append(line if line.endswith("\n") else line + "\n")
                 except ValueError:
                     pass
-        checkpoint._write_atomic(metrics_path, "".join(kept))
+        checkpoint.write_atomic(metrics_path, "".join(kept))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision != "fp32" else nullcontext()
 
     tracker = tracking.Tracker(cfg, active=rank == 0)
@@ -504,7 +504,7 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
                                                        mode, t, autocast)
                 loss_sum += torch.where(bad > 0, 0.0, step_loss)
                 good_steps += 1 - bad
-                skips.push(step + 1, torch.stack([bad, step_loss / plan.grad_accum, grad_norm.float()]))
+                skips.push(step + 1, torch.stack([bad, step_loss.float() / plan.grad_accum, grad_norm.float()]))
                 step += 1
                 tokens += plan.batch_tokens
                 steps_since_log += 1
@@ -567,19 +567,17 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
                     break
             if pending is not None:
                 say(f"saved {pending.wait()}")
+            if diverged:
+                if rank == 0:
+                    print(f"error: {skips.streak} steps in a row had a non-finite loss or gradient norm "
+                          f"(train.max_consecutive_skips={t.max_consecutive_skips}); stopping without saving. The "
+                          f"last checkpoint, {checkpoint.find_latest(t.ckpt_dir or t.out_dir) or 'none'}, is from "
+                          f"before them: resume from it with a lower train.lr or other data.", file=sys.stderr)
+                return 1
         except checkpoint.SaveError as e:
             if rank == 0:
                 print(f"error: {e}; stopping. Free space (or fix the storage) and run the same command to resume "
                       f"from it.", file=sys.stderr)
-            return 1
-        if diverged:
-            if pending is not None:
-                pending.wait()
-            if rank == 0:
-                print(f"error: {skips.streak} steps in a row had a non-finite loss or gradient "
-                      f"norm (train.max_consecutive_skips={t.max_consecutive_skips}); stopping without saving. The "
-                      f"last checkpoint, {checkpoint.find_latest(t.ckpt_dir or t.out_dir) or 'none'}, is from "
-                      f"before them: resume from it with a lower train.lr or other data.", file=sys.stderr)
             return 1
     return 130 if stop["signal"] == signal.SIGINT else 0
 

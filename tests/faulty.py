@@ -104,7 +104,7 @@ def main() -> int:
     wrap(checkpoint.dcp, "save", before=lambda *a, **k: reach("save"))
     wrap(_FileSystemWriter, "finish", before=lambda *a, **k: reach("data"))
     wrap(checkpoint.Pending, "_publish", before=lambda *a, **k: reach("publish"))
-    wrap(checkpoint, "_write_atomic", before=lambda path, text: path.endswith("latest") and reach("latest"))
+    wrap(checkpoint, "write_atomic", before=lambda path, text: path.endswith("latest") and reach("latest"))
 
     real_rmtree = shutil.rmtree
 
