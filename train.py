@@ -317,8 +317,9 @@ class SkipCounter:
             event.record()
         self.queue.append((step, values, event))
 
-    def poll(self, lag: int = 0) -> list[tuple[int, float, float]]:
-        """Read all but the newest `lag` steps; returns the skipped ones among them as (step, loss, grad norm)."""
+    def poll(self, lag: int = 0) -> list[tuple[int, float, float, int, int]]:
+        """Read all but the newest `lag` steps; returns the skipped ones among them as (step, loss, grad norm,
+        skips in a row, skips in total)."""
         skipped = []
         while len(self.queue) > lag:
             step, values, event = self.queue.popleft()
@@ -328,7 +329,7 @@ class SkipCounter:
             self.streak = self.streak + 1 if flag else 0
             if flag:
                 self.total += 1
-                skipped.append((step, loss, norm))
+                skipped.append((step, loss, norm, self.streak, self.total))
         return skipped
 
 
@@ -362,8 +363,9 @@ def main(argv: list[str]) -> int:
         if rank == 0:
             try:
                 lock = lock_run(t.out_dir)
-                if t.ckpt_dir and not checkpoint.is_remote(t.ckpt_dir):
-                    lock_run(t.ckpt_dir).close()  # only checks that it is writable
+                if t.ckpt_dir and not checkpoint.is_remote(t.ckpt_dir) and \
+                        os.path.realpath(t.ckpt_dir) != os.path.realpath(t.out_dir):
+                    lock_run(t.ckpt_dir).close()  # writable and not another run's out_dir (closing drops the lock)
                 for name in checkpoint.clean(t.ckpt_dir or t.out_dir):
                     print(f"removed {name}, an unfinished save or deletion of a killed run")
                 prepare_data(cfg)
@@ -476,11 +478,11 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
 
     def check_skips(lag: int) -> bool:
         """Report newly seen skipped steps; True when the run has to stop (too many in a row)."""
-        for s, loss, norm in skips.poll(lag):
+        for s, loss, norm, streak, total in skips.poll(lag):
             what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
-            say(f"step {s:>6} | {what} is not finite: update skipped ({skips.streak} in a row, {skips.total} in "
-                f"total; the run stops at {t.max_consecutive_skips} in a row)", flush=True)
-            log({"step": s, "skipped": True, "skipped_steps": skips.total})
+            say(f"step {s:>6} | {what} is not finite: update skipped ({streak} in a row, {total} in total; the "
+                f"run stops at {t.max_consecutive_skips} in a row)", flush=True)
+            log({"step": s, "skipped": True, "skipped_steps": total})
         return skips.streak >= t.max_consecutive_skips
 
     def finite(x: float) -> float | None:  # metrics.jsonl stays strict JSON

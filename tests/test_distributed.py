@@ -7,7 +7,6 @@ per step; losses over a few steps agree to 1e-5 (absolute, on losses of ~9 nats)
 """
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
