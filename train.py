@@ -525,14 +525,15 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
                     loss_val = sums[0] / (sums[1] * plan.grad_accum * world) if sums[1] else float("nan")
                     now = time.perf_counter()
                     tok_s = steps_since_log * plan.batch_tokens / (now - t_log)
-                    row = {"step": step, "loss": finite(loss_val), "lr": lr, "grad_norm": finite(grad_norm.item()),
+                    norm = grad_norm.item()
+                    row = {"step": step, "loss": finite(loss_val), "lr": lr, "grad_norm": finite(norm),
                            "tokens": tokens, "tokens_per_s": tok_s,
                            "mfu": tok_s / world * flops_per_token / peak if peak else None,
                            "mem_gb": memory_gb(device), "elapsed_s": now - t_start, "skipped_steps": skips.total}
                     log(row)
                     eta = (t.max_steps - step) * (now - t_log) / steps_since_log
                     mfu = f" | mfu {row['mfu']:.1%}" if peak else ""
-                    say(f"step {step:>6} | loss {loss_val:.4f} | lr {lr:.2e} | grad {grad_norm.item():.3f} | "
+                    say(f"step {step:>6} | loss {loss_val:.4f} | lr {lr:.2e} | grad {norm:.3f} | "
                         f"{tok_s:,.0f} tok/s{mfu} | mem {row['mem_gb']:.2f} GB | eta {eta / 60:.1f} min", flush=True)
                     loss_sum.zero_()
                     good_steps.zero_()
