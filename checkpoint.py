@@ -21,7 +21,6 @@ through an unpickler that admits only DCP's own metadata classes, and the values
 import io
 import json
 import os
-import pathlib
 import pickle
 import re
 import shutil
@@ -33,7 +32,7 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
@@ -53,11 +52,17 @@ class SaveError(RuntimeError):
     """A checkpoint could not be written (full disk, lost storage); the previous one is intact."""
 
 
-def _save_failed(out_dir: str, step: int, e: BaseException) -> SaveError:
-    """Drop the unfinished save of `step` and describe the failure (DCP wraps each rank's error)."""
+def _first_failure(e: BaseException) -> BaseException:
+    """The error behind DCP's CheckpointException (which gathers every rank's), else `e` itself."""
     if isinstance(e, CheckpointException) and e.failures:
         first = next(iter(e.failures.values()))
-        e = first[0] if isinstance(first, tuple) else first
+        return first[0] if isinstance(first, tuple) else first
+    return e
+
+
+def _save_failed(out_dir: str, step: int, e: BaseException) -> SaveError:
+    """Drop the unfinished save of `step` and describe the failure (DCP wraps each rank's error)."""
+    e = _first_failure(e)
     try:
         discard(out_dir, step)
     except OSError:
@@ -76,19 +81,14 @@ _METADATA_GLOBALS = {
         "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
         "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
 }
-_GLOBAL_OBJECTS = {"_StorageInfo": _StorageInfo, "PosixPath": pathlib.PosixPath,
-                   "PurePosixPath": pathlib.PurePosixPath}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if (module, name) not in _METADATA_GLOBALS:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if not dtype and (module, name) not in _METADATA_GLOBALS:
             raise pickle.UnpicklingError(f"it names {module}.{name}, which a DCP checkpoint index never holds")
-        if module == "torch.distributed.checkpoint.metadata":
-            return getattr(dcp_metadata, name)
-        return _GLOBAL_OBJECTS.get(name) or super().find_class(module, name)
+        return super().find_class(module, name)
 
 
 class _SafeIndex:
@@ -386,9 +386,8 @@ def load(path: str, model: torch.nn.Module, optimizer=None) -> dict:
     _fits(path, reader.read_metadata(), model_sd)
     try:
         dcp.load(state, checkpoint_id=path, storage_reader=reader, planner=_SafePlanner())
-    except CheckpointException as e:  # DCP gathers every rank's failure into one exception
-        first = next(iter(e.failures.values()))
-        first = first[0] if isinstance(first, tuple) else first
+    except CheckpointException as e:
+        first = _first_failure(e)
         if isinstance(first, CheckpointError):
             raise first from None
         older = [os.path.basename(c) for c in list_checkpoints(os.path.dirname(path.rstrip("/"))) if c != path]
