@@ -8,7 +8,7 @@ The step is train.py's own (`setup_model`, `make_optimizer`, `train_step`: the s
 kernels and precision); only the data is synthetic (uniform random token ids made once on the device), as in
 Pax's synthetic configs, so the numbers measure the model and not the disk. Timing starts after the warm-up
 steps (compilation, allocator growth) and ends with a device sync. MFU uses PaLM's FLOPs per token and the
-dense BF16 peak of the GPU (train.PEAK_TFLOPS; `--peak-tflops` overrides, e.g. 756 for PCIe cards; FP8 runs
+dense BF16 peak of the GPU (hardware.GPUS; `--peak-tflops` overrides, e.g. 756 for PCIe cards; FP8 runs
 are still reported against the BF16 peak). The JSON line is the last line of stdout.
 """
 import argparse
@@ -17,11 +17,11 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
 import config
+import hardware
 import kernels
 import train
 
@@ -48,10 +48,10 @@ BASELINE = {"attention": naive_attention, "rms_norm": naive_rms_norm, "rope": ke
 def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None, baseline: bool) -> dict:
     t = cfg.train
     rank, local_rank, world = train.init_distributed(t.device, t.dist_timeout_s)
-    device = train.pick_device(t.device, t.precision, local_rank)
-    if t.precision == "fp8" and (why := kernels.float8_supported(device)):
-        raise config.ConfigError(f"train.precision=fp8: {why}")
-    names = kernels.configure(t.kernels, t.loss, device, torch.float32 if t.precision == "fp32" else torch.bfloat16)
+    device, precision = train.resolve_hardware(t, local_rank)  # train.py's rule: auto precision and compile
+    if precision.warning:
+        print(f"warning: {precision.warning}", file=sys.stderr)
+    names = kernels.configure(t.kernels, t.loss, device, precision.dtype)
     chosen = dict(kernels.ACTIVE)
     if device.type == "cpu":
         torch.set_flush_denormal(True)
@@ -59,7 +59,8 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
     plan = config.derive(cfg, world)
     model, train_model, mode = train.setup_model(cfg, device, world)
     optimizer = train.make_optimizer(model, t, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision != "fp32" else nullcontext()
+    autocast = precision.autocast(device)
+    scaler = torch.amp.GradScaler(device.type) if precision.scaled else None
     gen = torch.Generator(device).manual_seed(t.seed + rank)
     shape = (t.micro_batch_size, cfg.model.block_size + 1)
     data = [torch.randint(0, cfg.model.vocab_size, shape, device=device, generator=gen) for _ in range(plan.grad_accum)]
@@ -72,7 +73,8 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
         sync()
         t0 = time.perf_counter()
         for _ in range(n):
-            loss, _, _ = train.train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t, autocast)
+            loss, _, _ = train.train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t, autocast,
+                                          scaler)
         loss = loss.item() / plan.grad_accum  # a device sync
         return time.perf_counter() - t0, loss
 
@@ -94,13 +96,14 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
     kernels.ACTIVE.update(chosen)
     elapsed, final_loss, mem = best["chosen"]
     tok_s = steps * plan.batch_tokens / elapsed
-    peak = peak_tflops * 1e12 if peak_tflops else train.peak_flops(device)
+    peak = peak_tflops * 1e12 if peak_tflops else hardware.peak_flops(device)
     flops = model.flops_per_token()
     result = {
         "config": cfg.model.arch, "params": model.num_params(), "n_layer": cfg.model.n_layer,
         "n_embd": cfg.model.n_embd, "block_size": cfg.model.block_size, "vocab_size": cfg.model.vocab_size,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x {torch.get_num_threads()}",
-        "world_size": world, "parallel": mode, "precision": t.precision, "compile": t.compile,
+        "world_size": world, "parallel": mode, "precision": t.precision, "precision_reason": precision.reason,
+        "compile": t.compile,
         "activation_checkpointing": t.activation_checkpointing, "kernels": names,
         "micro_batch_size": t.micro_batch_size, "grad_accum": plan.grad_accum, "batch_tokens": plan.batch_tokens,
         "warmup_steps": warmup, "steps": steps, "step_time_s": elapsed / steps,
@@ -133,7 +136,7 @@ def main(argv: list[str]) -> int:
             cfg.model.vocab_size = 50257
         cfg.model.validate()
         result = bench(cfg, a.warmup, a.steps, a.peak_tflops, a.baseline)
-    except (config.ConfigError, kernels.KernelError, ValueError) as e:
+    except (config.ConfigError, kernels.KernelError, ValueError) as e:  # HardwareError too
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result["world_size"] == 1 or os.environ.get("RANK", "0") == "0":

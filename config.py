@@ -31,15 +31,20 @@ class DataConfig:
 class TrainConfig:
     out_dir: str = "out/run"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda when available, else cpu
-    # bf16: autocast matmuls, FP32 master weights and loss; fp8: bf16 plus torchao float8 Linear layers in the
-    # blocks (CUDA, compute capability >= 8.9)
-    precision: Literal["bf16", "fp32", "fp8"] = "bf16"
+    # auto: by the hardware (hardware.py: BF16 where it is native, FP16 on GPUs without BF16, else FP32; the
+    # banner says why). bf16/fp16: autocast matmuls, FP32 master weights and loss (fp16 with dynamic loss
+    # scaling); fp8: bf16 plus torchao float8 Linear layers in the blocks (CUDA, compute capability >= 8.9)
+    precision: Literal["auto", "fp32", "bf16", "fp16", "fp8"] = "auto"
     kernels: Literal["auto", "torch", "flash", "liger"] = "auto"  # see kernels.py
     loss: Literal["auto", "chunked", "plain", "liger"] = "auto"  # lm_head + cross-entropy kernel
     seed: int = 1337
     batch_size: int = 64  # global batch in sequences per optimizer step, whatever the world size
     micro_batch_size: int = 8  # sequences per device per forward/backward
     max_steps: int = 1000
+    # A wall-clock budget for the training loop (compile, evals and saves included); 0: none. After the warm-up
+    # steps it fixes max_steps (never above the configured one) from the measured step time, so that the LR
+    # schedule decays on time; the decided value is kept in the checkpoint, so a resume repeats it.
+    max_minutes: float = 0.0
     lr: float = 6e-4
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     warmup_steps: int = 100
@@ -49,8 +54,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    fused_optimizer: Literal["auto", True, False] = "auto"  # fused AdamW; auto: where torch has it (CUDA, CPU, MPS)
     grad_clip: float = 1.0  # 0 disables
-    compile: bool = False
+    compile: Literal["auto", True, False] = "auto"  # torch.compile; auto: on CUDA only (see BENCHMARKS.md, CPU)
     eval_interval: int = 200  # steps; 0 disables periodic eval
     eval_batches: int = 20  # micro-batches of the val split per eval
     ckpt_interval: int = 500  # steps; a checkpoint is also written at the end
@@ -115,7 +121,8 @@ def _coerce(value, tp, where: str):
         return _coerce(value, inner, where)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+            names = (str(a).lower() if isinstance(a, bool) else str(a) for a in args)  # YAML spells true/false
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(names)}")
         return value
     if origin is list:
         items = value if isinstance(value, list) else [value]
@@ -238,7 +245,8 @@ def validate(cfg: Config) -> None:
         if v < 1:
             raise ConfigError(f"{key} must be >= 1 (got {v})")
     for key, v in {"train.warmup_steps": t.warmup_steps, "train.eval_interval": t.eval_interval,
-                   "train.lr": t.lr, "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip}.items():
+                   "train.lr": t.lr, "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
+                   "train.max_minutes": t.max_minutes}.items():
         if v < 0:
             raise ConfigError(f"{key} must be >= 0 (got {v})")
     if not 0 <= t.min_lr_ratio <= 1 or not 0 <= t.decay_frac <= 1:

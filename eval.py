@@ -159,7 +159,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max_tokens", type=int, default=None, help="stop after this many scored tokens per dataset")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: the run's")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto (default): train.py's rule for this machine (hardware.py)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs: pip install lm-eval)")
     p.add_argument("--num_fewshot", type=int, default=None)
@@ -174,15 +175,17 @@ def main(argv: list[str]) -> int:
 
     import checkpoint
     from loader import DataError, same_tokenizer
-    from train import pick_device
+    import hardware
     try:
-        device = pick_device(args.device)
+        device = hardware.pick_device(args.device)
+        precision = hardware.resolve_precision(args.precision, device)
         model, cfg, path = checkpoint.load_model(args.out_dir, device)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    precision = args.precision or cfg.train.precision
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    if precision.warning:
+        print(f"warning: {precision.warning}", file=sys.stderr)
+    autocast = precision.autocast(device)
     if args.tasks:
         from data.prepare import load_tokenizer
         tok = load_tokenizer(checkpoint.tokenizer_dir(path, cfg))

@@ -15,12 +15,11 @@ from dataclasses import replace
 import torch
 
 import config
+import hardware
 import kernels
 from model import GPT, GPTConfig
 
-# (memory GiB, dense BF16 TFLOP/s); the peaks agree with train.PEAK_TFLOPS
-GPUS = {"h100": (80, 989), "h100-pcie": (80, 756), "h800": (80, 989), "h800-pcie": (80, 756), "h200": (141, 989),
-        "a100": (80, 312), "a100-40gb": (40, 312)}
+GPUS = {name: (g.memory_gib, g.peak_tflops) for name, g in hardware.GPUS.items()}  # one table: hardware.py
 RESERVED_GIB = 3.0  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation
 GIB = 2**30
 

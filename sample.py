@@ -5,7 +5,6 @@
 """
 import argparse
 import sys
-from contextlib import nullcontext
 
 import torch
 
@@ -23,14 +22,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no_stop", action="store_true", help="keep generating past the end-of-text token")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: the run's")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto (default): train.py's rule for this machine (hardware.py)")
     args = p.parse_args(argv)
 
     import checkpoint
     from data.prepare import load_tokenizer
-    from train import pick_device
+    import hardware
     try:
-        device = pick_device(args.device)
+        device = hardware.pick_device(args.device)
+        precision = hardware.resolve_precision(args.precision, device)
         model, cfg, path = checkpoint.load_model(args.out_dir, device)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -42,8 +43,9 @@ def main(argv: list[str]) -> int:
     ids = tok.encode(args.prompt) or [tok.eot_id]
     if len(ids) >= cfg.model.block_size:
         ids = ids[-(cfg.model.block_size - 1):]
-    precision = args.precision or cfg.train.precision
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    if precision.warning:
+        print(f"warning: {precision.warning}", file=sys.stderr)
+    autocast = precision.autocast(device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     print(f"# {path}", file=sys.stderr)
     for i in range(args.num_samples):

@@ -3,16 +3,17 @@
     python train.py configs/tiny.yaml [more.yaml ...] [section.key=value ...]
     torchrun --standalone --nproc_per_node=8 train.py configs/500m.yaml
 
-config -> process group (from torchrun's environment) and device -> data (the offline default corpus is
-prepared on first use, by rank 0) -> model built on the meta device -> activation checkpointing, compile,
+config -> process group (from torchrun's environment), device and precision (hardware.py: `auto` picks BF16
+where it is native, FP16 with loss scaling on GPUs without BF16, else FP32) -> data (the offline default corpus
+is prepared on first use, by rank 0) -> model built on the meta device -> activation checkpointing, compile,
 FSDP2 or DDP -> materialised and initialised -> AdamW + LR schedule -> resume from out_dir/latest -> loop:
 micro-batches with gradient accumulation (gradients synchronised once per step), clip, step, log, eval,
 checkpoint. SIGTERM/SIGUSR1 (what SLURM sends before a preemption or the time limit) and SIGINT finish the
 current step on every rank, write a checkpoint and exit. A step whose loss or gradient norm is not finite is
-skipped; train.max_consecutive_skips of them in a row stop the run. RELIABILITY.md lists what a run survives.
+skipped; train.max_consecutive_skips of them in a row stop the run. train.max_minutes fixes max_steps from the
+measured step time. RELIABILITY.md lists what a run survives.
 """
 import collections
-import fcntl
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 import checkpoint
 import config
 import export
+import hardware
 import kernels
 import tracking
 from data.prepare import copy_tokenizer, ensure_prepared
@@ -43,8 +45,10 @@ from eval import evaluate
 from loader import DataError, Prefetcher, TrainLoader
 from model import GPT
 
-# Dense BF16 peak TFLOP/s by device name, for MFU (FP32 runs use the same peak: TF32 tensor cores).
-PEAK_TFLOPS = {"H100 PCIe": 756, "H800 PCIe": 756, "H100": 989, "H800": 989, "H200": 989, "A100": 312}
+try:
+    import fcntl
+except ImportError:  # Windows: no POSIX record locks (see lock_run)
+    fcntl = None
 
 
 def init_distributed(device_name: str, timeout_s: int) -> tuple[int, int, int]:
@@ -63,37 +67,37 @@ def init_distributed(device_name: str, timeout_s: int) -> tuple[int, int, int]:
     return rank, local_rank, world
 
 
-def pick_device(name: str, precision: str = "fp32", local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise config.ConfigError("train.device is cuda but no CUDA device is available")
-    if name == "cuda" and precision in ("bf16", "fp8") and not torch.cuda.is_bf16_supported():
-        raise config.ConfigError("this GPU has no BF16 support: set train.precision=fp32")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise config.ConfigError("train.device is mps but MPS is not available")
-    return torch.device(name, local_rank) if name == "cuda" else torch.device(name)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS.items():  # most specific names first
-        if key in name:
-            return tflops * 1e12
-    return None
+def resolve_hardware(t: config.TrainConfig, local_rank: int) -> tuple[torch.device, hardware.Precision]:
+    """Device, precision and compile for this machine; writes the resolved precision and compile back into
+    `t` (so config.yaml and the checkpoints say what ran) and returns the device and the Precision (its reason
+    is for the banner). Raises HardwareError or ConfigError."""
+    device = hardware.pick_device(t.device, local_rank)
+    precision = hardware.resolve_precision(t.precision, device)
+    if precision.name == "fp8" and (why := kernels.float8_supported(device)):
+        raise config.ConfigError(f"train.precision=fp8: {why}")
+    t.precision = precision.name
+    t.compile = hardware.resolve_compile(t.compile, device)
+    return device, precision
 
 
 def make_optimizer(model: nn.Module, t: config.TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms, biases or embedding tables); fused where possible."""
+    """AdamW with weight decay on matrices only (not norms, biases or embedding tables); fused where torch has it
+    (train.fused_optimizer=auto), else torch's default (for-each on GPUs, a loop on CPUs)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused)
+    fused = device.type in ("cuda", "cpu", "mps") if t.fused_optimizer == "auto" else bool(t.fused_optimizer)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` can take the skip flag as `found_inf` and decide on the device (no host sync):
+    fused AdamW on CUDA and CPU. The MPS fused kernels, the non-fused paths and other optimizers refuse it."""
+    fused = all(g.get("fused") for g in optimizer.param_groups)
+    device = optimizer.param_groups[0]["params"][0].device
+    return fused and device.type in ("cuda", "cpu")
 
 
 def lr_at(step: int, t: config.TrainConfig) -> float:
@@ -160,7 +164,12 @@ def lock_run(out_dir: str):
     except OSError as e:
         raise config.ConfigError(f"train.out_dir {out_dir} is not writable ({e.strerror or e})") from None
     try:
-        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fcntl is not None:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # Windows: a byte-range lock, also dropped by the OS when the process ends
+            import msvcrt
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
     except OSError:
         f.seek(0)
         holder = f.read().strip() or "a process that has not written its name yet"
@@ -237,8 +246,8 @@ def setup_model(cfg: config.Config, device: torch.device, world: int) -> tuple[G
         if t.compile and mode == "fsdp":
             block.compile()
     if mode == "fsdp":
-        bf16 = t.precision != "fp32"
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+        half = {"fp32": None, "fp16": torch.float16}.get(t.precision, torch.bfloat16)  # fp8 gathers BF16 too
+        mp = MixedPrecisionPolicy(param_dtype=half,
                                   reduce_dtype=torch.bfloat16 if t.reduce_dtype == "bf16" else torch.float32)
         for block in model.layers:
             fully_shard(block, mp_policy=mp, reshard_after_forward=t.reshard_after_forward)
@@ -273,29 +282,43 @@ def sync_grads(train_model: nn.Module, mode: str, last_micro: bool, defer_fsdp: 
 
 
 def train_step(model: GPT, train_model: nn.Module, optimizer, batches, grad_accum: int, mode: str,
-               t: config.TrainConfig, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               t: config.TrainConfig, autocast, scaler: torch.amp.GradScaler | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over `grad_accum` micro-batches (x, y) already on the device; returns the summed
     micro-batch losses, the gradient norm before clipping and a flag (1.0) for a skipped step, all left on the
-    device (no host sync).
+    device (no host sync where the optimizer can skip on the device).
 
     A step whose loss (on any rank) or gradient norm is not finite is skipped: fused AdamW's `found_inf` input
     (the mechanism GradScaler uses) makes it leave weights, moments and step count exactly as they were,
-    decided on the device. The data moves on, so a bad batch is not retried."""
+    decided on the device; other optimizers are not stepped, which costs one host read of the flag. The data
+    moves on, so a bad batch is not retried. With FP16's `scaler` the loss is scaled, the gradients unscaled
+    before clipping, and the same flag is the scaler's found-inf: it backs off on exactly the skipped steps."""
     loss_sum = 0.0
     for micro, (x, y) in enumerate(batches):
         with sync_grads(train_model, mode, micro == grad_accum - 1, t.fsdp_defer_sync):
             with autocast:
                 loss = train_model(x, y)
-            (loss / grad_accum).backward()
+            (scaler.scale(loss / grad_accum) if scaler else loss / grad_accum).backward()
         loss_sum = loss_sum + loss.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
         grad_norm = grad_norm.full_tensor()
     bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
     if mode != "none":  # a loss is per rank; every rank must skip alike (no host sync on NCCL)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    optimizer.found_inf = bad
-    optimizer.step()
+    if scaler is not None:
+        # The scaler's own check looks at this rank's gradients only (a shard of them under FSDP2), so ranks
+        # could disagree; its update reads the found-inf recorded by unscale_(), which becomes the global flag.
+        scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = {bad.device: bad}
+    if skips_on_device(optimizer):
+        optimizer.found_inf = bad
+        optimizer.step()
+    elif not bad.item():
+        optimizer.step()
+    if scaler is not None:
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
     if t.precision == "fp8" and mode == "fsdp":
         kernels.precompute_float8_scales(model)
@@ -332,6 +355,16 @@ class SkipCounter:
                 skipped.append((step, loss, norm, self.streak, self.total))
         return skipped
 
+    def report(self, lag: int, limit: int, say, log) -> bool:
+        """Print and log the skipped steps seen so far (all but the newest `lag`); True when `limit` in a row
+        were reached and the run has to stop."""
+        for s, loss, norm, streak, total in self.poll(lag):
+            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
+            say(f"step {s:>6} | {what} is not finite: update skipped ({streak} in a row, {total} in total; the "
+                f"run stops at {limit} in a row)", flush=True)
+            log({"step": s, "skipped": True, "skipped_steps": total})
+        return self.streak >= limit
+
 
 def any_rank(flag: bool, group) -> bool:
     """Whether `flag` is set on any rank (a CPU all-reduce: no device sync), so all ranks stop together."""
@@ -340,6 +373,171 @@ def any_rank(flag: bool, group) -> bool:
     t = torch.tensor([int(flag)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
+
+
+def finite(x: float) -> float | None:
+    """metrics.jsonl stays strict JSON: a non-finite value is written as null."""
+    return x if math.isfinite(x) else None
+
+
+class Metrics:
+    """Rows of metrics.jsonl, mirrored to wandb/TensorBoard; written by rank 0 only. On resume the rows a killed
+    run logged after its last checkpoint, and a line cut short by the kill, are dropped first."""
+
+    def __init__(self, cfg: config.Config, rank: int, resumed_step: int):
+        self.path, self.active = os.path.join(cfg.train.out_dir, "metrics.jsonl"), rank == 0
+        if self.active and os.path.exists(self.path):
+            kept = []
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= resumed_step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except ValueError:
+                        pass
+            checkpoint.write_atomic(self.path, "".join(kept))
+        self.tracker = tracking.Tracker(cfg, active=self.active)
+
+    def log(self, row: dict) -> None:
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.tracker.log(row)
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
+class LogWindow:
+    """Loss and throughput since the last log line. Losses add up on the device, so a log line costs one host
+    sync; time spent in evals and saves is taken out of the throughput."""
+
+    def __init__(self, device: torch.device, plan: config.Derived, flops_per_token: float, peak: float | None):
+        self.device, self.plan, self.flops_per_token, self.peak = device, plan, flops_per_token, peak
+        self.loss_sum, self.good = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.steps, self.t0 = 0, time.perf_counter()
+
+    def add(self, step_loss: torch.Tensor, bad: torch.Tensor) -> None:
+        self.loss_sum += torch.where(bad > 0, 0.0, step_loss)
+        self.good += 1 - bad  # skipped steps do not count towards the mean loss
+        self.steps += 1
+
+    def pause(self, seconds: float) -> None:
+        self.t0 += seconds
+
+    def close(self, step: int, lr: float, grad_norm: torch.Tensor, tokens: int, max_steps: int, elapsed: float,
+              skipped: int, say) -> dict:
+        """Print the log line and return the metrics row; starts a new window."""
+        plan, world = self.plan, self.plan.world_size
+        if world > 1:
+            dist.all_reduce(self.loss_sum)
+        loss_sum, good = torch.stack([self.loss_sum, self.good]).tolist()  # the one host sync per log line
+        loss = loss_sum / (good * plan.grad_accum * world) if good else float("nan")
+        now = time.perf_counter()
+        step_s = (now - self.t0) / self.steps
+        self.loss_sum.zero_()
+        self.good.zero_()
+        self.steps, self.t0 = 0, now
+        tok_s, norm = plan.batch_tokens / step_s, grad_norm.item()
+        mfu = tok_s / world * self.flops_per_token / self.peak if self.peak else None
+        row = {"step": step, "loss": finite(loss), "lr": lr, "grad_norm": finite(norm), "tokens": tokens,
+               "tokens_per_s": tok_s, "mfu": mfu, "mem_gb": memory_gb(self.device), "elapsed_s": elapsed,
+               "skipped_steps": skipped}
+        say(f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | {tok_s:,.0f} tok/s"
+            + (f" | mfu {mfu:.1%}" if mfu else "") + f" | mem {row['mem_gb']:.2f} GB | "
+            f"eta {(max_steps - step) * step_s / 60:.1f} min", flush=True)
+        return row
+
+
+class TimeBudget:
+    """train.max_minutes -> max_steps. The first WARMUP steps are not timed (compilation, allocator growth); the
+    next PROBE steps are, and then max_steps becomes the step count that fits in what is left of the budget,
+    counting the periodic and the final eval (a forward is about a third of a training step), never more than
+    the configured max_steps. The slowest rank decides, so that every rank stops at the same step."""
+    WARMUP, PROBE = 2, 5
+
+    def __init__(self, minutes: float, t_start: float, start_step: int, eval_interval: int, eval_steps: float):
+        self.deadline, self.eval_interval, self.eval_steps = t_start + 60 * minutes, eval_interval, eval_steps
+        self.probe_from, self.t_probe = start_step + self.WARMUP, None
+
+    def decide(self, step: int, max_steps: int, group) -> tuple[int, float] | None:
+        """After each step: None, or once (max_steps, measured seconds per step)."""
+        now = time.perf_counter()
+        if step == self.probe_from:
+            self.t_probe = now
+        if step != self.probe_from + self.PROBE:
+            return None
+        timing = torch.tensor([(now - self.t_probe) / self.PROBE, now - self.deadline])
+        if group is not None:
+            dist.all_reduce(timing, op=dist.ReduceOp.MAX, group=group)
+        step_s, late = timing.tolist()
+        evals = self.eval_steps * step_s if self.eval_interval else 0.0  # seconds per eval
+        per_step = step_s + (evals / self.eval_interval if self.eval_interval else 0.0)
+        fit = int((-late - evals) / per_step)
+        return max(step, min(max_steps, step + fit)), step_s
+
+
+def run_state(cfg: config.Config, tokens: int, world: int, skips: SkipCounter, scaler, budget_steps) -> dict:
+    """What a checkpoint keeps beside the tensors (train_state.json)."""
+    state = {"tokens": tokens, "config": config.to_dict(cfg), "world_size": world, "skipped_steps": skips.total}
+    if scaler is not None:
+        state["grad_scaler"] = scaler.state_dict()
+    if budget_steps is not None:
+        state["budget_max_steps"] = budget_steps
+    return state
+
+
+class Saver:
+    """When checkpoints are written: every ckpt_interval steps, at the last step and on a stop request. A
+    periodic save waits for a step that was not skipped, so that checkpoints sit at good steps (the weights are
+    the same either way, so a stop or the last step saves at once). An asynchronous save is published when done
+    and always before the next one starts."""
+
+    def __init__(self, t: config.TrainConfig, model: nn.Module, optimizer, group, say):
+        self.t, self.model, self.optimizer, self.group, self.say = t, model, optimizer, group, say
+        self.owed, self.pending = False, None
+
+    def due(self, step: int, stopping: bool, last: bool) -> bool:
+        self.owed = self.owed or step % self.t.ckpt_interval == 0 or last
+        return self.owed or stopping
+
+    def save(self, step: int, state: dict, streak: int, now: bool) -> float:
+        """Write step's checkpoint unless the last `streak` steps were skipped (`now` overrides); returns the
+        seconds it took."""
+        if streak and not now:
+            if step % self.t.ckpt_interval == 0:
+                self.say(f"step {step:>6} | checkpoint postponed: the last {streak} step(s) were skipped")
+            return 0.0
+        t0 = time.perf_counter()
+        self.finish()
+        t = self.t
+        self.pending = checkpoint.save(t.ckpt_dir or t.out_dir, step, self.model, self.optimizer, state, t.keep_last,
+                                       async_group=self.group if t.async_checkpoint else False)
+        if not t.async_checkpoint:
+            self.finish()
+        self.owed = False
+        return time.perf_counter() - t0
+
+    def poll(self) -> None:
+        if self.pending is not None and self.pending.done():
+            self.finish()
+
+    def finish(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self.say(f"saved {pending.wait()}")
+
+
+def write_run_files(cfg: config.Config, device: torch.device, world: int, precision: hardware.Precision) -> None:
+    """config.yaml (resolved), run_info.json (what produced the run) and the tokenizer, into out_dir."""
+    t = cfg.train
+    os.makedirs(t.out_dir, exist_ok=True)
+    with open(os.path.join(t.out_dir, "config.yaml"), "w") as f:
+        f.write(config.dump(cfg))
+    with open(os.path.join(t.out_dir, "run_info.json"), "w") as f:
+        json.dump({**run_info(device), "world_size": world, "precision": precision.name,
+                   "precision_reason": precision.reason}, f, indent=1)
+    copy_tokenizer(cfg.data.datasets[0], os.path.join(t.out_dir, "tokenizer"))
 
 
 def main(argv: list[str]) -> int:
@@ -354,10 +552,10 @@ def main(argv: list[str]) -> int:
         if t.init_from:  # the model's shape comes from the Hugging Face checkpoint
             cfg.model = export.config_from_hf(t.init_from, cfg.model)
         rank, local_rank, world = init_distributed(t.device, t.dist_timeout_s)
-        device = pick_device(t.device, t.precision, local_rank)
-        if t.precision == "fp8" and (why := kernels.float8_supported(device)):
-            raise config.ConfigError(f"train.precision=fp8: {why}")
-        ops = kernels.configure(t.kernels, t.loss, device, torch.float32 if t.precision == "fp32" else torch.bfloat16)
+        device, precision = resolve_hardware(t, local_rank)
+        if precision.warning and rank == 0:
+            print(f"warning: {precision.warning}", file=sys.stderr, flush=True)
+        ops = kernels.configure(t.kernels, t.loss, device, precision.dtype)
         # rank 0 takes the run's lock and prepares missing data; the others wait and then see the same outcome
         error = None
         if rank == 0:
@@ -387,8 +585,9 @@ def main(argv: list[str]) -> int:
             check_same_model(checkpoint.read_state(resume_from)["config"], cfg, resume_from)
             with torch.device("meta"):
                 checkpoint.verify(resume_from, GPT(cfg.model))
-        return train(cfg, plan, loader, device, rank, world, resume_from, ops)
-    except (config.ConfigError, DataError, kernels.KernelError, checkpoint.CheckpointError) as e:
+        return train(cfg, plan, loader, device, precision, rank, world, resume_from, ops)
+    except (config.ConfigError, hardware.HardwareError, DataError, kernels.KernelError,
+            checkpoint.CheckpointError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
@@ -399,100 +598,62 @@ def main(argv: list[str]) -> int:
             lock.close()
 
 
-def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device: torch.device, rank: int,
-          world: int, resume_from: str | None, ops: dict[str, str]) -> int:
+def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device: torch.device,
+          precision: hardware.Precision, rank: int, world: int, resume_from: str | None, ops: dict[str, str]) -> int:
     t = cfg.train
+    t_start = time.perf_counter()
     say = print if rank == 0 else (lambda *a, **k: None)  # one voice for the whole job
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals make the FP32 backward ~10x slower on CPU
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if rank == 0:
-        os.makedirs(t.out_dir, exist_ok=True)
-        with open(os.path.join(t.out_dir, "config.yaml"), "w") as f:
-            f.write(config.dump(cfg))
-        with open(os.path.join(t.out_dir, "run_info.json"), "w") as f:
-            json.dump({**run_info(device), "world_size": world}, f, indent=1)
-        copy_tokenizer(cfg.data.datasets[0], os.path.join(t.out_dir, "tokenizer"))
+        write_run_files(cfg, device, world, precision)
     say(config.dump(cfg), end="")
     say(plan.banner(cfg))
 
     model, train_model, mode = setup_model(cfg, device, world)
     optimizer = make_optimizer(model, t, device)
-    flops_per_token = model.flops_per_token()
-    peak = peak_flops(device)
+    scaler = torch.amp.GradScaler(device.type) if precision.scaled else None
+    flops_per_token, peak = model.flops_per_token(), hardware.peak_flops(device)
     say(f"model: {cfg.model.arch}, {model.num_params() / 1e6:.2f}M parameters "
         f"({model.num_params(embeddings=False) / 1e6:.2f}M without embeddings), "
-        f"{flops_per_token / 1e6:.1f} MFLOPs/token; device {device}, precision {t.precision}, "
-        f"parallel {mode} x {world}" + (", activation checkpointing" if t.activation_checkpointing else ""))
+        f"{flops_per_token / 1e6:.1f} MFLOPs/token; device {device}, parallel {mode} x {world}"
+        + (", activation checkpointing" if t.activation_checkpointing else "") + f", compile {t.compile}")
+    say(hardware.describe(precision) + (" (loss scaling: torch.amp.GradScaler)" if scaler else ""))
     say("kernels: " + ", ".join(f"{op} {name}" for op, name in ops.items()))
     # Stop requests go over a CPU group, so they never wait on the GPU's stream; async checkpoints get a group
     # of their own, since their collectives run in a background thread (two threads must not share one group).
     cpu_group = dist.new_group(backend="gloo") if world > 1 else None
     ckpt_group = dist.new_group(backend="gloo") if world > 1 and t.async_checkpoint else None
 
-    step, tokens, skips = 0, 0, SkipCounter()
+    step, tokens, skips, budget_steps = 0, 0, SkipCounter(), None
     if resume_from:
         state = checkpoint.load(resume_from, model, optimizer)
         step, tokens, skips.total = state["step"], state["tokens"], state.get("skipped_steps", 0)
+        if scaler is not None and "grad_scaler" in state:
+            scaler.load_state_dict(state["grad_scaler"])
+        budget_steps = state.get("budget_max_steps")
         say(f"resumed from {resume_from} at step {step} (saved by {state.get('world_size', 1)} process(es))")
-    metrics_path = os.path.join(t.out_dir, "metrics.jsonl")
-    if rank == 0 and os.path.exists(metrics_path):
-        # drop rows a killed run logged after its last checkpoint, and a line cut short by the kill
-        kept = []
-        with open(metrics_path) as f:
-            for line in f:
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-                except ValueError:
-                    pass
-        checkpoint.write_atomic(metrics_path, "".join(kept))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision != "fp32" else nullcontext()
-
-    tracker = tracking.Tracker(cfg, active=rank == 0)
-
-    def log(row: dict) -> None:
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            tracker.log(row)
-
-    pending = None  # an async checkpoint still being written
-
-    def save() -> None:
-        nonlocal pending
-        if pending is not None:
-            say(f"saved {pending.wait()}")
-        state = {"tokens": tokens, "config": config.to_dict(cfg), "world_size": world, "skipped_steps": skips.total}
-        pending = checkpoint.save(t.ckpt_dir or t.out_dir, step, model, optimizer, state, t.keep_last,
-                                  async_group=ckpt_group if t.async_checkpoint else False)
-        if not t.async_checkpoint:
-            say(f"saved {pending.wait()}")
-            pending = None
-
+    if budget_steps is not None:  # decided by the run's time budget before the checkpoint: the same schedule
+        t.max_steps = min(t.max_steps, budget_steps)
+        say(f"train.max_minutes: max_steps {t.max_steps}, as decided when the run started")
+    budget = None
+    if t.max_minutes and budget_steps is None:
+        eval_steps = t.eval_batches / world / (3 * plan.grad_accum)
+        budget = TimeBudget(t.max_minutes, t_start, step, t.eval_interval, eval_steps)
+    metrics = Metrics(cfg, rank, step)
+    saver = Saver(t, model, optimizer, ckpt_group, say)
     if step >= t.max_steps:
         say(f"nothing to do: the checkpoint is at step {step} and train.max_steps is {t.max_steps}")
     batches_ahead = Prefetcher(loader, step, plan.grad_accum, device)
     lag = 1 if device.type == "cuda" else 0  # how many steps late skip flags are read (see SkipCounter)
+    autocast, window, diverged = precision.autocast(device), LogWindow(device, plan, flops_per_token, peak), False
+    if t.compile and step < t.max_steps:
+        say("compiling the model during the first step (about a minute on a fresh machine, seconds with a warm "
+            "cache) ...", flush=True)
 
-    def check_skips(lag: int) -> bool:
-        """Report newly seen skipped steps; True when the run has to stop (too many in a row)."""
-        for s, loss, norm, streak, total in skips.poll(lag):
-            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
-            say(f"step {s:>6} | {what} is not finite: update skipped ({streak} in a row, {total} in total; the "
-                f"run stops at {t.max_consecutive_skips} in a row)", flush=True)
-            log({"step": s, "skipped": True, "skipped_steps": total})
-        return skips.streak >= t.max_consecutive_skips
-
-    def finite(x: float) -> float | None:  # metrics.jsonl stays strict JSON
-        return x if math.isfinite(x) else None
-
-    with stop_requests() as stop, closing(batches_ahead), closing(tracker):
-        loss_sum = torch.zeros((), device=device)
-        good_steps = torch.zeros((), device=device)  # steps since the last log line that were not skipped
-        steps_since_log, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
-        save_due, diverged = False, False
+    with stop_requests() as stop, closing(batches_ahead), closing(metrics):
         model.train()
         try:
             while step < t.max_steps:
@@ -502,74 +663,40 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 batches = (batches_ahead.get() for _ in range(plan.grad_accum))
-                step_loss, grad_norm, bad = train_step(model, train_model, optimizer, batches, plan.grad_accum,
-                                                       mode, t, autocast)
-                loss_sum += torch.where(bad > 0, 0.0, step_loss)
-                good_steps += 1 - bad
-                skips.push(step + 1, torch.stack([bad, step_loss.float() / plan.grad_accum, grad_norm.float()]))
+                loss, grad_norm, bad = train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t,
+                                                  autocast, scaler)
                 step += 1
                 tokens += plan.batch_tokens
-                steps_since_log += 1
-                if pending is not None and pending.done():
-                    say(f"saved {pending.wait()}")
-                    pending = None
-                if diverged := check_skips(lag):
+                window.add(loss, bad)
+                skips.push(step, torch.stack([bad, loss.float() / plan.grad_accum, grad_norm.float()]))
+                saver.poll()
+                if diverged := skips.report(lag, t.max_consecutive_skips, say, metrics.log):
                     break
+                if budget and (decided := budget.decide(step, t.max_steps, cpu_group)):
+                    t.max_steps, budget_steps = decided[0], decided[0]
+                    metrics.log({"step": step, "max_steps": t.max_steps, "budget_step_s": decided[1]})
+                    say(f"train.max_minutes={t.max_minutes:g}: {decided[1]:.2f} s/step measured over steps "
+                        f"{step - TimeBudget.PROBE + 1}-{step}, so max_steps = {t.max_steps}", flush=True)
+                last = step == t.max_steps
 
-                if step % cfg.log.interval == 0 or step == t.max_steps:
-                    if diverged := check_skips(0):
+                if step % cfg.log.interval == 0 or last:  # log
+                    if diverged := skips.report(0, t.max_consecutive_skips, say, metrics.log):
                         break
-                    if world > 1:
-                        dist.all_reduce(loss_sum)
-                    sums = torch.stack([loss_sum, good_steps]).tolist()  # the one host sync per log step
-                    loss_val = sums[0] / (sums[1] * plan.grad_accum * world) if sums[1] else float("nan")
-                    now = time.perf_counter()
-                    tok_s = steps_since_log * plan.batch_tokens / (now - t_log)
-                    norm = grad_norm.item()
-                    row = {"step": step, "loss": finite(loss_val), "lr": lr, "grad_norm": finite(norm),
-                           "tokens": tokens, "tokens_per_s": tok_s,
-                           "mfu": tok_s / world * flops_per_token / peak if peak else None,
-                           "mem_gb": memory_gb(device), "elapsed_s": now - t_start, "skipped_steps": skips.total}
-                    log(row)
-                    eta = (t.max_steps - step) * (now - t_log) / steps_since_log
-                    mfu = f" | mfu {row['mfu']:.1%}" if peak else ""
-                    say(f"step {step:>6} | loss {loss_val:.4f} | lr {lr:.2e} | grad {norm:.3f} | "
-                        f"{tok_s:,.0f} tok/s{mfu} | mem {row['mem_gb']:.2f} GB | eta {eta / 60:.1f} min", flush=True)
-                    loss_sum.zero_()
-                    good_steps.zero_()
-                    steps_since_log, t_log = 0, time.perf_counter()
+                    metrics.log(window.close(step, lr, grad_norm, tokens, t.max_steps, time.perf_counter() - t_start,
+                                             skips.total, say))
 
-                if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
-                    t0 = time.perf_counter()
-                    # the uncompiled model: eval mode and a logits-only graph would each cost a recompile
-                    res = evaluate(model, cfg.data.datasets, cfg.model.block_size, cfg.model.vocab_size,
-                                   t.micro_batch_size, device,
-                                   max_tokens=t.eval_batches * t.micro_batch_size * cfg.model.block_size,
-                                   autocast=autocast, rank=rank, world=world)
-                    model.train()
-                    log({"step": step, "tokens": tokens, "val_loss": finite(res["loss"]), "val_bpb": finite(res["bpb"])})
-                    say(f"step {step:>6} | val loss {res['loss']:.4f} | val bpb {res['bpb']:.4f} "
-                        f"({res['tokens']:,} tokens, {time.perf_counter() - t0:.1f} s)", flush=True)
-                    t_log += time.perf_counter() - t0  # eval time does not count against training throughput
+                if t.eval_interval and (step % t.eval_interval == 0 or last):  # eval
+                    window.pause(run_eval(model, cfg, device, autocast, rank, world, step, tokens, metrics, say))
 
                 stopping = any_rank(stop["signal"] is not None, cpu_group)  # every rank stops at the same step
-                save_due = save_due or step % t.ckpt_interval == 0 or step == t.max_steps
-                if save_due or stopping:
-                    if diverged := check_skips(0):
+                if saver.due(step, stopping, last):  # save
+                    if diverged := skips.report(0, t.max_consecutive_skips, say, metrics.log):
                         break
-                    # A periodic save waits for a step that was not skipped, so that checkpoints sit at good
-                    # steps; the weights are the same either way, so a stop request or the last step saves now.
-                    if skips.streak == 0 or stopping or step == t.max_steps:
-                        t0 = time.perf_counter()
-                        save()
-                        t_log += time.perf_counter() - t0
-                        save_due = False
-                    elif step % t.ckpt_interval == 0:
-                        say(f"step {step:>6} | checkpoint postponed: the last {skips.streak} step(s) were skipped")
-                if stopping:
+                    state = run_state(cfg, tokens, world, skips, scaler, budget_steps)
+                    window.pause(saver.save(step, state, skips.streak, now=stopping or last))
+                if stopping:  # stop
                     break
-            if pending is not None:
-                say(f"saved {pending.wait()}")
+            saver.finish()
             if diverged:
                 if rank == 0:
                     print(f"error: {skips.streak} steps in a row had a non-finite loss or gradient norm "
@@ -583,6 +710,21 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
                       f"from it.", file=sys.stderr)
             return 1
     return 130 if stop["signal"] == signal.SIGINT else 0
+
+
+def run_eval(model: GPT, cfg: config.Config, device: torch.device, autocast, rank: int, world: int, step: int,
+             tokens: int, metrics: Metrics, say) -> float:
+    """Validation loss and bits per byte on the first eval_batches micro-batches of each val split, with the
+    uncompiled model (eval mode and a logits-only graph would each cost a recompile); returns the seconds taken."""
+    t, t0 = cfg.train, time.perf_counter()
+    res = evaluate(model, cfg.data.datasets, cfg.model.block_size, cfg.model.vocab_size, t.micro_batch_size, device,
+                   max_tokens=t.eval_batches * t.micro_batch_size * cfg.model.block_size, autocast=autocast,
+                   rank=rank, world=world)
+    model.train()
+    metrics.log({"step": step, "tokens": tokens, "val_loss": finite(res["loss"]), "val_bpb": finite(res["bpb"])})
+    say(f"step {step:>6} | val loss {res['loss']:.4f} | val bpb {res['bpb']:.4f} "
+        f"({res['tokens']:,} tokens, {time.perf_counter() - t0:.1f} s)", flush=True)
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Tolerance: in FP32 the 2-process runs differ from one process only in the order 
 (all-reduce / reduce-scatter of two per-rank sums against one accumulated sum), a rounding of ~1e-7 relative
 per step; losses over a few steps agree to 1e-5 (absolute, on losses of ~9 nats).
 """
+import math
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import config
 import train
 from conftest import ROOT, TINY, kill_tree
@@ -89,6 +91,28 @@ def test_fsdp_bf16_compiled_with_activation_checkpointing_trains(corpus, tmp_pat
     ls = losses(out)
     assert ls[20] < ls[1] - 0.3, ls
     assert sorted(n for n in os.listdir(out) if n.startswith("step_")) == ["step_000010", "step_000020"]
+
+
+def test_fp16_under_ddp_and_fsdp(corpus, tmp_path):
+    """FP16 with loss scaling on 2 ranks: DDP follows one process and resumes its own checkpoint bit for bit; under
+    FSDP2 a NaN on one rank is one skipped step and one scale back-off on both ranks (the scaler's found-inf is
+    the all-reduced skip flag, not each rank's look at its own gradient shard)."""
+    fp16 = [*DIST, "train.precision=fp16", "train.max_steps=6", "train.eval_interval=0"]
+    single, ddp, resumed = (str(tmp_path / n) for n in ("single", "ddp", "resumed"))
+    assert train.main(train_args(corpus, single, *fp16)) == 0
+    ok(torchrun(*train_args(corpus, ddp, *fp16, "train.parallel=ddp")))
+    assert all(abs(losses(ddp)[s] - losses(single)[s]) < 1e-3 for s in range(1, 7)), (losses(ddp), losses(single))
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(ddp, "step_000003"), os.path.join(resumed, "step_000003"))
+    ok(torchrun(*train_args(corpus, resumed, *fp16, "train.parallel=ddp")))
+    assert all(losses(resumed)[s] == losses(ddp)[s] for s in range(4, 7))
+    fsdp = str(tmp_path / "fsdp")
+    r = torchrun(*train_args(corpus, fsdp, *fp16, "train.parallel=fsdp"), fault="nan:1:2")  # 0-based: logged as step 3
+    ok(r)
+    assert "step      3 | gradient norm nan is not finite: update skipped" in r.stdout  # rank 0 saw a finite loss
+    state = checkpoint.read_state(os.path.join(fsdp, "step_000006"))
+    assert state["skipped_steps"] == 1 and state["grad_scaler"]["scale"] == 2.0**15
+    assert all(math.isfinite(v) for s, v in losses(fsdp).items() if s != 3)
 
 
 def test_a_failing_rank_ends_the_launch(corpus, tmp_path):

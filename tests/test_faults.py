@@ -180,14 +180,17 @@ def test_slurm_script_forwards_usr1_and_requeues(corpus, ref2, tmp_path):
     same_weights(ref2, out)
 
 
-def test_skipped_step_leaves_weights_and_optimizer_untouched():
+@pytest.mark.parametrize("fused", [True, False])  # fused: decided on the device; not fused (MPS, a user's choice): on the host
+def test_skipped_step_leaves_weights_and_optimizer_untouched(fused):
     import config
     import kernels
     from model import GPT, GPTConfig
     kernels.configure("torch", "plain")
     cfg = config.Config(model=GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, block_size=16))
+    cfg.train.fused_optimizer = fused
     m = GPT(cfg.model)
     opt = train.make_optimizer(m, cfg.train, torch.device("cpu"))
+    assert train.skips_on_device(opt) == fused
     x = torch.randint(0, 64, (2, 16))
     from contextlib import nullcontext
 
