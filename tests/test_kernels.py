@@ -76,6 +76,35 @@ def test_attention_matches_the_full_score_matrix(kv_heads):
     assert_close(grads(kernels.torch_attention, q, k, v), grads(bench.naive_attention, q, k, v), 1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_matmul_attention_matches_sdpa(kv_heads):
+    """The CPU half-precision path: the same maths as the SDPA reference (FP32 here; BF16 within its rounding)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 24, 4, 16), torch.randn(2, 24, kv_heads, 16), torch.randn(2, 24, kv_heads, 16)
+    assert_close(grads(kernels.matmul_attention, q, k, v), grads(kernels.torch_attention, q, k, v), 1e-5)
+    low = [t.bfloat16() for t in (q, k, v)]
+    torch.testing.assert_close(kernels.matmul_attention(*low).float(), kernels.torch_attention(q, k, v),
+                               atol=0.05, rtol=0.05)
+
+
+def test_cpu_kernel_choice_by_dtype():
+    names = kernels.configure("auto", "auto", "cpu", torch.bfloat16)
+    assert names["attention"].startswith("matmul") and names["loss"] == "chunked (cache-sized)"
+    q = torch.randn(1, kernels.CPU_MATMUL_ATTENTION_MAX_T + 8, 2, 8)  # long context: back to SDPA
+    torch.testing.assert_close(kernels.ACTIVE["attention"](q, q, q), kernels.torch_attention(q, q, q))
+    assert kernels.configure("auto", "auto", "cpu", torch.float32)["attention"] == "torch"  # FP32: SDPA wins
+    kernels.configure("torch")
+
+
+def test_rms_norm_compiled_matches_eager():
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 10, 64), torch.randn(64)
+    compiled = torch.compile(lambda x, w: kernels.torch_rms_norm(x, w, 1e-5), backend="aot_eager")
+    assert_close(grads(compiled, x, w), grads(lambda x, w: kernels.torch_rms_norm(x, w, 1e-5), x, w), 1e-5)
+    xb = x.bfloat16()  # BF16 activations (FSDP2's BF16 parameters): normalised in FP32 either way
+    torch.testing.assert_close(compiled(xb, w), kernels.torch_rms_norm(xb, w, 1e-5), atol=0.02, rtol=0.02)
+
+
 def test_rms_norm_and_rope_match_the_formulas():
     torch.manual_seed(0)
     x, w = torch.randn(3, 10, 64), torch.randn(64)
@@ -99,13 +128,14 @@ def test_model_loss_is_the_same_with_every_loss_kernel():
     model = GPT(cfg)
     x = torch.randint(0, 200, (3, 16))
     results = {}
-    for loss in ("plain", "chunked"):
+    for loss in ("plain", "chunked", "auto"):  # auto on CPU: chunked, cache-sized chunks
         kernels.configure("torch", loss)
         model.zero_grad()
         value = model(x, x)
         value.backward()
         results[loss] = (value.detach(), [p.grad.clone() for p in model.parameters()])
     assert_close(results["chunked"], results["plain"], 1e-5)
+    assert_close(results["auto"], results["plain"], 1e-5)
     # the logits path (eval, sampling) is the plain lm_head
     kernels.configure("torch", "plain")
     logits = model(x)
@@ -113,8 +143,8 @@ def test_model_loss_is_the_same_with_every_loss_kernel():
 
 
 def test_configure_names_the_choice_and_refuses_what_cannot_run_here():
-    assert kernels.configure("auto", "auto", "cpu", torch.bfloat16) == {
-        "attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "plain"}
+    assert kernels.configure("auto", "auto", "cpu", torch.float32) == {
+        "attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "chunked (cache-sized)"}
     assert kernels.configure("auto", "chunked", "cpu", torch.bfloat16)["loss"] == "chunked"
     assert kernels.configure("torch", "plain")["loss"] == "plain"
     for name in ("flash", "liger"):
