@@ -5,7 +5,8 @@
     flash:     flash-attn 3/2   flash-attn       flash-attn       chunked
     liger:     SDPA             liger-kernel     liger-kernel     liger fused linear + cross-entropy
     auto:      flash where installed (CUDA, BF16/FP16), then liger where installed (CUDA), else torch;
-               the loss is chunked on CUDA, plain elsewhere (CPU vocabularies are small, and inductor fuses it)
+               on CPUs: attention as explicit matmuls in BF16/FP16 up to T=1024 (SDPA's CPU flash kernel is
+               slower there; in FP32 it wins), and the loss chunked in cache-sized chunks (~2^21 logits)
 
 The `torch_*` functions are the reference: they define the maths every other backend must reproduce
 (tests/test_kernels.py). Optional packages are imported only when chosen; asking for a missing one is an

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A model small enough that a training step takes milliseconds on 2 CPU cores.
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64", "train.batch_size=8",
         "train.micro_batch_size=4", "train.compile=false", "train.warmup_steps=5", "train.lr=3e-3",
-        "train.eval_batches=4", "log.interval=1"]
+        "train.eval_batches=4", "log.interval=1", "train.max_minutes=0"]
 
 
 def run(script: str, *args: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
