@@ -186,6 +186,8 @@ def main(argv: list[str]) -> int:
     if precision.warning:
         print(f"warning: {precision.warning}", file=sys.stderr)
     autocast = precision.autocast(device)
+    import kernels
+    kernels.configure("auto", "auto", device, precision.dtype)  # train.py's kernel choice for this machine
     if args.tasks:
         from data.prepare import load_tokenizer
         tok = load_tokenizer(checkpoint.tokenizer_dir(path, cfg))

@@ -460,6 +460,12 @@ class TimeBudget:
         self.deadline, self.eval_interval, self.eval_steps = t_start + 60 * minutes, eval_interval, eval_steps
         self.probe_from, self.t_probe = start_step + self.WARMUP, None
 
+    @classmethod
+    def for_run(cls, t: config.TrainConfig, plan: config.Derived, t_start: float, step: int) -> "TimeBudget":
+        # an eval scores eval_batches micro-batches over all ranks; a step trains grad_accum on each
+        eval_steps = t.eval_batches / plan.world_size / (3 * plan.grad_accum)
+        return cls(t.max_minutes, t_start, step, t.eval_interval, eval_steps)
+
     def decide(self, step: int, max_steps: int, group) -> tuple[int, float] | None:
         """After each step: None, or once (max_steps, measured seconds per step)."""
         now = time.perf_counter()
@@ -475,6 +481,33 @@ class TimeBudget:
         per_step = step_s + (evals / self.eval_interval if self.eval_interval else 0.0)
         fit = int((-late - evals) / per_step)
         return max(step, min(max_steps, step + fit)), step_s
+
+
+def describe_run(cfg: config.Config, model: GPT, device: torch.device, mode: str, world: int,
+                 precision: hardware.Precision, scaler, ops: dict[str, str]) -> str:
+    """The start-up lines after the config: model size, layout, precision and why, kernels."""
+    t = cfg.train
+    return (f"model: {cfg.model.arch}, {model.num_params() / 1e6:.2f}M parameters "
+            f"({model.num_params(embeddings=False) / 1e6:.2f}M without embeddings), "
+            f"{model.flops_per_token() / 1e6:.1f} MFLOPs/token; device {device}, parallel {mode} x {world}"
+            + (", activation checkpointing" if t.activation_checkpointing else "") + f", compile {t.compile}\n"
+            + hardware.describe(precision) + (" (loss scaling: torch.amp.GradScaler)" if scaler else "") + "\n"
+            + "kernels: " + ", ".join(f"{op} {name}" for op, name in ops.items()))
+
+
+def restore(path: str, model: nn.Module, optimizer, scaler, t: config.TrainConfig, say
+            ) -> tuple[int, int, int, int | None]:
+    """Load checkpoint `path` into model, optimizer and scaler; a max_steps decided by the run's time budget
+    applies again (the same LR schedule). Returns (step, tokens, skipped steps, decided max_steps or None)."""
+    state = checkpoint.load(path, model, optimizer)
+    if scaler is not None and "grad_scaler" in state:
+        scaler.load_state_dict(state["grad_scaler"])
+    say(f"resumed from {path} at step {state['step']} (saved by {state.get('world_size', 1)} process(es))")
+    budget_steps = state.get("budget_max_steps")
+    if budget_steps is not None:
+        t.max_steps = min(t.max_steps, budget_steps)
+        say(f"train.max_minutes: max_steps {t.max_steps}, as decided when the run started")
+    return state["step"], state["tokens"], state.get("skipped_steps", 0), budget_steps
 
 
 def run_state(cfg: config.Config, tokens: int, world: int, skips: SkipCounter, scaler, budget_steps) -> dict:
@@ -616,12 +649,7 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
     optimizer = make_optimizer(model, t, device)
     scaler = torch.amp.GradScaler(device.type) if precision.scaled else None
     flops_per_token, peak = model.flops_per_token(), hardware.peak_flops(device)
-    say(f"model: {cfg.model.arch}, {model.num_params() / 1e6:.2f}M parameters "
-        f"({model.num_params(embeddings=False) / 1e6:.2f}M without embeddings), "
-        f"{flops_per_token / 1e6:.1f} MFLOPs/token; device {device}, parallel {mode} x {world}"
-        + (", activation checkpointing" if t.activation_checkpointing else "") + f", compile {t.compile}")
-    say(hardware.describe(precision) + (" (loss scaling: torch.amp.GradScaler)" if scaler else ""))
-    say("kernels: " + ", ".join(f"{op} {name}" for op, name in ops.items()))
+    say(describe_run(cfg, model, device, mode, world, precision, scaler, ops))
     # Stop requests go over a CPU group, so they never wait on the GPU's stream; async checkpoints get a group
     # of their own, since their collectives run in a background thread (two threads must not share one group).
     cpu_group = dist.new_group(backend="gloo") if world > 1 else None
@@ -629,19 +657,8 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
 
     step, tokens, skips, budget_steps = 0, 0, SkipCounter(), None
     if resume_from:
-        state = checkpoint.load(resume_from, model, optimizer)
-        step, tokens, skips.total = state["step"], state["tokens"], state.get("skipped_steps", 0)
-        if scaler is not None and "grad_scaler" in state:
-            scaler.load_state_dict(state["grad_scaler"])
-        budget_steps = state.get("budget_max_steps")
-        say(f"resumed from {resume_from} at step {step} (saved by {state.get('world_size', 1)} process(es))")
-    if budget_steps is not None:  # decided by the run's time budget before the checkpoint: the same schedule
-        t.max_steps = min(t.max_steps, budget_steps)
-        say(f"train.max_minutes: max_steps {t.max_steps}, as decided when the run started")
-    budget = None
-    if t.max_minutes and budget_steps is None:
-        eval_steps = t.eval_batches / world / (3 * plan.grad_accum)
-        budget = TimeBudget(t.max_minutes, t_start, step, t.eval_interval, eval_steps)
+        step, tokens, skips.total, budget_steps = restore(resume_from, model, optimizer, scaler, t, say)
+    budget = TimeBudget.for_run(t, plan, t_start, step) if t.max_minutes and budget_steps is None else None
     metrics = Metrics(cfg, rank, step)
     saver = Saver(t, model, optimizer, ckpt_group, say)
     if step >= t.max_steps:
