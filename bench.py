@@ -3,6 +3,7 @@
     python bench.py configs/tiny.yaml [section.key=value ...] [--warmup 3] [--steps 10] [--peak-tflops 989]
     python bench.py configs/tiny.yaml --baseline     # + the same shape with nanoGPT-style attention and loss
     torchrun --standalone --nproc_per_node=8 bench.py configs/500m.yaml
+    python bench.py configs/125m.yaml --checkpoint /tmp/ckpt_bench   # checkpoint save/load, checksums on and off
 
 The step is train.py's own (`setup_model`, `make_optimizer`, `train_step`: the same parallel wrap, compile,
 kernels and precision); only the data is synthetic (uniform random token ids made once on the device), as in
@@ -121,20 +122,68 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
     return result
 
 
+def bench_checkpoint(cfg: config.Config, folder: str, rounds: int = 2) -> dict:
+    """Seconds to save and to load the model and its AdamW state (one process, CPU) with the checkpoint checksums
+    (hash before publishing, read-back verify, hash check on load) and without (DCP's plain writer, no checks);
+    best of `rounds`, alternating. The folder is emptied before and after."""
+    import shutil
+
+    import checkpoint
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from model import build
+    model = build(cfg.model, "cpu")
+    optimizer = train.make_optimizer(model, cfg.train, torch.device("cpu"))
+    for p in model.parameters():  # one step, so that the AdamW moments exist
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer.step()
+    real = checkpoint._writer, checkpoint.verify_files
+    best = {}
+    try:
+        for _ in range(rounds):
+            for mode in ("checksums", "plain"):
+                checkpoint._writer, checkpoint.verify_files = real if mode == "checksums" else \
+                    (FileSystemWriter, lambda path: None)
+                out = os.path.join(folder, mode)
+                shutil.rmtree(out, ignore_errors=True)
+                t0 = time.perf_counter()
+                path = checkpoint.save(out, 1, model, optimizer, {"tokens": 0}, keep_last=1).wait()
+                t1 = time.perf_counter()
+                checkpoint.load(path, model, optimizer)
+                t2 = time.perf_counter()
+                size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+                s, l = best.get(mode, (float("inf"), float("inf")))
+                best[mode] = (min(s, t1 - t0), min(l, t2 - t1))
+    finally:
+        checkpoint._writer, checkpoint.verify_files = real
+        shutil.rmtree(folder, ignore_errors=True)
+    (cs, cl), (ps, pl) = best["checksums"], best["plain"]
+    return {"params": model.num_params(), "checkpoint_gib": size / 2**30, "save_s": cs, "save_plain_s": ps,
+            "load_s": cl, "load_plain_s": pl, "save_ratio": cs / ps, "load_ratio": cl / pl}
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("args", nargs="+", help="YAML configs and section.key=value overrides, as for train.py")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--peak-tflops", type=float, default=None, help="dense BF16 peak of one device, for MFU")
+    p.add_argument("--warmup", type=config.at_least(0), default=3)
+    p.add_argument("--steps", type=config.at_least(1), default=10)
+    p.add_argument("--peak-tflops", type=config.at_least(1e-9, float), default=None, help="dense BF16 peak of one device, for MFU")
     p.add_argument("--baseline", action="store_true", help="also time the same model with nanoGPT-style "
                    "attention (full score matrix) and an unfused loss, in this process, for a ratio")
+    p.add_argument("--checkpoint", metavar="DIR", help="instead: time checkpoint save and load with and without "
+                   "checksums, writing into DIR (emptied after)")
     a = p.parse_intermixed_args(argv)
     try:
         cfg = config.load(a.args)
         if cfg.model.vocab_size is None:  # set by the data in training; synthetic data needs one
             cfg.model.vocab_size = 50257
         cfg.model.validate()
+        if a.checkpoint:
+            result = bench_checkpoint(cfg, a.checkpoint)
+            print(f"save {result['save_s']:.2f} s vs {result['save_plain_s']:.2f} s without checksums "
+                  f"({result['save_ratio']:.2f}x), load {result['load_s']:.2f} s vs {result['load_plain_s']:.2f} s "
+                  f"({result['load_ratio']:.2f}x), {result['checkpoint_gib']:.2f} GiB", file=sys.stderr)
+            print(json.dumps(result))
+            return 0
         result = bench(cfg, a.warmup, a.steps, a.peak_tflops, a.baseline)
     except (config.ConfigError, kernels.KernelError, ValueError) as e:  # HardwareError too
         print(f"error: {e}", file=sys.stderr)

@@ -6,6 +6,7 @@ Unknown keys and values of the wrong type stop with a message naming the key, wh
 command line) and the closest valid key, before anything is computed or written. Derived numbers (gradient
 accumulation, tokens per step) are computed once in `derive()`.
 """
+import argparse
 import difflib
 import types
 import typing
@@ -62,6 +63,7 @@ class TrainConfig:
     ckpt_interval: int = 500  # steps; a checkpoint is also written at the end
     keep_last: int = 2  # checkpoints kept on disk
     ckpt_dir: str | None = None  # where checkpoints go: a folder or an fsspec URL (s3://bucket/run); None: out_dir
+    lease_minutes: float = 10.0  # remote ckpt_dir: a run's lease there, unrenewed this long, may be taken over
     resume: bool = True  # continue from out_dir/latest when present
     async_checkpoint: bool = False  # write checkpoints in a background thread while training goes on
     # A Hugging Face Llama (or GPT-2) folder to start from: its config.json sets the model's shape (block_size
@@ -100,6 +102,20 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in fields(Config)}
+
+
+def at_least(low: float, kind=int):
+    """An argparse `type` for the scripts' counts and sizes: a number of `kind` that is >= low, else a clear
+    error (a negative --max_new_tokens or --steps is refused instead of silently doing nothing)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"{text} is below {low:g}")
+        return value
+    return parse
 
 
 def _all_keys() -> list[str]:
@@ -249,6 +265,8 @@ def validate(cfg: Config) -> None:
                    "train.max_minutes": t.max_minutes}.items():
         if v < 0:
             raise ConfigError(f"{key} must be >= 0 (got {v})")
+    if t.lease_minutes <= 0:
+        raise ConfigError(f"train.lease_minutes must be > 0 (got {t.lease_minutes})")
     if not 0 <= t.min_lr_ratio <= 1 or not 0 <= t.decay_frac <= 1:
         raise ConfigError("train.min_lr_ratio and train.decay_frac must be in [0, 1]")
     if not cfg.data.datasets:

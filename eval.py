@@ -18,6 +18,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from config import at_least
 from loader import eval_batches, token_bytes
 
 
@@ -156,15 +157,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("out_dir", help="run folder (uses its latest checkpoint) or a step_NNNNNN folder")
     p.add_argument("--data", action="append", help="prepared dataset folder (repeatable); default: the run's")
     p.add_argument("--split", default="val")
-    p.add_argument("--max_tokens", type=int, default=None, help="stop after this many scored tokens per dataset")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_tokens", type=at_least(1), default=None, help="stop after this many scored tokens per dataset")
+    p.add_argument("--batch_size", type=at_least(1), default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto (default): train.py's rule for this machine (hardware.py)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs: pip install lm-eval)")
-    p.add_argument("--num_fewshot", type=int, default=None)
-    p.add_argument("--limit", type=float, default=None, help="examples per task (a fraction when < 1)")
+    p.add_argument("--num_fewshot", type=at_least(0), default=None)
+    p.add_argument("--limit", type=at_least(0, float), default=None, help="examples per task (a fraction when < 1)")
     p.add_argument("--include_path", help="folder of extra lm-eval task YAMLs (e.g. on local data)")
     args = p.parse_args(argv)
     if args.tasks:

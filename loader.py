@@ -15,6 +15,7 @@ import threading
 
 import numpy as np
 import torch
+import xxhash
 
 MASK64 = (1 << 64) - 1
 
@@ -69,8 +70,19 @@ def read_meta(path: str) -> dict:
         raise DataError(f"{path}/meta.json is not valid JSON ({e})") from None
 
 
-def _open_shard(file: str, tokens: int, dtype: str) -> np.ndarray:
-    """Memory-map a .npy shard after checking its header and size against meta.json."""
+def file_digest(path: str) -> str:
+    """xxh3-128 of a file's bytes (meta.json keeps one per shard)."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while piece := f.read(8 << 20):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def _open_shard(file: str, tokens: int, dtype: str, digest: str | None = None) -> np.ndarray:
+    """Memory-map a .npy shard after checking its header and size against meta.json, and its content hash when
+    meta.json has one (datasets prepared before hashes existed have none): a changed byte stops here, not in a
+    silently different training run. Hashing reads the shard once (~0.1 s per 100M tokens from the page cache)."""
     try:
         with open(file, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -89,7 +101,23 @@ def _open_shard(file: str, tokens: int, dtype: str) -> np.ndarray:
     if size != want:
         raise DataError(f"shard {file} is truncated or padded: {size} bytes, expected {want} "
                         f"({tokens} tokens of {dtype})")
+    if digest is not None and file_digest(file) != digest:
+        raise DataError(f"shard {file} does not match the checksum in meta.json: its bytes changed after it was "
+                        f"prepared; prepare the dataset again (python data/prepare.py --verify "
+                        f"{os.path.dirname(file)} checks every shard)")
     return np.load(file, mmap_mode="r")
+
+
+def verify_dataset(path: str) -> list[str]:
+    """Check every shard of a prepared dataset against meta.json (header, size, hash); returns what it checked.
+    Raises DataError naming the first shard that fails."""
+    meta, checked = read_meta(path), []
+    for split, info in meta.get("splits", {}).items():
+        for s in info["shards"]:
+            _open_shard(os.path.join(path, s["file"]), s["tokens"], meta["dtype"], s.get("xxh3"))
+            checked.append(f"{split}/{s['file']}: {s['tokens']:,} tokens" + (", hash ok" if "xxh3" in s else
+                                                                              ", no hash in meta.json"))
+    return checked
 
 
 def same_tokenizer(a: str, b: str) -> bool:
@@ -116,7 +144,7 @@ class TokenSplit:
             raise DataError(f"{path}: data vocab {self.meta['vocab_size']} exceeds the model's vocab {vocab_size}")
         self.vocab_size = vocab_size
         info = self.meta["splits"][split]
-        self.shards = [_open_shard(os.path.join(path, s["file"]), s["tokens"], self.meta["dtype"])
+        self.shards = [_open_shard(os.path.join(path, s["file"]), s["tokens"], self.meta["dtype"], s.get("xxh3"))
                        for s in info["shards"]]
         self.tokens = sum(len(s) for s in self.shards)
 

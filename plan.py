@@ -167,7 +167,7 @@ def check() -> None:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("args", nargs="*", help="YAML configs and section.key=value overrides, as for train.py")
-    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpus", type=config.at_least(1), default=8)
     p.add_argument("--gpu", choices=list(GPUS), default="h100")
     p.add_argument("--check", action="store_true", help="compare the activation estimate with this CPU")
     a = p.parse_intermixed_args(argv)

@@ -8,17 +8,19 @@ import sys
 
 import torch
 
+from config import at_least
+
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", help="run folder (uses its latest checkpoint) or a step_NNNNNN folder")
     p.add_argument("--prompt", default="\n", help="text to continue")
     p.add_argument("--prompt_file", help="read the prompt from this file instead")
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=200)
-    p.add_argument("--top_p", type=float, default=0.95)
-    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--max_new_tokens", type=at_least(1), default=200)
+    p.add_argument("--temperature", type=at_least(0, float), default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=at_least(1), default=200)
+    p.add_argument("--top_p", type=at_least(0, float), default=0.95)
+    p.add_argument("--num_samples", type=at_least(1), default=1)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no_stop", action="store_true", help="keep generating past the end-of-text token")
     p.add_argument("--device", default="auto")

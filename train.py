@@ -213,6 +213,18 @@ def check_same_model(saved: dict, cfg: config.Config, path: str) -> None:
                                  f"use another train.out_dir or train.resume=false")
 
 
+def find_resume(cfg: config.Config) -> str | None:
+    """The checkpoint to resume from (rank 0): the newest one in the run that verifies (train_state.json, the
+    tensor index against this model, every file's checksum); damaged newer ones are set aside, loudly."""
+    t = cfg.train
+    if not t.resume:
+        return None
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    return checkpoint.find_resumable(t.ckpt_dir or t.out_dir, model, lambda msg: print(msg, file=sys.stderr, flush=True),
+                                     check=lambda state, path: check_same_model(state["config"], cfg, path))
+
+
 def parallel_mode(cfg: config.Config, device: torch.device, world: int, n_params: int) -> str:
     """'none' on one process; else train.parallel, where auto picks DDP while the FP32 model, its gradients
     and AdamW's two moments (16 bytes a parameter) take under 40 % of one device's memory, else FSDP."""
@@ -499,7 +511,7 @@ def restore(path: str, model: nn.Module, optimizer, scaler, t: config.TrainConfi
             ) -> tuple[int, int, int, int | None]:
     """Load checkpoint `path` into model, optimizer and scaler; a max_steps decided by the run's time budget
     applies again (the same LR schedule). Returns (step, tokens, skipped steps, decided max_steps or None)."""
-    state = checkpoint.load(path, model, optimizer)
+    state = checkpoint.load(path, model, optimizer, verified=True)  # find_resume verified it
     if scaler is not None and "grad_scaler" in state:
         scaler.load_state_dict(state["grad_scaler"])
     say(f"resumed from {path} at step {state['step']} (saved by {state.get('world_size', 1)} process(es))")
@@ -577,7 +589,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    rank, lock = 0, None
+    rank, lock, lease = 0, None, None
     try:
         cfg = config.load(argv)
         tracking.check(cfg)
@@ -590,22 +602,26 @@ def main(argv: list[str]) -> int:
             print(f"warning: {precision.warning}", file=sys.stderr, flush=True)
         ops = kernels.configure(t.kernels, t.loss, device, precision.dtype)
         # rank 0 takes the run's lock and prepares missing data; the others wait and then see the same outcome
-        error = None
+        error, resume_from = None, None
         if rank == 0:
             try:
                 lock = lock_run(t.out_dir)
                 if t.ckpt_dir and not checkpoint.is_remote(t.ckpt_dir) and \
                         os.path.realpath(t.ckpt_dir) != os.path.realpath(t.out_dir):
                     lock_run(t.ckpt_dir).close()  # writable and not another run's out_dir (closing drops the lock)
+                if t.ckpt_dir and checkpoint.is_remote(t.ckpt_dir):  # an object store has no locks: a lease
+                    lease = checkpoint.Lease(t.ckpt_dir, t.lease_minutes)
+                    lease.acquire()
                 for name in checkpoint.clean(t.ckpt_dir or t.out_dir):
                     print(f"removed {name}, an unfinished save or deletion of a killed run")
                 prepare_data(cfg)
-            except (config.ConfigError, DataError) as e:
+                resume_from = find_resume(cfg)
+            except (config.ConfigError, DataError, checkpoint.CheckpointError) as e:
                 error = str(e)
         if world > 1:
-            shared = [error]
+            shared = [error, resume_from]
             dist.broadcast_object_list(shared, src=0)
-            error = shared[0]
+            error, resume_from = shared
             if error is None and rank != 0:
                 prepare_data(cfg)
         if error is not None:
@@ -613,11 +629,6 @@ def main(argv: list[str]) -> int:
         plan = config.derive(cfg, world)
         loader = TrainLoader(cfg.data.datasets, cfg.data.weights, cfg.model.block_size, t.micro_batch_size,
                              plan.grad_accum, t.seed, rank, world, cfg.model.vocab_size)
-        resume_from = checkpoint.find_latest(t.ckpt_dir or t.out_dir) if t.resume else None
-        if resume_from:
-            check_same_model(checkpoint.read_state(resume_from)["config"], cfg, resume_from)
-            with torch.device("meta"):
-                checkpoint.verify(resume_from, GPT(cfg.model))
         return train(cfg, plan, loader, device, precision, rank, world, resume_from, ops)
     except (config.ConfigError, hardware.HardwareError, DataError, kernels.KernelError,
             checkpoint.CheckpointError) as e:
@@ -627,6 +638,8 @@ def main(argv: list[str]) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        if lease is not None:
+            lease.release()
         if lock is not None:
             lock.close()
 

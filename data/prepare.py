@@ -39,7 +39,7 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as `python data/prepare.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from loader import DataError, read_meta  # noqa: E402
+from loader import DataError, file_digest, read_meta, verify_dataset  # noqa: E402
 
 EOT = "<|endoftext|>"
 PYCODE_VOCAB = 8192
@@ -270,8 +270,8 @@ class ShardWriter:
         tmp = os.path.join(self.out, name + ".tmp")
         with open(tmp, "wb") as f:
             np.save(f, head)
+        self.shards.append({"file": name, "tokens": int(count), "xxh3": file_digest(tmp)})
         os.replace(tmp, os.path.join(self.out, name))
-        self.shards.append({"file": name, "tokens": int(count)})
 
 
 def prepare(inputs: list[str], out: str, tokenizer: str = "bpe", vocab_size: int = 8192, text_field: str = "text",
@@ -380,9 +380,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--val_frac", type=float, default=0.005)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--shard_tokens", type=int, default=100_000_000)
+    p.add_argument("--verify", metavar="DIR", help="check every shard of a prepared dataset against its meta.json")
     args = p.parse_args(argv)
     try:
-        if args.corpus:
+        if args.verify:
+            for line in verify_dataset(args.verify):
+                print(line)
+            print(f"{args.verify}: every shard matches meta.json")
+        elif args.corpus:
             out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), args.corpus)
             CORPORA[args.corpus](out, args.workers)
         elif args.input and args.out:

@@ -177,6 +177,7 @@ def test_mixture_follows_weights(dataset, tmp_path):
         if f.startswith("train_"):
             arr = np.load(os.path.join(other, f))
             np.save(os.path.join(other, f), np.full_like(arr, 299))
+    rehash(other)
     L = TrainLoader([dataset, other], [3, 1], 16, 64, 1, seed=0)
     frac = np.mean([(L.batch(s, 0)[0] == 299).all(dim=1).float().mean().item() for s in range(20)])
     assert 0.18 < frac < 0.32, frac
@@ -203,6 +204,16 @@ def test_eval_batches_cover_every_target_once(dataset):
     assert 100 <= sum((y >= 0).sum().item() for _, y in capped) < 100 + 32
 
 
+def rehash(path: str) -> None:
+    """Record the shards' current hashes in meta.json: a dataset that was prepared this way, not one damaged later."""
+    from loader import file_digest
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    for info in meta["splits"].values():
+        for s in info["shards"]:
+            s["xxh3"] = file_digest(os.path.join(path, s["file"]))
+    json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
+
+
 def corrupt_copy(dataset, tmp_path, name):
     path = str(tmp_path / name)
     shutil.copytree(dataset, path)
@@ -226,8 +237,9 @@ def test_corrupt_or_mismatched_data_is_rejected(dataset, tmp_path):
 
     path, shard = corrupt_copy(dataset, tmp_path, "range")
     arr = np.load(shard)
-    arr[:] = 400  # ids past the vocab meta.json declares
+    arr[:] = 400  # ids past the vocab meta.json declares, in a dataset whose hashes match (made this way)
     np.save(shard, arr)
+    rehash(path)
     with pytest.raises(DataError, match="token id 400, outside the model's vocab of 300"):
         L = TrainLoader([path], None, 16, 64, 1, seed=0, vocab_size=300)
         for step in range(10):

@@ -323,6 +323,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, corpus, trained, tm
         state_file = os.path.join(out, "step_000030", "train_state.json")
         state = json.load(open(state_file))
         state["config"]["model"]["n_layer"] = 3
+        os.remove(os.path.join(out, "step_000030", checkpoint.SUMS_FILE))  # foreign, not damaged: no checksums
         json.dump(state, open(state_file, "w"))
         extra = ["model.n_layer=3", "train.max_steps=40"]
         want = "does not fit this model; missing from the checkpoint: layers.2.input_layernorm.weight"
@@ -384,6 +385,7 @@ def test_pickle_bombs_in_a_checkpoint_are_refused(corpus, trained, tmp_path):
     latest = checkpoint.find_latest(index_bomb)
     with open(os.path.join(latest, ".metadata"), "wb") as f:
         pickle.dump(Bomb(marker), f)
+    os.remove(os.path.join(latest, checkpoint.SUMS_FILE))  # checksums catch damage; an attacker drops them too
     # 2. non-tensor values (optimizer hyperparameters) are pickled by torch.save inside the data files
     value_bomb = str(tmp_path / "value_bomb")
     shutil.copytree(trained, value_bomb)

@@ -143,3 +143,33 @@ def test_a_save_killed_midway_leaves_latest_whole(s3, monkeypatch):
     checkpoint.save(url, 2, model, opt, {"tokens": 0}, keep_last=3)  # a retry replaces the partial folder
     assert checkpoint.find_latest(url) == f"{url}/step_000002"
     assert checkpoint.read_state(f"{url}/step_000002")["step"] == 2
+
+
+def test_two_runs_on_one_s3_url_the_second_stops_and_a_dead_runs_lease_expires(s3, corpus, tmp_path, monkeypatch,
+                                                                              capsys):
+    """An object store has no locks: a lease object names the run that holds the URL. A second run stops at start
+    with the holder's name; once the holder is killed, its lease (no longer renewed) is taken over after
+    train.lease_minutes."""
+    import signal
+    from conftest import kill_tree
+    monkeypatch.chdir(ROOT)
+    url, fs = f"{s3}/run3", checkpoint._fs(s3)
+    first = subprocess.Popen([sys.executable, "train.py", *args(corpus, str(tmp_path / "a"), "train.max_steps=100000",
+                                                               f"train.ckpt_dir={url}")],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint._fs(url).exists(f"{url}/.lease.json"):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never took its lease"
+            time.sleep(0.3)
+        assert train.main(args(corpus, str(tmp_path / "b"), "train.max_steps=2", f"train.ckpt_dir={url}")) == 2
+        err = capsys.readouterr().err
+        assert f"{url} is in use by another run (pid {first.pid} on" in err, err
+    finally:
+        kill_tree(first.pid)  # SIGKILL: no release, the lease object stays behind
+        first.wait(30)
+    assert fs.exists(f"{url}/.lease.json")
+    time.sleep(1.5)
+    assert train.main(args(corpus, str(tmp_path / "c"), "train.max_steps=2", f"train.ckpt_dir={url}",
+                           "train.lease_minutes=0.02", "train.resume=false")) == 0  # 1.2 s without renewal: expired
+    assert not checkpoint._fs(url).exists(f"{url}/.lease.json")  # released at the end

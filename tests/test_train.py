@@ -71,8 +71,8 @@ def test_killed_save_leaves_previous_checkpoint(corpus, tmp_path, monkeypatch):
                                  "train.eval_interval=0")) == 0
     real_save = checkpoint.dcp.save
 
-    def dies_mid_save(state, checkpoint_id):
-        real_save(state, checkpoint_id=checkpoint_id)
+    def dies_mid_save(state, checkpoint_id, **kw):
+        real_save(state, checkpoint_id=checkpoint_id, **kw)
         with open(os.path.join(checkpoint_id, "__0_0.distcp"), "r+b") as f:
             f.truncate(100)  # half-written shard
         raise KeyboardInterrupt("killed during save")

@@ -1,0 +1,144 @@
+"""Silent corruption: every checkpoint file and token shard is hashed when written and checked when read; a damaged
+latest checkpoint is set aside and the run resumes from the newest one that verifies, bit-exactly."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import checkpoint
+import train
+from conftest import run
+from model import GPT
+from test_train import losses, train_args
+
+COMMON = ["train.ckpt_interval=2", "train.keep_last=5", "train.eval_interval=0"]
+
+
+def flip(path: str) -> None:
+    """Invert one byte in the middle of a file, as a bad disk or a stray write would."""
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(data)
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory):
+    """A 6-step run with checkpoints at 2, 4, 6, and the same run continued to 8 without interruption."""
+    root = tmp_path_factory.mktemp("integrity")
+    six, eight = str(root / "six"), str(root / "eight")
+    assert train.main(train_args(corpus, six, *COMMON, "train.max_steps=6")) == 0
+    assert train.main(train_args(corpus, eight, *COMMON, "train.max_steps=8")) == 0
+    return six, eight
+
+
+def meta_model(run_dir: str) -> GPT:
+    cfg = checkpoint.read_state(checkpoint.find_latest(run_dir))["config"]
+    import config
+    with torch.device("meta"):
+        return GPT(config.build(cfg).model)
+
+
+def test_every_file_of_a_checkpoint_has_a_checksum_and_a_flipped_byte_is_named(runs, tmp_path):
+    six, _ = runs
+    step6 = os.path.join(six, "step_000006")
+    sums = json.load(open(os.path.join(step6, checkpoint.SUMS_FILE)))
+    data_files = [n for n in os.listdir(step6) if n.endswith(".distcp")]
+    assert sorted(sums) == sorted([*data_files, checkpoint.STATE_FILE, ".metadata"])
+    checkpoint.verify(step6, meta_model(six))  # intact: passes
+    for name in [*data_files, checkpoint.STATE_FILE, ".metadata", checkpoint.SUMS_FILE]:
+        copy = str(tmp_path / name.strip("._"))
+        shutil.copytree(step6, copy)
+        flip(os.path.join(copy, name))
+        with pytest.raises(checkpoint.CorruptCheckpoint) as e:
+            checkpoint.verify(copy, meta_model(six))
+        want = f"{name} does not match its checksum" if name != checkpoint.SUMS_FILE else f"{name} is unreadable"
+        assert want in str(e.value), str(e.value)
+        with pytest.raises(checkpoint.CorruptCheckpoint):  # sample.py, eval.py and export.py load through this
+            checkpoint.load(copy, meta_model(six).to_empty(device="cpu"))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "state_json"])
+def test_a_damaged_latest_is_set_aside_and_the_run_continues_bit_exactly(runs, tmp_path, damage, capsys):
+    six, eight = runs
+    out = str(tmp_path / "run")
+    shutil.copytree(six, out)
+    step6 = os.path.join(out, "step_000006")
+    data = os.path.join(step6, [n for n in os.listdir(step6) if n.endswith(".distcp")][0])
+    if damage == "flip":
+        flip(data)
+    elif damage == "truncate":
+        os.truncate(data, os.path.getsize(data) // 2)
+    else:  # a broken train_state.json, in a checkpoint without checksums (written before they existed)
+        os.remove(os.path.join(step6, checkpoint.SUMS_FILE))
+        open(os.path.join(step6, checkpoint.STATE_FILE), "w").write('{"step": 6,\n"tokens": }')
+    assert train.main(train_args(corpus_of(six), out, *COMMON, "train.max_steps=8")) == 0
+    err = capsys.readouterr().err
+    assert "step_000006" in err and "Moved it aside to" in err and "corrupt_step_000006" in err, err
+    if damage == "state_json":
+        assert f"{checkpoint.STATE_FILE} is not valid JSON" in err
+    else:
+        assert os.path.basename(data) in err
+    assert os.path.isdir(os.path.join(out, "corrupt_step_000006"))  # kept for a look, not deleted
+    a, b = losses(eight), losses(out)
+    assert all(a[s] == b[s] for s in (5, 6, 7, 8)), (a, b)  # resumed at 4: the same steps, bit for bit
+    assert checkpoint.find_latest(out).endswith("step_000008")
+
+
+def corpus_of(run_dir: str) -> str:
+    import yaml
+    return yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))["data"]["datasets"][0]
+
+
+def test_keep_last_keeps_the_good_checkpoint_when_a_new_one_fails_to_verify(corpus, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    assert train.main(train_args(corpus, out, "train.max_steps=2", "train.ckpt_interval=2", "train.keep_last=1",
+                                 "train.eval_interval=0")) == 0
+    real = checkpoint.verify_files
+
+    def damaged_on_write(path):  # what a disk that corrupts writes looks like: the read-back differs
+        if "step_000004" in path:
+            raise checkpoint.CorruptCheckpoint(f"checkpoint {path}: __0_0.distcp does not match its checksum")
+        return real(path)
+    monkeypatch.setattr(checkpoint, "verify_files", damaged_on_write)
+    assert train.main(train_args(corpus, out, "train.max_steps=4", "train.ckpt_interval=2", "train.keep_last=1",
+                                 "train.eval_interval=0")) == 1
+    assert "does not match its checksum" in capsys.readouterr().err
+    assert sorted(n for n in os.listdir(out) if "step_" in n) == ["step_000002"]  # the good one stays
+    assert checkpoint.find_latest(out).endswith("step_000002")
+
+
+def test_a_changed_token_shard_stops_the_run_and_prepare_verify_names_it(corpus, tmp_path, capsys):
+    data = str(tmp_path / "data")
+    shutil.copytree(corpus, data)
+    meta = json.load(open(os.path.join(data, "meta.json")))
+    shard = meta["splits"]["train"]["shards"][0]
+    assert len(shard["xxh3"]) == 32
+    assert "every shard matches meta.json" in run("data/prepare.py", "--verify", data).stdout
+    flip(os.path.join(data, shard["file"]))
+    assert train.main(train_args(data, str(tmp_path / "run"), "train.max_steps=2")) == 2
+    err = capsys.readouterr().err
+    assert f"shard {os.path.join(data, shard['file'])} does not match the checksum in meta.json" in err
+    r = run("data/prepare.py", "--verify", data, check=False)
+    assert r.returncode == 2 and shard["file"] in r.stderr
+    assert not os.path.exists(tmp_path / "run" / "step_000002")
+
+
+@pytest.mark.parametrize("script,args,word", [
+    ("sample.py", ["--max_new_tokens", "-5"], "--max_new_tokens"), ("sample.py", ["--num_samples", "0"], "--num_samples"),
+    ("eval.py", ["--max_tokens", "0"], "--max_tokens"), ("eval.py", ["--batch_size", "-1"], "--batch_size"),
+    ("bench.py", ["--steps", "0"], "--steps"), ("plan.py", ["--gpus", "0"], "--gpus")])
+def test_negative_or_zero_counts_are_refused(script, args, word):
+    target = ["configs/tiny.yaml"] if script in ("bench.py", "plan.py") else ["out/none"]
+    r = run(script, *target, *args, check=False)
+    assert r.returncode == 2 and word in r.stderr and "is below" in r.stderr, r.stderr
+
+
+def test_bench_times_checkpoints_with_and_without_checksums(tmp_path):
+    import json as js
+    r = run("bench.py", "configs/tiny.yaml", "model.n_layer=1", "model.vocab_size=256", "--checkpoint",
+            str(tmp_path / "ck"))
+    res = js.loads(r.stdout.strip().splitlines()[-1])
+    assert res["save_s"] > 0 and res["load_plain_s"] > 0 and res["save_ratio"] > 0
+    assert not os.path.exists(tmp_path / "ck")  # emptied after
