@@ -34,7 +34,6 @@ import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
-import xxhash
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
@@ -42,6 +41,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
+
+from loader import hash_stream
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 STATE_FILE = "train_state.json"
@@ -140,14 +141,6 @@ class _SafePlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def _hash_stream(f) -> str:
-    """xxh3-128 of a binary stream, read in 8 MB pieces (~10 GB/s: a fraction of the time a save takes)."""
-    h = xxhash.xxh3_128()
-    while piece := f.read(8 << 20):
-        h.update(piece)
-    return h.hexdigest()
-
-
 class _Checksummed:
     """Mixed into DCP's writers: `finish()` runs on the coordinator after every rank has written its files and
     before `.metadata` (the file that makes the folder count as complete); it hashes the files first."""
@@ -162,7 +155,7 @@ class _Checksummed:
 
     def _hash(self, name: str) -> str:
         with self.fs.create_stream(self.fs.concat_path(self.path, name), "rb") as f:
-            return _hash_stream(f)
+            return hash_stream(f)
 
     def _write_sums(self, sums: dict) -> None:
         with self.fs.create_stream(self.fs.concat_path(self.path, SUMS_FILE), "wb") as f:
@@ -195,7 +188,7 @@ def verify_files(path: str) -> None:
     for name, want in sums.items():
         try:
             with _open(_join(path, name)) as f:
-                got = _hash_stream(f)
+                got = hash_stream(f)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"checkpoint {path} is missing {name}") from None
         if got != want:
