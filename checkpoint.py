@@ -573,9 +573,7 @@ def load(path: str, model: torch.nn.Module, optimizer=None, verified: bool = Fal
         first = _first_failure(e)
         if isinstance(first, CheckpointError):
             raise first from None
-        older = [os.path.basename(c) for c in list_checkpoints(os.path.dirname(path.rstrip("/"))) if c != path]
-        hint = f"; remove it to resume from {older[-1]}" if older and not is_remote(path) else ""
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(first).__name__}: {first}){hint}") from None
+        raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({type(first).__name__}: {first})") from None
     if optimizer is None:
         set_model_state_dict(model, model_sd)
     else:

@@ -495,6 +495,24 @@ class TimeBudget:
         return max(step, min(max_steps, step + fit)), step_s
 
 
+def fall_back(cfg: config.Config, bad: str, error: Exception, rank: int, group) -> str:
+    """After checkpoint `bad` failed to load on some rank (DCP gathers every rank's error, so all ranks are
+    here): rank 0 sets it aside and picks the newest checkpoint that verifies; every rank gets its name. The next
+    load overwrites every tensor the failed one may have half written. Raises CheckpointError when none is
+    left (a fresh start would need a fresh model)."""
+    shared = [None]
+    if rank == 0:
+        print(f"warning: {error}. Moved it aside to {checkpoint.set_aside(bad)}; trying the checkpoint before it.",
+              file=sys.stderr, flush=True)
+        shared = [find_resume(cfg) or ""]
+    if group is not None:
+        dist.broadcast_object_list(shared, src=0, group=group)
+    if not shared[0]:
+        raise checkpoint.CheckpointError(f"{error}, and no older checkpoint verifies; start over with "
+                                         f"train.resume=false or another train.out_dir")
+    return shared[0]
+
+
 def describe_run(cfg: config.Config, model: GPT, device: torch.device, mode: str, world: int,
                  precision: hardware.Precision, scaler, ops: dict[str, str]) -> str:
     """The start-up lines after the config: model size, layout, precision and why, kernels."""
@@ -669,8 +687,12 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
     ckpt_group = dist.new_group(backend="gloo") if world > 1 and t.async_checkpoint else None
 
     step, tokens, skips, budget_steps = 0, 0, SkipCounter(), None
-    if resume_from:
-        step, tokens, skips.total, budget_steps = restore(resume_from, model, optimizer, scaler, t, say)
+    while resume_from:
+        try:
+            step, tokens, skips.total, budget_steps = restore(resume_from, model, optimizer, scaler, t, say)
+            break
+        except checkpoint.CorruptCheckpoint as e:  # verified (or too old to have checksums), yet unreadable
+            resume_from = fall_back(cfg, resume_from, e, rank, cpu_group)
     budget = TimeBudget.for_run(t, plan, t_start, step) if t.max_minutes and budget_steps is None else None
     metrics = Metrics(cfg, rank, step)
     saver = Saver(t, model, optimizer, ckpt_group, say)

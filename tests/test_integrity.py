@@ -59,7 +59,7 @@ def test_every_file_of_a_checkpoint_has_a_checksum_and_a_flipped_byte_is_named(r
             checkpoint.load(copy, meta_model(six).to_empty(device="cpu"))
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "state_json"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "state_json", "unreadable_without_checksums"])
 def test_a_damaged_latest_is_set_aside_and_the_run_continues_bit_exactly(runs, tmp_path, damage, capsys):
     six, eight = runs
     out = str(tmp_path / "run")
@@ -70,14 +70,19 @@ def test_a_damaged_latest_is_set_aside_and_the_run_continues_bit_exactly(runs, t
         flip(data)
     elif damage == "truncate":
         os.truncate(data, os.path.getsize(data) // 2)
-    else:  # a broken train_state.json, in a checkpoint without checksums (written before they existed)
+    elif damage == "state_json":  # a broken train_state.json, in a checkpoint without checksums (an old one)
         os.remove(os.path.join(step6, checkpoint.SUMS_FILE))
         open(os.path.join(step6, checkpoint.STATE_FILE), "w").write('{"step": 6,\n"tokens": }')
+    else:  # no checksums to catch it first: the load itself fails, and the run falls back from there
+        os.remove(os.path.join(step6, checkpoint.SUMS_FILE))
+        os.truncate(data, os.path.getsize(data) // 2)
     assert train.main(train_args(corpus_of(six), out, *COMMON, "train.max_steps=8")) == 0
     err = capsys.readouterr().err
     assert "step_000006" in err and "Moved it aside to" in err and "corrupt_step_000006" in err, err
     if damage == "state_json":
         assert f"{checkpoint.STATE_FILE} is not valid JSON" in err
+    elif damage == "unreadable_without_checksums":
+        assert "step_000006 is unreadable" in err
     else:
         assert os.path.basename(data) in err
     assert os.path.isdir(os.path.join(out, "corrupt_step_000006"))  # kept for a look, not deleted
