@@ -3,7 +3,7 @@
     python bench.py configs/tiny.yaml [section.key=value ...] [--warmup 3] [--steps 10] [--peak-tflops 989]
     python bench.py configs/tiny.yaml --baseline     # + the same shape with nanoGPT-style attention and loss
     torchrun --standalone --nproc_per_node=8 bench.py configs/500m.yaml
-    python bench.py configs/125m.yaml --checkpoint /tmp/ckpt_bench   # checkpoint save/load, checksums on and off
+    python bench.py configs/125m.yaml --checkpoint DIR   # checkpoint save/load time, checksums on and off
 
 The step is train.py's own (`setup_model`, `make_optimizer`, `train_step`: the same parallel wrap, compile,
 kernels and precision); only the data is synthetic (uniform random token ids made once on the device), as in
