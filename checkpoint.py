@@ -27,8 +27,10 @@ import io
 import json
 import os
 import pickle
+import platform
 import re
 import shutil
+import threading
 import time
 import warnings
 
@@ -177,7 +179,7 @@ def _writer(path: str):
 
 
 def verify_files(path: str) -> None:
-    """Hash every file `checksums.json` lists and compare; raises CheckpointError naming the first file that is
+    """Hash every file `checksums.json` lists and compare; raises CorruptCheckpoint naming the first file that is
     missing or differs. A checkpoint written before checksums existed has no list and passes."""
     try:
         sums = json.loads(_read_text(_join(path, SUMS_FILE)))
@@ -449,8 +451,6 @@ class Lease:
     instant both write it; each reads it back after a moment and only the one whose write stayed goes on."""
 
     def __init__(self, folder: str, minutes: float):
-        import platform
-        import threading
         self.folder, self.path, self.minutes = folder, _join(folder, ".lease.json"), minutes
         self.holder = f"pid {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
         self.stop = threading.Event()
@@ -459,10 +459,8 @@ class Lease:
     def _read(self) -> dict | None:
         try:
             return json.loads(_read_text(self.path))
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError):  # none, or one cut short by a crash: it holds nobody
             return None
-        except ValueError:
-            return None  # a lease cut short by a crash holds nobody
 
     def _write(self) -> None:
         with _fs(self.path).open(self.path, "wb") as f:
