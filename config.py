@@ -46,7 +46,12 @@ class TrainConfig:
     # steps it fixes max_steps (never above the configured one) from the measured step time, so that the LR
     # schedule decays on time; the decided value is kept in the checkpoint, so a resume repeats it.
     max_minutes: float = 0.0
-    lr: float = 6e-4
+    # adamw: AdamW for every parameter. muon: Muon for the blocks' matrices, AdamW for embeddings, head, norms and
+    # biases (optim.py); Muon's step is scaled to AdamW's RMS (Moonlight), so train.lr carries over.
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    lr: float = 6e-4  # peak learning rate (AdamW; Muon too unless muon_lr is set)
+    muon_lr: float | None = None  # Muon's peak learning rate in AdamW units; None: train.lr
+    muon_momentum: float = 0.95
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     warmup_steps: int = 100
     schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
@@ -249,7 +254,8 @@ def load(args: list[str]) -> Config:
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express (the vocab may still be unknown: it can come from the data)."""
     try:
-        replace(cfg.model, vocab_size=cfg.model.vocab_size or 2).validate()
+        eot = 0 if cfg.model.eot_id is None else cfg.model.eot_id  # both may come from the data
+        replace(cfg.model, vocab_size=cfg.model.vocab_size or 2, eot_id=eot).validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
     t = cfg.train
@@ -262,11 +268,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 1 (got {v})")
     for key, v in {"train.warmup_steps": t.warmup_steps, "train.eval_interval": t.eval_interval,
                    "train.lr": t.lr, "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
-                   "train.max_minutes": t.max_minutes}.items():
+                   "train.max_minutes": t.max_minutes, "train.muon_lr": t.muon_lr or 0}.items():
         if v < 0:
             raise ConfigError(f"{key} must be >= 0 (got {v})")
     if t.lease_minutes <= 0:
         raise ConfigError(f"train.lease_minutes must be > 0 (got {t.lease_minutes})")
+    if not 0 <= t.muon_momentum < 1:
+        raise ConfigError(f"train.muon_momentum must be in [0, 1) (got {t.muon_momentum})")
     if not 0 <= t.min_lr_ratio <= 1 or not 0 <= t.decay_frac <= 1:
         raise ConfigError("train.min_lr_ratio and train.decay_frac must be in [0, 1]")
     if not cfg.data.datasets:

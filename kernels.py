@@ -44,7 +44,17 @@ def torch_attention(q, k, v):
     return y.transpose(1, 2)
 
 
-def matmul_attention(q, k, v):
+def doc_attention(q, k, v, docs):
+    """Causal attention within documents: position i sees j <= i only where docs[b, i] == docs[b, j]; docs (B, T)
+    holds each token's document index. SDPA with a boolean (B, 1, T, T) mask (O(T^2) bytes per sequence)."""
+    T = q.size(1)
+    mask = (docs[:, :, None] == docs[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask[:, None], enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
+
+
+def matmul_attention(q, k, v, docs=None):
     """The same causal attention as explicit matmuls: scores (B, H, T, T) from a pre-scaled q, the causal mask,
     softmax, weights @ v. On CPUs in BF16/FP16 at short context it is faster than SDPA's CPU flash kernel
     (fwd+bwd at B16 T256 H4 D64, BF16: 18.5 vs 32.1 ms; BENCHMARKS.md); in FP32 SDPA wins. The score matrix is
@@ -55,6 +65,8 @@ def matmul_attention(q, k, v):
         k, v = (x.repeat_interleave(H // k.size(1), dim=1) for x in (k, v))
     scores = (q * D**-0.5) @ k.transpose(-2, -1)  # scaling q: T*D multiplies instead of T*T
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
+    if docs is not None:  # other documents are masked as the future is
+        future = future | (docs[:, None, :, None] != docs[:, None, None, :])
     return (scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v).transpose(1, 2)
 
 
@@ -84,9 +96,15 @@ def torch_rope(x, rope):
     return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
-def plain_loss(h, weight, targets):
-    """Mean cross-entropy of logits h @ weight.T in FP32; h (N, d), weight (V, d), targets (N,), -1 ignored."""
-    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-1)
+def softcap(logits, cap: float):
+    """cap * tanh(logits / cap): logits stay within (-cap, cap) (Gemma 2); cap 0 leaves them alone."""
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def plain_loss(h, weight, targets, cap: float = 0.0):
+    """Mean cross-entropy of logits h @ weight.T in FP32; h (N, d), weight (V, d), targets (N,), -1 ignored;
+    `cap` > 0 soft-caps the logits first."""
+    return F.cross_entropy(softcap(F.linear(h, weight).float(), cap), targets, ignore_index=-1)
 
 
 class ChunkedLoss(torch.autograd.Function):
@@ -95,7 +113,7 @@ class ChunkedLoss(torch.autograd.Function):
     kept: dh (N, d) in h's dtype and dW (V, d) in FP32, which backward scales by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk):
+    def forward(ctx, h, weight, targets, chunk, cap):
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         need_grad = any(ctx.needs_input_grad[:2])
         with torch.autocast(h.device.type, enabled=False):
@@ -110,12 +128,18 @@ class ChunkedLoss(torch.autograd.Function):
             for i in range(0, h.size(0), chunk):
                 hc, tc, sc = h[i:i + chunk].to(dtype), safe[i:i + chunk], scale[i:i + chunk]
                 logits = (hc @ w.t()).to(acc)  # (chunk, V): the only large buffer
+                if cap:  # soft-capped: z = cap * tanh(x / cap), dz/dx = 1 - tanh^2
+                    th = logits.div_(cap).tanh_()
+                    dcap = 1.0 - th.square() if need_grad else None
+                    logits = th.mul_(cap)
                 lse = torch.logsumexp(logits, dim=-1)
                 rows = torch.arange(hc.size(0), device=h.device)
                 loss += ((lse - logits[rows, tc]) * sc).sum()
                 if need_grad:  # d loss / d logits = (softmax - onehot) * row weight, built in the logits buffer
                     g = logits.sub_(lse[:, None]).exp_()
                     g[rows, tc] -= 1.0
+                    if cap:
+                        g.mul_(dcap)
                     g = g.to(dtype)
                     dh[i:i + chunk] = ((g @ w) * sc[:, None]).to(h.dtype)
                     dw += (g.t() @ (hc * sc[:, None].to(dtype))).to(acc)
@@ -126,22 +150,22 @@ class ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         dh, dw = ctx.saved_tensors
-        return dh * grad.to(dh.dtype), (dw * grad).to(ctx.weight_dtype), None, None
+        return dh * grad.to(dh.dtype), (dw * grad).to(ctx.weight_dtype), None, None, None
 
 
 @torch.compiler.disable  # traced, its chunk loop ran ~3.5x slower than eager (inductor, CPU); eager it is
-def chunked_loss(h, weight, targets, chunk: int | None = None):
+def chunked_loss(h, weight, targets, cap: float = 0.0, chunk: int | None = None):
     """Same value and gradients as `plain_loss`, holding one chunk of FP32 logits at a time (by default
     ~2^26 logits: 256 MB in FP32, a chunk of 1,334 rows at a 50k vocab, still a large GEMM)."""
-    return ChunkedLoss.apply(h, weight, targets, chunk or max(1, 2**26 // weight.size(0)))
+    return ChunkedLoss.apply(h, weight, targets, chunk or max(1, 2**26 // weight.size(0)), cap)
 
 
 @torch.compiler.disable
-def cpu_chunked_loss(h, weight, targets):
+def cpu_chunked_loss(h, weight, targets, cap: float = 0.0):
     """The chunked loss with chunks of ~2^21 logits (8 MB in FP32: 256 rows at an 8k vocab), which stay in a CPU's
     cache between the GEMM, the softmax and the two gradient GEMMs: fwd+bwd of 4096 rows x 8192 vocab took 202 ms
     against 346 ms for the plain loss in BF16, 387 vs 483 ms in FP32 (BENCHMARKS.md)."""
-    return ChunkedLoss.apply(h, weight, targets, max(128, 2**21 // weight.size(0)))
+    return ChunkedLoss.apply(h, weight, targets, max(128, 2**21 // weight.size(0)), cap)
 
 
 # ----------------------------------------------------------------------------- optional backends
@@ -182,8 +206,8 @@ def _liger_rope(mod):
 
 
 def _liger_loss(mod):
-    def loss(h, weight, targets):
-        out = mod.liger_fused_linear_cross_entropy(h, weight, targets, ignore_index=-1)
+    def loss(h, weight, targets, cap: float = 0.0):
+        out = mod.liger_fused_linear_cross_entropy(h, weight, targets, ignore_index=-1, softcap=cap or None)
         return out[0] if isinstance(out, tuple) else out
     return loss
 
@@ -196,7 +220,14 @@ def _short_context_matmul_attention(q, k, v):
     return torch_attention(q, k, v)
 
 
-TORCH = {"attention": torch_attention, "rms_norm": torch_rms_norm, "rope": torch_rope_qk, "loss": chunked_loss}
+def _short_context_matmul_doc_attention(q, k, v, docs):
+    if q.size(1) <= CPU_MATMUL_ATTENTION_MAX_T:
+        return matmul_attention(q, k, v, docs)
+    return doc_attention(q, k, v, docs)
+
+
+TORCH = {"attention": torch_attention, "doc_attention": doc_attention, "rms_norm": torch_rms_norm,
+         "rope": torch_rope_qk, "loss": chunked_loss}
 ACTIVE = dict(TORCH)  # what the model calls; set by configure()
 
 
@@ -224,13 +255,15 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
     """
     device = torch.device(device)
     cuda, half = device.type == "cuda", dtype in (torch.bfloat16, torch.float16)
-    chosen, names = dict(TORCH), {op: "torch" for op in TORCH} | {"loss": "chunked"}
+    chosen = dict(TORCH)
+    names = {op: "torch" for op in TORCH if op != "doc_attention"} | {"loss": "chunked"}  # doc: as attention
     if device.type == "cpu":
         if loss == "auto":  # cache-sized chunks (see cpu_chunked_loss)
             chosen["loss"], names["loss"] = cpu_chunked_loss, "chunked (cache-sized)"
         if half and kernels in ("auto", "torch"):  # explicit score matrices at short context (see matmul_attention)
             chosen["attention"] = _short_context_matmul_attention
             names["attention"] = f"matmul up to T={CPU_MATMUL_ATTENTION_MAX_T}, then SDPA"
+            chosen["doc_attention"] = _short_context_matmul_doc_attention
     if kernels in ("flash", "liger") and not cuda:
         raise KernelError(f"train.kernels={kernels} needs a CUDA device (this run is on {device.type}); "
                           f"use train.kernels=torch or auto")

@@ -32,6 +32,16 @@ class GPTConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     dropout: float = 0.0
+    # Recipe options (BENCHMARKS.md, "Time to quality", has what each is worth)
+    mlp: Literal["swiglu", "relu2", "gelu"] | None = None  # None: swiglu (llama), gelu (gpt2); relu2 = ReLU(x)^2
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (as Qwen3, OLMo 2)
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap) (Gemma 2); 0: off
+    zero_init: bool = False  # output projections (o_proj, down_proj) start at zero: each block starts as identity
+    # Attention stays inside each document of a packed sequence (an end-of-text token closes one) and learned
+    # positions restart at each document (RoPE is relative: within a document nothing changes). Training and
+    # evaluation; generation with the KV cache sees one prompt as one document.
+    doc_mask: bool = False
+    eot_id: int | None = None  # the end-of-text id; None: taken from the data's meta.json
 
     @property
     def kv_heads(self) -> int:
@@ -42,10 +52,16 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     @property
+    def mlp_kind(self) -> str:
+        return self.mlp or ("gelu" if self.arch == "gpt2" else "swiglu")
+
+    @property
     def ffn_dim(self) -> int:
+        """Hidden width of the MLP: 4*n_embd, or 8/3 of that rounded up to 128 for the gated (three-matrix)
+        SwiGLU, so that every MLP kind has about the same parameters and FLOPs."""
         if self.intermediate_size:
             return self.intermediate_size
-        if self.arch == "gpt2":
+        if self.mlp_kind != "swiglu":
             return 4 * self.n_embd
         return 128 * math.ceil(8 * self.n_embd / 3 / 128)
 
@@ -69,6 +85,10 @@ class GPTConfig:
             raise ValueError(f"RoPE needs an even head dim (n_embd/n_head = {self.head_dim})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1) (got {self.dropout})")
+        if self.doc_mask and self.eot_id is None:
+            raise ValueError("model.doc_mask needs model.eot_id (it comes from the data's meta.json)")
+        if self.logit_softcap < 0:
+            raise ValueError(f"model.logit_softcap must be >= 0 (got {self.logit_softcap}); 0 turns it off")
 
 
 def rope_cache(cfg: GPTConfig, device=None) -> torch.Tensor:
@@ -111,15 +131,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, cfg.kv_heads * hd, bias=bias)
         self.v_proj = nn.Linear(d, cfg.kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(cfg.n_head * hd, d, bias=bias)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None):
+    def forward(self, x, rope=None, cache: KVCache | None = None, docs=None):
         B, T, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim)
         k = self.k_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = kernels.ACTIVE["rope"](q, k, rope)
+        if docs is not None:
+            return self.o_proj(kernels.ACTIVE["doc_attention"](q, k, v, docs).reshape(B, T, -1))
         if cache is None and not (self.training and cfg.dropout):  # the training path: the chosen kernel
             return self.o_proj(kernels.ACTIVE["attention"](q, k, v).reshape(B, T, -1))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
@@ -141,16 +167,18 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.gated = cfg.arch == "llama"
-        bias = not self.gated
-        if self.gated:
-            self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=False)
+        self.kind = cfg.mlp_kind
+        bias = cfg.arch == "gpt2"
+        if self.kind == "swiglu":
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=bias)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=bias)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=bias)
 
     def forward(self, x):
-        if self.gated:
+        if self.kind == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.kind == "relu2":  # squared ReLU (So et al. 2021, "Primer"; modded-nanogpt)
+            return self.down_proj(F.relu(self.up_proj(x)).square())
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
@@ -179,8 +207,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache))
+    def forward(self, x, rope=None, cache=None, docs=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache, docs))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -225,8 +253,10 @@ class GPT(nn.Module):
             gen = torch.Generator(p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             if name.endswith("bias"):
                 full.zero_()
-            elif "layernorm" in name or name.startswith("norm."):
+            elif "norm." in name:  # every norm weight: the blocks', q_norm/k_norm and the final one
                 full.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")) and self.cfg.zero_init:
+                full.zero_()
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 full.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layer), generator=gen)
             else:
@@ -265,21 +295,31 @@ class GPT(nn.Module):
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
         x = self.embed_tokens(idx)
-        rope = None
+        rope, docs = None, None
+        positions = torch.arange(start, start + T, device=idx.device)
+        if self.cfg.doc_mask and cache is None:
+            ends = idx == self.cfg.eot_id
+            docs = ends.cumsum(1) - ends.long()  # document index of each token; an end-of-text closes its own
+            starts = torch.ones_like(ends)
+            starts[:, 1:] = ends[:, :-1]
+            positions = positions - torch.where(starts, positions, 0).cummax(dim=1).values  # (B, T): from 0 per doc
         if self.cfg.arch == "gpt2":
-            x = x + self.embed_positions(torch.arange(start, start + T, device=idx.device))
+            x = x + self.embed_positions(positions)
         else:
             rope = self.rope[start:start + T]
         x = self.dropout(x)
         for layer in self.layers:
-            x = layer(x, rope, cache)
+            x = layer(x, rope, cache, docs) if docs is not None else layer(x, rope, cache)
         if cache is not None:
             cache.pos += T
         x = self.norm(x)
         if targets is None:
-            return self.lm_head(x)
+            logits = self.lm_head(x)
+            cap = self.cfg.logit_softcap
+            return cap * torch.tanh(logits / cap) if cap else logits
         # lm_head and the loss in one kernel: the chunked/fused ones never hold all (B*T, V) FP32 logits
-        return kernels.ACTIVE["loss"](x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+        return kernels.ACTIVE["loss"](x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
+                                      self.cfg.logit_softcap)
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -59,6 +59,17 @@ def loss_transient_bytes(cfg: GPTConfig, tokens: int, chunked_loss: bool = False
     return 10 * cfg.padded_vocab_size * tokens
 
 
+def muon_cost(model: GPT, gpus: int) -> dict:
+    """What train.optimizer=muon adds per step (optim.py): Newton-Schulz FLOPs (5 iterations of 4 m^2 n + 2 m^3
+    for an m x n matrix, m <= n), dealt out over the GPUs, and the bytes each GPU moves for it in BF16 (FSDP2:
+    its shards out to the owners and back; DDP: the orthogonalised matrices it does not own, broadcast)."""
+    mats = [p.shape for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("layers.")]
+    flops = sum(5 * (4 * min(s) ** 2 * max(s) + 2 * min(s) ** 3) for s in mats)
+    numel = sum(s[0] * s[1] for s in mats)
+    return {"params": numel, "flops": flops, "flops_per_gpu": flops / gpus,
+            "fsdp_bytes": 2 * 2 * numel / gpus * (gpus - 1) / gpus, "ddp_bytes": 2 * numel * (gpus - 1) / gpus}
+
+
 def plan(cfg: config.Config, gpus: int, gpu: str) -> list[dict]:
     """One row per parallel mode: memory terms in GiB per GPU, fits, and throughput at 40 / 50 % MFU."""
     mem_gib, peak_tflops = GPUS[gpu]
@@ -74,10 +85,12 @@ def plan(cfg: config.Config, gpus: int, gpu: str) -> list[dict]:
     chunked = t.loss != "plain"  # the chunked and liger losses never hold the (tokens, vocab) FP32 logits
     parallel_mode = "ddp" if t.parallel == "auto" and 16 * n < 0.4 * mem_gib * GIB else t.parallel
     parallel_mode = "fsdp" if parallel_mode == "auto" else parallel_mode
+    n_muon = muon_cost(model, gpus)["params"] if t.optimizer == "muon" else 0
     rows = []
     for mode, ac in (("ddp", False), ("fsdp", False), ("fsdp", True)):
         shards = gpus if mode == "fsdp" else 1
-        params, grads, optim = 4 * n / shards, 4 * n / shards, 8 * n / shards  # FP32 master, grads, 2 moments
+        params, grads = 4 * n / shards, 4 * n / shards  # FP32 master weights and gradients
+        optim = (8 * (n - n_muon) + 4 * n_muon) / shards  # AdamW: 2 FP32 moments; Muon: 1 FP32 momentum
         if mode == "ddp":  # autocast's cached BF16 weight copies live through forward and backward
             working = 2 * n if bf16 else 0
         elif t.reshard_after_forward:  # gathered BF16 blocks (current + prefetched), their unsharded FP32
@@ -85,6 +98,8 @@ def plan(cfg: config.Config, gpus: int, gpu: str) -> list[dict]:
         else:  # every block stays gathered from its forward to its backward
             working = (2 if bf16 else 4) * n + 2 * 4 * block
         working += loss_transient_bytes(m, tokens, chunked)
+        if n_muon:  # BF16 matrices in flight during Muon's step (received shards to orthogonalise; results)
+            working += 2 * 2 * n_muon / gpus if mode == "fsdp" else 2 * n_muon
         act = activation_bytes(m, tokens, t.precision, bf16_params=mode == "fsdp" and bf16, checkpointing=ac,
                                chunked_loss=chunked)
         total = params + grads + optim + working + act + RESERVED_GIB * GIB
@@ -113,6 +128,13 @@ def print_plan(cfg: config.Config, gpus: int, gpu: str) -> None:
           f"{rows[0]['tok_s_per_gpu_at_40']:,.0f} tok/s ({d.batch_tokens / gpus / rows[0]['tok_s_per_gpu_at_40']:.2f}"
           f" s/step), at 50 %: {rows[0]['tok_s_per_gpu_at_50']:,.0f} tok/s "
           f"({d.batch_tokens / gpus / rows[0]['tok_s_per_gpu_at_50']:.2f} s/step)")
+    if cfg.train.optimizer == "muon":
+        mc = muon_cost(model, gpus)
+        ns_ms = mc["flops_per_gpu"] / (0.5 * peak * 1e12) * 1e3
+        print(f"muon: {mc['params'] / 1e6:,.0f}M parameters in Muon; Newton-Schulz {mc['flops'] / 1e12:.2f} TFLOP per "
+              f"step ({mc['flops'] / (f * d.batch_tokens):.1%} of the step), {mc['flops_per_gpu'] / 1e12:.2f} per GPU "
+              f"(~{ns_ms:.0f} ms at 50 % of peak); it moves {mc['fsdp_bytes'] / GIB:.2f} GiB per GPU under FSDP2, "
+              f"{mc['ddp_bytes'] / GIB:.2f} GiB under DDP (BF16)")
     print(f"memory per GPU in GiB (micro batch {cfg.train.micro_batch_size} x {cfg.model.block_size} tokens, "
           f"{cfg.train.precision}, loss {'plain' if cfg.train.loss == 'plain' else 'chunked'}, FSDP reshard_after_forward={cfg.train.reshard_after_forward}; "
           f"{RESERVED_GIB:.0f} GiB reserved for CUDA/NCCL workspaces; working = gathered/cast weights and the "

@@ -39,6 +39,7 @@ import config
 import export
 import hardware
 import kernels
+import optim
 import tracking
 from data.prepare import copy_tokenizer, ensure_prepared
 from eval import evaluate
@@ -80,24 +81,17 @@ def resolve_hardware(t: config.TrainConfig, local_rank: int) -> tuple[torch.devi
     return device, precision
 
 
-def make_optimizer(model: nn.Module, t: config.TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms, biases or embedding tables); fused where torch has it
-    (train.fused_optimizer=auto), else torch's default (for-each on GPUs, a loop on CPUs)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type in ("cuda", "cpu", "mps") if t.fused_optimizer == "auto" else bool(t.fused_optimizer)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
+def make_optimizer(model: nn.Module, t: config.TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """train.optimizer (optim.py); Muon's Newton-Schulz runs in BF16 where the run's matmuls do, else FP32."""
+    return optim.build(model, t, device, ns_dtype="bfloat16" if t.precision in ("bf16", "fp8") else "float32")
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer.step()` can take the skip flag as `found_inf` and decide on the device (no host sync):
-    fused AdamW on CUDA and CPU. The MPS fused kernels, the non-fused paths and other optimizers refuse it."""
+    fused AdamW on CUDA and CPU. The MPS fused kernels, the non-fused paths and Muon refuse it."""
     fused = all(g.get("fused") for g in optimizer.param_groups)
     device = optimizer.param_groups[0]["params"][0].device
-    return fused and device.type in ("cuda", "cpu")
+    return type(optimizer) is torch.optim.AdamW and fused and device.type in ("cuda", "cpu")
 
 
 def lr_at(step: int, t: config.TrainConfig) -> float:
@@ -142,6 +136,11 @@ def prepare_data(cfg: config.Config) -> None:
     """Prepare missing named corpora and fill in model.vocab_size from the data (or check it is big enough)."""
     metas = [ensure_prepared(p) for p in cfg.data.datasets]
     vocab = max(m["vocab_size"] for m in metas)
+    if cfg.model.doc_mask and cfg.model.eot_id is None:
+        eots = {m["eot_id"] for m in metas}
+        if len(eots) > 1:
+            raise config.ConfigError(f"model.doc_mask: the datasets' end-of-text ids differ ({sorted(eots)})")
+        cfg.model.eot_id = eots.pop()
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = vocab
     elif cfg.model.vocab_size < vocab:
@@ -712,8 +711,7 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
                 # Dropout randomness is a function of (seed, step, rank), so a resumed run repeats it exactly.
                 torch.manual_seed(t.seed * 1_000_003 + step * 1009 + rank)
                 lr = lr_at(step, t)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                optim.set_lr(optimizer, lr, t)
                 batches = (batches_ahead.get() for _ in range(plan.grad_accum))
                 loss, grad_norm, bad = train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t,
                                                   autocast, scaler)

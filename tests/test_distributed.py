@@ -115,6 +115,30 @@ def test_fp16_under_ddp_and_fsdp(corpus, tmp_path):
     assert all(math.isfinite(v) for s, v in losses(fsdp).items() if s != 3)
 
 
+def test_muon_under_ddp_and_fsdp_matches_one_process_and_reshards(corpus, tmp_path):
+    """Muon on 2 ranks: DDP (each matrix orthogonalised by one rank and broadcast) and FSDP2 (the owner gathers
+    the shards, orthogonalises, scatters them back) follow one process; DDP resumes its own checkpoint bit for
+    bit; FSDP2's sharded momentum buffers resume in one process (2 -> 1). In FP32 the Newton-Schulz inputs differ
+    from one process only by the order gradients were summed, so the losses agree to 1e-4."""
+    muon = [*DIST, "train.optimizer=muon", "train.max_steps=6", "train.eval_interval=0"]
+    single, ddp, fsdp, again, one = (str(tmp_path / n) for n in ("single", "ddp", "fsdp", "again", "one"))
+    assert train.main(train_args(corpus, single, *muon)) == 0
+    ref = losses(single)
+    ok(torchrun(*train_args(corpus, ddp, *muon, "train.parallel=ddp")))
+    ok(torchrun(*train_args(corpus, fsdp, *muon, "train.parallel=fsdp")))
+    for run in (ddp, fsdp):
+        assert all(abs(losses(run)[s] - ref[s]) < 1e-4 for s in range(1, 7)), (losses(run), ref)
+    assert losses(ddp)[6] < ref[1] - 0.1  # it trains
+    os.makedirs(again)
+    shutil.copytree(os.path.join(ddp, "step_000003"), os.path.join(again, "step_000003"))
+    ok(torchrun(*train_args(corpus, again, *muon, "train.parallel=ddp")))
+    assert all(losses(again)[s] == losses(ddp)[s] for s in range(4, 7))
+    os.makedirs(one)
+    shutil.copytree(os.path.join(fsdp, "step_000003"), os.path.join(one, "step_000003"))
+    assert train.main(train_args(corpus, one, *muon)) == 0
+    assert all(abs(losses(one)[s] - ref[s]) < 1e-4 for s in range(4, 7)), (losses(one), ref)
+
+
 def test_a_failing_rank_ends_the_launch(corpus, tmp_path):
     out = str(tmp_path / "fails")
     r = torchrun(*train_args(corpus, out, *TINY, "train.max_steps=50", "train.eval_interval=0",

@@ -180,17 +180,18 @@ def test_slurm_script_forwards_usr1_and_requeues(corpus, ref2, tmp_path):
     same_weights(ref2, out)
 
 
-@pytest.mark.parametrize("fused", [True, False])  # fused: decided on the device; not fused (MPS, a user's choice): on the host
-def test_skipped_step_leaves_weights_and_optimizer_untouched(fused):
+# fused AdamW: decided on the device; not fused (MPS, a user's choice) and Muon: on the host
+@pytest.mark.parametrize("fused,optimizer", [(True, "adamw"), (False, "adamw"), (True, "muon")])
+def test_skipped_step_leaves_weights_and_optimizer_untouched(fused, optimizer):
     import config
     import kernels
     from model import GPT, GPTConfig
     kernels.configure("torch", "plain")
     cfg = config.Config(model=GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, block_size=16))
-    cfg.train.fused_optimizer = fused
+    cfg.train.fused_optimizer, cfg.train.optimizer = fused, optimizer
     m = GPT(cfg.model)
     opt = train.make_optimizer(m, cfg.train, torch.device("cpu"))
-    assert train.skips_on_device(opt) == fused
+    assert train.skips_on_device(opt) == (fused and optimizer == "adamw")
     x = torch.randint(0, 64, (2, 16))
     from contextlib import nullcontext
 
@@ -210,6 +211,8 @@ def test_skipped_step_leaves_weights_and_optimizer_untouched(fused):
                 assert torch.equal(v, before[1][id(p)][k]), k
     _, _, bad = step(1.0)
     assert bad.item() == 0.0 and opt.state[next(m.parameters())]["step"].item() == 2
+    if optimizer == "muon":  # the momentum buffers were among the state checked above
+        assert sum("momentum_buffer" in s for s in opt.state.values()) == 7  # q, k, v, o, gate, up, down
 
 
 def skipped(out: str) -> list[int]:

@@ -1,0 +1,184 @@
+"""Optimizers: AdamW, or Muon for the hidden matrices with AdamW for everything else; one or many processes.
+
+    train.optimizer: adamw -> AdamW, weight decay on matrices only (never norms, biases or embedding tables)
+    train.optimizer: muon  -> Muon (momentum orthogonalised by Newton-Schulz; Jordan et al. 2024) for the 2-D
+                              weights inside the blocks; AdamW for the embeddings, the head, norms and biases
+                              (as modded-nanogpt and nanochat split them)
+
+Muon's step size follows Moonlight's rule (Liu et al. 2025, "Muon is Scalable for LLM Training"): the update of
+a (A, B) matrix is scaled by 0.2 * sqrt(max(A, B)), so that its RMS matches AdamW's and Muon can use AdamW's
+learning rate and weight decay (`train.muon_lr` unset).
+
+The Newton-Schulz iteration needs whole matrices. With one process or DDP every rank has them (DDP averaged the
+gradients); under FSDP2 each rank holds a shard. Either way the matrices are dealt out round-robin: the owner of
+a matrix gathers it (FSDP2: one shard from each rank), orthogonalises it and sends back what each rank needs
+(FSDP2: its shard; DDP: the whole result), so the iteration runs once per matrix, not once per rank, and each
+rank's momentum buffer keeps the same sharding as its parameter (checkpoints and resharded resumes as for AdamW).
+torch.optim.Muon has the same update for one process (tests/test_optim.py compares them) but orthogonalises
+whatever tensor it is given, a shard included, and always in BF16, which is ~50x slower than FP32 on a CPU
+without native BF16: hence the few lines below.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan's quintic: steepest slope at zero that still converges
+NS_STEPS = 5
+
+
+def orthogonalize(g: torch.Tensor, dtype: torch.dtype = torch.bfloat16, steps: int = NS_STEPS) -> torch.Tensor:
+    """Newton-Schulz approximation of U V^T for g = U S V^T (2-D), computed in `dtype`; singular values come out
+    roughly in (0.5, 1.5), which Jordan found trains as well as exact orthogonalisation."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the wide orientation: the Gram matrix is the smaller side
+        x = x.T
+    x = x / x.norm().clamp(min=1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def muon_scale(shape: torch.Size) -> float:
+    """Moonlight's step-size factor for a (A, B) matrix: 0.2 * sqrt(max(A, B)) (update RMS ~ AdamW's)."""
+    return 0.2 * math.sqrt(max(shape[0], shape[1]))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class Muon(torch.optim.AdamW):
+    """AdamW for the groups without `muon: True`, Muon for those with it (2-D weights only), in one optimizer, so
+    that checkpoints, the skip of a non-finite step and the LR schedule treat it like AdamW.
+
+    A Muon group holds `momentum` (0.95), `nesterov` (True) and `ns_dtype` (the Newton-Schulz matmul dtype by
+    name, "bfloat16" where the hardware has it, else "float32"); its `lr` and `weight_decay` are in AdamW's units (see module doc).
+    `group`: the process group the matrices are dealt out over (None: the default group when one exists)."""
+
+    def __init__(self, param_groups: list[dict], group=None, **adamw):
+        for g in param_groups:
+            if g.get("muon"):
+                if any(p.ndim != 2 for p in g["params"]):
+                    raise ValueError("Muon takes 2-D parameters only")
+                g.setdefault("momentum", 0.95)
+                g.setdefault("nesterov", True)
+                g.setdefault("ns_dtype", "bfloat16")
+        super().__init__(param_groups, **adamw)
+        self.group = group
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        everything = self.param_groups
+        self.param_groups = [g for g in everything if not g.get("muon")]
+        try:  # torch's AdamW (fused where asked) for the other groups
+            loss = super().step(closure)
+        finally:
+            self.param_groups = everything
+        for g in everything:
+            if g.get("muon"):
+                self._muon_step(g)
+        return loss
+
+    def _muon_step(self, g: dict) -> None:
+        params = [p for p in g["params"] if p.grad is not None]
+        mu, updates = g["momentum"], []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:  # a DTensor like p under FSDP2: sharded the same way
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] = torch.tensor(0.0)  # AdamW's load_state_dict expects a step in every state
+            state["step"] += 1
+            grad, buf = _local(p.grad), _local(state["momentum_buffer"])
+            buf.lerp_(grad, 1 - mu)
+            updates.append(grad.lerp(buf, mu) if g["nesterov"] else buf.clone())
+        for p, o in zip(params, self._orthogonalize(params, updates, getattr(torch, g["ns_dtype"]))):
+            local = _local(p)
+            local.mul_(1 - g["lr"] * g["weight_decay"])
+            local.add_(o, alpha=-g["lr"] * muon_scale(p.shape))
+
+    def _orthogonalize(self, params: list[torch.Tensor], updates: list[torch.Tensor], dtype) -> list[torch.Tensor]:
+        """Orthogonalised updates, each the shape of its local update; each matrix computed by one rank."""
+        world = dist.get_world_size(self.group) if dist.is_initialized() else 1
+        if world == 1:
+            return [orthogonalize(u, dtype) for u in updates]
+        rank = dist.get_rank(self.group)
+        owner = [dist.get_global_rank(self.group, j % world) if self.group else j % world for j in range(len(params))]
+        mine = [j % world == rank for j in range(len(params))]
+        sharded = [isinstance(p, DTensor) for p in params]
+        full, waits = [None] * len(params), []
+        for j, (p, u) in enumerate(zip(params, updates)):  # 1. the owner gets each whole matrix
+            if not sharded[j]:  # DDP: every rank already has it
+                full[j] = u
+                continue
+            rows = -(-p.shape[0] // world)  # FSDP2's Shard(0): ceil(n / world) rows per rank, the last ones short
+            padded = u.new_zeros(rows, p.shape[1], dtype=dtype)
+            padded[:u.size(0)] = u
+            bucket = [torch.empty_like(padded) for _ in range(world)] if mine[j] else None
+            waits.append(dist.gather(padded, bucket, dst=owner[j], group=self.group, async_op=True))
+            full[j] = bucket
+        for w in waits:
+            w.wait()
+        out, waits = [None] * len(params), []
+        for j, (p, u) in enumerate(zip(params, updates)):  # 2. the owner orthogonalises, 3. and sends back
+            if mine[j]:
+                whole = torch.cat(full[j])[:p.shape[0]] if sharded[j] else full[j]
+                result = orthogonalize(whole, dtype).contiguous()  # a tall matrix's result is a transposed view
+            if not sharded[j]:  # DDP: the whole result to every rank
+                out[j] = result if mine[j] else torch.empty(p.shape, dtype=dtype, device=u.device)
+                waits.append(dist.broadcast(out[j], src=owner[j], group=self.group, async_op=True))
+                continue
+            rows = -(-p.shape[0] // world)
+            pieces = None
+            if mine[j]:
+                pieces = list(torch.cat([result, result.new_zeros(rows * world - p.shape[0], p.shape[1])]).split(rows))
+            out[j] = torch.empty(rows, p.shape[1], dtype=dtype, device=u.device)
+            waits.append(dist.scatter(out[j], pieces, src=owner[j], group=self.group, async_op=True))
+        for w in waits:
+            w.wait()
+        return [o[:u.size(0)] for o, u in zip(out, updates)]
+
+
+def param_groups(model: nn.Module, t, muon: bool) -> list[dict]:
+    """AdamW groups (decay on matrices, none on norms, biases and embedding tables); with `muon`, the blocks'
+    2-D weights go to a Muon group instead (the embeddings and the head stay with AdamW)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, hidden = [], [], []
+    for name, p in model.named_parameters():
+        if muon and p.ndim == 2 and name.startswith("layers."):
+            hidden.append(p)
+        elif p.ndim >= 2 and id(p) not in embeddings:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if muon:
+        groups.append({"params": hidden, "weight_decay": t.weight_decay, "muon": True, "momentum": t.muon_momentum})
+    return [g for g in groups if g["params"]]
+
+
+def build(model: nn.Module, t, device: torch.device, ns_dtype: str = "float32") -> torch.optim.Optimizer:
+    """The optimizer train.optimizer names; AdamW fused where torch has it (train.fused_optimizer=auto), else
+    torch's default (for-each on GPUs, a loop on CPUs). `ns_dtype`: Muon's Newton-Schulz dtype, by name."""
+    fused = device.type in ("cuda", "cpu", "mps") if t.fused_optimizer == "auto" else bool(t.fused_optimizer)
+    kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups(model, t, muon=False), **kw)
+    groups = param_groups(model, t, muon=True)
+    for g in groups:
+        if g.get("muon"):
+            g["ns_dtype"] = ns_dtype
+    return Muon(groups, **kw)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, t) -> None:
+    """This step's learning rate: `lr` (the schedule's, at the peak train.lr) for AdamW groups, the same
+    fraction of train.muon_lr (unset: train.lr) for Muon groups."""
+    muon_lr = lr * (t.muon_lr / t.lr if t.muon_lr else 1.0)
+    for g in optimizer.param_groups:
+        g["lr"] = muon_lr if g.get("muon") else lr
