@@ -31,13 +31,16 @@ def hf_config(cfg: GPTConfig, eot_id: int | None = None) -> dict:
     # both spellings of dtype and RoPE theta: transformers 5 reads `dtype`/`rope_parameters`, 4.x the others
     common = {"vocab_size": cfg.padded_vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
               "bos_token_id": eot_id, "eos_token_id": eot_id, "torch_dtype": "float32", "dtype": "float32"}
+    exportable(cfg)
     if cfg.arch == "llama":
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.n_embd,
+        kind = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False} \
+            if cfg.qk_norm else {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "mlp_bias": False}
+        return {**kind, "hidden_size": cfg.n_embd,
                 "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layer,
                 "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
                 "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
                 "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-                "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, **common}
+                "attention_bias": False, "attention_dropout": 0.0, **common}
     if cfg.kv_heads != cfg.n_head:
         raise ValueError("GPT-2 in transformers has no grouped-query attention: export needs n_kv_head = n_head")
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
@@ -46,13 +49,30 @@ def hf_config(cfg: GPTConfig, eot_id: int | None = None) -> dict:
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common}
 
 
+def exportable(cfg: GPTConfig) -> None:
+    """Raise ValueError naming the flag when no transformers class computes what the model does. Kept options
+    map to a class that has them: QK-norm -> Qwen3 (RMSNorm per head on queries and keys, before RoPE, as ours);
+    an untied head -> tie_word_embeddings false; zero_init and doc_mask change training only."""
+    default_mlp = "gelu" if cfg.arch == "gpt2" else "swiglu"
+    if cfg.mlp_kind != default_mlp:
+        raise ValueError(f"model.mlp={cfg.mlp_kind}: transformers' {'GPT-2' if cfg.arch == 'gpt2' else 'Llama'} "
+                         f"class has a {default_mlp} MLP only; export needs model.mlp={default_mlp}")
+    if cfg.logit_softcap:
+        raise ValueError("model.logit_softcap: neither transformers' Llama nor GPT-2 class soft-caps logits; "
+                         "export needs model.logit_softcap=0")
+    if cfg.qk_norm and cfg.arch == "gpt2":
+        raise ValueError("model.qk_norm with arch gpt2: transformers' GPT-2 has no QK-norm (llama maps to Qwen3)")
+
+
 def model_config(hf: dict, block_size: int | None = None) -> GPTConfig:
     """A transformers `config.json` (Llama or GPT-2) -> GPTConfig; `block_size` defaults to its maximum length."""
     kind = hf.get("model_type")
     tie = hf.get("tie_word_embeddings", kind == "gpt2")
-    if kind == "llama":
+    if kind in ("llama", "qwen3"):
         if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
             raise ValueError("only bias-free SiLU Llama models can be imported")
+        if hf.get("use_sliding_window"):
+            raise ValueError("sliding-window attention is not supported")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
@@ -64,13 +84,13 @@ def model_config(hf: dict, block_size: int | None = None) -> GPTConfig:
                          n_head=n_head, n_kv_head=hf.get("num_key_value_heads", n_head), n_embd=n_embd,
                          intermediate_size=hf["intermediate_size"],
                          rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=tie)
+                         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=tie, qk_norm=kind == "qwen3")
     if kind == "gpt2":
         return GPTConfig(arch="gpt2", vocab_size=hf["vocab_size"], block_size=block_size or hf["n_positions"],
                          n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                          intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
                          norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=tie)
-    raise ValueError(f"model_type {kind!r} cannot be imported (llama or gpt2)")
+    raise ValueError(f"model_type {kind!r} cannot be imported (llama, qwen3 or gpt2)")
 
 
 def config_from_hf(path: str, ours: GPTConfig) -> GPTConfig:

@@ -18,7 +18,9 @@ transformers = pytest.importorskip("transformers")
 SHAPES = {  # GQA + untied head + a non-default theta; GPT-2 with its tied head
     "llama": dict(arch="llama", n_kv_head=2, tie_embeddings=False, rope_theta=5e5, intermediate_size=160),
     "gpt2": dict(arch="gpt2", tie_embeddings=True, intermediate_size=256),
+    "qk_norm": dict(arch="llama", n_kv_head=2, tie_embeddings=True, intermediate_size=160, qk_norm=True),
 }
+HF_CLASS = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "qk_norm": "Qwen3ForCausalLM"}
 
 
 def tiny(arch: str, vocab: int = 300) -> GPTConfig:
@@ -31,7 +33,14 @@ def test_transformers_gives_our_logits_and_tokens(arch, tmp_path):
     ours = build(cfg, "cpu", seed=3).eval()
     export.export_hf(ours, str(tmp_path))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
-    assert type(theirs).__name__ == {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[arch]
+    assert type(theirs).__name__ == HF_CLASS[arch]
+    if arch == "qk_norm":  # norm weights away from 1, so that a missing or misplaced norm would show
+        with torch.no_grad():
+            for layer in ours.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+        export.export_hf(ours, str(tmp_path))
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     idx = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (ours(idx) - theirs(idx).logits).abs().max().item()
@@ -58,6 +67,13 @@ def test_round_trip_is_exact(arch, tmp_path):
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("flag,value", [("mlp", "relu2"), ("logit_softcap", 15.0)])
+def test_export_refuses_what_transformers_cannot_compute(flag, value, tmp_path):
+    cfg = GPTConfig(**{**asdict(tiny("llama")), flag: value})
+    with pytest.raises(ValueError, match=f"model.{flag}"):
+        export.export_hf(build(cfg, "cpu"), str(tmp_path))
 
 
 def test_import_rejects_a_mismatched_model(tmp_path):

@@ -84,3 +84,22 @@ def test_muon_refuses_what_it_cannot_take():
         config.load(["train.optimizer=sgd"])
     with pytest.raises(config.ConfigError, match="train.muon_momentum"):
         config.load(["train.muon_momentum=1.5"])
+
+
+def test_plan_counts_muon_state_and_newton_schulz():
+    import plan
+    cfg = config.load(["configs/125m.yaml"])
+    adamw = {r["mode"]: r for r in plan.plan(cfg, 8, "h100")}
+    cfg.train.optimizer = "muon"
+    muon = {r["mode"]: r for r in plan.plan(cfg, 8, "h100")}
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    cost = plan.muon_cost(model, 8)
+    d, f, L = 768, cfg.model.ffn_dim, cfg.model.n_layer
+    assert cost["params"] == L * (4 * d * d + 3 * d * f)  # q, k, v, o and gate, up, down: 12 x 7 matrices
+    one_square = 5 * (4 * d**3 + 2 * d**3)  # five iterations on a d x d matrix
+    one_mlp = 5 * (4 * d * d * f + 2 * d**3)
+    assert cost["flops"] == L * (4 * one_square + 3 * one_mlp)
+    for mode in ("ddp", "fsdp"):  # one FP32 momentum instead of two moments for the Muon matrices
+        saved = 4 * cost["params"] / (8 if mode == "fsdp" else 1) / 2**30
+        assert muon[mode]["optim"] == pytest.approx(adamw[mode]["optim"] - saved)
