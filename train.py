@@ -513,15 +513,22 @@ def fall_back(cfg: config.Config, bad: str, error: Exception, rank: int, group) 
 
 
 def describe_run(cfg: config.Config, model: GPT, device: torch.device, mode: str, world: int,
-                 precision: hardware.Precision, scaler, ops: dict[str, str]) -> str:
-    """The start-up lines after the config: model size, layout, precision and why, kernels."""
+                 precision: hardware.Precision, scaler, ops: dict[str, str], optimizer) -> str:
+    """The start-up lines after the config: model size, layout, precision and why, kernels, optimizer."""
     t = cfg.train
+    muon = sum(p.numel() for g in optimizer.param_groups if g.get("muon") for p in g["params"])
+    if muon:  # under FSDP2 the counts are global: the parameters are DTensors of the full shape
+        opt = (f"optimizer: Muon for {muon / 1e6:.2f}M parameters of the blocks' matrices (lr {t.muon_lr or t.lr:g}, "
+               f"Newton-Schulz in {next(g for g in optimizer.param_groups if g.get('muon'))['ns_dtype']}), AdamW for "
+               f"the rest (lr {t.lr:g})")
+    else:
+        opt = f"optimizer: AdamW (lr {t.lr:g}{', fused' if optimizer.param_groups[0].get('fused') else ''})"
     return (f"model: {cfg.model.arch}, {model.num_params() / 1e6:.2f}M parameters "
             f"({model.num_params(embeddings=False) / 1e6:.2f}M without embeddings), "
             f"{model.flops_per_token() / 1e6:.1f} MFLOPs/token; device {device}, parallel {mode} x {world}"
             + (", activation checkpointing" if t.activation_checkpointing else "") + f", compile {t.compile}\n"
             + hardware.describe(precision) + (" (loss scaling: torch.amp.GradScaler)" if scaler else "") + "\n"
-            + "kernels: " + ", ".join(f"{op} {name}" for op, name in ops.items()))
+            + "kernels: " + ", ".join(f"{op} {name}" for op, name in ops.items()) + "\n" + opt)
 
 
 def restore(path: str, model: nn.Module, optimizer, scaler, t: config.TrainConfig, say
@@ -679,7 +686,7 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
     optimizer = make_optimizer(model, t, device)
     scaler = torch.amp.GradScaler(device.type) if precision.scaled else None
     flops_per_token, peak = model.flops_per_token(), hardware.peak_flops(device)
-    say(describe_run(cfg, model, device, mode, world, precision, scaler, ops))
+    say(describe_run(cfg, model, device, mode, world, precision, scaler, ops, optimizer))
     # Stop requests go over a CPU group, so they never wait on the GPU's stream; async checkpoints get a group
     # of their own, since their collectives run in a background thread (two threads must not share one group).
     cpu_group = dist.new_group(backend="gloo") if world > 1 else None
