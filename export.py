@@ -33,12 +33,17 @@ def hf_config(cfg: GPTConfig, eot_id: int | None = None) -> dict:
               "bos_token_id": eot_id, "eos_token_id": eot_id, "torch_dtype": "float32", "dtype": "float32"}
     exportable(cfg)
     if cfg.arch == "llama":
-        kind = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False} \
-            if cfg.qk_norm else {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "mlp_bias": False}
+        kind = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "mlp_bias": False, "hidden_act": "silu"}
+        if cfg.qk_norm:
+            kind = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+                    "hidden_act": "silu"}
+        elif cfg.mlp_kind == "relu2":
+            kind = {"architectures": ["ArceeForCausalLM"], "model_type": "arcee", "mlp_bias": False,
+                    "hidden_act": "relu2"}
         return {**kind, "hidden_size": cfg.n_embd,
                 "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layer,
                 "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-                "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+                "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
                 "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
                 "attention_bias": False, "attention_dropout": 0.0, **common}
     if cfg.kv_heads != cfg.n_head:
@@ -50,13 +55,15 @@ def hf_config(cfg: GPTConfig, eot_id: int | None = None) -> dict:
 
 
 def exportable(cfg: GPTConfig) -> None:
-    """Raise ValueError naming the flag when no transformers class computes what the model does. Kept options
-    map to a class that has them: QK-norm -> Qwen3 (RMSNorm per head on queries and keys, before RoPE, as ours);
-    an untied head -> tie_word_embeddings false; zero_init and doc_mask change training only."""
-    default_mlp = "gelu" if cfg.arch == "gpt2" else "swiglu"
-    if cfg.mlp_kind != default_mlp:
-        raise ValueError(f"model.mlp={cfg.mlp_kind}: transformers' {'GPT-2' if cfg.arch == 'gpt2' else 'Llama'} "
-                         f"class has a {default_mlp} MLP only; export needs model.mlp={default_mlp}")
+    """Raise ValueError naming the flag when no transformers class computes what the model does. The options map
+    to classes that have them: a ReLU^2 MLP -> Arcee (Llama with a non-gated up/down ReLU^2 MLP); QK-norm -> Qwen3
+    (RMSNorm per head on queries and keys, before RoPE, as ours); an untied head -> tie_word_embeddings false;
+    doc_mask changes training only."""
+    allowed = {"gpt2": ("gelu",), "llama": ("swiglu",) if cfg.qk_norm else ("swiglu", "relu2")}[cfg.arch]
+    if cfg.mlp_kind not in allowed:
+        what = {"gpt2": "GPT-2", "llama": "Qwen3 (QK-norm)" if cfg.qk_norm else "Llama/Arcee"}[cfg.arch]
+        raise ValueError(f"model.mlp={cfg.mlp_kind}: no transformers class has {what} with that MLP; export needs "
+                         f"model.mlp={' or '.join(allowed)}")
     if cfg.logit_softcap:
         raise ValueError("model.logit_softcap: neither transformers' Llama nor GPT-2 class soft-caps logits; "
                          "export needs model.logit_softcap=0")
@@ -68,9 +75,10 @@ def model_config(hf: dict, block_size: int | None = None) -> GPTConfig:
     """A transformers `config.json` (Llama or GPT-2) -> GPTConfig; `block_size` defaults to its maximum length."""
     kind = hf.get("model_type")
     tie = hf.get("tie_word_embeddings", kind == "gpt2")
-    if kind in ("llama", "qwen3"):
-        if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
-            raise ValueError("only bias-free SiLU Llama models can be imported")
+    if kind in ("llama", "qwen3", "arcee"):
+        act = {"arcee": "relu2"}.get(kind, "silu")
+        if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", act) != act:
+            raise ValueError(f"only bias-free {kind} models with hidden_act {act} can be imported")
         if hf.get("use_sliding_window"):
             raise ValueError("sliding-window attention is not supported")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -84,13 +92,14 @@ def model_config(hf: dict, block_size: int | None = None) -> GPTConfig:
                          n_head=n_head, n_kv_head=hf.get("num_key_value_heads", n_head), n_embd=n_embd,
                          intermediate_size=hf["intermediate_size"],
                          rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=tie, qk_norm=kind == "qwen3")
+                         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=tie, qk_norm=kind == "qwen3",
+                         mlp="relu2" if kind == "arcee" else None)
     if kind == "gpt2":
         return GPTConfig(arch="gpt2", vocab_size=hf["vocab_size"], block_size=block_size or hf["n_positions"],
                          n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                          intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
                          norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=tie)
-    raise ValueError(f"model_type {kind!r} cannot be imported (llama, qwen3 or gpt2)")
+    raise ValueError(f"model_type {kind!r} cannot be imported (llama, qwen3, arcee or gpt2)")
 
 
 def config_from_hf(path: str, ours: GPTConfig) -> GPTConfig:

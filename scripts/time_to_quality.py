@@ -2,6 +2,7 @@
 held-out bits per byte; the step count stands for a wall-clock budget (see BENCHMARKS.md for how it was set).
 
     python scripts/time_to_quality.py NAME STEPS SEED [section.key=value ...]
+    python scripts/time_to_quality.py --table      # results.jsonl as a markdown table: per name, each seed
 
 Trains configs/tiny.yaml with the overrides (no time budget, one eval at the end over train.eval_batches
 val micro-batches) into out/ttq/NAME_sSEED and appends {name, seed, steps, seconds, val_bpb, val_loss,
@@ -17,7 +18,23 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def table() -> None:
+    rows = {}
+    with open(os.path.join(ROOT, "out", "ttq", "results.jsonl")) as f:
+        for row in map(json.loads, f):
+            rows.setdefault(row["name"], []).append(row)
+    print("| name | steps | overrides | val bpb per seed | mean |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, rs in rows.items():
+        bpb = [r["val_bpb"] for r in rs]
+        print(f"| {name} | {rs[0]['steps']} | `{' '.join(rs[0]['overrides'])}` | "
+              f"{' / '.join(f'{b:.4f}' for b in bpb)} | {sum(bpb) / len(bpb):.4f} |")
+
+
 def main(argv: list[str]) -> int:
+    if argv == ["--table"]:
+        table()
+        return 0
     if len(argv) < 3:
         print(__doc__)
         return 2

@@ -19,8 +19,10 @@ SHAPES = {  # GQA + untied head + a non-default theta; GPT-2 with its tied head
     "llama": dict(arch="llama", n_kv_head=2, tie_embeddings=False, rope_theta=5e5, intermediate_size=160),
     "gpt2": dict(arch="gpt2", tie_embeddings=True, intermediate_size=256),
     "qk_norm": dict(arch="llama", n_kv_head=2, tie_embeddings=True, intermediate_size=160, qk_norm=True),
+    "relu2": dict(arch="llama", n_kv_head=2, tie_embeddings=False, intermediate_size=256, mlp="relu2"),
 }
-HF_CLASS = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "qk_norm": "Qwen3ForCausalLM"}
+HF_CLASS = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "qk_norm": "Qwen3ForCausalLM",
+            "relu2": "ArceeForCausalLM"}
 
 
 def tiny(arch: str, vocab: int = 300) -> GPTConfig:
@@ -69,9 +71,9 @@ def test_round_trip_is_exact(arch, tmp_path):
         assert torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.parametrize("flag,value", [("mlp", "relu2"), ("logit_softcap", 15.0)])
+@pytest.mark.parametrize("flag,value", [("mlp", "gelu"), ("logit_softcap", 15.0)])
 def test_export_refuses_what_transformers_cannot_compute(flag, value, tmp_path):
-    cfg = GPTConfig(**{**asdict(tiny("llama")), flag: value})
+    cfg = GPTConfig(**{**asdict(tiny("qk_norm" if flag == "mlp" else "llama")), flag: value})
     with pytest.raises(ValueError, match=f"model.{flag}"):
         export.export_hf(build(cfg, "cpu"), str(tmp_path))
 
