@@ -64,9 +64,6 @@ def exportable(cfg: GPTConfig) -> None:
         what = {"gpt2": "GPT-2", "llama": "Qwen3 (QK-norm)" if cfg.qk_norm else "Llama/Arcee"}[cfg.arch]
         raise ValueError(f"model.mlp={cfg.mlp_kind}: no transformers class has {what} with that MLP; export needs "
                          f"model.mlp={' or '.join(allowed)}")
-    if cfg.logit_softcap:
-        raise ValueError("model.logit_softcap: neither transformers' Llama nor GPT-2 class soft-caps logits; "
-                         "export needs model.logit_softcap=0")
     if cfg.qk_norm and cfg.arch == "gpt2":
         raise ValueError("model.qk_norm with arch gpt2: transformers' GPT-2 has no QK-norm (llama maps to Qwen3)")
 

@@ -96,15 +96,9 @@ def torch_rope(x, rope):
     return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
-def softcap(logits, cap: float):
-    """cap * tanh(logits / cap): logits stay within (-cap, cap) (Gemma 2); cap 0 leaves them alone."""
-    return cap * torch.tanh(logits / cap) if cap else logits
-
-
-def plain_loss(h, weight, targets, cap: float = 0.0):
-    """Mean cross-entropy of logits h @ weight.T in FP32; h (N, d), weight (V, d), targets (N,), -1 ignored;
-    `cap` > 0 soft-caps the logits first."""
-    return F.cross_entropy(softcap(F.linear(h, weight).float(), cap), targets, ignore_index=-1)
+def plain_loss(h, weight, targets):
+    """Mean cross-entropy of logits h @ weight.T in FP32; h (N, d), weight (V, d), targets (N,), -1 ignored."""
+    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-1)
 
 
 class ChunkedLoss(torch.autograd.Function):
@@ -113,7 +107,7 @@ class ChunkedLoss(torch.autograd.Function):
     kept: dh (N, d) in h's dtype and dW (V, d) in FP32, which backward scales by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk, cap):
+    def forward(ctx, h, weight, targets, chunk):
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         need_grad = any(ctx.needs_input_grad[:2])
         with torch.autocast(h.device.type, enabled=False):
@@ -128,18 +122,12 @@ class ChunkedLoss(torch.autograd.Function):
             for i in range(0, h.size(0), chunk):
                 hc, tc, sc = h[i:i + chunk].to(dtype), safe[i:i + chunk], scale[i:i + chunk]
                 logits = (hc @ w.t()).to(acc)  # (chunk, V): the only large buffer
-                if cap:  # soft-capped: z = cap * tanh(x / cap), dz/dx = 1 - tanh^2
-                    th = logits.div_(cap).tanh_()
-                    dcap = 1.0 - th.square() if need_grad else None
-                    logits = th.mul_(cap)
                 lse = torch.logsumexp(logits, dim=-1)
                 rows = torch.arange(hc.size(0), device=h.device)
                 loss += ((lse - logits[rows, tc]) * sc).sum()
                 if need_grad:  # d loss / d logits = (softmax - onehot) * row weight, built in the logits buffer
                     g = logits.sub_(lse[:, None]).exp_()
                     g[rows, tc] -= 1.0
-                    if cap:
-                        g.mul_(dcap)
                     g = g.to(dtype)
                     dh[i:i + chunk] = ((g @ w) * sc[:, None]).to(h.dtype)
                     dw += (g.t() @ (hc * sc[:, None].to(dtype))).to(acc)
@@ -150,22 +138,22 @@ class ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         dh, dw = ctx.saved_tensors
-        return dh * grad.to(dh.dtype), (dw * grad).to(ctx.weight_dtype), None, None, None
+        return dh * grad.to(dh.dtype), (dw * grad).to(ctx.weight_dtype), None, None
 
 
 @torch.compiler.disable  # traced, its chunk loop ran ~3.5x slower than eager (inductor, CPU); eager it is
-def chunked_loss(h, weight, targets, cap: float = 0.0, chunk: int | None = None):
+def chunked_loss(h, weight, targets, chunk: int | None = None):
     """Same value and gradients as `plain_loss`, holding one chunk of FP32 logits at a time (by default
     ~2^26 logits: 256 MB in FP32, a chunk of 1,334 rows at a 50k vocab, still a large GEMM)."""
-    return ChunkedLoss.apply(h, weight, targets, chunk or max(1, 2**26 // weight.size(0)), cap)
+    return ChunkedLoss.apply(h, weight, targets, chunk or max(1, 2**26 // weight.size(0)))
 
 
 @torch.compiler.disable
-def cpu_chunked_loss(h, weight, targets, cap: float = 0.0):
+def cpu_chunked_loss(h, weight, targets):
     """The chunked loss with chunks of ~2^21 logits (8 MB in FP32: 256 rows at an 8k vocab), which stay in a CPU's
     cache between the GEMM, the softmax and the two gradient GEMMs: fwd+bwd of 4096 rows x 8192 vocab took 202 ms
     against 346 ms for the plain loss in BF16, 387 vs 483 ms in FP32 (BENCHMARKS.md)."""
-    return ChunkedLoss.apply(h, weight, targets, max(128, 2**21 // weight.size(0)), cap)
+    return ChunkedLoss.apply(h, weight, targets, max(128, 2**21 // weight.size(0)))
 
 
 # ----------------------------------------------------------------------------- optional backends
@@ -206,8 +194,8 @@ def _liger_rope(mod):
 
 
 def _liger_loss(mod):
-    def loss(h, weight, targets, cap: float = 0.0):
-        out = mod.liger_fused_linear_cross_entropy(h, weight, targets, ignore_index=-1, softcap=cap or None)
+    def loss(h, weight, targets):
+        out = mod.liger_fused_linear_cross_entropy(h, weight, targets, ignore_index=-1)
         return out[0] if isinstance(out, tuple) else out
     return loss
 

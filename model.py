@@ -35,7 +35,6 @@ class GPTConfig:
     # Recipe options (BENCHMARKS.md, "Time to quality", has what each is worth)
     mlp: Literal["swiglu", "relu2", "gelu"] | None = None  # None: swiglu (llama), gelu (gpt2); relu2 = ReLU(x)^2
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (as Qwen3, OLMo 2)
-    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap) (Gemma 2); 0: off
     zero_init: bool = False  # output projections (o_proj, down_proj) start at zero: each block starts as identity
     # Attention stays inside each document of a packed sequence (an end-of-text token closes one) and learned
     # positions restart at each document (RoPE is relative: within a document nothing changes). Training and
@@ -87,8 +86,6 @@ class GPTConfig:
             raise ValueError(f"model.dropout must be in [0, 1) (got {self.dropout})")
         if self.doc_mask and self.eot_id is None:
             raise ValueError("model.doc_mask needs model.eot_id (it comes from the data's meta.json)")
-        if self.logit_softcap < 0:
-            raise ValueError(f"model.logit_softcap must be >= 0 (got {self.logit_softcap}); 0 turns it off")
 
 
 def rope_cache(cfg: GPTConfig, device=None) -> torch.Tensor:
@@ -314,12 +311,9 @@ class GPT(nn.Module):
             cache.pos += T
         x = self.norm(x)
         if targets is None:
-            logits = self.lm_head(x)
-            cap = self.cfg.logit_softcap
-            return cap * torch.tanh(logits / cap) if cap else logits
+            return self.lm_head(x)
         # lm_head and the loss in one kernel: the chunked/fused ones never hold all (B*T, V) FP32 logits
-        return kernels.ACTIVE["loss"](x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
-                                      self.cfg.logit_softcap)
+        return kernels.ACTIVE["loss"](x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

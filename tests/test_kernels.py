@@ -42,23 +42,18 @@ def assert_close(a, b, rtol):
         torch.testing.assert_close(x, y, rtol=rtol, atol=rtol)
 
 
-@pytest.mark.parametrize("chunk,cap", [(7, 0.0), (64, 0.0), (10_000, 0.0), (7, 2.0), (10_000, 2.0)])
-def test_chunked_loss_equals_plain_loss_and_gradients(chunk, cap):
+@pytest.mark.parametrize("chunk", [7, 64, 10_000])
+def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
     torch.manual_seed(0)
     h, w = torch.randn(100, 32), torch.randn(300, 32) * 0.2
     t = torch.randint(0, 300, (100,))
     t[::9] = -1  # ignored targets count neither in the mean nor in the gradients
-    ref = grads(lambda h, w: kernels.plain_loss(h, w, t, cap), h, w)
-    got = grads(lambda h, w: kernels.chunked_loss(h, w, t, cap, chunk=chunk), h, w)
+    ref = grads(lambda h, w: kernels.plain_loss(h, w, t), h, w)
+    got = grads(lambda h, w: kernels.chunked_loss(h, w, t, chunk=chunk), h, w)
     assert_close(got, ref, 1e-5)
-    if cap:  # the reference soft-cap is the textbook formula, and it changes the loss
-        logits = (h @ w.t()).float()
-        want = torch.nn.functional.cross_entropy(cap * torch.tanh(logits / cap), t, ignore_index=-1)
-        torch.testing.assert_close(ref[0], want)
-        assert not torch.allclose(ref[0], kernels.plain_loss(h, w, t))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref16 = grads(lambda h, w: kernels.plain_loss(h, w, t, cap), h, w)
-        got16 = grads(lambda h, w: kernels.chunked_loss(h, w, t, cap, chunk=chunk), h, w)
+        ref16 = grads(lambda h, w: kernels.plain_loss(h, w, t), h, w)
+        got16 = grads(lambda h, w: kernels.chunked_loss(h, w, t, chunk=chunk), h, w)
     assert_close(got16, ref16, 2e-2)
     assert got16[1][1].dtype == torch.float32  # the FP32 weight gets an FP32 gradient
 
