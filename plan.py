@@ -133,7 +133,7 @@ def print_plan(cfg: config.Config, gpus: int, gpu: str) -> None:
         ns_ms = mc["flops_per_gpu"] / (0.5 * peak * 1e12) * 1e3
         print(f"muon: {mc['params'] / 1e6:,.0f}M parameters in Muon; Newton-Schulz {mc['flops'] / 1e12:.2f} TFLOP per "
               f"step ({mc['flops'] / (f * d.batch_tokens):.1%} of the step), {mc['flops_per_gpu'] / 1e12:.2f} per GPU "
-              f"(~{ns_ms:.0f} ms at 50 % of peak); it moves {mc['fsdp_bytes'] / GIB:.2f} GiB per GPU under FSDP2, "
+              f"(~{ns_ms:.1f} ms at 50 % of peak); it moves {mc['fsdp_bytes'] / GIB:.2f} GiB per GPU under FSDP2, "
               f"{mc['ddp_bytes'] / GIB:.2f} GiB under DDP (BF16)")
     print(f"memory per GPU in GiB (micro batch {cfg.train.micro_batch_size} x {cfg.model.block_size} tokens, "
           f"{cfg.train.precision}, loss {'plain' if cfg.train.loss == 'plain' else 'chunked'}, FSDP reshard_after_forward={cfg.train.reshard_after_forward}; "
