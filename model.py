@@ -35,7 +35,6 @@ class GPTConfig:
     # Recipe options (BENCHMARKS.md, "Time to quality", has what each is worth)
     mlp: Literal["swiglu", "relu2", "gelu"] | None = None  # None: swiglu (llama), gelu (gpt2); relu2 = ReLU(x)^2
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (as Qwen3, OLMo 2)
-    zero_init: bool = False  # output projections (o_proj, down_proj) start at zero: each block starts as identity
     # Attention stays inside each document of a packed sequence (an end-of-text token closes one) and learned
     # positions restart at each document (RoPE is relative: within a document nothing changes). Training and
     # evaluation; generation with the KV cache sees one prompt as one document.
@@ -252,8 +251,6 @@ class GPT(nn.Module):
                 full.zero_()
             elif "norm." in name:  # every norm weight: the blocks', q_norm/k_norm and the final one
                 full.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")) and self.cfg.zero_init:
-                full.zero_()
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 full.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layer), generator=gen)
             else:

@@ -58,7 +58,8 @@ class Muon(torch.optim.AdamW):
     that checkpoints, the skip of a non-finite step and the LR schedule treat it like AdamW.
 
     A Muon group holds `momentum` (0.95), `nesterov` (True) and `ns_dtype` (the Newton-Schulz matmul dtype by
-    name, "bfloat16" where the hardware has it, else "float32"); its `lr` and `weight_decay` are in AdamW's units (see module doc).
+    name, "bfloat16" where the hardware has it, else "float32"); its `lr` and `weight_decay` are in AdamW's units
+    (see the module doc).
     `group`: the process group the matrices are dealt out over (None: the default group when one exists)."""
 
     def __init__(self, param_groups: list[dict], group=None, **adamw):
@@ -176,9 +177,7 @@ def build(model: nn.Module, t, device: torch.device, ns_dtype: str = "float32") 
     return Muon(groups, **kw)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float, t) -> None:
-    """This step's learning rate: `lr` (the schedule's, at the peak train.lr) for AdamW groups, the same
-    fraction of train.muon_lr (unset: train.lr) for Muon groups."""
-    muon_lr = lr * (t.muon_lr / t.lr if t.muon_lr else 1.0)
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, muon_lr: float) -> None:
+    """This step's learning rates: `lr` for the AdamW groups, `muon_lr` for the Muon groups."""
     for g in optimizer.param_groups:
         g["lr"] = muon_lr if g.get("muon") else lr

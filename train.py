@@ -14,6 +14,7 @@ skipped; train.max_consecutive_skips of them in a row stop the run. train.max_mi
 measured step time. RELIABILITY.md lists what a run survives.
 """
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -717,8 +718,8 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
             while step < t.max_steps:
                 # Dropout randomness is a function of (seed, step, rank), so a resumed run repeats it exactly.
                 torch.manual_seed(t.seed * 1_000_003 + step * 1009 + rank)
-                lr = lr_at(step, t)
-                optim.set_lr(optimizer, lr, t)
+                lr = lr_at(step, t)  # Muon's: the same schedule with its own peak
+                optim.set_lr(optimizer, lr, lr_at(step, dataclasses.replace(t, lr=t.muon_lr)) if t.muon_lr else lr)
                 batches = (batches_ahead.get() for _ in range(plan.grad_accum))
                 loss, grad_norm, bad = train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t,
                                                   autocast, scaler)

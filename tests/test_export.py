@@ -116,10 +116,10 @@ def test_training_starts_from_a_hf_checkpoint(corpus, tmp_path, monkeypatch, par
     for k in ("model.embed_tokens.weight", "lm_head.weight"):
         sd[k] = sd[k][:520].contiguous()
     save_file(sd, hf_dir / "model.safetensors")
-    # lr 0: one step changes nothing, so the checkpoint must hold exactly the imported weights
+    # lr 0 (Muon too): one step changes nothing, so the checkpoint must hold exactly the imported weights
     argv = ["configs/tiny.yaml", *TINY, f"data.datasets=[{corpus}]", f"train.out_dir={out}",
-            f"train.init_from={hf_dir}", "train.max_steps=1", "train.lr=0", "train.eval_interval=0",
-            "train.precision=fp32", "model.n_layer=5"]  # the shape comes from config.json, whatever the YAML says
+            f"train.init_from={hf_dir}", "train.max_steps=1", "train.lr=0", "train.muon_lr=null",
+            "train.eval_interval=0", "train.precision=fp32", "model.n_layer=5"]  # the shape comes from config.json, whatever the YAML says
     if parallel == "none":
         assert train.main(argv) == 0
     else:

@@ -69,8 +69,8 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert muon == {n for n, p in m.named_parameters() if p.ndim == 2 and n.startswith("layers.")}
     adamw = {names[id(p)] for g in opt.param_groups if not g.get("muon") for p in g["params"]}
     assert {"embed_tokens.weight", "lm_head.weight", "norm.weight"} <= adamw and not muon & adamw
-    optim.set_lr(opt, cfg.train.lr / 2, cfg.train)  # half-way down the schedule: both peaks halved
-    assert {g["lr"] for g in opt.param_groups} == {cfg.train.lr / 2, 0.01}
+    optim.set_lr(opt, 1e-3, 0.01)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-3, 0.01]
     x = torch.randint(0, 64, (2, 16))
     m(x, x).backward()
     opt.step()
@@ -88,7 +88,7 @@ def test_muon_refuses_what_it_cannot_take():
 
 def test_plan_counts_muon_state_and_newton_schulz():
     import plan
-    cfg = config.load(["configs/125m.yaml"])
+    cfg = config.load(["configs/125m.yaml", "train.optimizer=adamw"])
     adamw = {r["mode"]: r for r in plan.plan(cfg, 8, "h100")}
     cfg.train.optimizer = "muon"
     muon = {r["mode"]: r for r in plan.plan(cfg, 8, "h100")}
