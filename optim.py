@@ -59,10 +59,9 @@ class Muon(torch.optim.AdamW):
 
     A Muon group holds `momentum` (0.95), `nesterov` (True) and `ns_dtype` (the Newton-Schulz matmul dtype by
     name, "bfloat16" where the hardware has it, else "float32"); its `lr` and `weight_decay` are in AdamW's units
-    (see the module doc).
-    `group`: the process group the matrices are dealt out over (None: the default group when one exists)."""
+    (see the module doc). With a process group the matrices are dealt out over all its ranks."""
 
-    def __init__(self, param_groups: list[dict], group=None, **adamw):
+    def __init__(self, param_groups: list[dict], **adamw):
         for g in param_groups:
             if g.get("muon"):
                 if any(p.ndim != 2 for p in g["params"]):
@@ -71,7 +70,6 @@ class Muon(torch.optim.AdamW):
                 g.setdefault("nesterov", True)
                 g.setdefault("ns_dtype", "bfloat16")
         super().__init__(param_groups, **adamw)
-        self.group = group
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -105,12 +103,11 @@ class Muon(torch.optim.AdamW):
 
     def _orthogonalize(self, params: list[torch.Tensor], updates: list[torch.Tensor], dtype) -> list[torch.Tensor]:
         """Orthogonalised updates, each the shape of its local update; each matrix computed by one rank."""
-        world = dist.get_world_size(self.group) if dist.is_initialized() else 1
+        world = dist.get_world_size() if dist.is_initialized() else 1
         if world == 1:
             return [orthogonalize(u, dtype) for u in updates]
-        rank = dist.get_rank(self.group)
-        owner = [dist.get_global_rank(self.group, j % world) if self.group else j % world for j in range(len(params))]
-        mine = [j % world == rank for j in range(len(params))]
+        owner = [j % world for j in range(len(params))]
+        mine = [o == dist.get_rank() for o in owner]
         sharded = [isinstance(p, DTensor) for p in params]
         full, waits = [None] * len(params), []
         for j, (p, u) in enumerate(zip(params, updates)):  # 1. the owner gets each whole matrix
@@ -121,7 +118,7 @@ class Muon(torch.optim.AdamW):
             padded = u.new_zeros(rows, p.shape[1], dtype=dtype)
             padded[:u.size(0)] = u
             bucket = [torch.empty_like(padded) for _ in range(world)] if mine[j] else None
-            waits.append(dist.gather(padded, bucket, dst=owner[j], group=self.group, async_op=True))
+            waits.append(dist.gather(padded, bucket, dst=owner[j], async_op=True))
             full[j] = bucket
         for w in waits:
             w.wait()
@@ -132,14 +129,14 @@ class Muon(torch.optim.AdamW):
                 result = orthogonalize(whole, dtype).contiguous()  # a tall matrix's result is a transposed view
             if not sharded[j]:  # DDP: the whole result to every rank
                 out[j] = result if mine[j] else torch.empty(p.shape, dtype=dtype, device=u.device)
-                waits.append(dist.broadcast(out[j], src=owner[j], group=self.group, async_op=True))
+                waits.append(dist.broadcast(out[j], src=owner[j], async_op=True))
                 continue
             rows = -(-p.shape[0] // world)
             pieces = None
             if mine[j]:
                 pieces = list(torch.cat([result, result.new_zeros(rows * world - p.shape[0], p.shape[1])]).split(rows))
             out[j] = torch.empty(rows, p.shape[1], dtype=dtype, device=u.device)
-            waits.append(dist.scatter(out[j], pieces, src=owner[j], group=self.group, async_op=True))
+            waits.append(dist.scatter(out[j], pieces, src=owner[j], async_op=True))
         for w in waits:
             w.wait()
         return [o[:u.size(0)] for o, u in zip(out, updates)]
