@@ -254,8 +254,7 @@ def load(args: list[str]) -> Config:
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express (the vocab may still be unknown: it can come from the data)."""
     try:
-        eot = 0 if cfg.model.eot_id is None else cfg.model.eot_id  # both may come from the data
-        replace(cfg.model, vocab_size=cfg.model.vocab_size or 2, eot_id=eot).validate()
+        replace(cfg.model, vocab_size=cfg.model.vocab_size or 2).validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
     t = cfg.train

@@ -57,8 +57,7 @@ def hf_config(cfg: GPTConfig, eot_id: int | None = None) -> dict:
 def exportable(cfg: GPTConfig) -> None:
     """Raise ValueError naming the flag when no transformers class computes what the model does. The options map
     to classes that have them: a ReLU^2 MLP -> Arcee (Llama with a non-gated up/down ReLU^2 MLP); QK-norm -> Qwen3
-    (RMSNorm per head on queries and keys, before RoPE, as ours); an untied head -> tie_word_embeddings false;
-    doc_mask changes training only."""
+    (RMSNorm per head on queries and keys, before RoPE, as ours); an untied head -> tie_word_embeddings false."""
     allowed = {"gpt2": ("gelu",), "llama": ("swiglu",) if cfg.qk_norm else ("swiglu", "relu2")}[cfg.arch]
     if cfg.mlp_kind not in allowed:
         what = {"gpt2": "GPT-2", "llama": "Qwen3 (QK-norm)" if cfg.qk_norm else "Llama/Arcee"}[cfg.arch]

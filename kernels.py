@@ -44,17 +44,7 @@ def torch_attention(q, k, v):
     return y.transpose(1, 2)
 
 
-def doc_attention(q, k, v, docs):
-    """Causal attention within documents: position i sees j <= i only where docs[b, i] == docs[b, j]; docs (B, T)
-    holds each token's document index. SDPA with a boolean (B, 1, T, T) mask (O(T^2) bytes per sequence)."""
-    T = q.size(1)
-    mask = (docs[:, :, None] == docs[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask[:, None], enable_gqa=k.size(2) != q.size(2))
-    return y.transpose(1, 2)
-
-
-def matmul_attention(q, k, v, docs=None):
+def matmul_attention(q, k, v):
     """The same causal attention as explicit matmuls: scores (B, H, T, T) from a pre-scaled q, the causal mask,
     softmax, weights @ v. On CPUs in BF16/FP16 at short context it is faster than SDPA's CPU flash kernel
     (fwd+bwd at B16 T256 H4 D64, BF16: 18.5 vs 32.1 ms; BENCHMARKS.md); in FP32 SDPA wins. The score matrix is
@@ -65,8 +55,6 @@ def matmul_attention(q, k, v, docs=None):
         k, v = (x.repeat_interleave(H // k.size(1), dim=1) for x in (k, v))
     scores = (q * D**-0.5) @ k.transpose(-2, -1)  # scaling q: T*D multiplies instead of T*T
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
-    if docs is not None:  # other documents are masked as the future is
-        future = future | (docs[:, None, :, None] != docs[:, None, None, :])
     return (scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v).transpose(1, 2)
 
 
@@ -208,14 +196,7 @@ def _short_context_matmul_attention(q, k, v):
     return torch_attention(q, k, v)
 
 
-def _short_context_matmul_doc_attention(q, k, v, docs):
-    if q.size(1) <= CPU_MATMUL_ATTENTION_MAX_T:
-        return matmul_attention(q, k, v, docs)
-    return doc_attention(q, k, v, docs)
-
-
-TORCH = {"attention": torch_attention, "doc_attention": doc_attention, "rms_norm": torch_rms_norm,
-         "rope": torch_rope_qk, "loss": chunked_loss}
+TORCH = {"attention": torch_attention, "rms_norm": torch_rms_norm, "rope": torch_rope_qk, "loss": chunked_loss}
 ACTIVE = dict(TORCH)  # what the model calls; set by configure()
 
 
@@ -243,15 +224,13 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
     """
     device = torch.device(device)
     cuda, half = device.type == "cuda", dtype in (torch.bfloat16, torch.float16)
-    chosen = dict(TORCH)
-    names = {op: "torch" for op in TORCH if op != "doc_attention"} | {"loss": "chunked"}  # doc: as attention
+    chosen, names = dict(TORCH), {op: "torch" for op in TORCH} | {"loss": "chunked"}
     if device.type == "cpu":
         if loss == "auto":  # cache-sized chunks (see cpu_chunked_loss)
             chosen["loss"], names["loss"] = cpu_chunked_loss, "chunked (cache-sized)"
         if half and kernels in ("auto", "torch"):  # explicit score matrices at short context (see matmul_attention)
             chosen["attention"] = _short_context_matmul_attention
             names["attention"] = f"matmul up to T={CPU_MATMUL_ATTENTION_MAX_T}, then SDPA"
-            chosen["doc_attention"] = _short_context_matmul_doc_attention
     if kernels in ("flash", "liger") and not cuda:
         raise KernelError(f"train.kernels={kernels} needs a CUDA device (this run is on {device.type}); "
                           f"use train.kernels=torch or auto")

@@ -35,11 +35,6 @@ class GPTConfig:
     # Recipe options (BENCHMARKS.md, "Time to quality", has what each is worth)
     mlp: Literal["swiglu", "relu2", "gelu"] | None = None  # None: swiglu (llama), gelu (gpt2); relu2 = ReLU(x)^2
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (as Qwen3, OLMo 2)
-    # Attention stays inside each document of a packed sequence (an end-of-text token closes one) and learned
-    # positions restart at each document (RoPE is relative: within a document nothing changes). Training and
-    # evaluation; generation with the KV cache sees one prompt as one document.
-    doc_mask: bool = False
-    eot_id: int | None = None  # the end-of-text id; None: taken from the data's meta.json
 
     @property
     def kv_heads(self) -> int:
@@ -83,8 +78,6 @@ class GPTConfig:
             raise ValueError(f"RoPE needs an even head dim (n_embd/n_head = {self.head_dim})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1) (got {self.dropout})")
-        if self.doc_mask and self.eot_id is None:
-            raise ValueError("model.doc_mask needs model.eot_id (it comes from the data's meta.json)")
 
 
 def rope_cache(cfg: GPTConfig, device=None) -> torch.Tensor:
@@ -130,7 +123,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, docs=None):
+    def forward(self, x, rope=None, cache: KVCache | None = None):
         B, T, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim)
@@ -140,8 +133,6 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = kernels.ACTIVE["rope"](q, k, rope)
-        if docs is not None:
-            return self.o_proj(kernels.ACTIVE["doc_attention"](q, k, v, docs).reshape(B, T, -1))
         if cache is None and not (self.training and cfg.dropout):  # the training path: the chosen kernel
             return self.o_proj(kernels.ACTIVE["attention"](q, k, v).reshape(B, T, -1))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
@@ -203,8 +194,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, cache=None, docs=None):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache, docs))
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -289,21 +280,14 @@ class GPT(nn.Module):
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
         x = self.embed_tokens(idx)
-        rope, docs = None, None
-        positions = torch.arange(start, start + T, device=idx.device)
-        if self.cfg.doc_mask and cache is None:
-            ends = idx == self.cfg.eot_id
-            docs = ends.cumsum(1) - ends.long()  # document index of each token; an end-of-text closes its own
-            starts = torch.ones_like(ends)
-            starts[:, 1:] = ends[:, :-1]
-            positions = positions - torch.where(starts, positions, 0).cummax(dim=1).values  # (B, T): from 0 per doc
+        rope = None
         if self.cfg.arch == "gpt2":
-            x = x + self.embed_positions(positions)
+            x = x + self.embed_positions(torch.arange(start, start + T, device=idx.device))
         else:
             rope = self.rope[start:start + T]
         x = self.dropout(x)
         for layer in self.layers:
-            x = layer(x, rope, cache, docs) if docs is not None else layer(x, rope, cache)
+            x = layer(x, rope, cache)
         if cache is not None:
             cache.pos += T
         x = self.norm(x)

@@ -137,11 +137,6 @@ def prepare_data(cfg: config.Config) -> None:
     """Prepare missing named corpora and fill in model.vocab_size from the data (or check it is big enough)."""
     metas = [ensure_prepared(p) for p in cfg.data.datasets]
     vocab = max(m["vocab_size"] for m in metas)
-    if cfg.model.doc_mask and cfg.model.eot_id is None:
-        eots = {m["eot_id"] for m in metas}
-        if len(eots) > 1:
-            raise config.ConfigError(f"model.doc_mask: the datasets' end-of-text ids differ ({sorted(eots)})")
-        cfg.model.eot_id = eots.pop()
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = vocab
     elif cfg.model.vocab_size < vocab:

@@ -1,5 +1,4 @@
 """Model: shapes, parameter counts against the formula, loss at init, KV-cache generation, sampling rules."""
-import dataclasses
 import math
 
 import pytest
@@ -144,30 +143,3 @@ def test_rope_is_a_relative_rotation():
     torch.testing.assert_close(y[1], torch.tensor(math.cos(angle)))
     torch.testing.assert_close(y[1 + c.head_dim // 2], torch.tensor(math.sin(angle)))
 
-
-@pytest.mark.parametrize("arch,half", [("llama", False), ("gpt2", False), ("llama", True)])
-def test_doc_mask_equals_running_each_document_alone(arch, half):
-    """Three documents packed into one sequence (an end-of-text id closes each): with model.doc_mask every
-    position's logits equal those of its document run alone (GPT-2's learned positions restart; RoPE is
-    relative). With half=True the CPU's BF16 kernel choice (explicit masked matmuls) is checked too."""
-    import kernels
-    kernels.configure("auto", "auto", "cpu", torch.bfloat16 if half else torch.float32)
-    try:
-        eot = 5
-        cfg = GPTConfig(arch=arch, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2 if arch == "llama" else None,
-                        n_embd=32, block_size=32, doc_mask=True, eot_id=eot)
-        m = GPT(cfg).eval()
-        g = torch.Generator().manual_seed(0)
-        docs = [torch.randint(6, 64, (n,), generator=g) for n in (7, 12, 9)]
-        docs = [torch.cat([d, torch.tensor([eot])]) for d in docs[:2]] + [docs[2]]  # the last one is cut off
-        packed = torch.cat(docs)[None]
-        tol = 3e-2 if half else 1e-5
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
-            alone = torch.cat([m(d[None])[0] for d in docs]).float()
-            torch.testing.assert_close(m(packed)[0].float(), alone, rtol=tol, atol=tol)
-        plain = GPT(dataclasses.replace(cfg, doc_mask=False)).eval()
-        assert not torch.allclose(plain(packed)[0], alone, atol=1e-3)  # without the mask the documents mix
-        y = torch.roll(packed, -1, 1)
-        assert m(packed, y).item() != plain(packed, y).item()
-    finally:
-        kernels.configure()
