@@ -142,4 +142,3 @@ def test_rope_is_a_relative_rotation():
     angle = 3 * c.rope_theta ** (-2 / c.head_dim)
     torch.testing.assert_close(y[1], torch.tensor(math.cos(angle)))
     torch.testing.assert_close(y[1 + c.head_dim // 2], torch.tensor(math.sin(angle)))
-
