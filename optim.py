@@ -109,13 +109,13 @@ class Muon(torch.optim.AdamW):
         owner = [j % world for j in range(len(params))]
         mine = [o == dist.get_rank() for o in owner]
         sharded = [isinstance(p, DTensor) for p in params]
+        rows = [-(-p.shape[0] // world) for p in params]  # FSDP2's Shard(0): ceil(n / world) rows, the last short
         full, waits = [None] * len(params), []
         for j, (p, u) in enumerate(zip(params, updates)):  # 1. the owner gets each whole matrix
             if not sharded[j]:  # DDP: every rank already has it
                 full[j] = u
                 continue
-            rows = -(-p.shape[0] // world)  # FSDP2's Shard(0): ceil(n / world) rows per rank, the last ones short
-            padded = u.new_zeros(rows, p.shape[1], dtype=dtype)
+            padded = u.new_zeros(rows[j], p.shape[1], dtype=dtype)
             padded[:u.size(0)] = u
             bucket = [torch.empty_like(padded) for _ in range(world)] if mine[j] else None
             waits.append(dist.gather(padded, bucket, dst=owner[j], async_op=True))
@@ -131,11 +131,11 @@ class Muon(torch.optim.AdamW):
                 out[j] = result if mine[j] else torch.empty(p.shape, dtype=dtype, device=u.device)
                 waits.append(dist.broadcast(out[j], src=owner[j], async_op=True))
                 continue
-            rows = -(-p.shape[0] // world)
             pieces = None
             if mine[j]:
-                pieces = list(torch.cat([result, result.new_zeros(rows * world - p.shape[0], p.shape[1])]).split(rows))
-            out[j] = torch.empty(rows, p.shape[1], dtype=dtype, device=u.device)
+                pad = result.new_zeros(rows[j] * world - p.shape[0], p.shape[1])
+                pieces = list(torch.cat([result, pad]).split(rows[j]))
+            out[j] = torch.empty(rows[j], p.shape[1], dtype=dtype, device=u.device)
             waits.append(dist.scatter(out[j], pieces, src=owner[j], async_op=True))
         for w in waits:
             w.wait()
