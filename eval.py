@@ -1,5 +1,5 @@
 """Validation loss, perplexity and bits per byte of a checkpoint on a prepared split; or benchmark tasks
-through EleutherAI's lm-evaluation-harness (`pip install lm-eval`, an optional extra).
+through EleutherAI's lm-evaluation-harness (the eval extra: `pip install ".[eval]"`).
 
     python eval.py OUT_DIR [--data DIR] [--split val] [--max_tokens N] [--json]
     python eval.py OUT_DIR --tasks hellaswag,arc_easy [--num_fewshot 0] [--limit 100]
@@ -69,7 +69,7 @@ class HarnessLM:
         context, continuation = context[:len(context) - spaces], context[len(context) - spaces:] + continuation
         ctx = self.tok.encode(context) if context else []
         whole = self.tok.encode(context + continuation)
-        return [self.tok.eot_id] + ctx, whole[len(ctx):]  # EOT: the document start the model knows
+        return self.tok.start_ids + ctx, whole[len(ctx):]  # the document start the model knows (BOS or EOT)
 
     @torch.no_grad()
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
@@ -100,7 +100,7 @@ class HarnessLM:
         totals = []
         for r in requests:
             ids = self.tok.encode(r.args[0])
-            tokens = [self.tok.eot_id] + ids
+            tokens = self.tok.start_ids + ids
             # each token scored once: windows of block_size targets, each window filled with the tokens before
             pairs = [(tokens[:s + 1], ids[s:s + self.block_size]) for s in range(0, len(ids), self.block_size)]
             totals.append(sum(lp for lp, _ in self._score(pairs)))
@@ -113,13 +113,13 @@ class HarnessLM:
             context, kw = r.args
             until = kw.get("until") or []
             until = [until] if isinstance(until, str) else until
-            ids = [self.tok.eot_id] + self.tok.encode(context)
+            ids = self.tok.start_ids + self.tok.encode(context)
             idx = torch.tensor([ids[-self.block_size:]], device=self._device)
             new, text = [], ""
             with self.autocast:
                 for nxt in self.model.generate_stream(idx, kw.get("max_gen_toks", 256), temperature=0,
                                                       stop_token=self.tok.eot_id):
-                    if nxt.item() == self.tok.eot_id:
+                    if nxt.item() in (self.tok.eot_id, self.tok.bos_id):
                         break
                     new.append(nxt.item())
                     text = self.tok.decode(new)
@@ -163,7 +163,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto (default): train.py's rule for this machine (hardware.py)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
-    p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs: pip install lm-eval)")
+    p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs: pip install \".[eval]\")")
     p.add_argument("--num_fewshot", type=at_least(0), default=None)
     p.add_argument("--limit", type=at_least(0, float), default=None, help="examples per task (a fraction when < 1)")
     p.add_argument("--include_path", help="folder of extra lm-eval task YAMLs (e.g. on local data)")
@@ -171,7 +171,7 @@ def main(argv: list[str]) -> int:
     if args.tasks:
         import importlib.util
         if importlib.util.find_spec("lm_eval") is None:
-            print("error: --tasks needs EleutherAI's lm-evaluation-harness: pip install lm-eval", file=sys.stderr)
+            print("error: --tasks needs EleutherAI's lm-evaluation-harness: pip install \".[eval]\"", file=sys.stderr)
             return 2
 
     import checkpoint

@@ -26,11 +26,12 @@ GPT2_TOP = {"embed_tokens": "transformer.wte", "embed_positions": "transformer.w
             "lm_head": "lm_head"}
 
 
-def hf_config(cfg: GPTConfig, eot_id: int | None = None) -> dict:
-    """Our model config -> the `config.json` transformers reads (FP32 weights); `eot_id` ends generation."""
+def hf_config(cfg: GPTConfig, eot_id: int | None = None, bos_id: int | None = None) -> dict:
+    """Our model config -> the `config.json` transformers reads (FP32 weights); `eot_id` ends generation and
+    `bos_id` starts it (the EOT where the tokenizer has no BOS convention)."""
     # both spellings of dtype and RoPE theta: transformers 5 reads `dtype`/`rope_parameters`, 4.x the others
     common = {"vocab_size": cfg.padded_vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-              "bos_token_id": eot_id, "eos_token_id": eot_id, "torch_dtype": "float32", "dtype": "float32"}
+              "bos_token_id": eot_id if bos_id is None else bos_id, "eos_token_id": eot_id, "torch_dtype": "float32", "dtype": "float32"}
     exportable(cfg)
     if cfg.arch == "llama":
         kind = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "mlp_bias": False, "hidden_act": "silu"}
@@ -98,11 +99,22 @@ def model_config(hf: dict, block_size: int | None = None) -> GPTConfig:
     raise ValueError(f"model_type {kind!r} cannot be imported (llama, qwen3, arcee or gpt2)")
 
 
+def _safetensors():
+    """safetensors.torch, imported on first use: it comes with the hf extra, not the base install."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        from config import ConfigError
+        raise ConfigError('Hugging Face weights need the safetensors package: pip install ".[hf]"') from None
+    return safetensors.torch
+
+
 def config_from_hf(path: str, ours: GPTConfig) -> GPTConfig:
     """The model section for `train.init_from=path`: the shape from its config.json; our block_size, init_std
     and dropout. Raises config.ConfigError with a message for the user."""
     from dataclasses import replace
     from config import ConfigError
+    _safetensors()  # before the run starts, not when the weights are loaded
     try:
         with open(os.path.join(path, "config.json")) as f:
             full = model_config(json.load(f))
@@ -170,7 +182,7 @@ def from_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tens
 
 def read_hf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """A Hugging Face model folder -> (config.json as a dict, state dict from its safetensors file(s))."""
-    from safetensors.torch import load_file
+    load_file = _safetensors().load_file
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
     files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
@@ -218,9 +230,24 @@ def _full(p: torch.Tensor) -> torch.Tensor:
 
 def export_tokenizer(run_tok: str, dst: str, block_size: int) -> bool:
     """Write tokenizer files transformers' AutoTokenizer reads; False when the tokenizer has no such form."""
-    from data.prepare import EOT
+    from data.prepare import EOT, HF_TOKENIZER_FILES
     from loader import read_meta
     spec = read_meta(run_tok)["tokenizer"]
+    if spec["type"] == "hf":  # a Hugging Face tokenizer goes back out as it came in, with its own config
+        for name in HF_TOKENIZER_FILES:
+            if os.path.exists(os.path.join(run_tok, name)):
+                shutil.copy(os.path.join(run_tok, name), os.path.join(dst, name))
+        if os.path.exists(os.path.join(dst, "tokenizer_config.json")):
+            return True
+        from tokenizers import Tokenizer as HFTokenizer
+        tok = HFTokenizer.from_file(os.path.join(run_tok, spec["file"]))
+        eos, bos = tok.id_to_token(spec["eos_id"]), spec["bos_id"] is not None and tok.id_to_token(spec["bos_id"])
+        conf = {"model_max_length": block_size, "eos_token": eos, "bos_token": bos or eos,
+                "add_bos_token": bool(bos), "clean_up_tokenization_spaces": False,
+                "tokenizer_class": "PreTrainedTokenizerFast"}
+        with open(os.path.join(dst, "tokenizer_config.json"), "w") as f:
+            json.dump(conf, f, indent=1)
+        return True
     conf = {"model_max_length": block_size, "eos_token": EOT, "bos_token": EOT, "unk_token": EOT,
             "add_bos_token": False, "clean_up_tokenization_spaces": False}
     if spec["type"] == "bpe":
@@ -241,12 +268,13 @@ def export_tokenizer(run_tok: str, dst: str, block_size: int) -> bool:
 
 def export_hf(model: GPT, dst: str, tokenizer_dir: str | None = None) -> None:
     """Write `model` to `dst` as a transformers folder: config.json, model.safetensors, tokenizer files."""
-    from safetensors.torch import save_file
+    save_file = _safetensors().save_file
     from loader import read_meta
     os.makedirs(dst, exist_ok=True)
     has_tok = bool(tokenizer_dir) and os.path.isdir(tokenizer_dir)
+    meta = read_meta(tokenizer_dir) if has_tok else {}
     with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(hf_config(model.cfg, read_meta(tokenizer_dir)["eot_id"] if has_tok else None), f, indent=1)
+        json.dump(hf_config(model.cfg, meta.get("eot_id"), meta.get("bos_id")), f, indent=1)
     save_file(to_hf(model), os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
     if has_tok:
         if not export_tokenizer(tokenizer_dir, dst, model.cfg.block_size):

@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     if args.prompt_file:
         with open(args.prompt_file) as f:
             args.prompt = f.read()
-    ids = tok.encode(args.prompt) or [tok.eot_id]
+    ids = tok.start_ids + tok.encode(args.prompt)  # a document start, as in training (BOS or the last EOT)
     if len(ids) >= cfg.model.block_size:
         ids = ids[-(cfg.model.block_size - 1):]
     if precision.warning:
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
             for nxt in model.generate_stream(idx, args.max_new_tokens, temperature=args.temperature,
                                              top_k=args.top_k, top_p=args.top_p, generator=gen,
                                              stop_token=None if args.no_stop else tok.eot_id):
-                if not args.no_stop and nxt.item() == tok.eot_id:
+                if not args.no_stop and nxt.item() in (tok.eot_id, tok.bos_id):  # a document ended
                     break
                 new.append(nxt.item())
                 text = tok.decode(new)

@@ -39,9 +39,14 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as `python data/prepare.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config import at_least  # noqa: E402
 from loader import DataError, file_digest, read_meta, verify_dataset  # noqa: E402
 
 EOT = "<|endoftext|>"
+EOS_NAMES = (EOT, "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")  # end-of-text tokens by their usual names
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HUB_TIMEOUT_S = 10
+CHUNK_DOCS = 64  # documents per task of a worker; a worker has 4 tasks in flight, and progress is saved between
 PYCODE_VOCAB = 8192
 PYCODE_EXCLUDE = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 # sha256 of GPT-2's BPE files, as tiktoken checks them
@@ -90,21 +95,36 @@ def tiktoken_encoding(name: str):
 
 
 class Tokenizer:
-    """One interface over a tiktoken encoding and a Hugging Face byte-level BPE. `encode` adds no EOT and
-    treats special-token text as ordinary text."""
+    """One interface over a tiktoken encoding, a byte-level BPE trained here, and a Hugging Face fast tokenizer
+    (`tokenizer.json`). `encode` adds no special tokens and treats special-token text as ordinary text."""
 
     def __init__(self, spec: dict, root: str):
         self.spec = spec
+        self.bos_id = None  # set where the tokenizer's convention starts each document with BOS (Llama)
         if spec["type"] == "tiktoken":
             self.enc = tiktoken_encoding(spec["name"])
             self.eot_id, self.vocab_size = self.enc.eot_token, self.enc.n_vocab
-        elif spec["type"] == "bpe":
+        elif spec["type"] in ("bpe", "hf"):
             from tokenizers import Tokenizer as HFTokenizer
             self.hf = HFTokenizer.from_file(os.path.join(root, spec["file"]))
             self.hf.encode_special_tokens = True  # "<|endoftext|>" inside a document is just text
-            self.eot_id, self.vocab_size = self.hf.token_to_id(EOT), self.hf.get_vocab_size()
+            self.vocab_size = self.hf.get_vocab_size()
+            if spec["type"] == "bpe":
+                self.eot_id = self.hf.token_to_id(EOT)
+            else:
+                self.eot_id, self.bos_id = spec["eos_id"], spec["bos_id"]
         else:
             raise DataError(f"unknown tokenizer type {spec['type']!r} in meta.json")
+
+    @property
+    def start_ids(self) -> list[int]:
+        """What the model saw before each training document's first token: its BOS where the convention has
+        one, else the end-of-text token that ended the previous document. Prompts and eval contexts start so."""
+        return [self.bos_id] if self.bos_id is not None else [self.eot_id]
+
+    def document(self, ids: list[int]) -> list[int]:
+        """A document's ids as training sees them: BOS first where the convention has one, EOS/EOT last."""
+        return ([self.bos_id] if self.bos_id is not None else []) + ids + [self.eot_id]
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -135,10 +155,17 @@ class Tokenizer:
             return out
         char_to_byte = {c: b for b, c in _byte_to_char().items()}
         special = {t.content for t in self.hf.get_added_tokens_decoder().values()}
+        byte_level = "ByteLevel" in json.dumps(json.loads(self.hf.to_str()).get("decoder"))
         for i in range(self.vocab_size):
             token = self.hf.id_to_token(i)
-            if token is not None and token not in special:
+            if token is None or token in special:
+                continue
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):  # SentencePiece's byte fallback
+                out[i] = 1
+            elif byte_level:  # GPT-2 style: one printable character per byte
                 out[i] = sum(1 for c in token if c in char_to_byte)
+            else:  # SentencePiece style: "▁" stands for a space
+                out[i] = len(token.replace("\u2581", " ").encode("utf-8"))
         return out
 
 
@@ -154,6 +181,89 @@ def train_bpe(texts, vocab_size: int, path: str) -> None:
     tok.save(path)
 
 
+def fetch_hf_tokenizer(name: str, out: str) -> dict:
+    """Copy a Hugging Face fast tokenizer (a folder with tokenizer.json, or a Hub id) and its config into `out`;
+    returns its spec for meta.json, with the model's document convention: BOS before each document where the
+    tokenizer adds one (Llama), and the EOS/EOT id that ends each document (GPT-2's <|endoftext|>, Llama's </s>)."""
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "tokenizer.json")):
+            raise DataError(f"--tokenizer hf:{name}: the folder has no tokenizer.json (a fast tokenizer); write one "
+                            f"with transformers: AutoTokenizer.from_pretrained(FOLDER).save_pretrained(FOLDER)")
+        for f in HF_TOKENIZER_FILES:
+            if os.path.exists(os.path.join(name, f)):
+                shutil.copy(os.path.join(name, f), os.path.join(out, f))
+    else:
+        check_hub("model", name)
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+        for f in HF_TOKENIZER_FILES:
+            try:
+                shutil.copy(hf_hub_download(name, f), os.path.join(out, f))
+            except EntryNotFoundError:
+                if f == "tokenizer.json":
+                    raise DataError(f"--tokenizer hf:{name}: the Hub repository has no tokenizer.json") from None
+    return {"type": "hf", "file": "tokenizer.json", "name": name, **hf_conventions(out)}
+
+
+def hf_conventions(root: str) -> dict:
+    """bos_id (None when documents get no BOS) and eos_id of the Hugging Face tokenizer files in `root`: from
+    tokenizer_config.json where it says (add_bos_token, bos_token, eos_token), else from what the tokenizer's
+    post-processor adds around a text, else from the usual names of an end-of-text token."""
+    from tokenizers import Tokenizer as HFTokenizer
+    tok = HFTokenizer.from_file(os.path.join(root, "tokenizer.json"))
+    conf = {}
+    for f in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
+        if os.path.exists(os.path.join(root, f)):
+            with open(os.path.join(root, f)) as fh:
+                conf |= json.load(fh)
+
+    def named(key: str) -> int | None:
+        value = conf.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        return tok.token_to_id(value) if isinstance(value, str) else None
+
+    plain, full = tok.encode("a", add_special_tokens=False).ids, tok.encode("a", add_special_tokens=True).ids
+    added = full[:len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
+    bos = named("bos_token") if named("bos_token") is not None else (added[0] if added else None)
+    add_bos = conf.get("add_bos_token", bool(added))
+    eos = named("eos_token")
+    if eos is None:
+        eos = next((tok.token_to_id(t) for t in EOS_NAMES if tok.token_to_id(t) is not None), None)
+    if eos is None:
+        raise DataError(f"the tokenizer in {root} has no end-of-text token: its tokenizer_config.json names no "
+                        f"eos_token and its vocabulary has none of {', '.join(EOS_NAMES)}")
+    return {"bos_id": bos if add_bos and bos is not None else None, "eos_id": eos}
+
+
+def check_hub(kind: str, name: str) -> None:
+    """Fail at once, saying what to do, when the Hugging Face Hub cannot serve `name` (an offline machine, a
+    firewall, a typo, a gated repository) instead of letting the libraries retry for minutes."""
+    where = "a local folder of that name" if kind == "model" else "a local folder in the Hub's layout"
+    fetch = f"huggingface-cli download {'--repo-type dataset ' if kind == 'dataset' else ''}{name} --local-dir DIR"
+    if any(os.environ.get(v, "0").lower() not in ("0", "false", "") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        raise DataError(f"hf:{name} is not {where}, and the Hub is switched off here (HF_HUB_OFFLINE or "
+                        f"HF_DATASETS_OFFLINE is set); on a machine with a network run `{fetch}` and give hf:DIR")
+    import urllib.error
+    import urllib.request
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    request = urllib.request.Request(f"{endpoint}/api/{kind}s/{name}", method="HEAD")
+    if os.environ.get("HF_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
+    try:
+        urllib.request.urlopen(request, timeout=HUB_TIMEOUT_S).close()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise DataError(f"hf:{name}: the Hub refuses access (HTTP {e.code}: gated or private); accept its terms "
+                            f"on the Hub and set HF_TOKEN (or `huggingface-cli login`)") from None
+        if e.code == 404:
+            raise DataError(f"hf:{name}: no such {kind} on the Hub, and not {where}") from None
+        raise DataError(f"hf:{name}: the Hub answered HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise DataError(f"hf:{name} is not {where}, and the Hugging Face Hub ({endpoint}) cannot be reached "
+                        f"({getattr(e, 'reason', e)}); offline, run `{fetch}` where there is a network and give "
+                        f"hf:DIR") from None
+
+
 def load_tokenizer(path: str) -> Tokenizer:
     """The tokenizer of a prepared dataset (or of a run folder's `tokenizer/` copy)."""
     return Tokenizer(read_meta(path)["tokenizer"], path)
@@ -162,7 +272,7 @@ def load_tokenizer(path: str) -> Tokenizer:
 def copy_tokenizer(data_dir: str, dst: str) -> None:
     """Copy what load_tokenizer needs from a dataset into `dst` (a run folder keeps its tokenizer)."""
     os.makedirs(dst, exist_ok=True)
-    for name in ("meta.json", "tokenizer.json", "token_bytes.npy"):
+    for name in ("meta.json", "token_bytes.npy", *HF_TOKENIZER_FILES):
         if os.path.exists(os.path.join(data_dir, name)):
             shutil.copy(os.path.join(data_dir, name), os.path.join(dst, name))
 
@@ -184,8 +294,9 @@ def list_files(inputs: list[str]) -> list[str]:
     return files
 
 
-def iter_documents(files: list[str], text_field: str, stats: dict):
-    """Yield document strings from files, streaming; counts skipped non-UTF-8 files in stats."""
+def iter_documents(files: list[str], text_field: str):
+    """Yield document strings from files, streaming; False in place of a file that is not UTF-8 and None for a
+    row without text (both skipped)."""
     for path in files:
         if path.endswith((".jsonl", ".jsonl.gz")):
             opener = gzip.open if path.endswith(".gz") else open
@@ -199,21 +310,101 @@ def iter_documents(files: list[str], text_field: str, stats: dict):
                         raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
                     if not isinstance(row, dict) or text_field not in row:
                         raise DataError(f"{path}:{n}: no field {text_field!r} (set --text_field)")
-                    yield str(row[text_field])
+                    yield _text(row[text_field])
         elif path.endswith(".parquet"):
-            import datasets
+            try:
+                import datasets
+            except ImportError:
+                raise DataError(f'{path}: .parquet input needs the datasets package: pip install ".[hf]"') from None
             rows = datasets.load_dataset("parquet", data_files=path, split="train", streaming=True)
             if text_field not in (rows.column_names or [text_field]):
                 raise DataError(f"{path}: no column {text_field!r} (has {rows.column_names}; set --text_field)")
             for row in rows:
-                yield str(row[text_field])
+                yield _text(row[text_field])
         else:
             with open(path, "rb") as f:
                 raw = f.read()
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError:
-                stats["skipped_files"] += 1
+                yield False
+
+
+def _text(value):
+    """A row's text: strings as they are, numbers as text, None (no text: the row is skipped) as it is."""
+    return value if value is None or isinstance(value, str) else str(value)
+
+
+def open_hf_dataset(name: str, subset: str | None, split: str, text_field: str):
+    """A Hugging Face dataset as a stream (`datasets.IterableDataset`) of its `text_field` column: a Hub name,
+    a local folder in the Hub's layout (data files, e.g. parquet, with or without a README that names subsets),
+    or a folder written by `save_to_disk`. Nothing is downloaded or held in memory beyond the rows in flight."""
+    import datasets
+    if os.path.isdir(name) and (os.path.exists(os.path.join(name, "state.json"))
+                                or os.path.exists(os.path.join(name, "dataset_dict.json"))):  # save_to_disk
+        ds = datasets.load_from_disk(name)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"hf:{name} has no split {split!r} (has {', '.join(ds)}; set --split)")
+            ds = ds[split]
+        ds = ds.to_iterable_dataset()
+    else:
+        if not os.path.isdir(name):
+            check_hub("dataset", name)
+        try:
+            ds = datasets.load_dataset(name, subset, split=split, streaming=True)
+        except (ValueError, FileNotFoundError) as e:  # a bad subset or split names the valid ones
+            raise DataError(f"hf:{name}: {e}") from None
+    columns = ds.column_names or list(ds.features or [])
+    if columns and text_field not in columns:
+        raise DataError(f"hf:{name}: no column {text_field!r} (has {', '.join(columns)}; set --text_field)")
+    return ds.select_columns([text_field]) if columns else ds
+
+
+class Documents:
+    """The documents of all inputs in order, as one deterministic stream that knows where it is: `position()`
+    after the documents consumed so far, and `Documents(..., position=...)` continues right after them (a
+    Hugging Face stream from its shard and offset, files by reading past what was done). Yields strings;
+    skipped files (not UTF-8) and rows without text are counted in `stats`."""
+
+    def __init__(self, inputs: list[str], text_field: str, subset: str | None = None, split: str = "train",
+                 position: dict | None = None):
+        self.inputs, self.text_field, self.subset, self.split = inputs, text_field, subset, split
+        pos = position or {"source": 0, "items": 0, "hf": None, "stats": {"skipped_files": 0, "skipped_docs": 0}}
+        self.source, self.items, self.hf_state, self.stats = pos["source"], pos["items"], pos["hf"], dict(pos["stats"])
+        self._ds = None
+        self.files = {i: list_files([s]) for i, s in enumerate(inputs) if not s.startswith("hf:")}  # fail early
+        if self.source < len(inputs) and inputs[self.source].startswith("hf:"):
+            self._ds = self._open(self.source)
+
+    def _open(self, i: int):
+        ds = open_hf_dataset(self.inputs[i][3:], self.subset, self.split, self.text_field)
+        if i == self.source and self.hf_state is not None:
+            ds.load_state_dict(self.hf_state)
+        return ds
+
+    def position(self) -> dict:
+        """Where the stream is: after the last document it yielded (JSON-serialisable)."""
+        return {"source": self.source, "items": self.items, "stats": dict(self.stats),
+                "hf": self._ds.state_dict() if self._ds is not None else None}
+
+    def __iter__(self):
+        for i in range(self.source, len(self.inputs)):
+            if i != self.source:
+                self.source, self.items, self.hf_state = i, 0, None
+            if i in self.files:
+                self._ds = None
+                rows = itertools.islice(iter_documents(self.files[i], self.text_field), self.items, None)
+            else:
+                self._ds = self._ds if self._ds is not None else self._open(i)
+                rows = (row[self.text_field] for row in self._ds)
+            for text in rows:
+                self.items += 1
+                if isinstance(text, str):
+                    yield text
+                else:
+                    self.stats["skipped_files" if text is False else "skipped_docs"] += 1
+            self._ds = None
 
 
 def is_val(text: str, val_frac: float) -> bool:
@@ -234,72 +425,159 @@ def _encode_chunk(args) -> list[tuple[str, np.ndarray, int]]:
     tok = _WORKER["tok"]
     out = []
     for text, ids in zip(docs, tok.encode_batch(docs)):
-        ids.append(tok.eot_id)
-        out.append(("val" if is_val(text, val_frac) else "train", np.asarray(ids, dtype=np.uint32),
+        out.append(("val" if is_val(text, val_frac) else "train", np.asarray(tok.document(ids), dtype=np.uint32),
                     len(text.encode("utf-8"))))
     return out
 
 
 class ShardWriter:
-    """Accumulates one split's tokens and writes shards of exactly `shard_tokens` (the last one shorter)."""
+    """Accumulates one split's tokens and writes shards of exactly `shard_tokens` (the last one shorter). Holds at
+    most one shard in memory (pages of the buffer are touched only as tokens arrive)."""
 
-    def __init__(self, out: str, split: str, dtype, shard_tokens: int):
+    def __init__(self, out: str, split: str, dtype, shard_tokens: int, state: dict | None = None):
         self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
-        self.buf, self.pending = [], 0
-        self.shards, self.tokens, self.bytes, self.docs = [], 0, 0, 0
+        self.buf, self.pending = np.empty(shard_tokens, dtype=dtype), 0
+        state = state or {"shards": [], "tokens": 0, "bytes": 0, "docs": 0, "tail": None}
+        self.shards, self.tokens, self.bytes, self.docs = (state[k] for k in ("shards", "tokens", "bytes", "docs"))
+        if state["tail"]:
+            tail = np.load(os.path.join(out, state["tail"]))
+            self.buf[:len(tail)], self.pending = tail, len(tail)
 
     def add(self, ids: np.ndarray, nbytes: int) -> None:
-        self.buf.append(ids.astype(self.dtype))
-        self.pending += len(ids)
         self.tokens += len(ids)
         self.bytes += nbytes
         self.docs += 1
-        while self.pending >= self.shard_tokens:
-            self._write(self.shard_tokens)
+        while len(ids):
+            take = min(len(ids), self.shard_tokens - self.pending)
+            self.buf[self.pending:self.pending + take] = ids[:take]
+            self.pending, ids = self.pending + take, ids[take:]
+            if self.pending == self.shard_tokens:
+                self._write()
+
+    def state(self, tail: str) -> dict:
+        """Counts and shards so far, with the unwritten tail saved to the file `tail` (for a resume)."""
+        _save_npy(os.path.join(self.out, tail), self.buf[:self.pending])
+        return {"shards": self.shards, "tokens": self.tokens, "bytes": self.bytes, "docs": self.docs, "tail": tail}
 
     def close(self) -> dict:
         if self.pending:
-            self._write(self.pending)
+            self._write()
         return {"shards": self.shards, "tokens": self.tokens, "bytes": self.bytes, "docs": self.docs}
 
-    def _write(self, count: int) -> None:
-        arr = np.concatenate(self.buf)
-        head, rest = arr[:count], arr[count:]
-        self.buf, self.pending = ([rest] if len(rest) else []), len(rest)
+    def _write(self) -> None:
         name = f"{self.split}_{len(self.shards):05d}.npy"
-        tmp = os.path.join(self.out, name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, head)
-        self.shards.append({"file": name, "tokens": int(count), "xxh3": file_digest(tmp)})
-        os.replace(tmp, os.path.join(self.out, name))
+        digest = _save_npy(os.path.join(self.out, name), self.buf[:self.pending])
+        self.shards.append({"file": name, "tokens": int(self.pending), "xxh3": digest})
+        self.pending = 0
+
+
+def _save_npy(path: str, arr: np.ndarray) -> str:
+    """Write an .npy atomically (temporary name, then rename); returns its xxh3 hash."""
+    with open(path + ".tmp", "wb") as f:
+        np.save(f, arr)
+    digest = file_digest(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return digest
+
+
+PROGRESS = "prepare_progress.json"
+OUTPUTS = (r"(train|val)_\d{5}\.npy|(train|val)\.tail\d+\.npy|meta\.json|token_bytes\.npy|" + PROGRESS.replace(".", r"\.")
+           + "|" + "|".join(f.replace(".", r"\.") for f in HF_TOKENIZER_FILES))
+
+
+def _clean(out: str, keep: set[str] = frozenset()) -> None:
+    """Remove what a preparation writes into `out` (other files stay), but the names in `keep`."""
+    for name in os.listdir(out):
+        if re.fullmatch(rf"({OUTPUTS})(\.tmp)?", name) and name not in keep:
+            os.remove(os.path.join(out, name))
+
+
+def _read_progress(out: str, settings: dict) -> dict | None:
+    """The saved progress of an interrupted preparation of the same inputs and settings, else None."""
+    try:
+        with open(os.path.join(out, PROGRESS)) as f:
+            progress = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if progress.get("settings") != settings:
+        print(f"{out} holds an interrupted preparation with other settings: starting over")
+        return None
+    return progress
+
+
+def _save_progress(out: str, progress: dict, docs: Documents, writers: dict) -> None:
+    """Record how far the preparation is (atomically: the tails are new files, the JSON replaces the old)."""
+    n = progress.get("saves", 0) + 1
+    progress |= {"saves": n, "position": docs.position(),
+                 "writers": {s: w.state(f"{s}.tail{n}.npy") for s, w in writers.items()}}
+    with open(os.path.join(out, PROGRESS + ".tmp"), "w") as f:
+        json.dump(progress, f)
+    os.replace(os.path.join(out, PROGRESS + ".tmp"), os.path.join(out, PROGRESS))
+    for s in writers:
+        if n > 1 and os.path.exists(old := os.path.join(out, f"{s}.tail{n - 1}.npy")):
+            os.remove(old)
+
+
+def _bpe_texts(docs, val_frac: float, max_chars: float | None):
+    """The train split's documents for training a BPE, up to max_chars characters of text."""
+    seen = 0
+    for d in docs:
+        if not is_val(d, val_frac):
+            yield d
+            seen += len(d)
+            if max_chars and seen >= max_chars:
+                return
 
 
 def prepare(inputs: list[str], out: str, tokenizer: str = "bpe", vocab_size: int = 8192, text_field: str = "text",
             val_frac: float = 0.005, workers: int | None = None, shard_tokens: int = 100_000_000,
-            source: str | None = None) -> dict:
-    """Tokenize the documents of `inputs` into a prepared dataset at `out`; returns its meta."""
+            source: str | None = None, subset: str | None = None, split: str = "train",
+            max_tokens: int | None = None, fresh: bool = False) -> dict:
+    """Tokenize the documents of `inputs` (files, folders, globs, or `hf:NAME_OR_FOLDER` datasets) into a
+    prepared dataset at `out`; returns its meta. Stops after the document that reaches max_tokens (both splits).
+    An interrupted preparation of the same inputs and settings continues where it was (unless `fresh`); the
+    result is the same as an uninterrupted one, whatever the number of workers."""
     from tqdm import tqdm
     t0 = time.time()
-    files = list_files(inputs)
+    settings = {"inputs": inputs, "tokenizer": tokenizer, "vocab_size": vocab_size, "text_field": text_field,
+                "val_frac": val_frac, "shard_tokens": shard_tokens, "subset": subset, "split": split,
+                "max_tokens": max_tokens}
     os.makedirs(out, exist_ok=True)
-    for name in os.listdir(out):  # start clean: old shards must not mix with new ones (other files stay)
-        if re.fullmatch(r"(train|val)_\d{5}\.npy(\.tmp)?|meta\.json(\.tmp)?|tokenizer\.json|token_bytes\.npy", name):
-            os.remove(os.path.join(out, name))
-    stats = {"skipped_files": 0}
-    if tokenizer == "bpe":
-        print(f"training a {vocab_size}-token byte-level BPE on the train split of {len(files)} files")
-        train_docs = (d for d in iter_documents(files, text_field, {"skipped_files": 0}) if not is_val(d, val_frac))
-        train_bpe(train_docs, vocab_size, os.path.join(out, "tokenizer.json"))
-        spec = {"type": "bpe", "file": "tokenizer.json"}
+    progress = None if fresh else _read_progress(out, settings)
+    docs = Documents(inputs, text_field, subset, split, progress and progress["position"])  # checks the inputs
+    if progress is None:
+        _clean(out)  # start clean: old shards must not mix with new ones
+        if tokenizer == "bpe":
+            print(f"training a {vocab_size}-token byte-level BPE on the train split of {', '.join(inputs)[:200]}")
+            train_bpe(_bpe_texts(Documents(inputs, text_field, subset, split), val_frac, max_tokens and 4 * max_tokens),
+                      vocab_size, os.path.join(out, "tokenizer.json"))
+            spec = {"type": "bpe", "file": "tokenizer.json"}
+        elif tokenizer.startswith("hf:"):
+            spec = fetch_hf_tokenizer(tokenizer[3:], out)
+        else:
+            spec = {"type": "tiktoken", "name": tokenizer}
+        progress = {"settings": settings, "tokenizer": spec}
     else:
-        spec = {"type": "tiktoken", "name": tokenizer}
+        spec = progress["tokenizer"]
+        keep = {PROGRESS, *(w["tail"] for w in progress["writers"].values()), *HF_TOKENIZER_FILES,
+                *(s["file"] for w in progress["writers"].values() for s in w["shards"])}
+        _clean(out, keep)  # shards written after the last saved progress are written again
+        done = sum(w["tokens"] for w in progress["writers"].values())
+        print(f"{out}: continuing an interrupted preparation after {done:,} tokens ({PROGRESS})")
     tok = Tokenizer(spec, out)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    writers = {s: ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
+    writers = {s: ShardWriter(out, s, dtype, shard_tokens, progress.get("writers", {}).get(s))
+               for s in ("train", "val")}
+    if "writers" not in progress:
+        _save_progress(out, progress, docs, writers)  # a restart keeps the tokenizer (a BPE takes a while)
     workers = workers or min(8, os.cpu_count() or 1)
-    docs = iter_documents(files, text_field, stats)
-    chunks = ((list(c), val_frac) for c in iter(lambda: list(itertools.islice(docs, 64)), []))
-    bar = tqdm(desc=f"tokenizing ({workers} workers)", unit="doc", unit_scale=True)
+    stream = iter(docs)
+    chunks = ((list(c), val_frac) for c in iter(lambda: list(itertools.islice(stream, CHUNK_DOCS)), []))
+
+    def total() -> int:
+        return sum(w.tokens for w in writers.values())
+    bar = tqdm(desc=f"tokenizing ({workers} workers)", unit="tok", unit_scale=True, initial=total(),
+               total=max_tokens, smoothing=0.1)
     pool = None
     if workers > 1:
         import multiprocessing as mp
@@ -307,33 +585,51 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bpe", vocab_size: int
     else:
         _init_worker(spec, out)
     try:
-        while window := list(itertools.islice(chunks, 4 * workers)):  # bounded work in flight
-            results = pool.map(_encode_chunk, window) if pool else map(_encode_chunk, window)
-            for chunk in results:
-                for split, ids, nbytes in chunk:
-                    writers[split].add(ids, nbytes)
-                bar.update(len(chunk))
-            bar.set_postfix(MB=f"{sum(w.bytes for w in writers.values()) / 1e6:.1f}")
+        full = False
+        while not full and (window := list(itertools.islice(chunks, 4 * workers))):  # bounded work in flight
+            shards = sum(len(w.shards) for w in writers.values())
+            before = total()
+            for chunk in (pool.map(_encode_chunk, window) if pool else map(_encode_chunk, window)):
+                for split_, ids, nbytes in chunk:
+                    writers[split_].add(ids, nbytes)
+                    if full := bool(max_tokens and total() >= max_tokens):
+                        break
+                if full:
+                    break
+            bar.update(total() - before)
+            bar.set_postfix(docs=f"{sum(w.docs for w in writers.values()):,}",
+                            MB=f"{sum(w.bytes for w in writers.values()) / 1e6:,.1f}")
+            if not full and sum(len(w.shards) for w in writers.values()) > shards:
+                _save_progress(out, progress, docs, writers)  # a shard was written: an interruption resumes here
     finally:
         bar.close()
         if pool:
             pool.terminate()
     splits = {s: w.close() for s, w in writers.items()}
     np.save(os.path.join(out, "token_bytes.npy"), tok.token_bytes())
-    meta = {"format": 1, "tokenizer": spec, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
-            "dtype": np.dtype(dtype).name, "splits": splits, "source": source or ", ".join(inputs),
-            "val_frac": val_frac, "skipped_files": stats["skipped_files"]}
+    meta = {"format": 1, "tokenizer": spec, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "bos_id": tok.bos_id,
+            "dtype": np.dtype(dtype).name, "splits": splits, "source": source or _describe(inputs, subset, split),
+            "val_frac": val_frac, "max_tokens": max_tokens, **docs.stats}
     tmp = os.path.join(out, "meta.json.tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
     os.replace(tmp, os.path.join(out, "meta.json"))
+    _clean(out, keep={"meta.json", "token_bytes.npy", *HF_TOKENIZER_FILES,
+                      *(s["file"] for w in splits.values() for s in w["shards"])})  # the progress files go
     tr, va = splits["train"], splits["val"]
-    print(f"prepared {out} in {time.time() - t0:.1f} s: train {tr['docs']:,} docs / {tr['tokens']:,} tokens / "
+    secs = time.time() - t0
+    print(f"prepared {out} in {secs:.1f} s: train {tr['docs']:,} docs / {tr['tokens']:,} tokens / "
           f"{tr['bytes']:,} bytes, val {va['docs']:,} docs / {va['tokens']:,} tokens / {va['bytes']:,} bytes; "
-          f"{stats['skipped_files']} files skipped (not UTF-8)")
+          f"{docs.stats['skipped_files']} files skipped (not UTF-8), {docs.stats['skipped_docs']} rows without text")
     if va["docs"] == 0:
         print("warning: the val split is empty; raise --val_frac", file=sys.stderr)
     return meta
+
+
+def _describe(inputs: list[str], subset: str | None, split: str) -> str:
+    hub = any(i.startswith("hf:") for i in inputs)
+    return ", ".join(inputs) + (f" (subset {subset}, split {split})" if hub and subset else
+                                f" (split {split})" if hub else "")
 
 
 # ----------------------------------------------------------------------------- named corpora
@@ -369,17 +665,34 @@ def ensure_prepared(path: str) -> dict:
                     f"python data/prepare.py --input YOUR_FILES --out {path}  (named corpora: {', '.join(CORPORA)})")
 
 
+def count(text: str) -> int:
+    """An argparse type for token counts written as 2e9 or 2000000000."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number >= 1")
+    return int(value)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", action="append", help="file, folder or glob (repeatable)")
+    p.add_argument("--input", action="append",
+                   help="file, folder or glob, or hf:NAME_OR_FOLDER for a Hugging Face dataset (repeatable)")
     p.add_argument("--corpus", choices=sorted(CORPORA), help="prepare a named corpus instead of --input")
     p.add_argument("--out", help="output folder (default for --corpus: data/NAME)")
-    p.add_argument("--tokenizer", default="bpe", help="gpt2, cl100k_base, o200k_base, ... or bpe")
+    p.add_argument("--tokenizer", default="bpe",
+                   help="gpt2, cl100k_base, o200k_base, ... (tiktoken), bpe (trained here), or hf:FOLDER_OR_ID")
     p.add_argument("--vocab_size", type=int, default=8192, help="for --tokenizer bpe")
-    p.add_argument("--text_field", default="text", help="field of .jsonl / column of .parquet")
+    p.add_argument("--text_field", default="text", help="field of .jsonl / column of .parquet and hf: datasets")
+    p.add_argument("--subset", help="hf: datasets: the subset (configuration), e.g. sample-10BT")
+    p.add_argument("--split", default="train", help="hf: datasets: the split to read (default train)")
+    p.add_argument("--max_tokens", type=count, help="stop after this many tokens (both splits), e.g. 2e9")
     p.add_argument("--val_frac", type=float, default=0.005)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--shard_tokens", type=int, default=100_000_000)
+    p.add_argument("--workers", type=at_least(1), default=None)
+    p.add_argument("--shard_tokens", type=count, default=100_000_000)
+    p.add_argument("--fresh", action="store_true", help="start over instead of continuing an interrupted run")
     p.add_argument("--verify", metavar="DIR", help="check every shard of a prepared dataset against its meta.json")
     args = p.parse_args(argv)
     try:
@@ -392,12 +705,17 @@ def main(argv: list[str]) -> int:
             CORPORA[args.corpus](out, args.workers)
         elif args.input and args.out:
             prepare(args.input, args.out, args.tokenizer, args.vocab_size, args.text_field, args.val_frac,
-                    args.workers, args.shard_tokens)
+                    args.workers, args.shard_tokens, subset=args.subset, split=args.split,
+                    max_tokens=args.max_tokens, fresh=args.fresh)
         else:
             p.error("give --input and --out, or --corpus")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to continue from the last shard written",
+              file=sys.stderr)
+        return 130
     return 0
 
 
