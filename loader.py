@@ -8,14 +8,20 @@ keyed pseudo-random permutation puts at position s % n_windows, so an epoch visi
 never repeats one. The permutation is evaluated per index (a Feistel network with cycle-walking), so a
 dataset of any size costs memory in proportion to the batch, not the corpus.
 """
+from __future__ import annotations
+
 import json
 import os
 import queue
 import threading
+import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 import xxhash
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: data/prepare.py's tokenizer workers import this
+    import torch   # module for DataError and the shard checks, and need no torch (~220 MB a process)
 
 MASK64 = (1 << 64) - 1
 
@@ -189,6 +195,7 @@ class TrainLoader:
 
     def batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) int64 CPU tensors of shape (micro_batch_size, block_size); y is x shifted by one."""
+        import torch
         ids = self.sample_ids(step, micro_step)
         if len(self.splits) == 1:
             which = np.zeros(len(ids), dtype=np.int64)
@@ -221,6 +228,7 @@ def eval_batches(path: str, split: str, block_size: int, batch_size: int, max_to
     are covered (whole windows). Batch i goes to rank i % world_size; a rank left one short gets an all-padding
     batch, so every rank runs the same number of forwards (FSDP's gathers need all ranks).
     """
+    import torch
     data = TokenSplit(path, split, vocab_size)
     T = block_size
 
@@ -264,11 +272,13 @@ def token_bytes(path: str) -> np.ndarray:
 class Prefetcher:
     """Training micro-batches in order from `start_step`, read `depth` ahead by a background thread so that
     reading shards overlaps the device's work. On CUDA the batches wait in pinned memory and `get()` sends
-    them with a non-blocking copy. A loader error surfaces from the `get()` that would have returned it."""
+    them with a non-blocking copy. A loader error surfaces from the `get()` that would have returned it. `waited`
+    adds up the seconds `get()` spent blocked on the loader thread (host time: the training loop was input-bound)."""
 
     def __init__(self, loader: TrainLoader, start_step: int, grad_accum: int, device: torch.device, depth: int = 4):
         self.device, self.pin = device, device.type == "cuda"
         self.queue, self.stop = queue.Queue(maxsize=depth), threading.Event()
+        self.waited = 0.0
         self.thread = threading.Thread(target=self._fill, args=(loader, start_step, grad_accum), daemon=True)
         self.thread.start()
 
@@ -290,7 +300,9 @@ class Prefetcher:
                 pass
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
         item = self.queue.get()
+        self.waited += time.perf_counter() - t0
         if isinstance(item, Exception):
             raise item
         x, y = item

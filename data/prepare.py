@@ -53,7 +53,6 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as `python data/prepare.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from config import at_least  # noqa: E402
 from loader import DataError, file_digest, read_meta, verify_dataset  # noqa: E402
 
 EOT = "<|endoftext|>"
@@ -680,7 +679,7 @@ def ensure_prepared(path: str) -> dict:
 
 
 def count(text: str) -> int:
-    """An argparse type for token counts written as 2e9 or 2000000000."""
+    """An argparse type for counts >= 1, also written as 2e9."""
     try:
         value = float(text)
     except ValueError:
@@ -704,7 +703,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--split", default="train", help="hf: datasets: the split to read (default train)")
     p.add_argument("--max_tokens", type=count, help="stop after this many tokens (both splits), e.g. 2e9")
     p.add_argument("--val_frac", type=float, default=0.005)
-    p.add_argument("--workers", type=at_least(1), default=None)
+    p.add_argument("--workers", type=count, default=None)
     p.add_argument("--shard_tokens", type=count, default=100_000_000)
     p.add_argument("--fresh", action="store_true", help="start over instead of continuing an interrupted run")
     p.add_argument("--verify", metavar="DIR", help="check every shard of a prepared dataset against its meta.json")
