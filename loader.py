@@ -134,7 +134,8 @@ def verify_dataset(path: str) -> list[str]:
 def same_tokenizer(a: str, b: str) -> bool:
     """Whether two prepared datasets (or run tokenizer folders) were tokenized alike."""
     ma, mb = read_meta(a), read_meta(b)
-    if any(ma[k] != mb[k] for k in ("tokenizer", "vocab_size", "eot_id")):
+    spec = [{k: v for k, v in m["tokenizer"].items() if k != "name"} for m in (ma, mb)]  # hf: where it came from
+    if spec[0] != spec[1] or any(ma.get(k) != mb.get(k) for k in ("vocab_size", "eot_id", "bos_id")):
         return False
     file = ma["tokenizer"].get("file")
     if file is None:

@@ -157,6 +157,8 @@ def make_tokenizer(path, llama: bool, docs: list[str]):
 @pytest.mark.parametrize("llama", [True, False], ids=["llama", "gpt2"])
 def test_a_tokenizer_by_folder_keeps_its_document_convention(hub_layout, tmp_path, llama):
     root, docs = hub_layout
+    if not os.path.exists(root / "gpt2_data"):
+        prepare([f"hf:{root / 'fwe'}"], str(root / "gpt2_data"), "gpt2", val_frac=0.0, workers=1)
     fast = make_tokenizer(tmp_path / "tok", llama, docs)
     out = str(tmp_path / "out")
     meta = prepare([f"hf:{root / 'fwe'}"], out, f"hf:{tmp_path / 'tok'}", val_frac=0.0, workers=2)
@@ -173,6 +175,9 @@ def test_a_tokenizer_by_folder_keeps_its_document_convention(hub_layout, tmp_pat
     again = prepare([f"hf:{root / 'fwe'}"], str(tmp_path / "again"), f"hf:{tmp_path / 'tok'}", val_frac=0.0,
                     workers=1)
     assert same_tokenizer(out, str(tmp_path / "again")) and again["splits"] == meta["splits"]
+    os.rename(tmp_path / "tok", tmp_path / "moved")  # the same tokenizer from elsewhere is the same tokenizer
+    prepare([f"hf:{root / 'fwe'}"], str(tmp_path / "moved_data"), f"hf:{tmp_path / 'moved'}", val_frac=0.0, workers=1)
+    assert same_tokenizer(out, str(tmp_path / "moved_data")) and not same_tokenizer(out, str(root / "gpt2_data"))
 
 
 def test_a_folder_without_tokenizer_json_is_refused(tmp_path):
