@@ -50,6 +50,7 @@ import sysconfig
 import time
 
 import numpy as np
+import xxhash
 
 if __package__ in (None, ""):  # run as `python data/prepare.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -325,11 +326,7 @@ def iter_documents(files: list[str], text_field: str):
                         raise DataError(f"{path}:{n}: no field {text_field!r} (set --text_field)")
                     yield _text(row[text_field])
         elif path.endswith(".parquet"):
-            try:
-                import datasets
-            except ImportError:
-                raise DataError(f'{path}: .parquet input needs the datasets package: pip install ".[hf]"') from None
-            rows = datasets.load_dataset("parquet", data_files=path, split="train", streaming=True)
+            rows = _datasets().load_dataset("parquet", data_files=path, split="train", streaming=True)
             if text_field not in (rows.column_names or [text_field]):
                 raise DataError(f"{path}: no column {text_field!r} (has {rows.column_names}; set --text_field)")
             for row in rows:
@@ -348,11 +345,20 @@ def _text(value):
     return value if value is None or isinstance(value, str) else str(value)
 
 
+def _datasets():
+    """Hugging Face `datasets`, for .parquet and hf: inputs; it comes with the hf extra, not the base install."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError('.parquet and hf: inputs need the datasets package: pip install ".[hf]"') from None
+    return datasets
+
+
 def open_hf_dataset(name: str, subset: str | None, split: str, text_field: str):
     """A Hugging Face dataset as a stream (`datasets.IterableDataset`) of its `text_field` column: a Hub name,
     a local folder in the Hub's layout (data files, e.g. parquet, with or without a README that names subsets),
     or a folder written by `save_to_disk`. Nothing is downloaded or held in memory beyond the rows in flight."""
-    import datasets
+    datasets = _datasets()
     if os.path.isdir(name) and (os.path.exists(os.path.join(name, "state.json"))
                                 or os.path.exists(os.path.join(name, "dataset_dict.json"))):  # save_to_disk
         ds = datasets.load_from_disk(name)
@@ -555,9 +561,11 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bpe", vocab_size: int
     settings = {"inputs": inputs, "tokenizer": tokenizer, "vocab_size": vocab_size, "text_field": text_field,
                 "val_frac": val_frac, "shard_tokens": shard_tokens, "subset": subset, "split": split,
                 "max_tokens": max_tokens}
+    files = [f for i in inputs if not i.startswith("hf:") for f in list_files([i])]  # checks the inputs
+    settings["files"] = xxhash.xxh3_128_hexdigest("\n".join(f"{f}\t{os.path.getsize(f)}" for f in files).encode())
     os.makedirs(out, exist_ok=True)
-    progress = None if fresh else _read_progress(out, settings)
-    docs = Documents(inputs, text_field, subset, split, progress and progress["position"])  # checks the inputs
+    progress = None if fresh else _read_progress(out, settings)  # a changed file list starts over too
+    docs = Documents(inputs, text_field, subset, split, progress and progress["position"])
     if progress is None:
         _clean(out)  # start clean: old shards must not mix with new ones
         if tokenizer == "bpe":
