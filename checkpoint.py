@@ -224,7 +224,10 @@ def is_remote(path: str) -> bool:
 
 def _fs(path: str):
     import fsspec
-    fs = fsspec.core.url_to_fs(path)[0]
+    try:
+        fs = fsspec.core.url_to_fs(path)[0]
+    except ImportError as e:  # fsspec names the package, e.g. "Install s3fs to access S3"
+        raise CheckpointError(f'{path}: {e} (for s3://: pip install ".[s3]")') from None
     fs.invalidate_cache()  # listings cached by s3fs would miss what DCP's writer (or another run) just wrote
     return fs
 
@@ -297,6 +300,8 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def _fsync_dir(path: str) -> None:
+    if os.name == "nt":  # Windows opens no folder as a file; NTFS journals the rename itself
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -85,6 +85,9 @@ class TrainConfig:
     # A step with a non-finite loss or gradient norm is skipped (weights and optimizer state untouched); this many
     # in a row stop the run without saving, leaving the last good checkpoint. 1: stop at the first.
     max_consecutive_skips: int = 5
+    # Diagnostics (diagnose.py). profile=N: a torch.profiler trace of N steps (after the first 2 of this start) and
+    # on CUDA the allocator's memory history, per rank into out_dir/profile/; the run then goes on. 0: off
+    profile: int = 0
 
 
 @dataclass
@@ -99,11 +102,27 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation while training beyond train.eval_interval's val loss: lm-eval tasks and a sample from a fixed
+    prompt (train.py LiveEval), every `interval` steps and at the last step, into metrics.jsonl and the trackers.
+    Every rank runs it, rank 0 logs it; its time is left out of tokens/s, but train.max_minutes does not foresee it."""
+    interval: int = 0  # steps; 0: off
+    # lm-evaluation-harness tasks (pip install ".[eval]"), built in or from include_path; logged as task/metric
+    tasks: list[str] = field(default_factory=list)
+    limit: float | None = None  # examples per task (a fraction when < 1); None: all of them (slow for big tasks)
+    num_fewshot: int | None = None  # None: each task's default
+    include_path: str | None = None  # a folder of extra task YAMLs (e.g. over local files)
+    prompt: str | None = None  # the prompt of a greedy sample, logged as text (`sample`); None: no sample
+    max_new_tokens: int = 64  # of the sample; it also stops at the end-of-text token
+
+
+@dataclass
 class Config:
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 SECTIONS = {f.name: f.type for f in fields(Config)}
@@ -234,7 +253,9 @@ def load(args: list[str]) -> Config:
             value = raw
             if section in SECTIONS and key in {f.name: f for f in fields(SECTIONS[section])}:
                 tp = {f.name: f.type for f in fields(SECTIONS[section])}[key]
-                if tp is not str:  # strings stay verbatim; everything else is read as YAML (numbers, lists, null)
+                if tp == str | None:  # strings stay verbatim (eval.prompt="def f(x):" is no YAML mapping)
+                    value = None if raw in ("null", "~") else raw
+                elif tp is not str:  # everything else is read as YAML (numbers, lists, null)
                     try:
                         value = yaml.safe_load(raw)
                     except yaml.YAMLError:
@@ -267,7 +288,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 1 (got {v})")
     for key, v in {"train.warmup_steps": t.warmup_steps, "train.eval_interval": t.eval_interval,
                    "train.lr": t.lr, "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
-                   "train.max_minutes": t.max_minutes, "train.muon_lr": t.muon_lr or 0}.items():
+                   "train.max_minutes": t.max_minutes, "train.muon_lr": t.muon_lr or 0,
+                   "train.profile": t.profile}.items():
         if v < 0:
             raise ConfigError(f"{key} must be >= 0 (got {v})")
     if t.lease_minutes <= 0:
@@ -276,6 +298,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.muon_momentum must be in [0, 1) (got {t.muon_momentum})")
     if not 0 <= t.min_lr_ratio <= 1 or not 0 <= t.decay_frac <= 1:
         raise ConfigError("train.min_lr_ratio and train.decay_frac must be in [0, 1]")
+    e = cfg.eval
+    if e.interval < 0 or e.max_new_tokens < 1 or (e.num_fewshot or 0) < 0 or (e.limit is not None and e.limit <= 0):
+        raise ConfigError(f"eval.interval must be >= 0, eval.max_new_tokens >= 1, eval.num_fewshot >= 0 and "
+                          f"eval.limit > 0 (got {e.interval}, {e.max_new_tokens}, {e.num_fewshot}, {e.limit})")
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty")
     w = cfg.data.weights

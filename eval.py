@@ -142,12 +142,13 @@ def harness_lm(*args, **kw):
 
 
 def run_tasks(lm, tasks: list[str], num_fewshot: int | None = None, limit: float | None = None,
-              include_path: str | None = None) -> dict:
-    """Run lm-eval tasks (built-in, or YAMLs in `include_path`) on an `LM`; returns {task: {metric: value}}."""
+              include_path: str | None = None, task_manager=None) -> dict:
+    """Run lm-eval tasks (built-in, or YAMLs in `include_path`) on an `LM`; returns {task: {metric: value}}.
+    A `task_manager` (lm-eval's index of tasks, seconds to build) can be passed in to be reused."""
     import lm_eval
     from lm_eval.tasks import TaskManager
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                  task_manager=TaskManager(include_path=include_path))
+                                  task_manager=task_manager or TaskManager(include_path=include_path))
     return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             for task, metrics in res["results"].items()}
 

@@ -54,6 +54,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default="curves.png", help="PNG to write")
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:
+        print('error: plot.py needs matplotlib: pip install ".[tracking]"', file=sys.stderr)
+        return 2
     runs = {}
     for d in args.out_dirs:
         label = os.path.basename(os.path.normpath(d))

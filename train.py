@@ -11,15 +11,16 @@ micro-batches with gradient accumulation (gradients synchronised once per step),
 checkpoint. SIGTERM/SIGUSR1 (what SLURM sends before a preemption or the time limit) and SIGINT finish the
 current step on every rank, write a checkpoint and exit. A step whose loss or gradient norm is not finite is
 skipped; train.max_consecutive_skips of them in a row stop the run. train.max_minutes fixes max_steps from the
-measured step time. RELIABILITY.md lists what a run survives.
+measured step time. An out-of-memory error stops the run with what to change; train.profile traces a few steps
+(diagnose.py). RELIABILITY.md lists what a run survives.
 """
 import collections
 import dataclasses
+import filecmp
 import json
 import math
 import os
 import platform
-import resource
 import signal
 import subprocess
 import sys
@@ -30,27 +31,29 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint as recompute
 
 import checkpoint
 import config
+import diagnose
 import export
 import hardware
 import kernels
 import optim
 import tracking
-from data.prepare import copy_tokenizer, ensure_prepared
-from eval import evaluate
-from loader import DataError, Prefetcher, TrainLoader
+from data.prepare import copy_tokenizer, ensure_prepared, load_tokenizer
+from eval import evaluate, harness_lm, run_tasks
+from loader import DataError, Prefetcher, TrainLoader, read_meta
 from model import GPT
 
 try:
     import fcntl
-except ImportError:  # Windows: no POSIX record locks (see lock_run)
-    fcntl = None
+    import resource
+except ImportError:  # Windows: no POSIX record locks (see lock_run), no getrusage (see memory_gb)
+    fcntl = resource = None
 
 
 def init_distributed(device_name: str, timeout_s: int) -> tuple[int, int, int]:
@@ -128,9 +131,13 @@ def run_info(device: torch.device) -> dict:
 
 
 def memory_gb(device: torch.device) -> float:
+    """Peak memory in GB: allocated on CUDA, the process's peak RSS on a CPU (NaN on Windows: no getrusage)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
+    if resource is None:
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def prepare_data(cfg: config.Config) -> None:
@@ -148,6 +155,21 @@ def prepare_data(cfg: config.Config) -> None:
         raise config.ConfigError(str(e)) from None
 
 
+def check_init_tokenizer(cfg: config.Config) -> list[str]:
+    """Warnings for datasets not tokenized with the tokenizer that train.init_from's folder brings (a model
+    continues pretraining well only on the ids it was trained with: prepare with --tokenizer hf:FOLDER)."""
+    theirs = cfg.train.init_from and os.path.join(cfg.train.init_from, "tokenizer.json")
+    if not theirs or not os.path.exists(theirs):
+        return []
+    warnings = []
+    for d in cfg.data.datasets:
+        spec = read_meta(d)["tokenizer"]
+        if spec["type"] != "hf" or not filecmp.cmp(theirs, os.path.join(d, spec["file"]), shallow=False):
+            warnings.append(f"{d} was not tokenized with the tokenizer of {cfg.train.init_from}; prepare it with "
+                            f"python data/prepare.py ... --tokenizer hf:{cfg.train.init_from}")
+    return warnings
+
+
 def lock_run(out_dir: str):
     """Create out_dir, check that it is writable and take its lock, so that a second run on the same folder stops
     before it writes anything. The lock is a POSIX record lock on `out_dir/.lock` (honoured over NFS); the kernel
@@ -163,7 +185,7 @@ def lock_run(out_dir: str):
             fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         else:  # Windows: a byte-range lock, also dropped by the OS when the process ends
             import msvcrt
-            f.seek(0)
+            f.seek(2**30)  # far past the text: such locks are mandatory, and the holder line must stay readable
             msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
     except OSError:
         f.seek(0)
@@ -192,7 +214,8 @@ def stop_requests():
         if stop["signal"] is None:
             print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint", flush=True)
         stop["signal"] = signum
-    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    sigs = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])  # not on Windows
+    previous = {sig: signal.signal(sig, request) for sig in sigs}
     try:
         yield stop
     finally:
@@ -389,7 +412,8 @@ def finite(x: float) -> float | None:
 
 class Metrics:
     """Rows of metrics.jsonl, mirrored to wandb/TensorBoard; written by rank 0 only. On resume the rows a killed
-    run logged after its last checkpoint, and a line cut short by the kill, are dropped first."""
+    run logged after its last checkpoint, and a line cut short by the kill, are dropped first (the trackers
+    follow: see tracking.py)."""
 
     def __init__(self, cfg: config.Config, rank: int, resumed_step: int):
         self.path, self.active = os.path.join(cfg.train.out_dir, "metrics.jsonl"), rank == 0
@@ -403,7 +427,7 @@ class Metrics:
                     except ValueError:
                         pass
             checkpoint.write_atomic(self.path, "".join(kept))
-        self.tracker = tracking.Tracker(cfg, active=self.active)
+        self.tracker = tracking.Tracker(cfg, active=self.active, resumed_step=resumed_step)
 
     def log(self, row: dict) -> None:
         if self.active:
@@ -417,12 +441,15 @@ class Metrics:
 
 class LogWindow:
     """Loss and throughput since the last log line. Losses add up on the device, so a log line costs one host
-    sync; time spent in evals and saves is taken out of the throughput."""
+    sync; time spent in evals and saves is taken out of the throughput. The time the loop waited for batches
+    (`data`'s `waited`, host time) is logged per step and as a fraction of the step time (data_wait_s,
+    data_wait_frac): much above a few percent, the loader is what limits the run."""
 
-    def __init__(self, device: torch.device, plan: config.Derived, flops_per_token: float, peak: float | None):
+    def __init__(self, device: torch.device, plan: config.Derived, flops_per_token: float, peak: float | None,
+                 data: Prefetcher):
         self.device, self.plan, self.flops_per_token, self.peak = device, plan, flops_per_token, peak
         self.loss_sum, self.good = torch.zeros((), device=device), torch.zeros((), device=device)
-        self.steps, self.t0 = 0, time.perf_counter()
+        self.steps, self.t0, self.data, self.waited = 0, time.perf_counter(), data, data.waited
 
     def add(self, step_loss: torch.Tensor, bad: torch.Tensor) -> None:
         self.loss_sum += torch.where(bad > 0, 0.0, step_loss)
@@ -441,17 +468,18 @@ class LogWindow:
         loss_sum, good = torch.stack([self.loss_sum, self.good]).tolist()  # the one host sync per log line
         loss = loss_sum / (good * plan.grad_accum * world) if good else float("nan")
         now = time.perf_counter()
-        step_s = (now - self.t0) / self.steps
+        step_s, wait_s = (now - self.t0) / self.steps, (self.data.waited - self.waited) / self.steps
         self.loss_sum.zero_()
         self.good.zero_()
-        self.steps, self.t0 = 0, now
+        self.steps, self.t0, self.waited = 0, now, self.data.waited
         tok_s, norm = plan.batch_tokens / step_s, grad_norm.item()
         mfu = tok_s / world * self.flops_per_token / self.peak if self.peak else None
         row = {"step": step, "loss": finite(loss), "lr": lr, "grad_norm": finite(norm), "tokens": tokens,
                "tokens_per_s": tok_s, "mfu": mfu, "mem_gb": memory_gb(self.device), "elapsed_s": elapsed,
-               "skipped_steps": skipped}
+               "skipped_steps": skipped, "data_wait_s": wait_s, "data_wait_frac": wait_s / step_s}
         say(f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | {tok_s:,.0f} tok/s"
-            + (f" | mfu {mfu:.1%}" if mfu else "") + f" | mem {row['mem_gb']:.2f} GB | "
+            + (f" | mfu {mfu:.1%}" if mfu else "")
+            + f" | data wait {wait_s / step_s:.1%} | mem {row['mem_gb']:.2f} GB | "
             f"eta {(max_steps - step) * step_s / 60:.1f} min", flush=True)
         return row
 
@@ -635,6 +663,8 @@ def main(argv: list[str]) -> int:
                 for name in checkpoint.clean(t.ckpt_dir or t.out_dir):
                     print(f"removed {name}, an unfinished save or deletion of a killed run")
                 prepare_data(cfg)
+                for warning in check_init_tokenizer(cfg):
+                    print(f"warning: {warning}", file=sys.stderr, flush=True)
                 resume_from = find_resume(cfg)
             except (config.ConfigError, DataError, checkpoint.CheckpointError) as e:
                 error = str(e)
@@ -696,21 +726,25 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
         except checkpoint.CorruptCheckpoint as e:  # verified (or too old to have checksums), yet unreadable
             resume_from = fall_back(cfg, resume_from, e, rank, cpu_group)
     budget = TimeBudget.for_run(t, plan, t_start, step) if t.max_minutes and budget_steps is None else None
+    live_eval = LiveEval(cfg, model, device, precision.autocast(device), mode)  # eval.*: lm-eval tasks, a sample
     metrics = Metrics(cfg, rank, step)
     saver = Saver(t, model, optimizer, ckpt_group, say)
     if step >= t.max_steps:
         say(f"nothing to do: the checkpoint is at step {step} and train.max_steps is {t.max_steps}")
     batches_ahead = Prefetcher(loader, step, plan.grad_accum, device)
     lag = 1 if device.type == "cuda" else 0  # how many steps late skip flags are read (see SkipCounter)
-    autocast, window, diverged = precision.autocast(device), LogWindow(device, plan, flops_per_token, peak), False
+    window = LogWindow(device, plan, flops_per_token, peak, batches_ahead)
+    profiler = diagnose.StepProfiler(t, device, rank, step, say)  # train.profile; on CUDA, allocation history
+    autocast, diverged = precision.autocast(device), False
     if t.compile and step < t.max_steps:
         say("compiling the model during the first step (about a minute on a fresh machine, seconds with a warm "
             "cache) ...", flush=True)
 
-    with stop_requests() as stop, closing(batches_ahead), closing(metrics):
+    with stop_requests() as stop, closing(batches_ahead), closing(metrics), profiler:
         model.train()
         try:
             while step < t.max_steps:
+                window.pause(profiler.step())  # train.profile: trace a few steps (the time writing it is not counted)
                 # Dropout randomness is a function of (seed, step, rank), so a resumed run repeats it exactly.
                 torch.manual_seed(t.seed * 1_000_003 + step * 1009 + rank)
                 lr = lr_at(step, t)  # Muon's: the same schedule with its own peak
@@ -740,6 +774,8 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
 
                 if t.eval_interval and (step % t.eval_interval == 0 or last):  # eval
                     window.pause(run_eval(model, cfg, device, autocast, rank, world, step, tokens, metrics, say))
+                if cfg.eval.interval and (step % cfg.eval.interval == 0 or last):  # lm-eval tasks, a sample
+                    window.pause(live_eval.run(step, tokens, metrics, say))
 
                 stopping = any_rank(stop["signal"] is not None, cpu_group)  # every rank stops at the same step
                 if saver.due(step, stopping, last):  # save
@@ -762,6 +798,9 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
                 print(f"error: {e}; stopping. Free space (or fix the storage) and run the same command to resume "
                       f"from it.", file=sys.stderr)
             return 1
+        except torch.OutOfMemoryError as e:  # this step's state is half done: nothing of it is saved
+            saver.finish()  # an asynchronous save begun before it holds good state
+            return diagnose.out_of_memory(e, cfg, device, rank, world, step, mode, memory_gb(device))
     return 130 if stop["signal"] == signal.SIGINT else 0
 
 
@@ -778,6 +817,87 @@ def run_eval(model: GPT, cfg: config.Config, device: torch.device, autocast, ran
     say(f"step {step:>6} | val loss {res['loss']:.4f} | val bpb {res['bpb']:.4f} "
         f"({res['tokens']:,} tokens, {time.perf_counter() - t0:.1f} s)", flush=True)
     return time.perf_counter() - t0
+
+
+class LiveEval:
+    """eval.*: lm-eval tasks (eval.py's adapter) and a greedy sample from eval.prompt, logged as one row: numbers
+    as `task/metric`, the text as `sample`. Every rank does the same work and rank 0 logs it, so the ranks come
+    back together (none waits in a collective for a rank-0-only eval, which could pass train.dist_timeout_s);
+    under FSDP2 the model is first gathered whole on each rank (`whole_model`), so the forwards inside make no
+    collective calls and ranks that generate different numbers of tokens cannot hang each other."""
+
+    def __init__(self, cfg: config.Config, model: GPT, device: torch.device, autocast, mode: str):
+        """Load the tokenizer and, for eval.tasks, lm-eval's task index (seconds); raises ConfigError for a task
+        name it does not know, before the first step."""
+        self.cfg, self.model, self.device, self.autocast, self.mode = cfg, model, device, autocast, mode
+        self.tok = self.lm = self.tasks = None
+        e = cfg.eval
+        if not e.interval or not (e.tasks or e.prompt is not None):
+            return
+        # out_dir/tokenizer is a copy of this one, written by rank 0 alone (maybe on another node)
+        self.tok = load_tokenizer(cfg.data.datasets[0])
+        if e.tasks:
+            from lm_eval.tasks import TaskManager
+            self.tasks = TaskManager(include_path=e.include_path)
+            unknown = [name for name in e.tasks if not self.tasks.match_tasks([name])]
+            if unknown:
+                raise config.ConfigError(f"eval.tasks: lm-eval knows no task {', '.join(unknown)}"
+                                         + (f" (nor {e.include_path})" if e.include_path else ""))
+            self.lm = harness_lm(model, self.tok, device, cfg.train.micro_batch_size, autocast)
+
+    def run(self, step: int, tokens: int, metrics: Metrics, say) -> float:
+        """Evaluate and log at `step`; returns the seconds taken (kept out of the throughput)."""
+        if self.tok is None:
+            return 0.0
+        e, t0, row = self.cfg.eval, time.perf_counter(), {"step": step, "tokens": tokens}
+        # eager: the compiled blocks (FSDP) would recompile for every new shape
+        with whole_model(self.model, self.mode, self.cfg.train.reshard_after_forward), \
+                torch.compiler.set_stance("force_eager"):
+            self.model.eval()
+            if self.lm is not None:
+                try:
+                    res = run_tasks(self.lm, e.tasks, e.num_fewshot, e.limit, task_manager=self.tasks)
+                    row.update({f"{task}/{name.removesuffix(',none')}": finite(float(v))
+                                for task, scores in res.items() for name, v in scores.items()})
+                except Exception as err:  # a benchmark's hiccup (a download, a task's bug) must not end the run
+                    say(f"step {step:>6} | warning: eval.tasks failed: {type(err).__name__}: {err}", flush=True)
+            if e.prompt is not None:
+                row["sample"] = self.sample(e.prompt)
+            self.model.train()
+        metrics.log(row)
+        scores = " | ".join(f"{k} {v:.4f}" for k, v in row.items() if "/" in k and v is not None)
+        say(f"step {step:>6} | {scores + ' | ' if scores else ''}{time.perf_counter() - t0:.1f} s"
+            + (f" | sample {row['sample']!r}" if "sample" in row else ""), flush=True)
+        return time.perf_counter() - t0
+
+    def sample(self, prompt: str) -> str:
+        """The prompt and its greedy continuation (eval.max_new_tokens at most), cut at the end-of-text token."""
+        tok = self.tok
+        idx = torch.tensor([tok.start_ids + tok.encode(prompt)], device=self.device)
+        with self.autocast:
+            new = self.model.generate(idx, self.cfg.eval.max_new_tokens, temperature=0, stop_token=tok.eot_id)
+        new = new[0, idx.size(1):].tolist()
+        return prompt + tok.decode(new[:new.index(tok.eot_id)] if tok.eot_id in new else new)
+
+
+@contextmanager
+def whole_model(model: nn.Module, mode: str, reshard_after_forward: bool):
+    """Under FSDP2: every block's and the root's parameters gathered once on entry (the same all-gathers in the
+    same order on every rank) and kept until exit, so that forwards inside run without collectives; then FSDP2's
+    settings come back (the root never reshards after forward). Elsewhere: nothing to do."""
+    if mode != "fsdp":
+        yield
+        return
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+    model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.set_reshard_after_forward(reshard_after_forward and m is not model, recurse=False)
+            m.reshard()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ comma-separated list of
     raise:RANK:STEP    rank RANK raises while loading the batch of step STEP (0-based)
     nan:RANK:A-B       the loss of rank RANK is NaN at 0-based steps A..B
     infgrad:A-B        the loss stays finite but its gradient is infinite at steps A..B
+    skew:RANK:N        rank RANK makes N forwards more than the others in each eval.* sample (train.LiveEval)
+    oom:RANK:STEP      rank RANK's forward raises torch.OutOfMemoryError (as CUDA's allocator does) at step STEP
 """
 import os
 import shutil
@@ -91,6 +93,26 @@ def main() -> int:
                     return loss * float("nan") if kind == "nan" else InfGrad.apply(loss)
                 return loss
             model.GPT.forward = forward
+        elif kind == "oom":
+            rank, step = int(args[0]), int(args[1])
+            real_forward = model.GPT.forward
+
+            def forward(self, *a, rank=rank, step=step, real_forward=real_forward, **k):
+                if self.training and RANK == rank and now["step"] == step:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by "
+                                                 "tests/faulty.py)")
+                return real_forward(self, *a, **k)
+            model.GPT.forward = forward
+        elif kind == "skew":
+            rank, extra = int(args[0]), int(args[1])
+            real_sample = train.LiveEval.sample
+
+            def sample(self, prompt, rank=rank, extra=extra, real_sample=real_sample):
+                if RANK == rank:
+                    with self.autocast:
+                        self.model.generate(torch.tensor([[0]], device=self.device), extra, temperature=0)
+                return real_sample(self, prompt)
+            train.LiveEval.sample = sample
         else:
             raise SystemExit(f"faulty.py: unknown fault {fault!r}")
 

@@ -27,6 +27,9 @@ def test_merge_in_order_then_overrides(tmp_path):
     cfg = config.load(["model.n_kv_head=null", "train.out_dir=123", "train.compile=true", "train.max_steps=1e3"])
     assert cfg.model.n_kv_head is None and cfg.train.out_dir == "123" and cfg.train.compile is True
     assert cfg.train.max_steps == 1000
+    # optional strings stay verbatim too (null: None), so a prompt of code is no YAML mapping
+    cfg = config.load(["eval.prompt=def f(x): [1]", "log.wandb_run_name=123", "train.ckpt_dir=null"])
+    assert cfg.eval.prompt == "def f(x): [1]" and cfg.log.wandb_run_name == "123" and cfg.train.ckpt_dir is None
 
 
 def test_every_shipped_config_loads():
@@ -46,7 +49,9 @@ def test_every_shipped_config_loads():
     (["train.compile=maybe"], ["train.compile", "'maybe' is not one of auto, true, false"]),
     (["train.precision=bf32"], ["train.precision", "auto, fp32, bf16, fp16, fp8"]),
     (["train.max_minutes=-1"], ["train.max_minutes must be >= 0"]),
+    (["train.profile=-1"], ["train.profile must be >= 0"]),
     (["train.batch_size=0"], ["train.batch_size must be >= 1"]),
+    (["eval.limit=0"], ["eval.limit > 0"]),
     (["model.n_embd=100", "model.n_head=3"], ["model.n_embd (100) must be divisible by model.n_head (3)"]),
     (["model.n_kv_head=5"], ["divisible by model.n_kv_head"]),
     (["data.weights=[1]", "data.datasets=[a, b]"], ["data.weights"]),

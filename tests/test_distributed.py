@@ -18,7 +18,7 @@ import checkpoint
 import config
 import train
 from conftest import ROOT, TINY, kill_tree
-from test_train import losses, train_args
+from test_train import losses, rows, train_args
 
 # 2 ranks x micro batch 2 x accumulation 2 = the 1-process global batch of 8 with accumulation 4
 DIST = [*TINY, "train.micro_batch_size=2", "train.precision=fp32", "train.eval_interval=3", "train.ckpt_interval=3",
@@ -91,6 +91,17 @@ def test_fsdp_bf16_compiled_with_activation_checkpointing_trains(corpus, tmp_pat
     ls = losses(out)
     assert ls[20] < ls[1] - 0.3, ls
     assert sorted(n for n in os.listdir(out) if n.startswith("step_")) == ["step_000010", "step_000020"]
+
+
+def test_eval_while_training_under_fsdp_cannot_hang_and_changes_no_loss(corpus, tmp_path):
+    """eval.* with FSDP2 on 2 ranks, rank 1 making 20 forwards more than rank 0 inside it (as generations that stop
+    at different tokens would): the model is gathered first, so no forward waits on the other rank."""
+    plain, live = str(tmp_path / "plain"), str(tmp_path / "live")
+    common = (*DIST, "train.max_steps=4", "train.parallel=fsdp", "train.dist_timeout_s=30")
+    ok(torchrun(*train_args(corpus, plain, *common)))
+    ok(torchrun(*train_args(corpus, live, *common, "eval.interval=2", "eval.prompt=def f(x):"), fault="skew:1:20"))
+    assert [r["step"] for r in rows(live) if r.get("sample", "").startswith("def f(x):")] == [2, 4]
+    assert losses(live) == losses(plain)  # bit for bit: the evaluation leaves the training alone
 
 
 def test_fp16_under_ddp_and_fsdp(corpus, tmp_path):

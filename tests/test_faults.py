@@ -8,6 +8,7 @@ import pickle
 import random
 import re
 import resource
+import shlex
 import shutil
 import signal
 import stat
@@ -263,6 +264,62 @@ def test_nan_on_one_rank_is_skipped_by_both(corpus, tmp_path):
     assert skipped(one) == skipped(two) == [3]
     a, b = losses(one), losses(two)
     assert all(abs(a[s] - b[s]) < 1e-5 for s in (1, 2, 4, 5, 6)), (a, b)
+
+
+def test_out_of_memory_says_what_to_lower_and_keeps_the_last_checkpoint(corpus, tmp_path, capsys):
+    """torch.OutOfMemoryError in step 5 (what CUDA's allocator raises): no traceback, exit 1, the memory and what
+    to lower on stderr with a plan.py command for this run that runs; nothing saved, step 4's checkpoint loads."""
+    out = str(tmp_path / "oom")
+    r = faulty("oom:0:4", *train_args(corpus, out, "train.max_steps=10", "train.ckpt_interval=2",
+                                      "train.eval_interval=0"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.startswith("error: ran out of memory on cpu in step 5: CUDA out of memory. Tried to allocate "
+                               "2.00 GiB"), r.stderr
+    for advice in ("memory: peak ", "train.micro_batch_size=2 ", "gradient accumulation goes from 2 to 4",
+                   "train.activation_checkpointing=true ", "model.block_size=32 ",
+                   f"The last checkpoint, {out}/step_000004, is intact"):
+        assert advice in r.stderr, (advice, r.stderr)
+    (command,) = [line.strip() for line in r.stderr.splitlines() if line.strip().startswith("python plan.py ")]
+    assert command == f"python plan.py {out}/config.yaml train.micro_batch_size=2 --gpus 1"
+    import plan  # the command as a user would run it, in this process (a second interpreter costs seconds)
+    assert shlex.split(command)[:2] == ["python", "plan.py"] and plan.main(shlex.split(command)[2:]) == 0
+    assert "micro batch 2 x grad accum 4" in capsys.readouterr().out
+    assert checkpoint.find_latest(out).endswith("step_000004") and max(losses(out)) == 4
+    assert not any(n.startswith(".tmp") for n in os.listdir(out))
+    checkpoint.load_model(out, "cpu")
+
+
+def test_cuda_out_of_memory_report_and_allocation_history(tmp_path, monkeypatch, capsys):
+    """The CUDA side, with the allocator's functions stood in for (no GPU here): allocation history is recorded
+    over the first steps of a start only; an out-of-memory error writes the snapshot and, under DDP on 8 GPUs, adds
+    FSDP to the advice and names the GPU for plan.py."""
+    import config
+    import diagnose
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda enabled="all", **k: calls.append(enabled))
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", lambda path: open(path, "wb").close())
+    for name, value in (("max_memory_allocated", 70 * 2**30), ("memory_allocated", 60 * 2**30),
+                        ("memory_reserved", 78 * 2**30), ("get_device_name", "NVIDIA H100 80GB HBM3"),
+                        ("get_device_properties", type("Props", (), {"total_memory": 80 * 2**30}))):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, value=value: value)
+    cfg = config.load(["train.batch_size=64", "train.micro_batch_size=8", f"train.out_dir={tmp_path}"])
+    cuda = torch.device("cuda", 0)
+    with diagnose.StepProfiler(cfg.train, cuda, 0, 100, print) as profiler:  # a start at step 100
+        for _ in range(diagnose.HISTORY_STEPS):
+            profiler.step()
+        assert calls == ["all"]
+        profiler.step()
+        assert calls == ["all", None] and profiler.idle
+    assert diagnose.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB"), cfg,
+                                  cuda, 3, 8, 101, "ddp", 70.0) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: rank 3 ran out of memory on cuda:0 in step 102: CUDA out of memory. Tried")
+    assert os.path.isfile(tmp_path / "oom_rank3.pickle") and f"snapshot {tmp_path}/oom_rank3.pickle" in err
+    assert "memory: peak 70.00 GiB allocated, 60.00 GiB now, 78.00 GiB reserved by PyTorch, of 80.00 GiB" in err
+    for advice in ("train.micro_batch_size=4 ", "from 1 to 2", "train.activation_checkpointing=true ",
+                   "train.parallel=fsdp ", f"python plan.py {tmp_path}/config.yaml train.micro_batch_size=4 --gpus 8 "
+                   "--gpu h100\n", "there is no checkpoint yet"):
+        assert advice in err, (advice, err)
 
 
 def test_full_disk_during_save_keeps_the_previous_checkpoint(corpus, tmp_path):

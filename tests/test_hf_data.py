@@ -101,6 +101,15 @@ def test_an_interrupted_preparation_continues_to_the_same_result(hub_layout, tmp
     assert resumed["splits"] == clean["splits"]  # same shards, same hashes
     if kind == "bpe":  # the interrupted run's BPE is kept, not trained again
         assert (tmp_path / "clean" / "tokenizer.json").read_text() == open(os.path.join(out, "tokenizer.json")).read()
+    if kind == "files":  # a file that changed size since the interruption: the saved position means nothing
+        monkeypatch.setattr(prep.ShardWriter, "_write", write)
+        with pytest.raises(Interrupt):
+            prepare(inputs, out, **kw, fresh=True)
+        monkeypatch.setattr(prep.ShardWriter, "_write", real_write)
+        (tmp_path / "txt" / "0000.txt").write_text(docs[0] + "more", encoding="utf-8")
+        encoded.clear()
+        prepare(inputs, out, **kw)
+        assert len(encoded) == len(docs)
     # other settings start over instead of mixing with the interrupted run's shards
     again = prepare(inputs, out, **{**kw, "val_frac": 0.2})
     assert again["val_frac"] == 0.2 and not os.path.exists(os.path.join(out, prep.PROGRESS))
@@ -191,6 +200,8 @@ def test_continued_pretraining_from_a_hf_llama_with_its_tokenizer(hub_layout, tm
     from its weights -> export -> transformers loads model and tokenizer and gives our logits; sample.py works."""
     transformers = pytest.importorskip("transformers")
     root, docs = hub_layout
+    if not os.path.exists(root / "gpt2_data"):
+        prepare([f"hf:{root / 'fwe'}"], str(root / "gpt2_data"), "gpt2", val_frac=0.0, workers=1)
     base = tmp_path / "llama"
     fast = make_tokenizer(base, True, docs)
     conf = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -216,6 +227,12 @@ def test_continued_pretraining_from_a_hf_llama_with_its_tokenizer(hub_layout, tm
     ids = torch.tensor([theirs(text)["input_ids"][:64]])
     with torch.no_grad():
         assert torch.allclose(model(ids)[..., :len(fast)], hf(ids).logits[..., :len(fast)], atol=1e-4)
+    import config
+    import train
+    cfg = config.load(["configs/tiny.yaml", f"train.init_from={base}", f"data.datasets=[{data},{root / 'gpt2_data'}]"])
+    assert train.check_init_tokenizer(cfg) == [  # data tokenized otherwise is named, with the fix
+        f"{root / 'gpt2_data'} was not tokenized with the tokenizer of {base}; prepare it with python "
+        f"data/prepare.py ... --tokenizer hf:{base}"]
     r = run("sample.py", out, "--prompt", "def f", "--max_new_tokens", "5", "--precision", "fp32")
     assert r.stdout.startswith("def f")
     meta = json.load(open(os.path.join(out, "tokenizer", "meta.json")))

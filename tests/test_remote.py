@@ -150,7 +150,6 @@ def test_two_runs_on_one_s3_url_the_second_stops_and_a_dead_runs_lease_expires(s
     """An object store has no locks: a lease object names the run that holds the URL. A second run stops at start
     with the holder's name; once the holder is killed, its lease (no longer renewed) is taken over after
     train.lease_minutes."""
-    import signal
     from conftest import kill_tree
     monkeypatch.chdir(ROOT)
     url, fs = f"{s3}/run3", checkpoint._fs(s3)

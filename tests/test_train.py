@@ -1,4 +1,5 @@
 """Training: the loss falls, resume is bit-exact, a killed save loses nothing, signals save and exit."""
+import gzip
 import json
 import os
 import shutil
@@ -41,7 +42,7 @@ def test_training_lowers_the_loss(trained):
     val = [x for x in r if "val_loss" in x]
     assert [x["step"] for x in val] == [15, 30] and val[1]["val_loss"] < val[0]["val_loss"]
     first = r[0]
-    for key in ("lr", "grad_norm", "tokens_per_s", "mem_gb", "tokens"):
+    for key in ("lr", "grad_norm", "tokens_per_s", "mem_gb", "tokens", "data_wait_s", "data_wait_frac"):
         assert key in first
     assert os.path.isfile(os.path.join(trained, "config.yaml"))
     assert json.load(open(os.path.join(trained, "run_info.json")))["torch"] == torch.__version__
@@ -118,6 +119,26 @@ def test_preemption_signal_saves_and_exits_0(sig, corpus, tmp_path):
     latest = checkpoint.find_latest(out)
     assert latest is not None and checkpoint.read_state(latest)["step"] < 100000
     assert f"{sig.name}: stopping after this step and saving a checkpoint" in out_text
+
+
+def test_profile_traces_steps_and_training_goes_on(corpus, tmp_path, capsys):
+    """train.profile=2: steps 3 and 4 (the first two of a start are skipped) are traced into a Chrome/Perfetto
+    trace with memory events and an ops table; the run goes on to its last step and checkpoint. The log line and
+    metrics.jsonl carry the time spent waiting for batches."""
+    out = str(tmp_path / "run")
+    assert train.main(train_args(corpus, out, "train.max_steps=6", "train.eval_interval=0", "train.profile=2")) == 0
+    text = capsys.readouterr().out
+    assert "profile: steps 3-4 traced, written in " in text and f"to {out}/profile/" in text, text[-2000:]
+    with gzip.open(os.path.join(out, "profile", "rank0.trace.json.gz")) as f:
+        events = json.load(f)["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"ProfilerStep#3", "ProfilerStep#4"} <= names and "ProfilerStep#5" not in names
+    assert "[memory]" in names and "aten::mm" in names
+    assert "aten::" in open(os.path.join(out, "profile", "rank0.ops.txt")).read()
+    assert checkpoint.find_latest(out).endswith("step_000006") and sorted(losses(out)) == list(range(1, 7))
+    assert "| data wait " in text
+    waits = [r["data_wait_frac"] for r in rows(out) if "loss" in r]
+    assert len(waits) == 6 and all(0 <= w < 1 for w in waits)
 
 
 def test_sample_and_eval_cli(trained, corpus):

@@ -1,0 +1,209 @@
+"""When a run is slow or runs out of memory: a profiler trace of a few steps, the CUDA allocator's history, and
+an out-of-memory report that says what to change.
+
+    python train.py configs/125m.yaml train.profile=3
+
+writes, for each rank R, into out_dir/profile/:
+    rankR.trace.json.gz    torch.profiler trace (CPU ops, CUDA kernels, memory events): https://ui.perfetto.dev
+                           or chrome://tracing, or TensorBoard's profiler plugin
+    rankR.ops.txt          the ops that took the most time (self time), as a table
+    rankR.memory.pickle    CUDA only: the allocations and frees from the start through the profiled steps, each
+                           with its Python stack; drag it onto https://pytorch.org/memory_viz
+A CUDA out-of-memory error writes out_dir/oom_rankR.pickle (the same format) and prints the advice.
+"""
+import os
+import shlex
+import sys
+import time
+import traceback
+
+import torch
+from torch.profiler import ProfilerAction, ProfilerActivity
+
+import checkpoint
+import config
+import hardware
+
+MEMORY_VIZ = "https://pytorch.org/memory_viz"
+HISTORY_STEPS = 3  # CUDA: allocation history is recorded over the first steps of each start (see StepProfiler)
+HISTORY_ENTRIES = 100_000  # the allocator keeps the last this many alloc/free events
+
+
+class StepProfiler:
+    """train.profile=N: a torch.profiler trace of N training steps on each rank, and on CUDA the allocator's
+    memory history, written when the N steps are done; training then goes on (it is a look, not a stop: the
+    run's schedule and checkpoints are as without it, only those steps run slower). The first SKIP steps of each
+    start are not traced: the first compiles and allocates everything once, and in the next the profiler warms
+    up (its start-up cost would otherwise land in the first traced step).
+
+    On CUDA the allocator also records its history (each alloc/free with its Python stack, no C++ frames: cheap)
+    from the start of the loop for the first HISTORY_STEPS steps, where most out-of-memory errors happen (the
+    first step allocates the optimizer state, the largest activations and the loss's logits), so that the
+    snapshot of one (`out_of_memory`) shows which line allocated what; later steps run without it.
+
+    `step()` goes at the top of each iteration; with train.profile=0 and off CUDA it returns at its first test."""
+    SKIP = 2
+
+    def __init__(self, t: config.TrainConfig, device: torch.device, rank: int, start_step: int, say):
+        self.steps, self.rank, self.say = t.profile, rank, say
+        self.folder = os.path.join(t.out_dir, "profile")
+        self.on_cuda = self.recording = device.type == "cuda"  # recording: the allocator's history
+        self.at = start_step  # the (1-based) step the current iteration trains, as the log numbers them
+        self.first = start_step + self.SKIP + 1  # the first traced step
+        self.traced, self.export_s = 0, 0.0  # steps in the exported trace, seconds spent writing it
+        self.history_until = start_step + max(HISTORY_STEPS, self.SKIP + t.profile)
+        self.prof = None
+        if t.profile:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.on_cuda else [])
+            self.prof = torch.profiler.profile(activities=activities, schedule=self._action, record_shapes=True,
+                                               profile_memory=True, on_trace_ready=self._export)
+            self.prof.step_num = start_step  # ProfilerStep#k in the trace is the log's step k
+        self.idle = self.prof is None and not self.recording
+
+    def _action(self, step: int) -> ProfilerAction:
+        if step < self.first - 1:
+            return ProfilerAction.NONE
+        if step == self.first - 1:
+            return ProfilerAction.WARMUP
+        if step < self.first + self.steps - 1:
+            return ProfilerAction.RECORD
+        return ProfilerAction.RECORD_AND_SAVE if step == self.first + self.steps - 1 else ProfilerAction.NONE
+
+    def __enter__(self) -> "StepProfiler":
+        if self.recording:
+            torch.cuda.memory._record_memory_history(max_entries=HISTORY_ENTRIES, stacks="python")
+        if self.prof is not None:
+            self.prof.start()
+        return self
+
+    def step(self) -> float:
+        """At the top of each iteration: start, record or export the trace; stop the allocator's history. Returns
+        the seconds spent writing files (for the log line's throughput)."""
+        if self.idle:
+            return 0.0
+        self.at += 1
+        if self.prof is not None:
+            self.prof.step()  # exports through _export after the last traced step
+            if self.at >= self.first + self.steps:
+                self._close()
+        if self.recording and self.at > self.history_until:
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.recording = False
+        self.idle = self.prof is None and not self.recording
+        spent, self.export_s = self.export_s, 0.0
+        return spent
+
+    def __exit__(self, *exc) -> None:
+        if self.prof is not None:  # the run ended inside the traced steps (or before them)
+            self._close()
+            if not self.traced:
+                self.say(f"train.profile: the run ended before step {self.first}, the first one traced (the first "
+                         f"{self.SKIP} steps of each start are skipped); nothing was profiled")
+        if self.recording:
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.recording = False
+
+    def _close(self) -> None:
+        self.prof.__exit__(None, None, None)  # stop(), exporting what was recorded, and the context's clean-up
+        self.prof = None
+
+    def _export(self, prof) -> None:
+        t0 = time.perf_counter()
+        self.traced = self.at - self.first + (1 if self.at < self.first + self.steps else 0)
+        name = os.path.join(self.folder, f"rank{self.rank}")
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            prof.export_chrome_trace(name + ".trace.json.gz")
+            sort = "self_device_time_total" if self.on_cuda else "self_cpu_time_total"
+            with open(name + ".ops.txt", "w") as f:
+                f.write(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+            if self.on_cuda:
+                torch.cuda.memory._dump_snapshot(name + ".memory.pickle")
+        except OSError as e:  # a diagnostic: training goes on without it
+            print(f"warning: train.profile: writing {name}.* failed ({e})", file=sys.stderr, flush=True)
+            return
+        last, self.export_s = self.first + self.traced - 1, time.perf_counter() - t0
+        steps = f"step{'s' if self.traced > 1 else ''} {self.first}" + (f"-{last}" if last > self.first else "")
+        self.say(f"profile: {steps} traced, written in {self.export_s:.1f} s to {self.folder}/, one set per rank: "
+                 f"rank{self.rank}.trace.json.gz (open it in https://ui.perfetto.dev or chrome://tracing; memory "
+                 f"events included), rank{self.rank}.ops.txt (the ops by time)"
+                 + (f", rank{self.rank}.memory.pickle (every allocation, with its stack: drag it onto {MEMORY_VIZ})"
+                    if self.on_cuda else ""), flush=True)
+
+
+def smaller_micro_batch(t: config.TrainConfig, world: int) -> int | None:
+    """The largest micro batch of at most half the current one that still divides the global batch per rank;
+    None when it is 1 already."""
+    per_rank = t.batch_size // world
+    return next((m for m in range(t.micro_batch_size // 2, 0, -1) if per_rank % m == 0), None)
+
+
+def plan_command(cfg: config.Config, world: int, device: torch.device, fix: list[str]) -> str:
+    """`python plan.py` for this run: its resolved config (out_dir/config.yaml: the YAML files and overrides it
+    was started with, the precision it resolved and the vocab from the data), `fix`, this world size and GPU."""
+    spec = hardware.gpu_spec(device)
+    gpu = next((["--gpu", k] for k, g in hardware.GPUS.items() if g is spec), [])
+    args = ["plan.py", os.path.join(cfg.train.out_dir, "config.yaml"), *fix, "--gpus", str(world), *gpu]
+    return "python " + shlex.join(args)
+
+
+def out_of_memory(error: torch.OutOfMemoryError, cfg: config.Config, device: torch.device, rank: int, world: int,
+                  step: int, mode: str, peak_gb: float) -> int:
+    """After `error` on this rank in step `step` + 1, or in the eval or save after step `step`: on CUDA write the
+    allocator's snapshot to out_dir/oom_rankR.pickle, then print on stderr, without a traceback, the memory in use,
+    what to lower and the plan.py command that checks it (`peak_gb`: train.py's memory figure, the peak RSS on a
+    CPU). Nothing is saved (the step's state is half done); returns the exit code, 1. Every rank that runs out
+    prints (it need not be rank 0)."""
+    t = cfg.train
+    who = f"rank {rank} " if world > 1 else ""
+    calls = {frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)}
+    where = (f"in the eval after step {step}" if "run_eval" in calls else
+             f"saving the checkpoint of step {step}" if "save" in calls else f"in step {step + 1}")
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]  # CUDA's: what it tried to allocate
+    lines = [f"error: {who}ran out of memory on {device} {where}: {first}"]
+    if device.type == "cuda":
+        snapshot = os.path.join(t.out_dir, f"oom_rank{rank}.pickle")
+        try:
+            torch.cuda.memory._dump_snapshot(snapshot)
+            saved = (f"snapshot {snapshot}: drag it onto {MEMORY_VIZ} (it has the allocation history, with stacks, "
+                     f"of the first {HISTORY_STEPS} steps of each start and of train.profile's steps; after them, what "
+                     f"is allocated in which segment)")
+        except (OSError, RuntimeError) as e:
+            saved = f"no snapshot ({e})"
+        gib = 2**30
+        lines.append(f"memory: peak {torch.cuda.max_memory_allocated(device) / gib:.2f} GiB allocated, "
+                     f"{torch.cuda.memory_allocated(device) / gib:.2f} GiB now, "
+                     f"{torch.cuda.memory_reserved(device) / gib:.2f} GiB reserved by PyTorch, of "
+                     f"{torch.cuda.get_device_properties(device).total_memory / gib:.2f} GiB")
+        lines.append(saved)
+    else:
+        lines.append(f"memory: peak {peak_gb:.2f} GB")
+    fixes = []
+    accum = t.batch_size // (t.micro_batch_size * world)
+    if micro := smaller_micro_batch(t, world):
+        fixes.append((f"train.micro_batch_size={micro}", f"now {t.micro_batch_size}; gradient accumulation goes "
+                      f"from {accum} to {t.batch_size // (micro * world)}: the same steps in smaller pieces"))
+    if not t.activation_checkpointing:
+        fixes.append(("train.activation_checkpointing=true", "keep only each block's input and recompute the rest "
+                      "in backward: much less activation memory, ~25 % more compute"))
+    if mode == "ddp":
+        fixes.append(("train.parallel=fsdp", f"shard weights, gradients and optimizer state over the {world} ranks "
+                      f"(now DDP keeps a full copy on each)"))
+    if mode == "fsdp" and not t.reshard_after_forward:
+        fixes.append(("train.reshard_after_forward=true", "free each block's gathered weights after its forward"))
+    if mode == "fsdp" and t.fsdp_defer_sync:
+        fixes.append(("train.fsdp_defer_sync=false", "reduce-scatter gradients every micro-step (they stay sharded)"))
+    fixes.append((f"model.block_size={cfg.model.block_size // 2}", f"now {cfg.model.block_size}: shorter sequences; "
+                  f"this changes the model, so it starts a new run (another train.out_dir)"))
+    lines.append(f"To fit, lower what one device holds; the global batch (train.batch_size={t.batch_size}) stays, "
+                 f"and each of these but the last resumes this run on the same data:")
+    lines += [f"  {key:<38} {why}" for key, why in fixes]
+    lines.append("Check a change before relaunching (plan.py shows DDP, FSDP2 and FSDP2 with activation "
+                 "checkpointing side by side; add more overrides after the config):")
+    lines.append("  " + plan_command(cfg, world, device, [fixes[0][0]] if len(fixes) > 1 else []))
+    latest = checkpoint.find_latest(t.ckpt_dir or t.out_dir)
+    lines.append(f"Nothing was saved from this step. The last checkpoint, {latest}, is intact: run the same command "
+                 f"with the change to resume from it." if latest else
+                 "Nothing was saved: there is no checkpoint yet, so the change starts the run anew.")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    return 1
