@@ -1,4 +1,5 @@
 """Shared fixtures: a small prepared dataset made from real Python sources, and a tiny training run."""
+import json
 import os
 import shutil
 import signal
@@ -76,3 +77,18 @@ def trained(corpus, tmp_path_factory) -> str:
     run("train.py", "configs/tiny.yaml", *TINY, f"data.datasets=[{corpus}]", f"train.out_dir={out}",
         "train.max_steps=30", "train.eval_interval=15", "train.ckpt_interval=15")
     return out
+
+
+def local_task(tmp_path) -> str:
+    """A folder with lm-eval task `pyqa`: three two-way multiple-choice questions in a local JSONL file."""
+    data = tmp_path / "qa.jsonl"
+    with open(data, "w") as f:
+        for q, a, b in [("x = 1 +", " 1", " def"), ("import", " os", " )"), ("def f(", "x):", "]:")]:
+            f.write(json.dumps({"q": q, "choices": [a, b], "label": 0}) + "\n")
+    task = tmp_path / "tasks" / "pyqa.yaml"
+    os.makedirs(task.parent)
+    task.write_text(f"task: pyqa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+                    "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+                    "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n"
+                    "    aggregation: mean\n    higher_is_better: true\n")
+    return str(task.parent)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import run
+from conftest import local_task, run
 from data.prepare import load_tokenizer
 from eval import HarnessLM
 
@@ -81,15 +81,7 @@ def test_generate_until_is_greedy_and_stops(lm):
 
 def test_eval_cli_runs_a_local_lm_eval_task(trained, tmp_path):
     pytest.importorskip("lm_eval")
-    data = tmp_path / "qa.jsonl"
-    with open(data, "w") as f:
-        for q, a, b in [("x = 1 +", " 1", " def"), ("import", " os", " )"), ("def f(", "x):", "]:")]:
-            f.write(json.dumps({"q": q, "choices": [a, b], "label": 0}) + "\n")
-    task = tmp_path / "tasks" / "pyqa.yaml"
-    os.makedirs(task.parent)
-    task.write_text(f"task: pyqa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-                    "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
-                    "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
-    r = run("eval.py", trained, "--tasks", "pyqa", "--include_path", str(task.parent), "--json")
+    tasks = local_task(tmp_path)
+    r = run("eval.py", trained, "--tasks", "pyqa", "--include_path", tasks, "--json")
     res = json.loads(r.stdout.strip().splitlines()[-1])["results"]["pyqa"]
     assert 0.0 <= res["acc,none"] <= 1.0

@@ -14,7 +14,7 @@ import checkpoint
 import config
 import tracking
 import train
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, local_task
 from data.prepare import load_tokenizer
 from test_train import losses
 
@@ -144,21 +144,6 @@ def test_lm_eval_tasks_while_training(corpus, tmp_path, monkeypatch):
     assert row["step"] == 4 and row["pyqa/acc"] in (0.0, 0.5, 1.0) and "pyqa/acc_stderr" in row
     assert train.main(args(corpus, str(tmp_path / "typo"), "eval.interval=4", "eval.tasks=[pyqaa]",
                            f"eval.include_path={tasks}")) == 2  # before the first step
-
-
-def local_task(tmp_path) -> str:
-    """A folder with lm-eval task `pyqa`: three two-way multiple-choice questions in a local JSONL file."""
-    data = tmp_path / "qa.jsonl"
-    with open(data, "w") as f:
-        for q, a, b in [("x = 1 +", " 1", " def"), ("import", " os", " )"), ("def f(", "x):", "]:")]:
-            f.write(json.dumps({"q": q, "choices": [a, b], "label": 0}) + "\n")
-    task = tmp_path / "tasks" / "pyqa.yaml"
-    os.makedirs(task.parent)
-    task.write_text(f"task: pyqa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-                    "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
-                    "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n"
-                    "    aggregation: mean\n    higher_is_better: true\n")
-    return str(task.parent)
 
 
 def test_a_resumed_run_continues_its_wandb_run_and_logs_each_step_once(corpus, tmp_path, monkeypatch, wandb_runs):
