@@ -166,7 +166,8 @@ def test_a_resumed_run_continues_its_wandb_run_and_logs_each_step_once(corpus, t
     first, second = wandb_runs
     assert second["init"]["id"] == second["id"] == first["id"] and second["init"]["resume"] == "allow"
     assert len(glob.glob(str(tmp_path / "wandb" / "offline-run-*"))) == 2  # both offline parts: the same id
-    assert all(d.endswith(first["id"]) for d in glob.glob(str(tmp_path / "wandb" / "offline-run-*")))
+    # named offline-run-TIME-ID, with "-1" added when both started in the same second
+    assert all(f"-{first['id']}" in os.path.basename(d) for d in glob.glob(str(tmp_path / "wandb" / "offline-run-*")))
     assert [s for s, _ in second["logged"]] == [8]  # only the val row the first process did not send
     sent = first["logged"] + second["logged"]
     with open(os.path.join(out, "metrics.jsonl")) as f:
