@@ -499,7 +499,9 @@ class TimeBudget:
     def for_run(cls, t: config.TrainConfig, plan: config.Derived, t_start: float, step: int) -> "TimeBudget":
         # an eval scores eval_batches micro-batches over all ranks; a step trains grad_accum on each
         eval_steps = t.eval_batches / plan.world_size / (3 * plan.grad_accum)
-        return cls(t.max_minutes, t_start, step, t.eval_interval, eval_steps)
+        # train.profile's traced steps run slower, and the step after them writes the trace: time the ones after
+        traced = t.profile + diagnose.StepProfiler.SKIP - cls.WARMUP + 1 if t.profile else 0
+        return cls(t.max_minutes, t_start, step + traced, t.eval_interval, eval_steps)
 
     def decide(self, step: int, max_steps: int, group) -> tuple[int, float] | None:
         """After each step: None, or once (max_steps, measured seconds per step)."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import checkpoint
+import config
 import train
 from conftest import ROOT, TINY, run
 
@@ -139,6 +140,11 @@ def test_profile_traces_steps_and_training_goes_on(corpus, tmp_path, capsys):
     assert "| data wait " in text
     waits = [r["data_wait_frac"] for r in rows(out) if "loss" in r]
     assert len(waits) == 6 and all(0 <= w < 1 for w in waits)
+    cfg = config.load(train_args(corpus, out, "train.max_minutes=5"))
+    plan = config.derive(cfg, 1)
+    for profile, first_timed in [(0, 10 + 2), (2, 10 + 2 + 3)]:  # a time budget times the steps after the trace
+        cfg.train.profile = profile
+        assert train.TimeBudget.for_run(cfg.train, plan, 0.0, 10).probe_from == first_timed
 
 
 def test_sample_and_eval_cli(trained, corpus):
