@@ -149,7 +149,8 @@ def plan_command(cfg: config.Config, world: int, device: torch.device, fix: list
 
 def out_of_memory(error: torch.OutOfMemoryError, cfg: config.Config, device: torch.device, rank: int, world: int,
                   step: int, mode: str, peak_gb: float) -> int:
-    """After `error` on this rank in step `step` + 1, or in the eval or save after step `step`: on CUDA write the
+    """After `error` on this rank in step `step` + 1, in the eval or save after step `step`, or while building the
+    model, its optimizer or resuming (`mode`: the wrap, or train.parallel when it is not decided yet): on CUDA write the
     allocator's snapshot to out_dir/oom_rankR.pickle, then print on stderr, without a traceback, the memory in use,
     what to lower and the plan.py command that checks it (`peak_gb`: train.py's memory figure, the peak RSS on a
     CPU). Nothing is saved (the step's state is half done); returns the exit code, 1. Every rank that runs out
@@ -157,7 +158,9 @@ def out_of_memory(error: torch.OutOfMemoryError, cfg: config.Config, device: tor
     t = cfg.train
     who = f"rank {rank} " if world > 1 else ""
     calls = {frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)}
-    where = (f"in the eval after step {step}" if "run_eval" in calls else
+    setup = sorted(calls & {"setup_model", "make_optimizer", "restore"})
+    where = (f"setting up the run ({', '.join(setup)})" if setup else
+             f"in the eval after step {step}" if "run_eval" in calls else
              f"saving the checkpoint of step {step}" if "save" in calls else f"in step {step + 1}")
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]  # CUDA's: what it tried to allocate
     lines = [f"error: {who}ran out of memory on {device} {where}: {first}"]

@@ -687,6 +687,8 @@ def main(argv: list[str]) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError as e:  # before the loop (the loop's own are reported in train())
+        return diagnose.out_of_memory(e, cfg, device, rank, world, 0, cfg.train.parallel, memory_gb(device))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

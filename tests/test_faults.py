@@ -289,6 +289,22 @@ def test_out_of_memory_says_what_to_lower_and_keeps_the_last_checkpoint(corpus, 
     checkpoint.load_model(out, "cpu")
 
 
+def test_out_of_memory_while_setting_up_is_reported_too(corpus, tmp_path, monkeypatch, capsys):
+    """Building the model, its optimizer state or resuming can run out too: the same report, no traceback."""
+    import train
+    monkeypatch.chdir(ROOT)
+
+    def make_optimizer(*a):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+    monkeypatch.setattr(train, "make_optimizer", make_optimizer)
+    out = str(tmp_path / "oom")
+    assert train.main(train_args(corpus, out, "train.max_steps=2")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ran out of memory on cpu setting up the run (make_optimizer): CUDA out of memory"), err
+    assert "train.micro_batch_size=2 " in err and f"python plan.py {out}/config.yaml" in err
+    assert "no checkpoint yet" in err
+
+
 def test_cuda_out_of_memory_report_and_allocation_history(tmp_path, monkeypatch, capsys):
     """The CUDA side, with the allocator's functions stood in for (no GPU here): allocation history is recorded
     over the first steps of a start only; an out-of-memory error writes the snapshot and, under DDP on 8 GPUs, adds
