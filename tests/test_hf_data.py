@@ -189,6 +189,31 @@ def test_a_tokenizer_by_folder_keeps_its_document_convention(hub_layout, tmp_pat
     assert same_tokenizer(out, str(tmp_path / "moved_data")) and not same_tokenizer(out, str(root / "gpt2_data"))
 
 
+def test_a_tokenizer_by_hub_id_is_fetched_with_its_config(hub_layout, tmp_path, monkeypatch):
+    """hf:ORG/NAME: the Hub is asked first (here it answers), then tokenizer.json and whichever of its config files
+    the repository has are downloaded (here from a folder standing in for the Hub) and kept beside the shards."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+    root, docs = hub_layout
+    make_tokenizer(tmp_path / "hub", True, docs)
+    (tmp_path / "hub" / "special_tokens_map.json").unlink(missing_ok=True)  # a repository without one: skipped
+    asked, fetched = [], []
+    monkeypatch.setattr(prep, "check_hub", lambda kind, name: asked.append((kind, name)))
+
+    def download(repo, name):
+        fetched.append((repo, name))
+        if not os.path.exists(tmp_path / "hub" / name):
+            raise EntryNotFoundError(f"{repo} has no {name}")
+        return str(tmp_path / "hub" / name)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    meta = prepare([f"hf:{root / 'fwe'}"], str(tmp_path / "out"), "hf:org/llama-tok", val_frac=0.0, workers=1)
+    assert asked == [("model", "org/llama-tok")] and [n for _, n in fetched] == list(prep.HF_TOKENIZER_FILES)
+    assert meta["tokenizer"] == {"type": "hf", "file": "tokenizer.json", "name": "org/llama-tok", "bos_id": 1,
+                                 "eos_id": 2}
+    assert sorted(f for f in os.listdir(tmp_path / "out") if f.startswith("tokenizer")) == \
+        ["tokenizer.json", "tokenizer_config.json"]
+
+
 def test_a_folder_without_tokenizer_json_is_refused(tmp_path):
     os.makedirs(tmp_path / "slow")
     with pytest.raises(DataError, match="no tokenizer.json"):
