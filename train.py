@@ -875,13 +875,14 @@ class LiveEval:
         return time.perf_counter() - t0
 
     def sample(self, prompt: str) -> str:
-        """The prompt and its greedy continuation (eval.max_new_tokens at most), cut at the end-of-text token."""
+        """The prompt and its greedy continuation (eval.max_new_tokens at most), cut where a document ends."""
         tok = self.tok
         idx = torch.tensor([tok.start_ids + tok.encode(prompt)], device=self.device)
         with self.autocast:
             new = self.model.generate(idx, self.cfg.eval.max_new_tokens, temperature=0, stop_token=tok.eot_id)
         new = new[0, idx.size(1):].tolist()
-        return prompt + tok.decode(new[:new.index(tok.eot_id)] if tok.eot_id in new else new)
+        ends = [i for i, t in enumerate(new) if t in (tok.eot_id, tok.bos_id)]  # a document ended (BOS: Llama's)
+        return prompt + tok.decode(new[:ends[0]] if ends else new)
 
 
 @contextmanager
