@@ -127,7 +127,7 @@ def test_offline_a_hub_name_fails_at_once(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="cannot be reached"):
         prepare(["hf:HuggingFaceFW/fineweb-edu"], str(tmp_path / "b"), "gpt2", workers=1)
     with pytest.raises(DataError, match="cannot be reached"):
-        prepare(["hf:HuggingFaceFW/fineweb-edu"], str(tmp_path / "c"), "hf:meta-llama/Llama-2-7b-hf", workers=1)
+        prepare([os.path.join(ROOT, "README.md")], str(tmp_path / "c"), "hf:meta-llama/Llama-2-7b-hf", workers=1)
     r = run("data/prepare.py", "--input", "hf:HuggingFaceFW/fineweb-edu", "--subset", "sample-10BT",
             "--out", str(tmp_path / "d"), "--tokenizer", "gpt2", "--max_tokens", "2e9", check=False)
     assert r.returncode != 0  # the CLI: a message, not a traceback
