@@ -52,6 +52,27 @@ def test_a_dataset_by_name_gives_its_documents_in_order(hub_layout, tmp_path, fo
     assert not [f for f in os.listdir(out) if "tail" in f or "progress" in f]
 
 
+def test_a_subset_of_a_downloaded_dataset_is_chosen_by_name(tmp_path):
+    """A Hub dataset downloaded whole (`huggingface-cli download --repo-type dataset NAME --local-dir DIR`) keeps its
+    subsets in folders named by its README's `configs`: hf:DIR with --subset reads that one, as from the Hub."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    root = tmp_path / "fineweb-edu"
+    for name, texts in [("10BT", ["ten a", "ten b"]), ("100BT", ["hundred a"])]:
+        os.makedirs(root / "sample" / name)
+        pq.write_table(pa.table({"text": texts}), root / "sample" / name / "000_00000.parquet")
+    (root / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: sample-{n}\n  data_files:\n  - split: train\n    path: sample/{n}/*\n" for n in ("10BT", "100BT"))
+        + "---\n")
+    meta = prepare([f"hf:{root}"], str(tmp_path / "out"), "gpt2", subset="sample-10BT", val_frac=0.0, workers=1)
+    enc = tiktoken_encoding("gpt2")
+    assert read_split(str(tmp_path / "out"), "train").tolist() == enc.encode_ordinary("ten a") + [50256] + \
+        enc.encode_ordinary("ten b") + [50256]
+    assert meta["source"] == f"hf:{root} (subset sample-10BT, split train)"
+    with pytest.raises(DataError, match="sample-1BT.*sample-10BT"):  # a wrong name lists the right ones
+        prepare([f"hf:{root}"], str(tmp_path / "bad"), "gpt2", subset="sample-1BT", workers=1)
+
+
 def test_max_tokens_stops_after_the_document_that_reaches_it(hub_layout, tmp_path):
     root, docs = hub_layout
     meta = prepare([f"hf:{root / 'fwe'}"], str(tmp_path / "out"), "gpt2", val_frac=0.0, workers=1, max_tokens=5000)
