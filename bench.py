@@ -9,8 +9,8 @@ The step is train.py's own (`setup_model`, `make_optimizer`, `train_step`: the s
 kernels and precision); only the data is synthetic (uniform random token ids made once on the device), as in
 Pax's synthetic configs, so the numbers measure the model and not the disk. Timing starts after the warm-up
 steps (compilation, allocator growth) and ends with a device sync. MFU uses PaLM's FLOPs per token and the
-dense BF16 peak of the GPU (hardware.GPUS; `--peak-tflops` overrides, e.g. 756 for PCIe cards; FP8 runs
-are still reported against the BF16 peak). The JSON line is the last line of stdout.
+dense peak of the GPU at the run's matmul precision (hardware.GPUS: BF16/FP16, or TF32 for FP32 runs;
+`--peak-tflops` overrides, e.g. 756 for PCIe cards; FP8 runs are still reported against the BF16 peak). The JSON line is the last line of stdout.
 """
 import argparse
 import json
@@ -97,7 +97,7 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
     kernels.ACTIVE.update(chosen)
     elapsed, final_loss, mem = best["chosen"]
     tok_s = steps * plan.batch_tokens / elapsed
-    peak = peak_tflops * 1e12 if peak_tflops else hardware.peak_flops(device)
+    peak = peak_tflops * 1e12 if peak_tflops else hardware.peak_flops(device, precision.dtype)
     flops = model.flops_per_token()
     result = {
         "config": cfg.model.arch, "params": model.num_params(), "n_layer": cfg.model.n_layer,

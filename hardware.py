@@ -22,15 +22,19 @@ class GPU:
     name: str  # a substring of torch.cuda.get_device_name(); the table is searched in order, specific names first
     memory_gib: int
     peak_tflops: float  # dense tensor-core peak at the precision auto picks there (BF16, or FP16 before Ampere)
+    fp32_tflops: float  # dense peak of FP32 matmuls: TF32 tensor cores from Ampere on (train.py allows TF32)
 
 
-# Dense peaks from the vendors' data sheets. Device names do not say SXM vs PCIe reliably everywhere: bench.py's
-# --peak-tflops and plan.py's --gpu override.
-GPUS = {"h100-pcie": GPU("H100 PCIe", 80, 756), "h800-pcie": GPU("H800 PCIe", 80, 756),
-        "h100": GPU("H100", 80, 989), "h800": GPU("H800", 80, 989), "h200": GPU("H200", 141, 989),
-        "a100-40gb": GPU("A100-SXM4-40GB", 40, 312), "a100-pcie-40gb": GPU("A100-PCIE-40GB", 40, 312),
-        "a100": GPU("A100", 80, 312), "l4": GPU("L4", 24, 121), "a10": GPU("A10", 24, 125),
-        "v100": GPU("V100", 32, 125), "t4": GPU("T4", 16, 65)}
+# Dense peaks from the vendors' data sheets (TF32 is half of BF16 on every Ampere and Hopper part here; V100 and T4
+# have no TF32, so FP32 runs on their CUDA cores). Device names do not say SXM vs PCIe reliably everywhere: bench.py's
+# --peak-tflops and plan.py's --gpu override. The NVL cards (two linked PCIe boards) are named before their SXM
+# namesakes, which their names contain.
+GPUS = {"h100-pcie": GPU("H100 PCIe", 80, 756, 378), "h800-pcie": GPU("H800 PCIe", 80, 756, 378),
+        "h100-nvl": GPU("H100 NVL", 94, 835, 418), "h200-nvl": GPU("H200 NVL", 141, 835, 418),
+        "h100": GPU("H100", 80, 989, 495), "h800": GPU("H800", 80, 989, 495), "h200": GPU("H200", 141, 989, 495),
+        "a100-40gb": GPU("A100-SXM4-40GB", 40, 312, 156), "a100-pcie-40gb": GPU("A100-PCIE-40GB", 40, 312, 156),
+        "a100": GPU("A100", 80, 312, 156), "l4": GPU("L4", 24, 121, 60), "a10": GPU("A10", 24, 125, 62.5),
+        "v100": GPU("V100", 32, 125, 15.7), "t4": GPU("T4", 16, 65, 8.1)}
 
 
 def gpu_spec(device: torch.device) -> GPU | None:
@@ -41,10 +45,13 @@ def gpu_spec(device: torch.device) -> GPU | None:
     return next((g for g in GPUS.values() if g.name in name), None)
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Dense tensor-core FLOP/s of `device` for MFU, or None where unknown (CPUs, GPUs not in the table)."""
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Dense FLOP/s of `device` for MFU with matmuls in `dtype` (FP32: TF32 or CUDA cores; BF16, FP16 and FP8
+    runs count against the BF16/FP16 peak), or None where unknown (CPUs, GPUs not in the table)."""
     spec = gpu_spec(device)
-    return spec.peak_tflops * 1e12 if spec else None
+    if spec is None:
+        return None
+    return (spec.fp32_tflops if dtype == torch.float32 else spec.peak_tflops) * 1e12
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:

@@ -715,7 +715,7 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
     model, train_model, mode = setup_model(cfg, device, world)
     optimizer = make_optimizer(model, t, device)
     scaler = torch.amp.GradScaler(device.type) if precision.scaled else None
-    flops_per_token, peak = model.flops_per_token(), hardware.peak_flops(device)
+    flops_per_token, peak = model.flops_per_token(), hardware.peak_flops(device, precision.dtype)
     say(describe_run(cfg, model, device, mode, world, precision, scaler, ops, optimizer))
     # Stop requests go over a CPU group, so they never wait on the GPU's stream; async checkpoints get a group
     # of their own, since their collectives run in a background thread (two threads must not share one group).

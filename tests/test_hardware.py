@@ -79,6 +79,13 @@ def test_one_gpu_table_for_train_bench_and_plan(gpu):
     assert hardware.peak_flops(CUDA) == 756e12
     gpu("NVIDIA A100-SXM4-80GB", (8, 0))
     assert hardware.peak_flops(CUDA) == 312e12  # not the A10's row
+    assert hardware.peak_flops(CUDA, torch.float32) == 156e12  # FP32 matmuls run as TF32: half the BF16 peak
+    gpu("NVIDIA H100 NVL", (9, 0))
+    assert hardware.peak_flops(CUDA) == 835e12 and hardware.gpu_spec(CUDA).memory_gib == 94  # not the SXM's row
+    gpu("NVIDIA H200 NVL", (9, 0))
+    assert hardware.peak_flops(CUDA) == 835e12 and hardware.peak_flops(CUDA, torch.float32) == 418e12
+    gpu("Tesla V100-SXM2-32GB", (7, 0))
+    assert hardware.peak_flops(CUDA, torch.float16) == 125e12 and hardware.peak_flops(CUDA, torch.float32) == 15.7e12
     gpu("NVIDIA GeForce RTX 4090", (8, 9))
     assert hardware.peak_flops(CUDA) is None
     assert hardware.peak_flops(CPU) is None
