@@ -119,6 +119,7 @@ class ChunkedLoss(torch.autograd.Function):
                     g = g.to(dtype)
                     dh[i:i + chunk] = ((g @ w) * sc[:, None]).to(h.dtype)
                     dw += (g.t() @ (hc * sc[:, None].to(dtype))).to(acc)
+                logits = g = None  # freed now, not when the next chunk's are made (that doubled the peak)
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -129,11 +130,14 @@ class ChunkedLoss(torch.autograd.Function):
         return dh * grad.to(dh.dtype), (dw * grad).to(ctx.weight_dtype), None, None
 
 
+CHUNK_LOGITS = 2**26  # logits per chunk of chunked_loss on a GPU (plan.py counts them)
+
+
 @torch.compiler.disable  # traced, its chunk loop ran ~3.5x slower than eager (inductor, CPU); eager it is
 def chunked_loss(h, weight, targets, chunk: int | None = None):
     """Same value and gradients as `plain_loss`, holding one chunk of FP32 logits at a time (by default
     ~2^26 logits: 256 MB in FP32, a chunk of 1,334 rows at a 50k vocab, still a large GEMM)."""
-    return ChunkedLoss.apply(h, weight, targets, chunk or max(1, 2**26 // weight.size(0)))
+    return ChunkedLoss.apply(h, weight, targets, chunk or max(1, CHUNK_LOGITS // weight.size(0)))
 
 
 @torch.compiler.disable

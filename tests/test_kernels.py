@@ -58,6 +58,28 @@ def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
     assert got16[1][1].dtype == torch.float32  # the FP32 weight gets an FP32 gradient
 
 
+@pytest.mark.parametrize("rows", [256, 1024])  # several chunks, one chunk
+def test_plan_counts_what_the_chunked_loss_holds(rows):
+    """plan.py's estimate of the chunked loss's transient memory, against the peak torch's MemTracker sees in a
+    BF16 forward and backward (the FP32 weight cast per call, the kept FP32 dW, each chunk's logits and dW product)."""
+    import plan
+    from torch.distributed._tools.mem_tracker import MemTracker
+    N, V, d = 1024, 4096, 128
+    torch.manual_seed(0)
+    h, w = torch.randn(N, d, requires_grad=True), torch.randn(V, d, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    tracker = MemTracker()
+    with tracker:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = kernels.ChunkedLoss.apply(h, w, targets, rows)
+        loss.backward()
+    measured = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    cfg = GPTConfig(vocab_size=V, n_embd=d, n_layer=1, n_head=2, block_size=N)
+    assert cfg.padded_vocab_size == V
+    estimate = plan.loss_transient_bytes(cfg, N, chunked_loss=True, chunk_logits=rows * V)
+    assert estimate == pytest.approx(measured, rel=0.05), (estimate / 2**20, measured / 2**20)
+
+
 def test_chunked_loss_under_compile_and_with_all_targets_ignored():
     torch.manual_seed(0)
     h, w = torch.randn(64, 16), torch.randn(50, 16)
