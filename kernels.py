@@ -242,7 +242,9 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
         raise KernelError("train.kernels=flash needs BF16 or FP16 (train.precision=bf16)")
 
     use_flash = kernels == "flash" or (kernels == "auto" and cuda and half and _installed("flash"))
-    use_liger = kernels == "liger" or (kernels == "auto" and cuda and _installed("liger"))
+    # auto never takes liger: on torch 2.11 (an H200, issue 17) its fused loss and Triton kernels failed to compile
+    # inside torch.compile, so installing it turned a working run into a crash; train.kernels=liger asks for it
+    use_liger = kernels == "liger"
     if use_flash:
         mod, label = _flash_attention_module()
         chosen["attention"], names["attention"] = _flash_attention(mod), label

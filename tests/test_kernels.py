@@ -178,6 +178,13 @@ def test_configure_names_the_choice_and_refuses_what_cannot_run_here():
     assert "compute capability >= 8.9" in kernels.float8_supported(torch.device("cpu"))
 
 
+def test_auto_never_takes_liger_even_when_installed(monkeypatch):
+    """liger failed to compile under torch.compile on the GPU's torch (issue 17): auto keeps torch's kernels."""
+    monkeypatch.setattr(kernels, "_installed", lambda name: name == "liger")
+    names = kernels.configure("auto", "auto", "cuda", torch.bfloat16)
+    assert names == {"attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "chunked"}
+
+
 def test_fp8_and_cuda_kernels_stop_before_training(corpus, tmp_path, capsys):
     out = str(tmp_path / "fp8")
     assert train.main(train_args(corpus, out, "train.precision=fp8")) == 2
