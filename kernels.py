@@ -4,7 +4,7 @@
     torch:     SDPA             F.rms_norm       rotate-half      chunked (never the full FP32 logits)
     flash:     flash-attn 3/2   flash-attn       flash-attn       chunked
     liger:     SDPA             liger-kernel     liger-kernel     liger fused linear + cross-entropy
-    auto:      flash where installed (CUDA, BF16/FP16), then liger where installed (CUDA), else torch;
+    auto:      flash attention where installed (CUDA, BF16/FP16), else torch; never liger (see configure);
                on CPUs: attention as explicit matmuls in BF16/FP16 up to T=1024 (SDPA's CPU flash kernel is
                slower there; in FP32 it wins), and the loss chunked in cache-sized chunks (~2^21 logits)
 
