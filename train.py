@@ -277,7 +277,9 @@ def setup_model(cfg: config.Config, device: torch.device, world: int) -> tuple[G
             block.compile()
     if mode == "fsdp":
         half = {"fp32": None, "fp16": torch.float16}.get(t.precision, torch.bfloat16)  # fp8 gathers BF16 too
-        mp = MixedPrecisionPolicy(param_dtype=half,
+        # cast_forward_inputs off: a block's inputs are the BF16 residual stream, which needs no cast, and the FP32
+        # RoPE table, which must stay FP32 (cast per block it lost precision and cost a copy each time)
+        mp = MixedPrecisionPolicy(param_dtype=half, cast_forward_inputs=False,
                                   reduce_dtype=torch.bfloat16 if t.reduce_dtype == "bf16" else torch.float32)
         for block in model.layers:
             fully_shard(block, mp_policy=mp, reshard_after_forward=t.reshard_after_forward)

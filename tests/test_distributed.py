@@ -159,6 +159,25 @@ def test_a_failing_rank_ends_the_launch(corpus, tmp_path):
     assert "injected failure on rank 1" in r.stderr
 
 
+def test_fsdp_blocks_get_the_fp32_rope_table(corpus, tmp_path, monkeypatch):
+    """Under FSDP2 in BF16 each block receives the RoPE table in FP32, as without FSDP (FSDP's default casts every
+    floating input of a block to the parameter dtype), and the BF16 residual stream as it is."""
+    import torch.distributed as dist
+    monkeypatch.chdir(ROOT)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        cfg = config.load(train_args(corpus, str(tmp_path / "run"), "train.parallel=fsdp", "train.precision=bf16"))
+        train.prepare_data(cfg)
+        model, train_model, mode = train.setup_model(cfg, torch.device("cpu"), world=2)  # a 1-rank mesh
+        seen = []
+        model.layers[0].register_forward_pre_hook(lambda mod, args: seen.append((args[0].dtype, args[1].dtype)))
+        with torch.no_grad():
+            model(torch.zeros((1, 8), dtype=torch.long))
+        assert mode == "fsdp" and seen == [(torch.bfloat16, torch.float32)]
+    finally:
+        dist.destroy_process_group()
+
+
 def test_plan_activation_estimate_matches_saved_tensors():
     import kernels
     import plan
