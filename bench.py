@@ -10,7 +10,8 @@ kernels and precision); only the data is synthetic (uniform random token ids mad
 Pax's synthetic configs, so the numbers measure the model and not the disk. Timing starts after the warm-up
 steps (compilation, allocator growth) and ends with a device sync. MFU uses PaLM's FLOPs per token and the
 dense peak of the GPU at the run's matmul precision (hardware.GPUS: BF16/FP16, or TF32 for FP32 runs;
-`--peak-tflops` overrides, e.g. 756 for PCIe cards; FP8 runs are still reported against the BF16 peak). The JSON line is the last line of stdout.
+`--peak-tflops` overrides, e.g. 756 for PCIe cards; FP8 runs are still reported against the BF16 peak). The JSON
+line is the last line of stdout.
 """
 import argparse
 import json

@@ -31,7 +31,8 @@ def hf_config(cfg: GPTConfig, eot_id: int | None = None, bos_id: int | None = No
     `bos_id` starts it (the EOT where the tokenizer has no BOS convention)."""
     # both spellings of dtype and RoPE theta: transformers 5 reads `dtype`/`rope_parameters`, 4.x the others
     common = {"vocab_size": cfg.padded_vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-              "bos_token_id": eot_id if bos_id is None else bos_id, "eos_token_id": eot_id, "torch_dtype": "float32", "dtype": "float32"}
+              "bos_token_id": eot_id if bos_id is None else bos_id, "eos_token_id": eot_id,
+              "torch_dtype": "float32", "dtype": "float32"}
     exportable(cfg)
     if cfg.arch == "llama":
         kind = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "mlp_bias": False, "hidden_act": "silu"}

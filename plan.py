@@ -54,9 +54,9 @@ def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: b
 def loss_transient_bytes(cfg: GPTConfig, tokens: int, chunked_loss: bool = False,
                          chunk_logits: int = kernels.CHUNK_LOGITS) -> int:
     """Peak memory the loss adds beyond what it saves: the BF16 logits and the FP32 logits and their gradient;
-    chunked (kernels.ChunkedLoss), one chunk of ~chunk_logits logits in FP32 and BF16, then per (V, d) element 12 bytes (the
-    kept FP32 dW, the BF16 copy of the weight, each chunk's BF16 dW product and its FP32 copy), and dh. Within 5 %
-    of what torch's MemTracker measures on CPU (tests/test_kernels.py)."""
+    chunked (kernels.ChunkedLoss), one chunk of ~chunk_logits logits in FP32 and BF16, then 12 bytes per (V, d)
+    element (the kept FP32 dW, the BF16 copy of the weight, each chunk's BF16 dW product and its FP32 copy), and
+    dh. Within 5 % of what torch's MemTracker measures on CPU (tests/test_kernels.py)."""
     if chunked_loss:
         V, d = cfg.padded_vocab_size, cfg.n_embd
         chunk = min(tokens, max(1, chunk_logits // V)) * V  # logits in one chunk

@@ -500,8 +500,8 @@ def _save_npy(path: str, arr: np.ndarray) -> str:
 
 
 PROGRESS = "prepare_progress.json"
-OUTPUTS = (r"(train|val)_\d{5}\.npy|(train|val)\.tail\d+\.npy|meta\.json|token_bytes\.npy|" + PROGRESS.replace(".", r"\.")
-           + "|" + "|".join(f.replace(".", r"\.") for f in HF_TOKENIZER_FILES))
+OUTPUTS = "|".join([r"(train|val)_\d{5}\.npy", r"(train|val)\.tail\d+\.npy", r"meta\.json", r"token_bytes\.npy",
+                    *(re.escape(f) for f in (PROGRESS, *HF_TOKENIZER_FILES))])  # what a preparation writes
 
 
 def _clean(out: str, keep: set[str] = frozenset()) -> None:
