@@ -119,7 +119,7 @@ class HarnessLM:
             with self.autocast:
                 for nxt in self.model.generate_stream(idx, kw.get("max_gen_toks", 256), temperature=0,
                                                       stop_token=self.tok.eot_id):
-                    if nxt.item() in (self.tok.eot_id, self.tok.bos_id):
+                    if nxt.item() in self.tok.end_ids:
                         break
                     new.append(nxt.item())
                     text = self.tok.decode(new)

@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
             for nxt in model.generate_stream(idx, args.max_new_tokens, temperature=args.temperature,
                                              top_k=args.top_k, top_p=args.top_p, generator=gen,
                                              stop_token=None if args.no_stop else tok.eot_id):
-                if not args.no_stop and nxt.item() in (tok.eot_id, tok.bos_id):  # a document ended
+                if not args.no_stop and nxt.item() in tok.end_ids:
                     break
                 new.append(nxt.item())
                 text = tok.decode(new)

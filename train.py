@@ -883,7 +883,7 @@ class LiveEval:
         with self.autocast:
             new = self.model.generate(idx, self.cfg.eval.max_new_tokens, temperature=0, stop_token=tok.eot_id)
         new = new[0, idx.size(1):].tolist()
-        ends = [i for i, t in enumerate(new) if t in (tok.eot_id, tok.bos_id)]  # a document ended (BOS: Llama's)
+        ends = [i for i, t in enumerate(new) if t in tok.end_ids]
         return prompt + tok.decode(new[:ends[0]] if ends else new)
 
 

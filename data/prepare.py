@@ -136,6 +136,11 @@ class Tokenizer:
         one, else the end-of-text token that ended the previous document. Prompts and eval contexts start so."""
         return [self.bos_id] if self.bos_id is not None else [self.eot_id]
 
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        """Generated ids that end a document: the EOS/EOT, and BOS where documents start with it."""
+        return (self.eot_id,) if self.bos_id is None else (self.eot_id, self.bos_id)
+
     def document(self, ids: list[int]) -> list[int]:
         """A document's ids as training sees them: BOS first where the convention has one, EOS/EOT last."""
         return ([self.bos_id] if self.bos_id is not None else []) + ids + [self.eot_id]
@@ -340,6 +345,11 @@ def iter_documents(files: list[str], text_field: str):
                 yield False
 
 
+def list_inputs(inputs: list[str]) -> dict[int, list[str]]:
+    """The files of each input that is not an hf: dataset, by the input's index."""
+    return {i: list_files([s]) for i, s in enumerate(inputs) if not s.startswith("hf:")}
+
+
 def _text(value):
     """A row's text: strings as they are, numbers as text, None (no text: the row is skipped) as it is."""
     return value if value is None or isinstance(value, str) else str(value)
@@ -387,12 +397,12 @@ class Documents:
     skipped files (not UTF-8) and rows without text are counted in `stats`."""
 
     def __init__(self, inputs: list[str], text_field: str, subset: str | None = None, split: str = "train",
-                 position: dict | None = None):
+                 position: dict | None = None, files: dict[int, list[str]] | None = None):
         self.inputs, self.text_field, self.subset, self.split = inputs, text_field, subset, split
         pos = position or {"source": 0, "items": 0, "hf": None, "stats": {"skipped_files": 0, "skipped_docs": 0}}
         self.source, self.items, self.hf_state, self.stats = pos["source"], pos["items"], pos["hf"], dict(pos["stats"])
         self._ds = None
-        self.files = {i: list_files([s]) for i, s in enumerate(inputs) if not s.startswith("hf:")}  # fail early
+        self.files = files if files is not None else list_inputs(inputs)  # fail early
         if self.source < len(inputs) and inputs[self.source].startswith("hf:"):
             self._ds = self._open(self.source)
 
@@ -561,17 +571,19 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bpe", vocab_size: int
     settings = {"inputs": inputs, "tokenizer": tokenizer, "vocab_size": vocab_size, "text_field": text_field,
                 "val_frac": val_frac, "shard_tokens": shard_tokens, "subset": subset, "split": split,
                 "max_tokens": max_tokens}
-    files = [f for i in inputs if not i.startswith("hf:") for f in list_files([i])]  # checks the inputs
-    settings["files"] = xxhash.xxh3_128_hexdigest("\n".join(f"{f}\t{os.path.getsize(f)}" for f in files).encode())
+    files = list_inputs(inputs)  # checks the inputs
+    listing = "\n".join(f"{f}\t{os.path.getsize(f)}" for found in files.values() for f in found)
+    settings["files"] = xxhash.xxh3_128_hexdigest(listing.encode())
     os.makedirs(out, exist_ok=True)
     progress = None if fresh else _read_progress(out, settings)  # a changed file list starts over too
-    docs = Documents(inputs, text_field, subset, split, progress and progress["position"])
+    docs = Documents(inputs, text_field, subset, split, progress and progress["position"], files)
     if progress is None:
         _clean(out)  # start clean: old shards must not mix with new ones
         if tokenizer == "bpe":
             print(f"training a {vocab_size}-token byte-level BPE on the train split of {', '.join(inputs)[:200]}")
-            train_bpe(_bpe_texts(Documents(inputs, text_field, subset, split), val_frac, max_tokens and 4 * max_tokens),
-                      vocab_size, os.path.join(out, "tokenizer.json"))
+            texts = _bpe_texts(Documents(inputs, text_field, subset, split, files=files), val_frac,
+                               max_tokens and 4 * max_tokens)
+            train_bpe(texts, vocab_size, os.path.join(out, "tokenizer.json"))
             spec = {"type": "bpe", "file": "tokenizer.json"}
         elif tokenizer.startswith("hf:"):
             spec = fetch_hf_tokenizer(tokenizer[3:], out)
