@@ -242,7 +242,8 @@ def export_tokenizer(run_tok: str, dst: str, block_size: int) -> bool:
             return True
         from tokenizers import Tokenizer as HFTokenizer
         tok = HFTokenizer.from_file(os.path.join(run_tok, spec["file"]))
-        eos, bos = tok.id_to_token(spec["eos_id"]), spec["bos_id"] is not None and tok.id_to_token(spec["bos_id"])
+        eos = tok.id_to_token(spec["eos_id"])
+        bos = tok.id_to_token(spec["bos_id"]) if spec["bos_id"] is not None else None
         conf = {"model_max_length": block_size, "eos_token": eos, "bos_token": bos or eos,
                 "add_bos_token": bool(bos), "clean_up_tokenization_spaces": False,
                 "tokenizer_class": "PreTrainedTokenizerFast"}
