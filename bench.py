@@ -53,8 +53,8 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
     device, precision = train.resolve_hardware(t, local_rank)  # train.py's rule: auto precision and compile
     if precision.warning:
         print(f"warning: {precision.warning}", file=sys.stderr)
-    names = kernels.configure(t.kernels, t.loss, device, precision.dtype)
-    chosen = dict(kernels.ACTIVE)
+    names = train.configure_kernels(cfg, world, device, precision)
+    chosen_before = dict(kernels.ACTIVE)
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -69,6 +69,14 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
     batches = [(d[:, :-1], d[:, 1:]) for d in data]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model.train()
+    # the first step as train.py takes it: a backend that fails there is replaced by torch's (kernels.FALLBACK)
+    cpu_group = torch.distributed.new_group(backend="gloo") if world > 1 else None
+    train.first_step(lambda: train.train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t,
+                                              autocast, scaler), optimizer, rank, world, cpu_group)
+    for op, fn in kernels.ACTIVE.items():
+        if fn is kernels.FALLBACK[op] and fn is not chosen_before[op]:
+            names[op] = f"{kernels.FALLBACK_NAMES[op]} (fell back from {names[op]})"
+    chosen = dict(kernels.ACTIVE)
 
     def run(n: int) -> tuple[float, float]:
         """Seconds for n steps (after a device sync), and the last step's mean loss."""

@@ -37,7 +37,7 @@ class TrainConfig:
     # scaling); fp8: bf16 plus torchao float8 Linear layers in the blocks (CUDA, compute capability >= 8.9)
     precision: Literal["auto", "fp32", "bf16", "fp16", "fp8"] = "auto"
     kernels: Literal["auto", "torch", "flash", "liger"] = "auto"  # see kernels.py
-    loss: Literal["auto", "chunked", "plain", "liger"] = "auto"  # lm_head + cross-entropy kernel
+    loss: Literal["auto", "compiled", "chunked", "plain", "liger"] = "auto"  # lm_head + cross-entropy (kernels.py)
     seed: int = 1337
     batch_size: int = 64  # global batch in sequences per optimizer step, whatever the world size
     micro_batch_size: int = 8  # sequences per device per forward/backward

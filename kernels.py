@@ -1,19 +1,26 @@
 """The one place that picks fast implementations of the hot ops, by config and availability.
 
     ops:       attention        rms_norm         rope             loss (lm_head + cross-entropy)
-    torch:     SDPA             F.rms_norm       rotate-half      chunked (never the full FP32 logits)
-    flash:     flash-attn 3/2   flash-attn       flash-attn       chunked
+    torch:     SDPA             F.rms_norm       rotate-half      compiled plain, or chunked (see below)
+    flash:     flash-attn 3/2   flash-attn       flash-attn       as torch
     liger:     SDPA             liger-kernel     liger-kernel     liger fused linear + cross-entropy
     auto:      flash attention where installed (CUDA, BF16/FP16), else torch; never liger (see configure);
                on CPUs: attention as explicit matmuls in BF16/FP16 up to T=1024 (SDPA's CPU flash kernel is
-               slower there; in FP32 it wins), and the loss chunked in cache-sized chunks (~2^21 logits)
+               slower there; in FP32 it wins)
+
+The loss under `train.loss: auto`: with torch.compile on and the full logits within the memory plan, the plain
+loss compiled (inductor fuses the softmax, the gather and the gradient into the lm_head GEMMs' neighbours: at
+GPT-2's vocab on CPU it was 1.4-1.9x faster than every chunked variant and held less than the eager chunked
+one, BENCHMARKS.md; nanoGPT does the same); otherwise chunked, which never holds all (N, V) FP32 logits.
 
 The `torch_*` functions are the reference: they define the maths every other backend must reproduce
 (tests/test_kernels.py). Optional packages are imported only when chosen; asking for a missing one is an
-error that names the pip line. `configure()` is called once at start-up; the model reads `ACTIVE`.
-`train.loss` overrides the loss alone (`plain` materialises the FP32 logits: the reference).
+error that names the pip line. `configure()` is called once at start-up; the model reads `ACTIVE`, and a backend
+that fails at the first step is swapped for `FALLBACK` (train.py). `train.loss` overrides the loss alone
+(`plain` materialises the FP32 logits: the reference).
 """
 import importlib
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -144,8 +151,12 @@ def chunked_loss(h, weight, targets, chunk: int | None = None):
 def cpu_chunked_loss(h, weight, targets):
     """The chunked loss with chunks of ~2^21 logits (8 MB in FP32: 256 rows at an 8k vocab), which stay in a CPU's
     cache between the GEMM, the softmax and the two gradient GEMMs: fwd+bwd of 4096 rows x 8192 vocab took 202 ms
-    against 346 ms for the plain loss in BF16, 387 vs 483 ms in FP32 (BENCHMARKS.md)."""
-    return ChunkedLoss.apply(h, weight, targets, max(128, 2**21 // weight.size(0)))
+    against 346 ms for the plain loss in BF16, 387 vs 483 ms in FP32 (BENCHMARKS.md). At least 512 rows: each
+    chunk also adds its (V, d) FP32 dW, which at GPT-2's vocab made 128-row chunks 1.4x slower (BENCHMARKS.md)."""
+    return ChunkedLoss.apply(h, weight, targets, max(512, 2**21 // weight.size(0)))
+
+
+compiled_loss = torch.compile(plain_loss)  # inlined into a compiled model's graph; a graph of its own under FSDP2
 
 
 # ----------------------------------------------------------------------------- optional backends
@@ -171,24 +182,43 @@ def _flash_rope(mod):
     return rope
 
 
+# liger's Triton kernels run outside torch.compile's graphs (torch.compiler.disable): on torch 2.11 dynamo failed to
+# trace them and fake tensors broke its fused loss (`addmm(out_dtype=..., out=...)`; an H200, issue 17)
+
 def _liger_rms_norm(mod):
+    @torch.compiler.disable
     def rms_norm(x, weight, eps):
         return mod.liger_rms_norm(x, weight, eps)
     return rms_norm
 
 
 def _liger_rope(mod):
-    def rope(q, k, table):  # liger rotates q and k together, in (B, H, T, D)
+    @torch.compiler.disable
+    def rope(q, k, table):
+        # liger takes (B, H, T, D) views and rotates their (B, T, H, D) storage in place: passing the transposed
+        # views of our contiguous q and k costs no copy (with .contiguous() here it copied each twice)
         cos, sin = table[None, :, 0].to(q.dtype), table[None, :, 1].to(q.dtype)
-        q, k = mod.liger_rope(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), cos, sin)
+        q, k = mod.liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2)
     return rope
 
 
 def _liger_loss(mod):
+    # dW accumulates in FP32 (accum_dtype; else in the weight's BF16 under FSDP2). The FP32 weight is cast once,
+    # with autocast off: under autocast liger's per-chunk matmuls cast it again for every chunk. Left as liger
+    # has them: one host sync per call in its forward (the count of non-ignored targets, `.item()`) and one in its
+    # backward (`torch.equal(grad_output, 1)`); hence never chosen by auto.
+    accum = {"accum_dtype": torch.float32} if "accum_dtype" in inspect.signature(
+        mod.liger_fused_linear_cross_entropy).parameters else {}
+
+    @torch.compiler.disable
     def loss(h, weight, targets):
-        out = mod.liger_fused_linear_cross_entropy(h, weight, targets, ignore_index=-1)
-        return out[0] if isinstance(out, tuple) else out
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h.dtype
+        with torch.autocast("cuda", enabled=False):
+            out = mod.liger_fused_linear_cross_entropy(h.to(dtype), weight.to(dtype), targets, ignore_index=-1,
+                                                       **accum)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.float()
     return loss
 
 
@@ -202,6 +232,7 @@ def _short_context_matmul_attention(q, k, v):
 
 TORCH = {"attention": torch_attention, "rms_norm": torch_rms_norm, "rope": torch_rope_qk, "loss": chunked_loss}
 ACTIVE = dict(TORCH)  # what the model calls; set by configure()
+FALLBACK, FALLBACK_NAMES = dict(TORCH), {}  # torch's kernels and the chunked loss (configure)
 
 
 def _flash_attention_module():
@@ -220,21 +251,27 @@ def _installed(backend: str) -> bool:
 
 
 def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> dict[str, str]:
+              dtype: torch.dtype = torch.float32, compiled: bool = False, logits_fit: bool = False) -> dict[str, str]:
     """Choose one implementation per op for this process; returns {op: backend name} for the start-up log.
 
-    `kernels` is auto | torch | flash | liger; `loss` is auto | chunked | plain | liger. Fused kernels need
-    CUDA (flash attention also BF16/FP16): asking for them elsewhere raises KernelError before training.
+    `kernels` is auto | torch | flash | liger; `loss` is auto | compiled | chunked | plain | liger. `compiled`:
+    the training step runs under torch.compile; `logits_fit`: the memory plan holds the full (tokens, vocab)
+    logits of a micro-batch (train.resolve_loss). Fused kernels need CUDA (flash attention also BF16/FP16): asking
+    for them elsewhere raises KernelError before training. Also sets FALLBACK: torch's kernels and the chunked
+    loss, what a backend that fails at the first step is replaced by.
     """
     device = torch.device(device)
     cuda, half = device.type == "cuda", dtype in (torch.bfloat16, torch.float16)
     chosen, names = dict(TORCH), {op: "torch" for op in TORCH} | {"loss": "chunked"}
     if device.type == "cpu":
-        if loss == "auto":  # cache-sized chunks (see cpu_chunked_loss)
-            chosen["loss"], names["loss"] = cpu_chunked_loss, "chunked (cache-sized)"
+        chosen["loss"], names["loss"] = cpu_chunked_loss, "chunked (cache-sized)"
         if half and kernels in ("auto", "torch"):  # explicit score matrices at short context (see matmul_attention)
             chosen["attention"] = _short_context_matmul_attention
             names["attention"] = f"matmul up to T={CPU_MATMUL_ATTENTION_MAX_T}, then SDPA"
+    FALLBACK.clear()
+    FALLBACK.update(chosen)
+    FALLBACK_NAMES.clear()
+    FALLBACK_NAMES.update(names)
     if kernels in ("flash", "liger") and not cuda:
         raise KernelError(f"train.kernels={kernels} needs a CUDA device (this run is on {device.type}); "
                           f"use train.kernels=torch or auto")
@@ -257,9 +294,13 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
         chosen["rms_norm"], chosen["rope"] = _liger_rms_norm(fn), _liger_rope(fn)
         names["rms_norm"] = names["rope"] = "liger"
         if loss == "auto":
-            chosen["loss"], names["loss"] = _liger_loss(fn), "liger fused"
+            loss = "liger"
+    if loss == "auto" and compiled and logits_fit:
+        loss = "compiled"
     if loss == "plain":
         chosen["loss"], names["loss"] = plain_loss, "plain"
+    elif loss == "compiled":
+        chosen["loss"], names["loss"] = compiled_loss, "plain, compiled"
     elif loss == "liger":
         if not cuda:
             raise KernelError("train.loss=liger needs a CUDA device")
@@ -268,6 +309,13 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
         chosen["loss"], names["loss"] = chunked_loss, "chunked"
     ACTIVE.update(chosen)
     return names
+
+
+def fall_back() -> dict[str, str]:
+    """Swap every op that is not FALLBACK's for it (after a failed first step); returns {op: the new name}."""
+    replaced = {op: fn for op, fn in ACTIVE.items() if fn is not FALLBACK[op]}
+    ACTIVE.update(FALLBACK)
+    return {op: FALLBACK_NAMES[op] for op in replaced}
 
 
 def float8_supported(device: torch.device) -> str | None:

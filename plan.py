@@ -75,9 +75,22 @@ def muon_cost(model: GPT, gpus: int) -> dict:
             "fsdp_bytes": 2 * 2 * numel / gpus * (gpus - 1) / gpus, "ddp_bytes": 2 * numel * (gpus - 1) / gpus}
 
 
-def plan(cfg: config.Config, gpus: int, gpu: str) -> list[dict]:
-    """One row per parallel mode: memory terms in GiB per GPU, fits, and throughput at 40 / 50 % MFU."""
-    mem_gib, peak_tflops = GPUS[gpu]
+def full_logits(cfg: config.Config, gpus: int, mem_gib: float) -> bool:
+    """Whether the loss holds a micro-batch's full (tokens, vocab) logits: train.loss plain or compiled, or auto
+    when compiled (kernels.configure) and the configured mode, planned with the full logits, fits in mem_gib."""
+    t = cfg.train
+    if t.loss in ("plain", "compiled"):
+        return True
+    if t.loss != "auto" or t.kernels == "liger" or t.compile is False:
+        return False
+    plain = replace(cfg, train=replace(t, loss="plain"))
+    return next(r for r in plan(plain, gpus, (mem_gib, 0.0)) if r["configured"])["fits"]
+
+
+def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[dict]:
+    """One row per parallel mode: memory terms in GiB per GPU, fits, and throughput at 40 / 50 % MFU. `gpu`: a
+    name in hardware.GPUS, or (memory GiB, peak TFLOP/s)."""
+    mem_gib, peak_tflops = GPUS[gpu] if isinstance(gpu, str) else gpu
     with torch.device("meta"):
         model = GPT(cfg.model)
     n = model.num_params()
@@ -87,7 +100,7 @@ def plan(cfg: config.Config, gpus: int, gpu: str) -> list[dict]:
     derived = config.derive(cfg, gpus)
     tokens = t.micro_batch_size * m.block_size
     bf16 = t.precision != "fp32"
-    chunked = t.loss != "plain"  # the chunked and liger losses never hold the (tokens, vocab) FP32 logits
+    chunked = not full_logits(cfg, gpus, mem_gib)  # the chunked and liger losses never hold all the logits
     parallel_mode = "ddp" if t.parallel == "auto" and 16 * n < 0.4 * mem_gib * GIB else t.parallel
     parallel_mode = "fsdp" if parallel_mode == "auto" else parallel_mode
     n_muon = muon_cost(model, gpus)["params"] if t.optimizer == "muon" else 0
@@ -141,7 +154,7 @@ def print_plan(cfg: config.Config, gpus: int, gpu: str) -> None:
               f"(~{ns_ms:.1f} ms at 50 % of peak); it moves {mc['fsdp_bytes'] / GIB:.2f} GiB per GPU under FSDP2, "
               f"{mc['ddp_bytes'] / GIB:.2f} GiB under DDP (BF16)")
     print(f"memory per GPU in GiB (micro batch {cfg.train.micro_batch_size} x {cfg.model.block_size} tokens, "
-          f"{cfg.train.precision}, loss {'plain' if cfg.train.loss == 'plain' else 'chunked'}, FSDP reshard_after_forward={cfg.train.reshard_after_forward}; "
+          f"{cfg.train.precision}, loss {'full logits' if full_logits(cfg, gpus, mem_gib) else 'chunked'}, FSDP reshard_after_forward={cfg.train.reshard_after_forward}; "
           f"{RESERVED_GIB:.0f} GiB reserved for CUDA/NCCL workspaces; working = gathered/cast weights and the "
           f"loss's logits):")
     print(f"{'mode':<10} {'params':>7} {'grads':>7} {'optim':>7} {'working':>8} {'activ.':>7} {'total':>7}  fits")

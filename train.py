@@ -43,6 +43,7 @@ import export
 import hardware
 import kernels
 import optim
+import plan as planner
 import tracking
 from data.prepare import copy_tokenizer, ensure_prepared, load_tokenizer
 from eval import evaluate, harness_lm, run_tasks
@@ -83,6 +84,48 @@ def resolve_hardware(t: config.TrainConfig, local_rank: int) -> tuple[torch.devi
     t.precision = precision.name
     t.compile = hardware.resolve_compile(t.compile, device)
     return device, precision
+
+
+def configure_kernels(cfg: config.Config, world: int, device: torch.device, precision: hardware.Precision
+                      ) -> dict[str, str]:
+    """kernels.configure for this run, once model.vocab_size is known: under train.loss auto a compiled step takes
+    the plain loss compiled when plan.py, planning the full logits of a micro-batch, fits the device's memory
+    (a CPU's: the machine's RAM), else the chunked loss."""
+    t = cfg.train
+    fit = False
+    if t.loss == "auto" and t.compile:
+        if device.type == "cuda":
+            mem = torch.cuda.get_device_properties(device).total_memory
+        else:
+            mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+        fit = planner.full_logits(cfg, world, mem / 2**30)
+    return kernels.configure(t.kernels, t.loss, device, precision.dtype, compiled=t.compile, logits_fit=fit)
+
+
+def first_step(run, optimizer, rank: int, world: int, group):
+    """This process's first training step, `run()`. When it raises (out of memory aside) while a backend other
+    than torch's is chosen (a fused kernel, the compiled loss), the step runs again on kernels.FALLBACK (torch's
+    kernels, the chunked loss) after one warning naming the cause; then every rank takes the fallback if any
+    rank did. Returns run()'s result."""
+    try:
+        out, fell = run(), False
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        replaced = kernels.fall_back()
+        if not replaced:
+            raise
+        cause = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"warning{f' (rank {rank})' if world > 1 else ''}: the first step failed with {type(e).__name__}: "
+              f"{cause}; running it again with {', '.join(f'{op}: {name}' for op, name in replaced.items())}",
+              file=sys.stderr, flush=True)
+        optimizer.zero_grad(set_to_none=True)
+        torch._dynamo.reset()  # recompile with the fallback
+        out, fell = run(), True
+    if world > 1 and any_rank(fell, group) and not fell:
+        kernels.fall_back()  # the same kernels on every rank, so every rank computes the same way
+        torch._dynamo.reset()
+    return out
 
 
 def make_optimizer(model: nn.Module, t: config.TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -652,7 +695,7 @@ def main(argv: list[str]) -> int:
         device, precision = resolve_hardware(t, local_rank)
         if precision.warning and rank == 0:
             print(f"warning: {precision.warning}", file=sys.stderr, flush=True)
-        ops = kernels.configure(t.kernels, t.loss, device, precision.dtype)
+        kernels.configure(t.kernels, t.loss, device, precision.dtype)  # a missing or unfit kernel stops here
         # rank 0 takes the run's lock and prepares missing data; the others wait and then see the same outcome
         error, resume_from = None, None
         if rank == 0:
@@ -680,10 +723,11 @@ def main(argv: list[str]) -> int:
                 prepare_data(cfg)
         if error is not None:
             raise config.ConfigError(error)
-        plan = config.derive(cfg, world)
+        derived = config.derive(cfg, world)
         loader = TrainLoader(cfg.data.datasets, cfg.data.weights, cfg.model.block_size, t.micro_batch_size,
-                             plan.grad_accum, t.seed, rank, world, cfg.model.vocab_size)
-        return train(cfg, plan, loader, device, precision, rank, world, resume_from, ops)
+                             derived.grad_accum, t.seed, rank, world, cfg.model.vocab_size)
+        ops = configure_kernels(cfg, world, device, precision)  # the loss's choice needs the data's vocab
+        return train(cfg, derived, loader, device, precision, rank, world, resume_from, ops)
     except (config.ConfigError, hardware.HardwareError, DataError, kernels.KernelError,
             checkpoint.CheckpointError) as e:
         if rank == 0:
@@ -741,7 +785,7 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
     lag = 1 if device.type == "cuda" else 0  # how many steps late skip flags are read (see SkipCounter)
     window = LogWindow(device, plan, flops_per_token, peak, batches_ahead)
     profiler = diagnose.StepProfiler(t, device, rank, step, say)  # train.profile; on CUDA, allocation history
-    autocast, diverged = precision.autocast(device), False
+    autocast, diverged, first = precision.autocast(device), False, True
     if t.compile and step < t.max_steps:
         say("compiling the model during the first step (about a minute on a fresh machine, seconds with a warm "
             "cache) ...", flush=True)
@@ -751,13 +795,19 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
         try:
             while step < t.max_steps:
                 window.pause(profiler.step())  # train.profile: trace a few steps (the time writing it is not counted)
-                # Dropout randomness is a function of (seed, step, rank), so a resumed run repeats it exactly.
-                torch.manual_seed(t.seed * 1_000_003 + step * 1009 + rank)
                 lr = lr_at(step, t)  # Muon's: the same schedule with its own peak
                 optim.set_lr(optimizer, lr, lr_at(step, dataclasses.replace(t, lr=t.muon_lr)) if t.muon_lr else lr)
                 batches = (batches_ahead.get() for _ in range(plan.grad_accum))
-                loss, grad_norm, bad = train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t,
-                                                  autocast, scaler)
+                if first:  # kept, in case the step runs twice (first_step)
+                    batches = list(batches)
+
+                def run(batches=batches, seed=t.seed * 1_000_003 + step * 1009 + rank):
+                    # Dropout randomness is a function of (seed, step, rank): a resumed run repeats it exactly
+                    torch.manual_seed(seed)
+                    return train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t, autocast,
+                                      scaler)
+                loss, grad_norm, bad = first_step(run, optimizer, rank, world, cpu_group) if first else run()
+                first = False
                 step += 1
                 tokens += plan.batch_tokens
                 window.add(loss, bad)

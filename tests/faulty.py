@@ -13,6 +13,8 @@ comma-separated list of
     infgrad:A-B        the loss stays finite but its gradient is infinite at steps A..B
     skew:RANK:N        rank RANK makes N forwards more than the others in each eval.* sample (train.LiveEval)
     oom:RANK:STEP      rank RANK's forward raises torch.OutOfMemoryError (as CUDA's allocator does) at step STEP
+    kernel:RANK        rank RANK's (or every rank's, RANK *) chosen RMSNorm kernel raises at its first call, as
+                       a fused kernel that does not compile on the installed torch would (train.first_step)
 """
 import os
 import shutil
@@ -103,6 +105,21 @@ def main() -> int:
                                                  "tests/faulty.py)")
                 return real_forward(self, *a, **k)
             model.GPT.forward = forward
+        elif kind == "kernel":
+            real_configure = train.configure_kernels
+
+            def configure_kernels(*a, rank=args[0], real_configure=real_configure, **k):
+                names = real_configure(*a, **k)
+                if rank in ("*", str(RANK)):
+                    calls = {"n": 0}
+
+                    def broken(x, weight, eps, calls=calls):
+                        calls["n"] += 1
+                        raise RuntimeError(f"injected: this RMSNorm kernel does not compile (call {calls['n']})")
+                    model.kernels.ACTIVE["rms_norm"] = broken
+                    names["rms_norm"] = "broken (tests/faulty.py)"
+                return names
+            train.configure_kernels = configure_kernels
         elif kind == "skew":
             rank, extra = int(args[0]), int(args[1])
             real_sample = train.LiveEval.sample

@@ -266,6 +266,24 @@ def test_nan_on_one_rank_is_skipped_by_both(corpus, tmp_path):
     assert all(abs(a[s] - b[s]) < 1e-5 for s in (1, 2, 4, 5, 6)), (a, b)
 
 
+def test_a_kernel_that_fails_at_the_first_step_falls_back_to_torch(corpus, ref1, ref2, tmp_path):
+    """A chosen kernel that raises at the first step (as liger's did under compile on torch 2.11) is replaced by
+    torch's with one warning naming the cause, and the step runs again: the run matches one that never had it, bit
+    for bit (dropout included), on 1 process and on 2 DDP ranks that both fail."""
+    one = str(tmp_path / "one")
+    r = faulty("kernel:0", *train_args(corpus, one, *ONE))
+    assert r.returncode == 0, r.stderr[-3000:]
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: the first step failed")]
+    assert warnings == ["warning: the first step failed with RuntimeError: injected: this RMSNorm kernel does not "
+                        "compile (call 1); running it again with rms_norm: torch"], r.stderr
+    same_losses(ref1, one, range(1, 17))
+    two = str(tmp_path / "two")
+    r = torchrun(*train_args(corpus, two, *TWO), fault="kernel:*")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("the first step failed with RuntimeError") == 2, r.stderr  # "(rank 0)", "(rank 1)"
+    same_losses(ref2, two, range(1, 151))
+
+
 def test_out_of_memory_says_what_to_lower_and_keeps_the_last_checkpoint(corpus, tmp_path, capsys):
     """torch.OutOfMemoryError in step 5 (what CUDA's allocator raises): no traceback, exit 1, the memory and what
     to lower on stderr with a plan.py command for this run that runs; nothing saved, step 4's checkpoint loads."""
