@@ -213,8 +213,9 @@ def _liger_loss(mod):
 
     @torch.compiler.disable
     def loss(h, weight, targets):
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h.dtype
-        with torch.autocast("cuda", enabled=False):
+        kind = h.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
+        with torch.autocast(kind, enabled=False):
             out = mod.liger_fused_linear_cross_entropy(h.to(dtype), weight.to(dtype), targets, ignore_index=-1,
                                                        **accum)
         out = out[0] if isinstance(out, tuple) else out

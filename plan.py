@@ -25,7 +25,7 @@ GIB = 2**30
 
 
 def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: bool = False,
-                     checkpointing: bool = False, chunked_loss: bool = False) -> int:
+                     checkpointing: bool = False, loss: str = "plain") -> int:
     """Bytes autograd saves for backward in one forward of `tokens` tokens (Llama blocks, no dropout).
 
     Per layer and token, by the dtype each tensor has (matmul activations a: 2 in BF16, 4 in FP32; residual
@@ -35,8 +35,9 @@ def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: b
     need 1);
     attention keeps q, k, v, its output (the o_proj input is a view of it) and a per-head log-sum-exp (no
     T x T scores with flash/SDPA kernels); the MLP keeps gate, up, silu(gate) and their product.
-    The head keeps the final norm's tensors and the FP32 log-probabilities (4 bytes per vocab entry) unless
-    the loss is chunked. Activation checkpointing keeps each block's input and recomputes one block at a time.
+    The head keeps the final norm's tensors and, by `loss` (see `loss_kind`): plain, the FP32 log-probabilities
+    (4 bytes per vocab entry); compiled, the logits in the matmul dtype (a); chunked, none of them. Activation
+    checkpointing keeps each block's input and recomputes one block at a time.
     """
     d, kv, f, V = cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim, cfg.padded_vocab_size
     a = 4 if precision == "fp32" else 2
@@ -46,18 +47,22 @@ def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: b
     def norm(casts):
         return 8 * d + a * d * casts
     layer = norm(casts_attn) + a * (d + 2 * kv) + a * d + 4 * cfg.n_head + norm(casts_mlp) + 4 * a * f
-    head = norm(1) + (0 if chunked_loss else 4 * V)
+    head = norm(1) + {"plain": 4 * V, "compiled": a * V, "chunked": 0}[loss]
     per_token = (r * d * cfg.n_layer + layer if checkpointing else layer * cfg.n_layer) + head
     return per_token * tokens
 
 
-def loss_transient_bytes(cfg: GPTConfig, tokens: int, chunked_loss: bool = False,
+def loss_transient_bytes(cfg: GPTConfig, tokens: int, loss: str = "plain", precision: str = "bf16",
                          chunk_logits: int = kernels.CHUNK_LOGITS) -> int:
-    """Peak memory the loss adds beyond what it saves: the BF16 logits and the FP32 logits and their gradient;
-    chunked (kernels.ChunkedLoss), one chunk of ~chunk_logits logits in FP32 and BF16, then 12 bytes per (V, d)
+    """Peak memory the loss adds beyond what it saves: plain (eager), the BF16 logits and the FP32 logits and their
+    gradient; compiled, the logits' gradient in the matmul dtype (inductor fuses the softmax into one pass over
+    the saved logits: on CPU, 2.1-2.3 bytes per logit in all in BF16 and 4.2 in FP32, against the 4 and 8 counted
+    here and in `activation_bytes`; BENCHMARKS.md); chunked (kernels.ChunkedLoss), one chunk of ~chunk_logits logits in FP32 and BF16, then 12 bytes per (V, d)
     element (the kept FP32 dW, the BF16 copy of the weight, each chunk's BF16 dW product and its FP32 copy), and
     dh. Within 5 % of what torch's MemTracker measures on CPU (tests/test_kernels.py)."""
-    if chunked_loss:
+    if loss == "compiled":
+        return (4 if precision == "fp32" else 2) * cfg.padded_vocab_size * tokens
+    if loss == "chunked":
         V, d = cfg.padded_vocab_size, cfg.n_embd
         chunk = min(tokens, max(1, chunk_logits // V)) * V  # logits in one chunk
         return 6 * chunk + 12 * V * d + 4 * tokens * d
@@ -75,16 +80,24 @@ def muon_cost(model: GPT, gpus: int) -> dict:
             "fsdp_bytes": 2 * 2 * numel / gpus * (gpus - 1) / gpus, "ddp_bytes": 2 * numel * (gpus - 1) / gpus}
 
 
-def full_logits(cfg: config.Config, gpus: int, mem_gib: float) -> bool:
-    """Whether the loss holds a micro-batch's full (tokens, vocab) logits: train.loss plain or compiled, or auto
-    when compiled (kernels.configure) and the configured mode, planned with the full logits, fits in mem_gib."""
+def loss_kind(cfg: config.Config, gpus: int, mem_gib: float) -> str:
+    """How the loss holds a micro-batch's (tokens, vocab) logits, as kernels.configure will choose it: "plain"
+    (eager, all of them in FP32), "compiled" (all of them, fused by inductor) or "chunked" (one chunk at a time;
+    liger's too). train.loss auto takes "compiled" when the step is compiled and the configured parallel mode,
+    planned with it, fits in mem_gib; else "chunked"."""
     t = cfg.train
     if t.loss in ("plain", "compiled"):
-        return True
+        return t.loss
     if t.loss != "auto" or t.kernels == "liger" or t.compile is False:
-        return False
-    plain = replace(cfg, train=replace(t, loss="plain"))
-    return next(r for r in plan(plain, gpus, (mem_gib, 0.0)) if r["configured"])["fits"]
+        return "chunked"
+    compiled = replace(cfg, train=replace(t, loss="compiled"))
+    fits = next(r for r in plan(compiled, gpus, (mem_gib, 0.0)) if r["configured"])["fits"]
+    return "compiled" if fits else "chunked"
+
+
+def full_logits(cfg: config.Config, gpus: int, mem_gib: float) -> bool:
+    """Whether the loss holds a micro-batch's full logits (`loss_kind` is plain or compiled)."""
+    return loss_kind(cfg, gpus, mem_gib) != "chunked"
 
 
 def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[dict]:
@@ -100,7 +113,7 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
     derived = config.derive(cfg, gpus)
     tokens = t.micro_batch_size * m.block_size
     bf16 = t.precision != "fp32"
-    chunked = not full_logits(cfg, gpus, mem_gib)  # the chunked and liger losses never hold all the logits
+    loss = loss_kind(cfg, gpus, mem_gib)
     parallel_mode = "ddp" if t.parallel == "auto" and 16 * n < 0.4 * mem_gib * GIB else t.parallel
     parallel_mode = "fsdp" if parallel_mode == "auto" else parallel_mode
     n_muon = muon_cost(model, gpus)["params"] if t.optimizer == "muon" else 0
@@ -115,11 +128,11 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
             working = (2 if bf16 else 4) * (2 * block + n - block * m.n_layer) + 2 * 4 * block  # grads, the root
         else:  # every block stays gathered from its forward to its backward
             working = (2 if bf16 else 4) * n + 2 * 4 * block
-        working += loss_transient_bytes(m, tokens, chunked)
+        working += loss_transient_bytes(m, tokens, loss, t.precision)
         if n_muon:  # BF16 matrices in flight during Muon's step (received shards to orthogonalise; results)
             working += 2 * 2 * n_muon / gpus if mode == "fsdp" else 2 * n_muon
         act = activation_bytes(m, tokens, t.precision, bf16_params=mode == "fsdp" and bf16, checkpointing=ac,
-                               chunked_loss=chunked)
+                               loss=loss)
         total = params + grads + optim + working + act + RESERVED_GIB * GIB
         rows.append({"mode": mode + (" + AC" if ac else ""), "params": params / GIB, "grads": grads / GIB,
                      "optim": optim / GIB, "working": working / GIB, "activations": act / GIB,
@@ -154,7 +167,7 @@ def print_plan(cfg: config.Config, gpus: int, gpu: str) -> None:
               f"(~{ns_ms:.1f} ms at 50 % of peak); it moves {mc['fsdp_bytes'] / GIB:.2f} GiB per GPU under FSDP2, "
               f"{mc['ddp_bytes'] / GIB:.2f} GiB under DDP (BF16)")
     print(f"memory per GPU in GiB (micro batch {cfg.train.micro_batch_size} x {cfg.model.block_size} tokens, "
-          f"{cfg.train.precision}, loss {'full logits' if full_logits(cfg, gpus, mem_gib) else 'chunked'}, FSDP reshard_after_forward={cfg.train.reshard_after_forward}; "
+          f"{cfg.train.precision}, loss {loss_kind(cfg, gpus, mem_gib)}, FSDP reshard_after_forward={cfg.train.reshard_after_forward}; "
           f"{RESERVED_GIB:.0f} GiB reserved for CUDA/NCCL workspaces; working = gathered/cast weights and the "
           f"loss's logits):")
     print(f"{'mode':<10} {'params':>7} {'grads':>7} {'optim':>7} {'working':>8} {'activ.':>7} {'total':>7}  fits")

@@ -76,7 +76,7 @@ def test_plan_counts_what_the_chunked_loss_holds(rows):
     measured = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
     cfg = GPTConfig(vocab_size=V, n_embd=d, n_layer=1, n_head=2, block_size=N)
     assert cfg.padded_vocab_size == V
-    estimate = plan.loss_transient_bytes(cfg, N, chunked_loss=True, chunk_logits=rows * V)
+    estimate = plan.loss_transient_bytes(cfg, N, "chunked", chunk_logits=rows * V)
     assert estimate == pytest.approx(measured, rel=0.05), (estimate / 2**20, measured / 2**20)
 
 
@@ -212,7 +212,9 @@ LIGER = importlib.util.find_spec("liger_kernel") is not None and importlib.util.
 @pytest.mark.skipif(not LIGER, reason="liger-kernel (and triton) not installed")
 def test_liger_kernels_under_the_triton_interpreter():
     """liger's RoPE and fused linear + cross-entropy Triton kernels on CPU tensors, with TRITON_INTERPRET=1 set
-    before triton loads (its RMSNorm kernel does not run in the interpreter: a CUDA-only check)."""
+    before triton loads (its RMSNorm kernel does not run in the interpreter: a CUDA-only check). RoPE rotates q
+    and k in place in the projection's output (no copy); the loss in FP32 and under BF16 autocast. Passed with
+    liger-kernel 0.8.5 and triton 3.9 on torch 2.13 (CPU), installed with pip --target on PYTHONPATH."""
     code = """
 import torch, kernels
 from model import GPTConfig, rope_cache
@@ -224,12 +226,89 @@ q, k = torch.randn(2, 16, 4, 16), torch.randn(2, 16, 2, 16)
 def both(rope):
     return grads(lambda q, k: torch.cat([t.flatten() for t in rope(q, k, table)]), q, k)
 assert_close(both(kernels._liger_rope(fn)), both(kernels.torch_rope_qk), 1e-5)
+# q, k as the model makes them: views of a projection's output
+x = torch.randn(2, 16, 64, requires_grad=True); W = torch.randn(64 + 32, 64) * 0.1
+def proj(rope):
+    x.grad = None
+    qk = x @ W.t()
+    q, k = qk[..., :64].reshape(2, 16, 4, 16), qk[..., 64:].reshape(2, 16, 2, 16)
+    a, b = rope(q, k, table)
+    out = (a.sum(-1) ** 2).sum() + (b.sum(-1) ** 2).sum()
+    out.backward()
+    return out.detach(), x.grad.clone()
+o1, g1 = proj(kernels._liger_rope(fn)); o2, g2 = proj(kernels.torch_rope_qk)
+torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5); torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
 h, W, t = torch.randn(32, 64), torch.randn(128, 64) * 0.1, torch.randint(0, 128, (32,))
 t[::5] = -1
 assert_close(grads(lambda h, W: kernels._liger_loss(fn)(h, W, t), h, W),
              grads(lambda h, W: kernels.plain_loss(h, W, t), h, W), 1e-5)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    a = grads(lambda h, W: kernels._liger_loss(fn)(h, W, t), h, W)
+    b = grads(lambda h, W: kernels.plain_loss(h, W, t), h, W)
+assert_close(a, b, 2e-2)
 print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(ROOT, "tests"), capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT})
+                       timeout=300, env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+                           filter(None, (ROOT, os.environ.get("PYTHONPATH"))))})
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_loss_auto_compiles_the_plain_loss_when_the_logits_fit():
+    """train.loss auto: a compiled step whose plan holds the full logits takes the compiled plain loss; an eager step
+    or logits that do not fit keep the chunked one. FALLBACK is torch's kernels with the chunked loss."""
+    names = kernels.configure("auto", "auto", "cpu", torch.bfloat16, compiled=True, logits_fit=True)
+    assert names["loss"] == "plain, compiled" and kernels.ACTIVE["loss"] is kernels.compiled_loss
+    for compiled, fit in ((True, False), (False, True)):
+        names = kernels.configure("auto", "auto", "cuda", torch.bfloat16, compiled=compiled, logits_fit=fit)
+        assert names["loss"] == "chunked" and kernels.ACTIVE["loss"] is kernels.chunked_loss
+    assert kernels.configure("torch", "chunked", "cpu", compiled=True, logits_fit=True)["loss"] == "chunked"
+    kernels.configure("auto", "compiled", "cpu", torch.bfloat16)
+    assert kernels.fall_back() == {"loss": "chunked (cache-sized)"} and kernels.ACTIVE == kernels.FALLBACK
+    assert kernels.fall_back() == {}  # nothing left to replace: first_step re-raises
+
+
+def test_plan_decides_whether_the_full_logits_fit():
+    """plan.full_logits, which train.py and bench.py ask: the 125m config's logits (32 x 1024 x 50k) fit an 80 GiB
+    GPU, not a 24 GiB one; an eager step, a chunked or liger loss never hold them; plain and compiled always do."""
+    import config
+    import plan
+    cfg = config.load(["configs/125m.yaml", "train.compile=true"])
+    assert plan.full_logits(cfg, 8, 80) and not plan.full_logits(cfg, 8, 24)
+    for override in ("train.compile=false", "train.loss=chunked", "train.kernels=liger"):
+        assert not plan.full_logits(config.load(["configs/125m.yaml", override]), 8, 80), override
+    for loss in ("plain", "compiled"):
+        assert plan.full_logits(config.load(["configs/125m.yaml", f"train.loss={loss}"]), 8, 1)
+
+
+def test_a_compiled_step_has_no_graph_break_and_no_recompile(monkeypatch):
+    """The whole-model compile (inductor, CPU) with loss auto: lm_head and the loss are in the model's one graph (the
+    chunked loss was a graph break), nothing recompiles after the first step, and the losses match the eager
+    chunked step's (FP32: summation order only)."""
+    import config
+    from torch._dynamo.utils import counters
+    overrides = ["configs/tiny.yaml", "model.n_layer=1", "model.n_embd=64", "model.n_head=2", "model.block_size=32",
+                 "model.vocab_size=512", "train.precision=fp32", "train.optimizer=adamw", "train.batch_size=4",
+                 "train.micro_batch_size=4"]
+    batch = torch.randint(0, 512, (4, 33), generator=torch.Generator().manual_seed(0))
+    batches = [(batch[:, :-1], batch[:, 1:])]
+    losses = {}
+    for compile_ in (False, True):
+        cfg = config.load([*overrides, f"train.compile={str(compile_).lower()}"])
+        device, precision = train.resolve_hardware(cfg.train, 0)
+        names = train.configure_kernels(cfg, 1, device, precision)
+        assert names["loss"] == ("plain, compiled" if compile_ else "chunked (cache-sized)")
+        model, step_model, mode = train.setup_model(cfg, device, 1)
+        optimizer = train.make_optimizer(model, cfg.train, device)
+        torch._dynamo.reset()
+        counters.clear()
+        losses[compile_] = []
+        for i in range(3):
+            if i == 1:
+                monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+            loss, _, _ = train.train_step(model, step_model, optimizer, batches, 1, mode, cfg.train,
+                                          precision.autocast(device))
+            losses[compile_].append(loss.item())
+        if compile_:
+            assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-5)
