@@ -72,7 +72,7 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
     # the first step as train.py takes it: a backend that fails there is replaced by torch's (kernels.FALLBACK)
     cpu_group = torch.distributed.new_group(backend="gloo") if world > 1 else None
     train.first_step(lambda: train.train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t,
-                                              autocast, scaler), optimizer, rank, world, cpu_group)
+                                              autocast, scaler), optimizer, t, rank, world, cpu_group)
     for op, fn in kernels.ACTIVE.items():
         if fn is kernels.FALLBACK[op] and fn is not chosen_before[op]:
             names[op] = f"{kernels.FALLBACK_NAMES[op]} (fell back from {names[op]})"

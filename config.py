@@ -63,6 +63,9 @@ class TrainConfig:
     fused_optimizer: Literal["auto", True, False] = "auto"  # fused AdamW; auto: where torch has it (CUDA, CPU, MPS)
     grad_clip: float = 1.0  # 0 disables
     compile: Literal["auto", True, False] = "auto"  # torch.compile; auto: on CUDA only (see BENCHMARKS.md, CPU)
+    # A compiled run's first step (where compilation happens) may take this long; past it the run stops with an
+    # error that says so (on torch 2.11 an FP8 500m step had not finished compiling in 130 s). 0: no limit
+    compile_timeout_s: float = 1800.0
     eval_interval: int = 200  # steps; 0 disables periodic eval
     eval_batches: int = 20  # micro-batches of the val split per eval
     ckpt_interval: int = 500  # steps; a checkpoint is also written at the end
@@ -289,7 +292,7 @@ def validate(cfg: Config) -> None:
     for key, v in {"train.warmup_steps": t.warmup_steps, "train.eval_interval": t.eval_interval,
                    "train.lr": t.lr, "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
                    "train.max_minutes": t.max_minutes, "train.muon_lr": t.muon_lr or 0,
-                   "train.profile": t.profile}.items():
+                   "train.profile": t.profile, "train.compile_timeout_s": t.compile_timeout_s}.items():
         if v < 0:
             raise ConfigError(f"{key} must be >= 0 (got {v})")
     if t.lease_minutes <= 0:

@@ -24,6 +24,7 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import closing, contextmanager, nullcontext
 from datetime import timedelta
@@ -102,13 +103,14 @@ def configure_kernels(cfg: config.Config, world: int, device: torch.device, prec
     return kernels.configure(t.kernels, t.loss, device, precision.dtype, compiled=t.compile, logits_fit=fit)
 
 
-def first_step(run, optimizer, rank: int, world: int, group):
+def first_step(run, optimizer, t: config.TrainConfig, rank: int, world: int, group):
     """This process's first training step, `run()`. When it raises (out of memory aside) while a backend other
     than torch's is chosen (a fused kernel, the compiled loss), the step runs again on kernels.FALLBACK (torch's
     kernels, the chunked loss) after one warning naming the cause; then every rank takes the fallback if any
-    rank did. Returns run()'s result."""
+    rank did. A compiled step is watched (`compiling`). Returns run()'s result."""
     try:
-        out, fell = run(), False
+        with compiling(t, rank):
+            out, fell = run(), False
     except torch.OutOfMemoryError:
         raise
     except Exception as e:
@@ -121,11 +123,44 @@ def first_step(run, optimizer, rank: int, world: int, group):
               file=sys.stderr, flush=True)
         optimizer.zero_grad(set_to_none=True)
         torch._dynamo.reset()  # recompile with the fallback
-        out, fell = run(), True
+        with compiling(t, rank):
+            out, fell = run(), True
     if world > 1 and any_rank(fell, group) and not fell:
         kernels.fall_back()  # the same kernels on every rank, so every rank computes the same way
         torch._dynamo.reset()
     return out
+
+
+@contextmanager
+def compiling(t: config.TrainConfig, rank: int):
+    """Around a compiled run's first step: a line on rank 0 after 1, 2, 4, ... minutes saying it is still
+    compiling, and past train.compile_timeout_s an error on every rank and exit status 3 (a compile that hangs
+    cannot be interrupted from Python, so the process ends itself)."""
+    if not t.compile:
+        yield
+        return
+    done, t0, limit = threading.Event(), time.perf_counter(), t.compile_timeout_s or math.inf
+
+    def watch():
+        say_at = 60.0
+        while not done.wait(min(say_at, limit) - (time.perf_counter() - t0)):
+            elapsed = time.perf_counter() - t0
+            if elapsed >= limit:
+                print(f"error: the first step (torch.compile included) has run for {elapsed:.0f} s, past "
+                      f"train.compile_timeout_s={t.compile_timeout_s:g}; stopping. torch {torch.__version__}, "
+                      f"precision {t.precision}, kernels {t.kernels}, loss {t.loss}: try train.compile=false, another "
+                      f"train.precision or train.kernels=torch, or a larger train.compile_timeout_s (0: no limit)",
+                      file=sys.stderr, flush=True)
+                os._exit(3)
+            if rank == 0:
+                print(f"still in the first step after {elapsed:.0f} s (compiling; train.compile_timeout_s="
+                      f"{t.compile_timeout_s:g})", flush=True)
+            say_at *= 2
+    threading.Thread(target=watch, daemon=True, name="compile-watch").start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def make_optimizer(model: nn.Module, t: config.TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -806,7 +841,7 @@ def train(cfg: config.Config, plan: config.Derived, loader: TrainLoader, device:
                     torch.manual_seed(seed)
                     return train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t, autocast,
                                       scaler)
-                loss, grad_norm, bad = first_step(run, optimizer, rank, world, cpu_group) if first else run()
+                loss, grad_norm, bad = first_step(run, optimizer, t, rank, world, cpu_group) if first else run()
                 first = False
                 step += 1
                 tokens += plan.batch_tokens

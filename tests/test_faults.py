@@ -284,6 +284,19 @@ def test_a_kernel_that_fails_at_the_first_step_falls_back_to_torch(corpus, ref1,
     same_losses(ref2, two, range(1, 151))
 
 
+def test_a_compile_past_its_time_limit_stops_with_an_error(corpus, tmp_path):
+    """train.compile_timeout_s bounds a compiled run's first step (a compile that hangs, as FP8's did on torch
+    2.11): past it every rank says why and exits with status 3; nothing is saved."""
+    out = str(tmp_path / "slow")
+    r = subprocess.run([sys.executable, "train.py", *train_args(corpus, out, "train.compile=true",
+                                                                "train.compile_timeout_s=0.5")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert re.search(r"error: the first step \(torch.compile included\) has run for \d+ s, past "
+                     r"train.compile_timeout_s=0.5; stopping. torch 2", r.stderr), r.stderr[-3000:]
+    assert checkpoint.find_latest(out) is None
+
+
 def test_out_of_memory_says_what_to_lower_and_keeps_the_last_checkpoint(corpus, tmp_path, capsys):
     """torch.OutOfMemoryError in step 5 (what CUDA's allocator raises): no traceback, exit 1, the memory and what
     to lower on stderr with a plan.py command for this run that runs; nothing saved, step 4's checkpoint loads."""
