@@ -2,6 +2,8 @@
 
     python bench.py configs/tiny.yaml [section.key=value ...] [--warmup 3] [--steps 10] [--peak-tflops 989]
     python bench.py configs/tiny.yaml --baseline     # + the same shape with nanoGPT-style attention and loss
+    python bench.py configs/tiny.yaml --bare         # + nanoGPT's bare loop around the same model: what
+                                                     #   train_step's non-finite check and skip cost
     torchrun --standalone --nproc_per_node=8 bench.py configs/500m.yaml
     python bench.py configs/125m.yaml --checkpoint DIR   # checkpoint save/load time, checksums on and off
 
@@ -47,7 +49,8 @@ BASELINE = {"attention": naive_attention, "rms_norm": naive_rms_norm, "rope": ke
             "loss": kernels.plain_loss}
 
 
-def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None, baseline: bool) -> dict:
+def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None, baseline: bool,
+          bare: bool = False) -> dict:
     t = cfg.train
     rank, local_rank, world = train.init_distributed(t.device, t.dist_timeout_s)
     device, precision = train.resolve_hardware(t, local_rank)  # train.py's rule: auto precision and compile
@@ -78,28 +81,45 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
             names[op] = f"{kernels.FALLBACK_NAMES[op]} (fell back from {names[op]})"
     chosen = dict(kernels.ACTIVE)
 
-    def run(n: int) -> tuple[float, float]:
+    def our_step():
+        return train.train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t, autocast, scaler)[0]
+
+    def bare_step():
+        """nanoGPT's loop around the same model, kernels and optimizer: no non-finite check or skip, no device-side
+        skip flag (found_inf), no loss sum; gradient sync as train_step does it."""
+        optimizer.found_inf = None
+        for micro, (x, y) in enumerate(batches):
+            with train.sync_grads(train_model, mode, micro == plan.grad_accum - 1, t.fsdp_defer_sync), autocast:
+                loss = train_model(x, y)
+            (loss / plan.grad_accum).backward()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss * plan.grad_accum
+
+    def run(n: int, step) -> tuple[float, float]:
         """Seconds for n steps (after a device sync), and the last step's mean loss."""
         sync()
         t0 = time.perf_counter()
         for _ in range(n):
-            loss, _, _ = train.train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t, autocast,
-                                          scaler)
+            loss = step()
         loss = loss.item() / plan.grad_accum  # a device sync
         return time.perf_counter() - t0, loss
 
     # The baseline runs in this process, alternating with the chosen kernels (best of 2 rounds each), so a
     # change in machine load between the two does not become a speed-up.
-    variants = {"chosen": chosen} | ({"baseline": BASELINE} if baseline else {})
+    variants = {"chosen": (chosen, our_step)} | ({"baseline": (BASELINE, our_step)} if baseline else {}) | (
+        {"bare": (chosen, bare_step)} if bare else {})
     best = {}
-    for round_ in range(2 if baseline else 1):
-        for name, ops in variants.items():
+    for round_ in range(2 if len(variants) > 1 else 1):
+        for name, (ops, step) in variants.items():
             kernels.ACTIVE.update(ops)
             if round_ == 0:
-                run(warmup)
+                run(warmup, step)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-            elapsed, final_loss = run(steps)
+            elapsed, final_loss = run(steps, step)
             # memory from the first round only: later rounds would also see the other variant's peak
             mem = train.memory_gb(device) if round_ == 0 else best[name][2]
             best[name] = min(best.get(name, (float("inf"),)), (elapsed, final_loss, mem))
@@ -126,6 +146,8 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
         result.update(baseline_kernels={"attention": "naive (full scores)", "rms_norm": "naive", "rope": "torch",
                                         "loss": "plain (full FP32 logits)"},
                       baseline_tokens_per_s=base_tok_s, speedup_vs_baseline=tok_s / base_tok_s)
+    if bare:
+        result.update(bare_step_time_s=best["bare"][0] / steps, train_step_overhead=elapsed / best["bare"][0] - 1)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return result
@@ -178,6 +200,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--peak-tflops", type=config.at_least(1e-9, float), default=None, help="dense BF16 peak of one device, for MFU")
     p.add_argument("--baseline", action="store_true", help="also time the same model with nanoGPT-style "
                    "attention (full score matrix) and an unfused loss, in this process, for a ratio")
+    p.add_argument("--bare", action="store_true", help="also time nanoGPT's bare loop (forward, backward, clip, "
+                   "step) around the same model and kernels, for what train_step's checks cost")
     p.add_argument("--checkpoint", metavar="DIR", help="instead: time checkpoint save and load with and without "
                    "checksums, writing into DIR (emptied after)")
     a = p.parse_intermixed_args(argv)
@@ -193,7 +217,7 @@ def main(argv: list[str]) -> int:
                   f"({result['load_ratio']:.2f}x), {result['checkpoint_gib']:.2f} GiB", file=sys.stderr)
             print(json.dumps(result))
             return 0
-        result = bench(cfg, a.warmup, a.steps, a.peak_tflops, a.baseline)
+        result = bench(cfg, a.warmup, a.steps, a.peak_tflops, a.baseline, a.bare)
     except (config.ConfigError, kernels.KernelError, ValueError) as e:  # HardwareError too
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -201,6 +225,8 @@ def main(argv: list[str]) -> int:
         mfu = f", MFU {result['mfu']:.1%}" if result["mfu"] else ""
         if a.baseline:
             mfu += f", {result['speedup_vs_baseline']:.2f}x the nanoGPT-style baseline"
+        if a.bare:
+            mfu += f", {result['train_step_overhead']:+.1%} over nanoGPT's bare loop"
         print(f"{result['tokens_per_s']:,.0f} tokens/s ({result['tokens_per_s_per_device']:,.0f} per device), "
               f"{result['step_time_s'] * 1000:.0f} ms/step{mfu}, peak memory {result['peak_mem_gb']:.2f} GB",
               file=sys.stderr)
