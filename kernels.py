@@ -19,6 +19,7 @@ error that names the pip line. `configure()` is called once at start-up; the mod
 that fails at the first step is swapped for `FALLBACK` (train.py). `train.loss` overrides the loss alone
 (`plain` materialises the FP32 logits: the reference).
 """
+import functools
 import importlib
 import inspect
 
@@ -156,7 +157,17 @@ def cpu_chunked_loss(h, weight, targets):
     return ChunkedLoss.apply(h, weight, targets, max(512, 2**21 // weight.size(0)))
 
 
-compiled_loss = torch.compile(plain_loss)  # inlined into a compiled model's graph; a graph of its own under FSDP2
+def compiled_loss(h, weight, targets):
+    """`plain_loss` under torch.compile: traced into the graph of a compiled model that calls it, a graph of its own
+    when called eagerly (FSDP2 compiles per block, so the head and loss run outside the blocks' graphs)."""
+    if torch.compiler.is_compiling():
+        return plain_loss(h, weight, targets)
+    return _compiled_plain_loss()(h, weight, targets)
+
+
+@functools.cache
+def _compiled_plain_loss():
+    return torch.compile(plain_loss)  # on first use: torch.compile imports inductor (~0.7 s)
 
 
 # ----------------------------------------------------------------------------- optional backends
