@@ -6,7 +6,7 @@ printed as a Markdown table with ratios to the eager plain loss.
 
 Variants: plain (eager, full FP32 logits), compiled (the plain loss under torch.compile: train.loss auto's choice
 for a compiled step whose logits fit), chunked (GPU-sized chunks), chunked (CPU cache-sized chunks), and torch's
-own F.linear_cross_entropy where the installed torch has it. On CUDA the peak is max_memory_allocated.
+own F.linear_cross_entropy with LinearCrossEntropyOptions() (its chunked path) where the installed torch has it. On CUDA the peak is max_memory_allocated.
 """
 import argparse
 import json
@@ -34,9 +34,9 @@ def measure(variant: str, rows: int, dim: int, vocab: int, precision: str, repea
     t[::7] = -1  # some ignored targets, as padding gives
     fns = {"plain": kernels.plain_loss, "compiled": kernels.compiled_loss, "chunked": kernels.chunked_loss,
            "chunked (CPU chunks)": kernels.cpu_chunked_loss, "none": lambda h, w, t: h.sum() + w.sum()}
-    if hasattr(torch.nn.functional, "linear_cross_entropy"):
+    if hasattr(torch.nn, "LinearCrossEntropyOptions"):  # its chunked path (unchunked, it is the plain loss)
         fns["torch linear_cross_entropy"] = lambda h, w, t: torch.nn.functional.linear_cross_entropy(
-            h, w, t, ignore_index=-1)
+            h, w, t, ignore_index=-1, options=torch.nn.LinearCrossEntropyOptions())
     if variant not in fns:
         return {"variant": variant, "missing": True}
     fn = fns[variant]
