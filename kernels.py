@@ -4,7 +4,7 @@
     torch:     SDPA             F.rms_norm       rotate-half      compiled plain, or chunked (see below)
     flash:     flash-attn 3/2   flash-attn       flash-attn       as torch
     liger:     SDPA             liger-kernel     liger-kernel     liger fused linear + cross-entropy
-    auto:      flash attention where installed (CUDA, BF16/FP16), else torch; never liger (see configure);
+    auto:      FlashAttention-3 where installed (CUDA, BF16/FP16), else torch; never liger (see configure);
                on CPUs: attention as explicit matmuls in BF16/FP16 up to T=1024 (SDPA's CPU flash kernel is
                slower there; in FP32 it wins)
 
@@ -255,8 +255,9 @@ def _flash_attention_module():
 
 
 def _installed(backend: str) -> bool:
+    """flash3: FlashAttention-3 (Hopper); liger: liger-kernel."""
     try:
-        _flash_attention_module() if backend == "flash" else _import("liger_kernel")
+        _import("flash_attn_interface") if backend == "flash3" else _import("liger_kernel")
         return True
     except KernelError:
         return False
@@ -290,7 +291,9 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
     if kernels == "flash" and not half:
         raise KernelError("train.kernels=flash needs BF16 or FP16 (train.precision=bf16)")
 
-    use_flash = kernels == "flash" or (kernels == "auto" and cuda and half and _installed("flash"))
+    # auto takes FlashAttention-3 only: flash-attn 2 is the kernel SDPA already has built in (and on Hopper SDPA can
+    # take cuDNN's, 539 TFLOP/s forward against FA2's 335 and FA3's 616; FACTS.md), so it would add nothing
+    use_flash = kernels == "flash" or (kernels == "auto" and cuda and half and _installed("flash3"))
     # auto never takes liger: on torch 2.11 (an H200, issue 17) its fused loss and Triton kernels failed to compile
     # inside torch.compile, so installing it turned a working run into a crash; train.kernels=liger asks for it
     use_liger = kernels == "liger"

@@ -185,6 +185,23 @@ def test_auto_never_takes_liger_even_when_installed(monkeypatch):
     assert names == {"attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "chunked"}
 
 
+@pytest.mark.parametrize("installed,expected", [({"flash_attn"}, "torch"),
+                                                 ({"flash_attn", "flash_attn_interface"}, "flash-attn 3")])
+def test_auto_takes_flash_attention_3_only(monkeypatch, installed, expected):
+    """flash-attn 2 is the kernel SDPA has built in: auto takes the package only for FlashAttention-3."""
+    real = kernels._import
+
+    def fake_import(name):
+        if name.split(".")[0] in installed:
+            return type(name, (), {"flash_attn_func": None})
+        if name.split(".")[0] in ("flash_attn", "flash_attn_interface"):
+            raise kernels.KernelError(f"{name} is not installed")
+        return real(name)
+    monkeypatch.setattr(kernels, "_import", fake_import)
+    assert kernels.configure("auto", "auto", "cuda", torch.bfloat16)["attention"] == expected
+    assert kernels.configure("flash", "auto", "cuda", torch.bfloat16)["attention"] != "torch"  # asked for: taken
+
+
 def test_fp8_and_cuda_kernels_stop_before_training(corpus, tmp_path, capsys):
     out = str(tmp_path / "fp8")
     assert train.main(train_args(corpus, out, "train.precision=fp8")) == 2
