@@ -23,6 +23,7 @@ from torch.profiler import ProfilerAction, ProfilerActivity
 import checkpoint
 import config
 import hardware
+import kernels
 
 MEMORY_VIZ = "https://pytorch.org/memory_viz"
 HISTORY_STEPS = 3  # CUDA: allocation history is recorded over the first steps of each start (see StepProfiler)
@@ -182,6 +183,10 @@ def out_of_memory(error: torch.OutOfMemoryError, cfg: config.Config, device: tor
     else:
         lines.append(f"memory: peak {peak_gb:.2f} GB")
     fixes = []
+    if kernels.ACTIVE["loss"] in (kernels.compiled_loss, kernels.plain_loss):  # train.loss auto chose it, or asked
+        tokens = t.micro_batch_size * cfg.model.block_size
+        fixes.append(("train.loss=chunked", f"the loss now holds a micro-batch's full logits ({tokens:,} x "
+                      f"{cfg.model.padded_vocab_size:,}); chunked holds one chunk of them at a time"))
     accum = t.batch_size // (t.micro_batch_size * world)
     if micro := smaller_micro_batch(t, world):
         fixes.append((f"train.micro_batch_size={micro}", f"now {t.micro_batch_size}; gradient accumulation goes "

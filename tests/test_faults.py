@@ -367,6 +367,14 @@ def test_cuda_out_of_memory_report_and_allocation_history(tmp_path, monkeypatch,
                    "train.parallel=fsdp ", f"python plan.py {tmp_path}/config.yaml train.micro_batch_size=4 --gpus 8 "
                    "--gpu h100\n", "there is no checkpoint yet"):
         assert advice in err, (advice, err)
+    # the compiled loss (train.loss auto where the logits fit) holds a micro-batch's logits: the first advice
+    import kernels
+    monkeypatch.setitem(kernels.ACTIVE, "loss", kernels.compiled_loss)
+    cfg.model.vocab_size = 50257
+    diagnose.out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), cfg, cuda, 0, 8, 5, "ddp", 70.0)
+    err = capsys.readouterr().err
+    assert "  train.loss=chunked                     the loss now holds a micro-batch's full logits (8,192 x 50,304)" \
+        in err and "python plan.py " + f"{tmp_path}/config.yaml train.loss=chunked --gpus 8 --gpu h100\n" in err, err
 
 
 def test_full_disk_during_save_keeps_the_previous_checkpoint(corpus, tmp_path):
