@@ -57,9 +57,10 @@ def loss_transient_bytes(cfg: GPTConfig, tokens: int, loss: str = "plain", preci
     """Peak memory the loss adds beyond what it saves: plain (eager), the BF16 logits and the FP32 logits and their
     gradient; compiled, the logits' gradient in the matmul dtype (inductor fuses the softmax into one pass over
     the saved logits: on CPU, 2.1-2.3 bytes per logit in all in BF16 and 4.2 in FP32, against the 4 and 8 counted
-    here and in `activation_bytes`; BENCHMARKS.md); chunked (kernels.ChunkedLoss), one chunk of ~chunk_logits logits in FP32 and BF16, then 12 bytes per (V, d)
-    element (the kept FP32 dW, the BF16 copy of the weight, each chunk's BF16 dW product and its FP32 copy), and
-    dh. Within 5 % of what torch's MemTracker measures on CPU (tests/test_kernels.py)."""
+    here and in `activation_bytes`; BENCHMARKS.md); chunked (kernels.ChunkedLoss), one chunk of ~chunk_logits
+    logits in FP32 and BF16, then 12 bytes per (V, d) element (the kept FP32 dW, the BF16 copy of the weight, each
+    chunk's BF16 dW product and its FP32 copy), and dh. Within 5 % of what torch's MemTracker measures on CPU
+    (tests/test_kernels.py)."""
     if loss == "compiled":
         return (4 if precision == "fp32" else 2) * cfg.padded_vocab_size * tokens
     if loss == "chunked":
@@ -167,7 +168,8 @@ def print_plan(cfg: config.Config, gpus: int, gpu: str) -> None:
               f"(~{ns_ms:.1f} ms at 50 % of peak); it moves {mc['fsdp_bytes'] / GIB:.2f} GiB per GPU under FSDP2, "
               f"{mc['ddp_bytes'] / GIB:.2f} GiB under DDP (BF16)")
     print(f"memory per GPU in GiB (micro batch {cfg.train.micro_batch_size} x {cfg.model.block_size} tokens, "
-          f"{cfg.train.precision}, loss {loss_kind(cfg, gpus, mem_gib)}, FSDP reshard_after_forward={cfg.train.reshard_after_forward}; "
+          f"{cfg.train.precision}, loss {loss_kind(cfg, gpus, mem_gib)}, "
+          f"FSDP reshard_after_forward={cfg.train.reshard_after_forward}; "
           f"{RESERVED_GIB:.0f} GiB reserved for CUDA/NCCL workspaces; working = gathered/cast weights and the "
           f"loss's logits):")
     print(f"{'mode':<10} {'params':>7} {'grads':>7} {'optim':>7} {'working':>8} {'activ.':>7} {'total':>7}  fits")

@@ -6,7 +6,8 @@ printed as a Markdown table with ratios to the eager plain loss.
 
 Variants: plain (eager, full FP32 logits), compiled (the plain loss under torch.compile: train.loss auto's choice
 for a compiled step whose logits fit), chunked (GPU-sized chunks), chunked (CPU cache-sized chunks), and torch's
-own F.linear_cross_entropy with LinearCrossEntropyOptions() (its chunked path) where the installed torch has it. On CUDA the peak is max_memory_allocated.
+own F.linear_cross_entropy with LinearCrossEntropyOptions() (its chunked path) where the installed torch has it.
+On CUDA the peak is max_memory_allocated.
 """
 import argparse
 import json
