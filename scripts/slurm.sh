@@ -42,11 +42,16 @@ trap on_usr1 USR1
 trap 'echo "$(date "+%F %T") SIGTERM: workers save a checkpoint and exit"' TERM  # outlive srun, do not die first
 
 # torchrun forwards SIGTERM and SIGUSR1 to its workers and gives them --shutdown-timeout seconds (not 30) to
-# write the checkpoint before it kills them.
+# write the checkpoint before it kills them. torchrun of torch 2.11 has no --shutdown-timeout: its workers get 30 s.
+grace=(--shutdown-timeout="${SHUTDOWN_TIMEOUT_S:-270}")
+if ! torchrun --help 2>/dev/null | grep -q -- --shutdown-timeout; then
+  echo "warning: this torchrun has no --shutdown-timeout; workers get its fixed 30 s to save after a signal"
+  grace=()
+fi
 srun --kill-on-bad-exit=1 torchrun \
   --nnodes="$SLURM_NNODES" --nproc_per_node="$gpus_per_node" \
   --rdzv-id="$SLURM_JOB_ID" --rdzv-backend=c10d --rdzv-endpoint="$head_node:${MASTER_PORT:-29500}" \
-  --signals-to-handle=SIGTERM,SIGINT,SIGUSR1 --shutdown-timeout="${SHUTDOWN_TIMEOUT_S:-270}" \
+  --signals-to-handle=SIGTERM,SIGINT,SIGUSR1 "${grace[@]}" \
   train.py "$@" &
 srun_pid=$!
 wait "$srun_pid"
