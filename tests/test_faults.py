@@ -147,9 +147,9 @@ def test_sigusr1_on_one_rank_saves_on_both_and_exits_0(corpus, ref2, tmp_path):
 
 
 def test_slurm_script_forwards_usr1_and_requeues(corpus, ref2, tmp_path):
-    """scripts/slurm.sh with stand-ins for srun, torchrun (this Python's) and scontrol: SIGUSR1 to the batch script (what --signal=B:USR1
-    sends before the time limit) reaches the workers through torchrun; they save and the job is requeued.
-    The requeued job resumes and ends exactly where the uninterrupted run does."""
+    """scripts/slurm.sh with stand-ins for srun, torchrun (this Python's) and scontrol: SIGUSR1 to the batch script
+    (what --signal=B:USR1 sends before the time limit) reaches the workers through torchrun; they save and the job
+    is requeued. The requeued job resumes and ends exactly where the uninterrupted run does."""
     bin_dir, out = tmp_path / "bin", str(tmp_path / "slurm")
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
