@@ -9,9 +9,10 @@
                slower there; in FP32 it wins)
 
 The loss under `train.loss: auto`: with torch.compile on and the full logits within the memory plan, the plain
-loss compiled (inductor fuses the softmax, the gather and the gradient into the lm_head GEMMs' neighbours: at
-GPT-2's vocab on CPU it was 1.4-1.9x faster than every chunked variant and held less than the eager chunked
-one, BENCHMARKS.md; nanoGPT does the same); otherwise chunked, which never holds all (N, V) FP32 logits.
+loss compiled (inductor fuses the log-softmax, the target gather and the gradient into passes over BF16 logits; as
+nanoGPT does). At GPT-2's vocab on CPU in BF16 it took 0.59-0.76x the eager plain loss's time and a quarter of its
+memory, and a compiled step with it ran 1.44x one with the chunked loss (a graph break; BENCHMARKS.md). Otherwise
+chunked, which never holds all (N, V) FP32 logits (on CPUs in cache-sized chunks).
 
 The `torch_*` functions are the reference: they define the maths every other backend must reproduce
 (tests/test_kernels.py). Optional packages are imported only when chosen; asking for a missing one is an
@@ -269,9 +270,9 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
 
     `kernels` is auto | torch | flash | liger; `loss` is auto | compiled | chunked | plain | liger. `compiled`:
     the training step runs under torch.compile; `logits_fit`: the memory plan holds the full (tokens, vocab)
-    logits of a micro-batch (train.resolve_loss). Fused kernels need CUDA (flash attention also BF16/FP16): asking
-    for them elsewhere raises KernelError before training. Also sets FALLBACK: torch's kernels and the chunked
-    loss, what a backend that fails at the first step is replaced by.
+    logits of a micro-batch (train.configure_kernels). Fused kernels need CUDA (flash attention also
+    BF16/FP16): asking for them elsewhere raises KernelError before training. Also sets FALLBACK: torch's
+    kernels and the chunked loss, what a backend that fails at the first step is replaced by.
     """
     device = torch.device(device)
     cuda, half = device.type == "cuda", dtype in (torch.bfloat16, torch.float16)

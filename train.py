@@ -758,11 +758,11 @@ def main(argv: list[str]) -> int:
                 prepare_data(cfg)
         if error is not None:
             raise config.ConfigError(error)
-        derived = config.derive(cfg, world)
+        plan = config.derive(cfg, world)
         loader = TrainLoader(cfg.data.datasets, cfg.data.weights, cfg.model.block_size, t.micro_batch_size,
-                             derived.grad_accum, t.seed, rank, world, cfg.model.vocab_size)
+                             plan.grad_accum, t.seed, rank, world, cfg.model.vocab_size)
         ops = configure_kernels(cfg, world, device, precision)  # the loss's choice needs the data's vocab
-        return train(cfg, derived, loader, device, precision, rank, world, resume_from, ops)
+        return train(cfg, plan, loader, device, precision, rank, world, resume_from, ops)
     except (config.ConfigError, hardware.HardwareError, DataError, kernels.KernelError,
             checkpoint.CheckpointError) as e:
         if rank == 0:
