@@ -231,8 +231,8 @@ def _full(p: torch.Tensor) -> torch.Tensor:
 
 def export_tokenizer(run_tok: str, dst: str, block_size: int) -> bool:
     """Write tokenizer files transformers' AutoTokenizer reads; False when the tokenizer has no such form."""
-    from data.prepare import EOT, HF_TOKENIZER_FILES
     from loader import read_meta
+    from tokenizer import EOT, HF_TOKENIZER_FILES
     spec = read_meta(run_tok)["tokenizer"]
     if spec["type"] == "hf":  # a Hugging Face tokenizer goes back out as it came in, with its own config
         for name in HF_TOKENIZER_FILES:

@@ -18,7 +18,6 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
-import xxhash
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: data/prepare.py's tokenizer workers import this
     import torch   # module for DataError and the shard checks, and need no torch (~220 MB a process)
@@ -76,20 +75,6 @@ def read_meta(path: str) -> dict:
         raise DataError(f"{path}/meta.json is not valid JSON ({e})") from None
 
 
-def hash_stream(f) -> str:
-    """xxh3-128 of a binary stream, read in 8 MB pieces (~10 GB/s from memory): the checksum of token shards
-    (meta.json) and checkpoint files (checkpoint.py)."""
-    h = xxhash.xxh3_128()
-    while piece := f.read(8 << 20):
-        h.update(piece)
-    return h.hexdigest()
-
-
-def file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hash_stream(f)
-
-
 def _open_shard(file: str, tokens: int, dtype: str, digest: str | None = None) -> np.ndarray:
     """Memory-map a .npy shard after checking its header and size against meta.json, and its content hash when
     meta.json has one (datasets prepared before hashes existed have none): a changed byte stops here, not in a
@@ -112,6 +97,7 @@ def _open_shard(file: str, tokens: int, dtype: str, digest: str | None = None) -
     if size != want:
         raise DataError(f"shard {file} is truncated or padded: {size} bytes, expected {want} "
                         f"({tokens} tokens of {dtype})")
+    from checkpoint import file_digest  # here: it brings torch, which data/prepare.py's workers need not hold
     if digest is not None and file_digest(file) != digest:
         raise DataError(f"shard {file} does not match the checksum in meta.json: its bytes changed after it was "
                         f"prepared; prepare the dataset again (python data/prepare.py --verify "

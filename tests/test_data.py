@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.prepare import (EOT, Tokenizer, ensure_prepared, is_val, load_tokenizer, prepare, tiktoken_encoding)
+from data.prepare import ensure_prepared, is_val, prepare
 from loader import DataError, TokenSplit, TrainLoader, eval_batches, permute, token_bytes
+from tokenizer import EOT, Tokenizer, load_tokenizer, tiktoken_encoding
 
 
 def documents(n: int) -> list[str]:
@@ -206,7 +207,7 @@ def test_eval_batches_cover_every_target_once(dataset):
 
 def rehash(path: str) -> None:
     """Record the shards' current hashes in meta.json: a dataset that was prepared this way, not one damaged later."""
-    from loader import file_digest
+    from checkpoint import file_digest
     meta = json.load(open(os.path.join(path, "meta.json")))
     for info in meta["splits"].values():
         for s in info["shards"]:

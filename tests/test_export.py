@@ -88,7 +88,7 @@ def test_import_rejects_a_mismatched_model(tmp_path):
 def test_export_cli_writes_a_tokenizer_transformers_reads(trained, tmp_path):
     dst = str(tmp_path / "hf")
     run("export.py", trained, "--to", "hf", dst)
-    from data.prepare import load_tokenizer
+    from tokenizer import load_tokenizer
     ours = load_tokenizer(os.path.join(trained, "tokenizer"))
     theirs = transformers.AutoTokenizer.from_pretrained(dst)
     text = "def add(a, b):\n    return a + b\n"
@@ -134,7 +134,7 @@ def test_training_starts_from_a_hf_checkpoint(corpus, tmp_path, monkeypatch, par
 
 
 def test_gpt2_tokenizer_exports_as_transformers_gpt2(tmp_path):
-    from data.prepare import Tokenizer
+    from tokenizer import Tokenizer
     spec = {"type": "tiktoken", "name": "gpt2"}
     run_tok, dst = tmp_path / "tok", tmp_path / "hf"
     os.makedirs(run_tok)

@@ -9,8 +9,8 @@ import torch
 
 import checkpoint
 from conftest import local_task, run
-from data.prepare import load_tokenizer
 from eval import HarnessLM
+from tokenizer import load_tokenizer
 
 TEXT = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n"
 

@@ -11,9 +11,10 @@ import torch
 
 import data.prepare as prep
 from conftest import ROOT, TINY, run
-from data.prepare import Tokenizer, is_val, load_tokenizer, prepare, tiktoken_encoding
+from data.prepare import is_val, prepare
 from loader import DataError, same_tokenizer
 from test_data import documents, read_split
+from tokenizer import HF_TOKENIZER_FILES, Tokenizer, load_tokenizer, tiktoken_encoding
 
 datasets = pytest.importorskip("datasets")
 
@@ -220,7 +221,7 @@ def test_a_tokenizer_by_hub_id_is_fetched_with_its_config(hub_layout, tmp_path, 
     make_tokenizer(tmp_path / "hub", True, docs)
     (tmp_path / "hub" / "special_tokens_map.json").unlink(missing_ok=True)  # a repository without one: skipped
     asked, fetched = [], []
-    monkeypatch.setattr(prep, "check_hub", lambda kind, name: asked.append((kind, name)))
+    monkeypatch.setattr("tokenizer.check_hub", lambda kind, name: asked.append((kind, name)))
 
     def download(repo, name):
         fetched.append((repo, name))
@@ -229,7 +230,7 @@ def test_a_tokenizer_by_hub_id_is_fetched_with_its_config(hub_layout, tmp_path, 
         return str(tmp_path / "hub" / name)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     meta = prepare([f"hf:{root / 'fwe'}"], str(tmp_path / "out"), "hf:org/llama-tok", val_frac=0.0, workers=1)
-    assert asked == [("model", "org/llama-tok")] and [n for _, n in fetched] == list(prep.HF_TOKENIZER_FILES)
+    assert asked == [("model", "org/llama-tok")] and [n for _, n in fetched] == list(HF_TOKENIZER_FILES)
     assert meta["tokenizer"] == {"type": "hf", "file": "tokenizer.json", "name": "org/llama-tok", "bos_id": 1,
                                  "eos_id": 2}
     assert sorted(f for f in os.listdir(tmp_path / "out") if f.startswith("tokenizer")) == \

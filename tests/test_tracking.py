@@ -15,8 +15,8 @@ import config
 import tracking
 import train
 from conftest import ROOT, TINY, local_task
-from data.prepare import load_tokenizer
 from test_train import losses
+from tokenizer import load_tokenizer
 
 
 def args(corpus, out, *extra):
