@@ -27,6 +27,7 @@ import torch
 import config
 import hardware
 import kernels
+import plan as planner
 import train
 
 
@@ -53,9 +54,10 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
           bare: bool = False) -> dict:
     t = cfg.train
     rank, local_rank, world = train.init_distributed(t.device, t.dist_timeout_s)
-    device, precision = train.resolve_hardware(t, local_rank)  # train.py's rule: auto precision and compile
+    device, precision = train.resolve_hardware(t, local_rank, cfg.model.n_embd)  # train.py's rule: auto precision and compile
     if precision.warning:
         print(f"warning: {precision.warning}", file=sys.stderr)
+    t.micro_batch_size = planner.micro_batch(cfg, world, hardware.memory_gib(device))  # train.py's rule
     names = train.configure_kernels(cfg, world, device, precision)
     chosen_before = dict(kernels.ACTIVE)
     if device.type == "cpu":

@@ -40,7 +40,9 @@ class TrainConfig:
     loss: Literal["auto", "compiled", "chunked", "plain", "liger"] = "auto"  # lm_head + cross-entropy (kernels.py)
     seed: int = 1337
     batch_size: int = 64  # global batch in sequences per optimizer step, whatever the world size
-    micro_batch_size: int = 8  # sequences per device per forward/backward
+    # sequences per device per forward/backward; auto: the largest that divides the batch per rank and fits the
+    # memory plan of the device (plan.py), resolved at start-up and written into out_dir/config.yaml
+    micro_batch_size: int | Literal["auto"] = "auto"
     max_steps: int = 1000
     # A wall-clock budget for the training loop (compile, evals and saves included); 0: none. After the warm-up
     # steps it fixes max_steps (never above the configured one) from the measured step time, so that the LR
@@ -160,8 +162,13 @@ def _coerce(value, tp, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, where)
+        options, errors = [a for a in args if a is not type(None)], []
+        for option in options:  # int | Literal["auto"]: the first that takes the value
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e).removeprefix(f"{where}: "))
+        raise ConfigError(f"{where}: {' or '.join(errors)}")
     if origin is Literal:
         if value not in args:
             names = (str(a).lower() if isinstance(a, bool) else str(a) for a in args)  # YAML spells true/false
@@ -282,7 +289,8 @@ def validate(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     t = cfg.train
-    positive = {"train.batch_size": t.batch_size, "train.micro_batch_size": t.micro_batch_size,
+    positive = {"train.batch_size": t.batch_size, "train.micro_batch_size": 1 if t.micro_batch_size == "auto" else
+                t.micro_batch_size,
                 "train.max_steps": t.max_steps, "train.keep_last": t.keep_last, "log.interval": cfg.log.interval,
                 "train.ckpt_interval": t.ckpt_interval, "train.eval_batches": t.eval_batches,
                 "train.dist_timeout_s": t.dist_timeout_s, "train.max_consecutive_skips": t.max_consecutive_skips}
@@ -316,25 +324,34 @@ def validate(cfg: Config) -> None:
 @dataclass
 class Derived:
     world_size: int
+    micro_batch: int
     grad_accum: int
     batch_tokens: int
 
     def banner(self, cfg: Config) -> str:
         t = cfg.train
-        return (f"global batch {t.batch_size} seqs = micro batch {t.micro_batch_size} x grad accum "
+        return (f"global batch {t.batch_size} seqs = micro batch {self.micro_batch} x grad accum "
                 f"{self.grad_accum} x world size {self.world_size}; {self.batch_tokens:,} tokens/step "
                 f"(block_size {cfg.model.block_size}); {t.max_steps} steps = "
                 f"{self.batch_tokens * t.max_steps:,} tokens")
 
 
-def derive(cfg: Config, world_size: int = 1) -> Derived:
-    """The one place where numbers that follow from the config are computed."""
+def derive(cfg: Config, world_size: int = 1, micro: int | None = None) -> Derived:
+    """The one place where numbers that follow from the config are computed. `micro`: the micro batch when
+    train.micro_batch_size is auto (plan.micro_batch picks it by memory); without one, auto takes the whole batch
+    of a rank (no accumulation)."""
     t = cfg.train
-    per_step = t.micro_batch_size * world_size
+    if t.batch_size % world_size:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of the world size ({world_size})")
+    if t.micro_batch_size != "auto":
+        micro = t.micro_batch_size
+    micro = micro or t.batch_size // world_size
+    per_step = micro * world_size
     if t.batch_size % per_step:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
-                          f"({t.micro_batch_size}) x world size ({world_size})")
-    return Derived(world_size, t.batch_size // per_step, t.batch_size * cfg.model.block_size)
+                          f"({micro}) x world size ({world_size})"
+                          + ("" if t.micro_batch_size != "auto" else " (auto chose it)"))
+    return Derived(world_size, micro, t.batch_size // per_step, t.batch_size * cfg.model.block_size)
 
 
 def to_dict(cfg: Config) -> dict:

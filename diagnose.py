@@ -132,11 +132,11 @@ class StepProfiler:
                     if self.on_cuda else ""), flush=True)
 
 
-def smaller_micro_batch(t: config.TrainConfig, world: int) -> int | None:
-    """The largest micro batch of at most half the current one that still divides the global batch per rank;
-    None when it is 1 already."""
+def smaller_micro_batch(micro: int, t: config.TrainConfig, world: int) -> int | None:
+    """The largest micro batch of at most half of `micro` that still divides the global batch per rank; None when
+    it is 1 already."""
     per_rank = t.batch_size // world
-    return next((m for m in range(t.micro_batch_size // 2, 0, -1) if per_rank % m == 0), None)
+    return next((m for m in range(micro // 2, 0, -1) if per_rank % m == 0), None)
 
 
 def plan_command(cfg: config.Config, world: int, device: torch.device, fix: list[str]) -> str:
@@ -157,6 +157,7 @@ def out_of_memory(error: torch.OutOfMemoryError, cfg: config.Config, device: tor
     CPU). Nothing is saved (the step's state is half done); returns the exit code, 1. Every rank that runs out
     prints (it need not be rank 0)."""
     t = cfg.train
+    micro = t.batch_size // world if t.micro_batch_size == "auto" else t.micro_batch_size  # auto: not resolved yet
     who = f"rank {rank} " if world > 1 else ""
     calls = {frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)}
     setup = sorted(calls & {"setup_model", "make_optimizer", "restore"})
@@ -184,13 +185,13 @@ def out_of_memory(error: torch.OutOfMemoryError, cfg: config.Config, device: tor
         lines.append(f"memory: peak {peak_gb:.2f} GB")
     fixes = []
     if kernels.ACTIVE["loss"] in (kernels.compiled_loss, kernels.plain_loss):  # train.loss auto chose it, or asked
-        tokens = t.micro_batch_size * cfg.model.block_size
+        tokens = micro * cfg.model.block_size
         fixes.append(("train.loss=chunked", f"the loss now holds a micro-batch's full logits ({tokens:,} x "
                       f"{cfg.model.padded_vocab_size:,}); chunked holds one chunk of them at a time"))
-    accum = t.batch_size // (t.micro_batch_size * world)
-    if micro := smaller_micro_batch(t, world):
-        fixes.append((f"train.micro_batch_size={micro}", f"now {t.micro_batch_size}; gradient accumulation goes "
-                      f"from {accum} to {t.batch_size // (micro * world)}: the same steps in smaller pieces"))
+    accum = t.batch_size // (micro * world)
+    if smaller := smaller_micro_batch(micro, t, world):
+        fixes.append((f"train.micro_batch_size={smaller}", f"now {micro}; gradient accumulation goes "
+                      f"from {accum} to {t.batch_size // (smaller * world)}: the same steps in smaller pieces"))
     if not t.activation_checkpointing:
         fixes.append(("train.activation_checkpointing=true", "keep only each block's input and recompute the rest "
                       "in backward: much less activation memory, ~25 % more compute"))

@@ -180,8 +180,8 @@ def main(argv: list[str]) -> int:
     import hardware
     try:
         device = hardware.pick_device(args.device)
-        precision = hardware.resolve_precision(args.precision, device)
         model, cfg, path = checkpoint.load_model(args.out_dir, device)
+        precision = hardware.resolve_precision(args.precision, device, cfg.model.n_embd)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -191,7 +191,7 @@ def main(argv: list[str]) -> int:
     import kernels
     kernels.configure("auto", "auto", device, precision.dtype)  # train.py's kernel choice for this machine
     if args.tasks:
-        from data.prepare import load_tokenizer
+        from tokenizer import load_tokenizer
         tok = load_tokenizer(checkpoint.tokenizer_dir(path, cfg))
         lm = harness_lm(model, tok, device, args.batch_size, autocast)
         res = run_tasks(lm, args.tasks.split(","), args.num_fewshot, args.limit, args.include_path)

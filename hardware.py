@@ -2,11 +2,19 @@
 train.py, bench.py and plan.py share.
 
     precision auto:  CUDA  -> bf16 on compute capability >= 8.0 (Ampere and later), else fp16 + loss scaling
-                     CPU   -> bf16 where BF16 matmul is native (AMX, AVX512-BF16, Arm BF16), else fp32
+                     CPU   -> bf16 where the CPU has BF16 instructions (AMX, AVX512-BF16, Arm BF16) and a timed
+                              matmul at the model's width runs BF16 at least 1.2x faster than FP32; else fp32
                      MPS   -> fp32
-Each choice comes with its reason, printed in the start-up banner. An explicit choice is obeyed, with a warning
-where it runs emulated (BF16 or FP16 on a CPU without the instructions: ~50x slower than FP32 there).
+Each choice comes with its reason, printed in the start-up banner (on a CPU, the measured ratio). An explicit
+choice is obeyed, with a warning where it is slower than FP32 here.
 """
+import functools
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -65,21 +73,89 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(name, local_rank) if name == "cuda" else torch.device(name)
 
 
-def cpu_matmul_support() -> tuple[bool, bool, str]:
-    """(native BF16 matmul, native FP16 matmul, label) for this CPU, from oneDNN's own checks: the signals that
-    decide whether its BF16/FP16 kernels run in hardware or fall back to a slow emulation."""
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as the OS names them (Linux: /proc/cpuinfo's `flags` on x86, `Features` on Arm;
+    macOS: the `hw.optional.arm.FEAT_BF16` sysctl as "bf16"); empty where it cannot tell."""
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True,
+                                 timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return set()
+        return {"bf16"} if out == "1" else set()
     try:
-        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        fp16 = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        bf16 = fp16 = False
-    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
-        label = "AMX"
-    elif getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
-        label = "AVX512-BF16"
-    else:
-        label = torch.backends.cpu.get_cpu_capability()  # AVX2, AVX512, DEFAULT, SVE256, ...
-    return bf16, fp16, label
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16_instructions() -> tuple[bool, str]:
+    """(whether this CPU has instructions that compute BF16 matmuls natively, a label for the banner). x86:
+    AMX-BF16 or AVX512-BF16; Arm: the BF16 extension. oneDNN's "BF16 supported" is no such signal: it is also
+    true where BF16 runs converted in software on plain AVX-512, 3.5x slower than FP32 (FACTS.md)."""
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return True, "AMX"
+    if "avx512_bf16" in flags:
+        return True, "AVX512-BF16"
+    if "bf16" in flags:
+        return True, "Arm BF16"
+    if "avx512f" in flags:
+        return False, "AVX-512 without AVX512-BF16"
+    if "avx2" in flags:
+        return False, "AVX2 without BF16 instructions"
+    return False, f"{platform.machine() or 'this CPU'} without BF16 instructions"
+
+
+def _best_time(fn, budget_s: float) -> float:
+    """The shortest of repeated calls of fn within budget_s (after one untimed call that builds oneDNN's kernel);
+    the minimum, not the mean, so that another busy process on the machine cannot make either dtype look slow.
+    A single call that already takes longer than the budget is its own measurement."""
+    t0 = time.perf_counter()
+    fn()
+    best, deadline = time.perf_counter() - t0, time.perf_counter() + budget_s
+    if best > budget_s:
+        return best
+    best = math.inf
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        if t0 >= deadline:
+            return best
+
+
+@functools.cache
+def matmul_speedup(dtype: torch.dtype = torch.bfloat16, width: int = 256) -> float:
+    """How many times faster a CPU matmul runs in `dtype` than in FP32 here: (512, w) @ (w, w) with w the model's
+    width clamped to [256, 1024], the best of each within ~40 ms. A CPU that converts BF16 in software shows it
+    at w=256 already (0.02-0.3x), so wider shapes are timed only where that first probe is not far behind.
+    Measured once per process and shape."""
+    def ratio(w: int) -> float:
+        gen = torch.Generator().manual_seed(0)
+        a, b = torch.randn(512, w, generator=gen), torch.randn(w, w, generator=gen)
+        a_lo, b_lo = a.to(dtype), b.to(dtype)
+        return _best_time(lambda: a @ b, 0.04) / _best_time(lambda: a_lo @ b_lo, 0.04)
+    r = ratio(256)
+    w = min(max(width, 256), 1024)
+    return r if r < 0.6 or w == 256 else ratio(w)
+
+
+BF16_MIN_SPEEDUP = 1.2  # below this a CPU run stays FP32: BF16's rounding is not worth a small gain
+
+
+def memory_gib(device: torch.device) -> float:
+    """The memory a run on `device` plans against: the GPU's, or the machine's RAM for a CPU (MPS shares it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return 16.0  # Windows: no sysconf; a laptop's worth
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int]:
@@ -92,6 +168,7 @@ class Precision:
     name: str
     reason: str  # for the banner: why this one here
     warning: str | None = None  # an explicit choice that will run slowly here
+    speedup: float | None = None  # CPU: BF16 (FP16 for fp16) matmul rate / FP32's, as measured at start-up
 
     @property
     def dtype(self) -> torch.dtype:
@@ -109,9 +186,12 @@ class Precision:
         return torch.autocast(device.type, dtype=self.dtype)
 
 
-def resolve_precision(requested: str, device: torch.device) -> Precision:
-    """`requested` (auto | fp32 | bf16 | fp16 | fp8) -> the Precision to run on `device`. Raises HardwareError
-    for a choice the device cannot run at all."""
+def resolve_precision(requested: str, device: torch.device, width: int = 256) -> Precision:
+    """`requested` (auto | fp32 | bf16 | fp16 | fp8) -> the Precision to run on `device`, a model of hidden size
+    `width`. Raises HardwareError for a choice the device cannot run at all.
+
+    On a CPU, auto takes BF16 only where both hold: the CPU has BF16 instructions (`cpu_bf16_instructions`) and a
+    timed matmul at the model's width runs at least BF16_MIN_SPEEDUP times FP32's rate (`matmul_speedup`)."""
     if device.type == "cuda":
         cap = cuda_capability(device)
         gpu = f"{torch.cuda.get_device_name(device)}, compute capability {cap[0]}.{cap[1]}"
@@ -131,18 +211,27 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
         if requested == "fp8":
             raise HardwareError("train.precision=fp8 needs a CUDA GPU of compute capability >= 8.9")
         return Precision(requested, "as configured")
-    bf16, fp16, label = cpu_matmul_support()
+    if requested in ("fp32", "fp8"):  # fp8 is refused later, with torchao's reason (kernels.float8_supported)
+        return Precision(requested, "as configured")
+    native, label = cpu_bf16_instructions()
+    half = torch.float16 if requested == "fp16" else torch.bfloat16
+    speedup = matmul_speedup(half, width)
+    measured = f"{half_name(half)} matmul {speedup:.2f}x FP32 here ({label})"
     if requested == "auto":
-        if bf16:
-            return Precision("bf16", f"this CPU has native BF16 matmul ({label})")
-        return Precision("fp32", f"this CPU has no native BF16 matmul ({label})")
-    slow = {"bf16": not bf16, "fp16": not fp16}.get(requested, False)
+        if native and speedup >= BF16_MIN_SPEEDUP:
+            return Precision("bf16", measured, speedup=speedup)
+        return Precision("fp32", measured if not native else f"{measured}, under {BF16_MIN_SPEEDUP}x",
+                         speedup=speedup)
     warning = None
-    if slow:
-        warning = (f"train.precision={requested} on a CPU without native {requested.upper()} matmul ({label}): "
-                   f"its matmuls run emulated, ~50x slower than FP32 (a 1024x1024 matmul on an AVX2 EPYC: "
-                   f"~0.9 vs ~48 GFLOP/s); train.precision=auto picks fp32 here")
-    return Precision(requested, "as configured", warning)
+    if speedup < BF16_MIN_SPEEDUP:
+        auto = "bf16" if native and matmul_speedup(torch.bfloat16, width) >= BF16_MIN_SPEEDUP else "fp32"
+        warning = (f"train.precision={requested} on this CPU: {measured}, so this run is slower than it could be; "
+                   f"train.precision=auto picks {auto} here")
+    return Precision(requested, f"as configured ({measured})", warning, speedup)
+
+
+def half_name(dtype: torch.dtype) -> str:
+    return "FP16" if dtype == torch.float16 else "BF16"
 
 
 def describe(p: Precision) -> str:

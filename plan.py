@@ -96,6 +96,23 @@ def loss_kind(cfg: config.Config, gpus: int, mem_gib: float) -> str:
     return "compiled" if fits else "chunked"
 
 
+def micro_batch(cfg: config.Config, gpus: int, mem_gib: float) -> int:
+    """train.micro_batch_size, or under auto the largest micro batch that divides the batch per GPU and whose
+    configured plan fits mem_gib (1 when none does: out-of-memory then says what else to lower)."""
+    t = cfg.train
+    if t.micro_batch_size != "auto":
+        return t.micro_batch_size
+    per_gpu = config.derive(cfg, gpus).micro_batch  # auto without memory: a rank's whole batch
+    for m in (d for d in range(per_gpu, 0, -1) if per_gpu % d == 0):
+        if next(r for r in plan(with_micro(cfg, m), gpus, (mem_gib, 0.0)) if r["configured"])["fits"]:
+            return m
+    return 1
+
+
+def with_micro(cfg: config.Config, micro: int) -> config.Config:
+    return replace(cfg, train=replace(cfg.train, micro_batch_size=micro))
+
+
 def full_logits(cfg: config.Config, gpus: int, mem_gib: float) -> bool:
     """Whether the loss holds a micro-batch's full logits (`loss_kind` is plain or compiled)."""
     return loss_kind(cfg, gpus, mem_gib) != "chunked"
@@ -105,6 +122,7 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
     """One row per parallel mode: memory terms in GiB per GPU, fits, and throughput at 40 / 50 % MFU. `gpu`: a
     name in hardware.GPUS, or (memory GiB, peak TFLOP/s)."""
     mem_gib, peak_tflops = GPUS[gpu] if isinstance(gpu, str) else gpu
+    cfg = with_micro(cfg, micro_batch(cfg, gpus, mem_gib))
     with torch.device("meta"):
         model = GPT(cfg.model)
     n = model.num_params()
@@ -148,6 +166,7 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
 
 def print_plan(cfg: config.Config, gpus: int, gpu: str) -> None:
     mem_gib, peak = GPUS[gpu]
+    cfg = with_micro(cfg, micro_batch(cfg, gpus, mem_gib))
     rows = plan(cfg, gpus, gpu)
     d = config.derive(cfg, gpus)
     with torch.device("meta"):

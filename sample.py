@@ -29,12 +29,12 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     import checkpoint
-    from data.prepare import load_tokenizer
     import hardware
+    from tokenizer import load_tokenizer
     try:
         device = hardware.pick_device(args.device)
-        precision = hardware.resolve_precision(args.precision, device)
         model, cfg, path = checkpoint.load_model(args.out_dir, device)
+        precision = hardware.resolve_precision(args.precision, device, cfg.model.n_embd)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -46,10 +46,11 @@ import kernels
 import optim
 import plan as planner
 import tracking
-from data.prepare import copy_tokenizer, ensure_prepared, load_tokenizer
+from data.prepare import ensure_prepared
 from eval import evaluate, harness_lm, run_tasks
 from loader import DataError, Prefetcher, TrainLoader, read_meta
 from model import GPT
+from tokenizer import copy_tokenizer, load_tokenizer
 
 try:
     import fcntl
@@ -74,12 +75,17 @@ def init_distributed(device_name: str, timeout_s: int) -> tuple[int, int, int]:
     return rank, local_rank, world
 
 
-def resolve_hardware(t: config.TrainConfig, local_rank: int) -> tuple[torch.device, hardware.Precision]:
-    """Device, precision and compile for this machine; writes the resolved precision and compile back into
-    `t` (so config.yaml and the checkpoints say what ran) and returns the device and the Precision (its reason
-    is for the banner). Raises HardwareError or ConfigError."""
+def resolve_hardware(t: config.TrainConfig, local_rank: int, width: int) -> tuple[torch.device, hardware.Precision]:
+    """Device, precision (for a model of hidden size `width`) and compile for this machine; writes the resolved
+    precision and compile back into `t` (so config.yaml and the checkpoints say what ran) and returns the device
+    and the Precision (its reason is for the banner). On CPUs rank 0's timed probe decides for every rank.
+    Raises HardwareError or ConfigError."""
     device = hardware.pick_device(t.device, local_rank)
-    precision = hardware.resolve_precision(t.precision, device)
+    precision = hardware.resolve_precision(t.precision, device, width)
+    if device.type == "cpu" and dist.is_initialized():  # gloo: ranks sharing the cores would time differently
+        shared = [precision]
+        dist.broadcast_object_list(shared, src=0)
+        precision = shared[0]
     if precision.name == "fp8" and (why := kernels.float8_supported(device)):
         raise config.ConfigError(f"train.precision=fp8: {why}")
     t.precision = precision.name
@@ -93,13 +99,7 @@ def configure_kernels(cfg: config.Config, world: int, device: torch.device, prec
     the plain loss compiled when plan.py, planning the full logits of a micro-batch, fits the device's memory
     (a CPU's: the machine's RAM), else the chunked loss."""
     t = cfg.train
-    fit = False
-    if t.loss == "auto" and t.compile:
-        if device.type == "cuda":
-            mem = torch.cuda.get_device_properties(device).total_memory
-        else:
-            mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-        fit = planner.full_logits(cfg, world, mem / 2**30)
+    fit = t.loss == "auto" and t.compile and planner.full_logits(cfg, world, hardware.memory_gib(device))
     return kernels.configure(t.kernels, t.loss, device, precision.dtype, compiled=t.compile, logits_fit=fit)
 
 
@@ -711,7 +711,7 @@ def write_run_files(cfg: config.Config, device: torch.device, world: int, precis
         f.write(config.dump(cfg))
     with open(os.path.join(t.out_dir, "run_info.json"), "w") as f:
         json.dump({**run_info(device), "world_size": world, "precision": precision.name,
-                   "precision_reason": precision.reason}, f, indent=1)
+                   "precision_reason": precision.reason, "matmul_speedup": precision.speedup}, f, indent=1)
     copy_tokenizer(cfg.data.datasets[0], os.path.join(t.out_dir, "tokenizer"))
 
 
@@ -727,7 +727,7 @@ def main(argv: list[str]) -> int:
         if t.init_from:  # the model's shape comes from the Hugging Face checkpoint
             cfg.model = export.config_from_hf(t.init_from, cfg.model)
         rank, local_rank, world = init_distributed(t.device, t.dist_timeout_s)
-        device, precision = resolve_hardware(t, local_rank)
+        device, precision = resolve_hardware(t, local_rank, cfg.model.n_embd)
         if precision.warning and rank == 0:
             print(f"warning: {precision.warning}", file=sys.stderr, flush=True)
         kernels.configure(t.kernels, t.loss, device, precision.dtype)  # a missing or unfit kernel stops here
@@ -758,6 +758,8 @@ def main(argv: list[str]) -> int:
                 prepare_data(cfg)
         if error is not None:
             raise config.ConfigError(error)
+        # written back, like precision, so that config.yaml and plan.py commands name the micro batch that ran
+        t.micro_batch_size = planner.micro_batch(cfg, world, hardware.memory_gib(device))
         plan = config.derive(cfg, world)
         loader = TrainLoader(cfg.data.datasets, cfg.data.weights, cfg.model.block_size, t.micro_batch_size,
                              plan.grad_accum, t.seed, rank, world, cfg.model.vocab_size)
