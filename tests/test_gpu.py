@@ -179,7 +179,7 @@ def setup(*overrides: str) -> Run:
     torch._dynamo.reset()  # a fresh cache: graphs of an earlier test's model would count as recompiles here
     cfg = config.load([f"train.precision={PRECISION}", *overrides, f"train.device={DEVICE}"])
     t = cfg.train
-    device, precision = train.resolve_hardware(t, 0)
+    device, precision = train.resolve_hardware(t, 0, cfg.model.n_embd)
     names = train.configure_kernels(cfg, 1, device, precision)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
     model, train_model, mode = train.setup_model(cfg, device, 1)

@@ -312,7 +312,7 @@ def test_a_compiled_step_has_no_graph_break_and_no_recompile(monkeypatch):
     losses = {}
     for compile_ in (False, True):
         cfg = config.load([*overrides, f"train.compile={str(compile_).lower()}"])
-        device, precision = train.resolve_hardware(cfg.train, 0)
+        device, precision = train.resolve_hardware(cfg.train, 0, cfg.model.n_embd)
         names = train.configure_kernels(cfg, 1, device, precision)
         assert names["loss"] == ("plain, compiled" if compile_ else "chunked (cache-sized)")
         model, step_model, mode = train.setup_model(cfg, device, 1)
