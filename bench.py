@@ -7,13 +7,12 @@
     torchrun --standalone --nproc_per_node=8 bench.py configs/500m.yaml
     python bench.py configs/125m.yaml --checkpoint DIR   # checkpoint save/load time, checksums on and off
 
-The step is train.py's own (`setup_model`, `make_optimizer`, `train_step`: the same parallel wrap, compile,
-kernels and precision); only the data is synthetic (uniform random token ids made once on the device), as in
-Pax's synthetic configs, so the numbers measure the model and not the disk. Timing starts after the warm-up
-steps (compilation, allocator growth) and ends with a device sync. MFU uses PaLM's FLOPs per token and the
-dense peak of the GPU at the run's matmul precision (hardware.GPUS: BF16/FP16, or TF32 for FP32 runs;
-`--peak-tflops` overrides, e.g. 756 for PCIe cards; FP8 runs are still reported against the BF16 peak). The JSON
-line is the last line of stdout.
+The step is train.py's own (`plan.resolve`, `parallel.parallelize`, `optim.build`, `step.train_step`: the same parallel
+wrap, compile, kernels and precision); only the data is synthetic (uniform random token ids made once on the device, as
+in Pax's synthetic configs), so the numbers measure the model and not the disk. Timing starts after the warm-up steps
+(compilation, allocator growth) and ends with a device sync. MFU uses PaLM's FLOPs per token and the dense peak of the
+GPU at the run's matmul precision (hardware.GPUS: BF16/FP16, or TF32 for FP32 runs; `--peak-tflops` overrides, e.g. 756
+for PCIe cards; FP8 runs are still reported against the BF16 peak). The JSON line is the last line of stdout.
 """
 import argparse
 import json
@@ -21,14 +20,19 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
 import config
 import hardware
 import kernels
-import plan as planner
-import train
+import optim
+import parallel
+import plan
+from model import GPT
+from services import memory_gb
+from step import first_step, sync_grads, train_step
 
 
 def naive_attention(q, k, v):
@@ -46,67 +50,67 @@ def naive_rms_norm(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-BASELINE = {"attention": naive_attention, "rms_norm": naive_rms_norm, "rope": kernels.torch_rope_qk,
-            "loss": kernels.plain_loss}
+BASELINE = kernels.Ops(naive_attention, naive_rms_norm, kernels.torch_rope_qk, kernels.plain_loss,
+                       names={"attention": "naive (full scores)", "rms_norm": "naive", "rope": "torch",
+                              "loss": "plain (full FP32 logits)"})
 
 
 def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None, baseline: bool,
           bare: bool = False) -> dict:
     t = cfg.train
-    rank, local_rank, world = train.init_distributed(t.device, t.dist_timeout_s)
-    device, precision = train.resolve_hardware(t, local_rank, cfg.model.n_embd)  # train.py's rule: auto precision and compile
+    rank, local_rank, world = parallel.init_distributed(t.device, t.dist_timeout_s)
+    device, precision, compiled = hardware.resolve(t, local_rank, cfg.model.n_embd)  # train.py's rules
     if precision.warning:
         print(f"warning: {precision.warning}", file=sys.stderr)
-    t.micro_batch_size = planner.micro_batch(cfg, world, hardware.memory_gib(device))  # train.py's rule
-    names = train.configure_kernels(cfg, world, device, precision)
-    chosen_before = dict(kernels.ACTIVE)
+    run = plan.resolve(cfg, cfg.model, device, precision, compiled, rank, world)
+    t = run.cfg.train
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     torch.backends.cuda.matmul.allow_tf32 = True
-    plan = config.derive(cfg, world)
-    model, train_model, mode = train.setup_model(cfg, device, world)
-    optimizer = train.make_optimizer(model, t, device)
-    autocast = precision.autocast(device)
+    with torch.device("meta"):
+        model = GPT(run.cfg.model, run.ops)
+    train_model = parallel.parallelize(model, run)
+    optimizer = optim.build(model, t, device)
     scaler = torch.amp.GradScaler(device.type) if precision.scaled else None
     gen = torch.Generator(device).manual_seed(t.seed + rank)
     shape = (t.micro_batch_size, cfg.model.block_size + 1)
-    data = [torch.randint(0, cfg.model.vocab_size, shape, device=device, generator=gen) for _ in range(plan.grad_accum)]
+    data = [torch.randint(0, cfg.model.vocab_size, shape, device=device, generator=gen) for _ in range(run.grad_accum)]
     batches = [(d[:, :-1], d[:, 1:]) for d in data]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model.train()
-    # the first step as train.py takes it: a backend that fails there is replaced by torch's (kernels.FALLBACK)
+    # the first step as train.py takes it: a backend that fails there is replaced by torch's (step.first_step)
     cpu_group = torch.distributed.new_group(backend="gloo") if world > 1 else None
-    train.first_step(lambda: train.train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t,
-                                              autocast, scaler), optimizer, t, rank, world, cpu_group)
-    for op, fn in kernels.ACTIVE.items():
-        if fn is kernels.FALLBACK[op] and fn is not chosen_before[op]:
-            names[op] = f"{kernels.FALLBACK_NAMES[op]} (fell back from {names[op]})"
-    chosen = dict(kernels.ACTIVE)
+    _, chosen = first_step(lambda: train_step(model, train_model, optimizer, batches, run, scaler), model,
+                           optimizer, run, cpu_group)
+    names = dict(chosen.names) if chosen is run.ops else {
+        op: name + (f" (fell back from {run.ops.names[op]})" if op in run.ops.replaced() else "")
+        for op, name in chosen.names.items()}
 
     def our_step():
-        return train.train_step(model, train_model, optimizer, batches, plan.grad_accum, mode, t, autocast, scaler)[0]
+        return train_step(model, train_model, optimizer, batches, run, scaler)[0]
 
     def bare_step():
         """nanoGPT's loop around the same model, kernels and optimizer: no non-finite check or skip, no device-side
         skip flag (found_inf), no loss sum; gradient sync as train_step does it."""
         optimizer.found_inf = None
         for micro, (x, y) in enumerate(batches):
-            with train.sync_grads(train_model, mode, micro == plan.grad_accum - 1, t.fsdp_defer_sync), autocast:
+            with sync_grads(train_model, run.mode, micro == run.grad_accum - 1, t.fsdp_defer_sync), \
+                    precision.autocast(device):
                 loss = train_model(x, y)
-            (loss / plan.grad_accum).backward()
+            (loss / run.grad_accum).backward()
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss * plan.grad_accum
+        return loss * run.grad_accum
 
-    def run(n: int, step) -> tuple[float, float]:
+    def timed(n: int, step) -> tuple[float, float]:
         """Seconds for n steps (after a device sync), and the last step's mean loss."""
         sync()
         t0 = time.perf_counter()
         for _ in range(n):
             loss = step()
-        loss = loss.item() / plan.grad_accum  # a device sync
+        loss = loss.item() / run.grad_accum  # a device sync
         return time.perf_counter() - t0, loss
 
     # The baseline runs in this process, alternating with the chosen kernels (best of 2 rounds each), so a
@@ -116,37 +120,35 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
     best = {}
     for round_ in range(2 if len(variants) > 1 else 1):
         for name, (ops, step) in variants.items():
-            kernels.ACTIVE.update(ops)
+            model.set_ops(ops)
             if round_ == 0:
-                run(warmup, step)
+                timed(warmup, step)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-            elapsed, final_loss = run(steps, step)
+            elapsed, final_loss = timed(steps, step)
             # memory from the first round only: later rounds would also see the other variant's peak
-            mem = train.memory_gb(device) if round_ == 0 else best[name][2]
+            mem = memory_gb(device) if round_ == 0 else best[name][2]
             best[name] = min(best.get(name, (float("inf"),)), (elapsed, final_loss, mem))
-    kernels.ACTIVE.update(chosen)
+    model.set_ops(chosen)
     elapsed, final_loss, mem = best["chosen"]
-    tok_s = steps * plan.batch_tokens / elapsed
+    tok_s = steps * run.batch.batch_tokens / elapsed
     peak = peak_tflops * 1e12 if peak_tflops else hardware.peak_flops(device, precision.dtype)
     flops = model.flops_per_token()
     result = {
         "config": cfg.model.arch, "params": model.num_params(), "n_layer": cfg.model.n_layer,
         "n_embd": cfg.model.n_embd, "block_size": cfg.model.block_size, "vocab_size": cfg.model.vocab_size,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x {torch.get_num_threads()}",
-        "world_size": world, "parallel": mode, "precision": t.precision, "precision_reason": precision.reason,
-        "compile": t.compile,
-        "activation_checkpointing": t.activation_checkpointing, "kernels": names,
-        "micro_batch_size": t.micro_batch_size, "grad_accum": plan.grad_accum, "batch_tokens": plan.batch_tokens,
+        "world_size": world, "parallel": run.mode, "precision": t.precision, "precision_reason": precision.reason,
+        "compile": t.compile, "activation_checkpointing": t.activation_checkpointing, "kernels": names,
+        "micro_batch_size": t.micro_batch_size, "grad_accum": run.grad_accum, "batch_tokens": run.batch.batch_tokens,
         "warmup_steps": warmup, "steps": steps, "step_time_s": elapsed / steps,
         "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / world, "flops_per_token": flops,
         "peak_tflops": peak / 1e12 if peak else None, "mfu": tok_s / world * flops / peak if peak else None,
         "peak_mem_gb": mem,  # CUDA: allocated; CPU: peak RSS of the process (run without --baseline to compare)
         "final_loss": final_loss}
     if baseline:
-        base_tok_s = steps * plan.batch_tokens / best["baseline"][0]
-        result.update(baseline_kernels={"attention": "naive (full scores)", "rms_norm": "naive", "rope": "torch",
-                                        "loss": "plain (full FP32 logits)"},
+        base_tok_s = steps * run.batch.batch_tokens / best["baseline"][0]
+        result.update(baseline_kernels=BASELINE.names,
                       baseline_tokens_per_s=base_tok_s, speedup_vs_baseline=tok_s / base_tok_s)
     if bare:
         result.update(bare_step_time_s=best["bare"][0] / steps, train_step_overhead=elapsed / best["bare"][0] - 1)
@@ -165,7 +167,7 @@ def bench_checkpoint(cfg: config.Config, folder: str, rounds: int = 2) -> dict:
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from model import build
     model = build(cfg.model, "cpu")
-    optimizer = train.make_optimizer(model, cfg.train, torch.device("cpu"))
+    optimizer = optim.build(model, cfg.train, torch.device("cpu"))
     for p in model.parameters():  # one step, so that the AdamW moments exist
         p.grad = torch.randn_like(p) * 1e-3
     optimizer.step()
@@ -199,7 +201,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("args", nargs="+", help="YAML configs and section.key=value overrides, as for train.py")
     p.add_argument("--warmup", type=config.at_least(0), default=3)
     p.add_argument("--steps", type=config.at_least(1), default=10)
-    p.add_argument("--peak-tflops", type=config.at_least(1e-9, float), default=None, help="dense BF16 peak of one device, for MFU")
+    p.add_argument("--peak-tflops", type=config.at_least(1e-9, float), default=None,
+                   help="dense BF16 peak of one device, for MFU")
     p.add_argument("--baseline", action="store_true", help="also time the same model with nanoGPT-style "
                    "attention (full score matrix) and an unfused loss, in this process, for a ratio")
     p.add_argument("--bare", action="store_true", help="also time nanoGPT's bare loop (forward, backward, clip, "
@@ -210,7 +213,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = config.load(a.args)
         if cfg.model.vocab_size is None:  # set by the data in training; synthetic data needs one
-            cfg.model.vocab_size = 50257
+            cfg = replace(cfg, model=replace(cfg.model, vocab_size=50257))
         cfg.model.validate()
         if a.checkpoint:
             result = bench_checkpoint(cfg, a.checkpoint)

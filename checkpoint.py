@@ -1,12 +1,11 @@
 """Checkpoints with torch.distributed.checkpoint (DCP): sharded, reshardable, atomically published.
 
 Layout: `out_dir/step_000500/` holds the DCP files of {"model", "optim"} (the sharded state dicts of
-`torch.distributed.checkpoint.state_dict`, so N ranks save and M ranks load, DDP or FSDP2) plus
-`train_state.json` (step, tokens seen, world size, resolved config). It is written as `out_dir/.tmp_step_000500/`
-and renamed when complete; `out_dir/latest` (one line, the folder name) is replaced after that. A run killed at
-any moment therefore leaves the previous checkpoint whole, and `latest` never names a partial one. An
-asynchronous save copies the state to host memory and writes it from a background thread; it is published
-the same way once written.
+`torch.distributed.checkpoint.state_dict`, so N ranks save and M ranks load, DDP or FSDP2) plus `train_state.json`
+(step, tokens seen, world size, resolved config). It is written as `out_dir/.tmp_step_000500/` and renamed when
+complete; `out_dir/latest` (one line, the folder name) is replaced after that. A run killed at any moment therefore
+leaves the previous checkpoint whole, and `latest` never names a partial one. An asynchronous save copies the state to
+host memory and writes it from a background thread; it is published the same way once written.
 
 The folder may also be an fsspec URL (`s3://bucket/run`, with s3fs; credentials and endpoint from the usual
 AWS_* environment). Object stores cannot rename a folder, so there a checkpoint is written under its final
@@ -88,12 +87,11 @@ def _save_failed(out_dir: str, step: int, e: BaseException) -> SaveError:
 
 # Every global a DCP `.metadata` pickle names (torch 2.13; checked by tests/test_faults.py on real checkpoints).
 _METADATA_GLOBALS = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     *(("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
 }
 
 
@@ -143,8 +141,7 @@ class _SafePlanner(DefaultLoadPlanner):
 
 
 def hash_stream(f) -> str:
-    """xxh3-128 of a binary stream, read in 8 MB pieces (~10 GB/s from memory): the checksum of token shards
-    (meta.json) and checkpoint files (here)."""
+    """xxh3-128 of a binary stream, read in 8 MB pieces: the checksum of token shards (meta.json) and checkpoints."""
     h = xxhash.xxh3_128()
     while piece := f.read(8 << 20):
         h.update(piece)
@@ -447,8 +444,7 @@ def read_state(path: str) -> dict:
 
 
 def set_aside(path: str) -> str:
-    """Move a corrupt checkpoint out of the way as `corrupt_step_N` (kept for inspection, never loaded or counted
-    again); returns the new name."""
+    """Move a corrupt checkpoint aside as `corrupt_step_N`, kept but never loaded or counted again; returns its name."""
     head, name = path.rstrip("/").rsplit("/", 1) if is_remote(path) else os.path.split(path.rstrip("/"))
     n, dest = 0, _join(head, f"corrupt_{name}")
     while _exists(dest):
@@ -525,11 +521,10 @@ class Lease:
 
 
 def find_resumable(out_dir: str, model: torch.nn.Module, warn, check=lambda state, path: None) -> str | None:
-    """The newest checkpoint in `out_dir` whose state, index and file checksums verify (`model` may be on the
-    meta device); each newer one that does not is set aside with a warning through `warn`, and `latest` is
-    pointed at the one chosen. `check(state, path)` may refuse a checkpoint by raising. A checkpoint that is unsafe
-    or of another model raises CheckpointError: that is not damage, and an older checkpoint would hide it. Rank 0
-    only."""
+    """The newest checkpoint in `out_dir` whose state, index and file checksums verify (`model` may be on the meta
+    device); each newer one that does not is set aside with a warning through `warn`, and `latest` is pointed at the one
+    chosen. `check(state, path)` may refuse a checkpoint by raising. A checkpoint that is unsafe or of another model
+    raises CheckpointError: that is not damage, and an older checkpoint would hide it. Rank 0 only."""
     for path in reversed(list_checkpoints(out_dir)):
         try:
             check(read_state(path), path)
@@ -598,8 +593,7 @@ def load(path: str, model: torch.nn.Module, optimizer=None, verified: bool = Fal
 
 
 def tokenizer_dir(path: str, cfg) -> str:
-    """The run's copy of its tokenizer for checkpoint `path`: beside it, or in the run's local out_dir when the
-    checkpoints live elsewhere (train.ckpt_dir)."""
+    """The run's tokenizer copy for checkpoint `path`: beside it, or in the local out_dir when it is remote."""
     return os.path.join(cfg.train.out_dir if is_remote(path) else os.path.dirname(path), "tokenizer")
 
 

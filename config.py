@@ -3,8 +3,9 @@
     python train.py configs/tiny.yaml more.yaml train.max_steps=40 model.n_layer=2
 
 Unknown keys and values of the wrong type stop with a message naming the key, where it came from (file or
-command line) and the closest valid key, before anything is computed or written. Derived numbers (gradient
-accumulation, tokens per step) are computed once in `derive()`.
+command line) and the closest valid key, before anything is computed or written. A loaded config is frozen:
+derived numbers (gradient accumulation, tokens per step) are computed once in `derive()`, and what the machine
+and the data decide lives in a `Run` (plan.resolve).
 """
 import argparse
 import difflib
@@ -13,8 +14,11 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
+import torch
 import yaml
 
+from hardware import Precision
+from kernels import Ops
 from model import GPTConfig
 
 
@@ -22,13 +26,13 @@ class ConfigError(ValueError):
     """A configuration mistake, with a message meant for the user."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     datasets: list[str] = field(default_factory=lambda: ["data/pycode"])  # prepared dataset folders (meta.json)
     weights: list[float] | None = None  # mixture weights, one per dataset; None: equal
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     out_dir: str = "out/run"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda when available, else cpu
@@ -65,8 +69,8 @@ class TrainConfig:
     fused_optimizer: Literal["auto", True, False] = "auto"  # fused AdamW; auto: where torch has it (CUDA, CPU, MPS)
     grad_clip: float = 1.0  # 0 disables
     compile: Literal["auto", True, False] = "auto"  # torch.compile; auto: on CUDA only (see BENCHMARKS.md, CPU)
-    # A compiled run's first step (where compilation happens) may take this long; past it the run stops with an
-    # error that says so (on torch 2.11 an FP8 500m step had not finished compiling in 130 s). 0: no limit
+    # A compiled run's first step (where compilation happens, minutes for a large FP8 model) may take this long;
+    # past it the run stops with an error that says so. 0: no limit
     compile_timeout_s: float = 1800.0
     eval_interval: int = 200  # steps; 0 disables periodic eval
     eval_batches: int = 20  # micro-batches of the val split per eval
@@ -95,7 +99,7 @@ class TrainConfig:
     profile: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class LogConfig:
     interval: int = 10  # steps between log lines / metrics.jsonl rows
     # Mirrors of metrics.jsonl (rank 0 only). wandb honours WANDB_MODE (offline/disabled) and WANDB_DIR.
@@ -106,7 +110,7 @@ class LogConfig:
     tensorboard: bool = False  # event files in out_dir/tensorboard
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """Evaluation while training beyond train.eval_interval's val loss: lm-eval tasks and a sample from a fixed
     prompt (train.py LiveEval), every `interval` steps and at the last step, into metrics.jsonl and the trackers.
@@ -121,7 +125,7 @@ class EvalConfig:
     max_new_tokens: int = 64  # of the sample; it also stops at the end-of-text token
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -289,8 +293,8 @@ def validate(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     t = cfg.train
-    positive = {"train.batch_size": t.batch_size, "train.micro_batch_size": 1 if t.micro_batch_size == "auto" else
-                t.micro_batch_size,
+    positive = {"train.batch_size": t.batch_size,
+                "train.micro_batch_size": 1 if t.micro_batch_size == "auto" else t.micro_batch_size,
                 "train.max_steps": t.max_steps, "train.keep_last": t.keep_last, "log.interval": cfg.log.interval,
                 "train.ckpt_interval": t.ckpt_interval, "train.eval_batches": t.eval_batches,
                 "train.dist_timeout_s": t.dist_timeout_s, "train.max_consecutive_skips": t.max_consecutive_skips}
@@ -321,7 +325,7 @@ def validate(cfg: Config) -> None:
                           f"not all zero; got {w}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Derived:
     world_size: int
     micro_batch: int
@@ -330,16 +334,14 @@ class Derived:
 
     def banner(self, cfg: Config) -> str:
         t = cfg.train
-        return (f"global batch {t.batch_size} seqs = micro batch {self.micro_batch} x grad accum "
-                f"{self.grad_accum} x world size {self.world_size}; {self.batch_tokens:,} tokens/step "
-                f"(block_size {cfg.model.block_size}); {t.max_steps} steps = "
-                f"{self.batch_tokens * t.max_steps:,} tokens")
+        return (f"global batch {t.batch_size} seqs = micro batch {self.micro_batch} x grad accum {self.grad_accum} "
+                f"x world size {self.world_size}; {self.batch_tokens:,} tokens/step (block_size "
+                f"{cfg.model.block_size}); {t.max_steps} steps = {self.batch_tokens * t.max_steps:,} tokens")
 
 
 def derive(cfg: Config, world_size: int = 1, micro: int | None = None) -> Derived:
     """The one place where numbers that follow from the config are computed. `micro`: the micro batch when
-    train.micro_batch_size is auto (plan.micro_batch picks it by memory); without one, auto takes the whole batch
-    of a rank (no accumulation)."""
+    train.micro_batch_size is auto (plan.micro_batch picks it by memory); without it, a rank's whole batch."""
     t = cfg.train
     if t.batch_size % world_size:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of the world size ({world_size})")
@@ -352,6 +354,37 @@ def derive(cfg: Config, world_size: int = 1, micro: int | None = None) -> Derive
                           f"({micro}) x world size ({world_size})"
                           + ("" if t.micro_batch_size != "auto" else " (auto chose it)"))
     return Derived(world_size, micro, t.batch_size // per_step, t.batch_size * cfg.model.block_size)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A config resolved for this process on this machine, made once at start-up (plan.resolve) and never changed:
+    `cfg` is the loaded config with every value that depends on the machine or the data decided (precision,
+    compile, micro batch, the data's vocab, train.init_from's model shape); the rest is what the config does
+    not say. The loaded config itself is never written. config.yaml, run_info.json and the checkpoints keep it."""
+    cfg: Config
+    device: torch.device
+    precision: Precision  # its reason (and on CPUs the measured BF16 speed-up) is for the banner
+    ops: Ops  # the kernels the model is built with
+    mode: str  # none | ddp | fsdp
+    rank: int
+    batch: Derived
+
+    @property
+    def world_size(self) -> int:
+        return self.batch.world_size
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch.grad_accum
+
+    def info(self) -> dict:
+        """What was resolved, for run_info.json."""
+        t = self.cfg.train
+        return {"world_size": self.world_size, "precision": t.precision, "precision_reason": self.precision.reason,
+                "matmul_speedup": self.precision.speedup, "compile": t.compile, "parallel": self.mode,
+                "micro_batch_size": t.micro_batch_size, "grad_accum": self.grad_accum,
+                "vocab_size": self.cfg.model.vocab_size, "kernels": dict(self.ops.names)}
 
 
 def to_dict(cfg: Config) -> dict:

@@ -24,6 +24,7 @@ import checkpoint
 import config
 import hardware
 import kernels
+from parallel import print0
 
 MEMORY_VIZ = "https://pytorch.org/memory_viz"
 HISTORY_STEPS = 3  # CUDA: allocation history is recorded over the first steps of each start (see StepProfiler)
@@ -32,21 +33,19 @@ HISTORY_ENTRIES = 100_000  # the allocator keeps the last this many alloc/free e
 
 class StepProfiler:
     """train.profile=N: a torch.profiler trace of N training steps on each rank, and on CUDA the allocator's
-    memory history, written when the N steps are done; training then goes on (it is a look, not a stop: the
-    run's schedule and checkpoints are as without it, only those steps run slower). The first SKIP steps of each
-    start are not traced: the first compiles and allocates everything once, and in the next the profiler warms
-    up (its start-up cost would otherwise land in the first traced step).
+    memory history, written when the N steps are done; training then goes on, its schedule and checkpoints as
+    without it (only those steps run slower). The first SKIP steps of each start are not traced: the first compiles
+    and allocates everything once, and in the next the profiler warms up (its start-up cost is not traced).
 
     On CUDA the allocator also records its history (each alloc/free with its Python stack, no C++ frames: cheap)
-    from the start of the loop for the first HISTORY_STEPS steps, where most out-of-memory errors happen (the
-    first step allocates the optimizer state, the largest activations and the loss's logits), so that the
-    snapshot of one (`out_of_memory`) shows which line allocated what; later steps run without it.
-
-    `step()` goes at the top of each iteration; with train.profile=0 and off CUDA it returns at its first test."""
+    from the start of the loop for the first HISTORY_STEPS steps, where most out-of-memory errors happen (optimizer
+    state, the largest activations and the logits are first allocated there), so that the snapshot of one
+    (`out_of_memory`) shows which line allocated what. `step()` goes at the top of each iteration; with
+    train.profile=0 and off CUDA it returns at its first test."""
     SKIP = 2
 
-    def __init__(self, t: config.TrainConfig, device: torch.device, rank: int, start_step: int, say):
-        self.steps, self.rank, self.say = t.profile, rank, say
+    def __init__(self, t: config.TrainConfig, device: torch.device, rank: int, start_step: int):
+        self.steps, self.rank = t.profile, rank
         self.folder = os.path.join(t.out_dir, "profile")
         self.on_cuda = self.recording = device.type == "cuda"  # recording: the allocator's history
         self.at = start_step  # the (1-based) step the current iteration trains, as the log numbers them
@@ -98,7 +97,7 @@ class StepProfiler:
         if self.prof is not None:  # the run ended inside the traced steps (or before them)
             self._close()
             if not self.traced:
-                self.say(f"train.profile: the run ended before step {self.first}, the first one traced (the first "
+                print0(f"train.profile: the run ended before step {self.first}, the first one traced (the first "
                          f"{self.SKIP} steps of each start are skipped); nothing was profiled")
         if self.recording:
             torch.cuda.memory._record_memory_history(enabled=None)
@@ -125,7 +124,7 @@ class StepProfiler:
             return
         last, self.export_s = self.first + self.traced - 1, time.perf_counter() - t0
         steps = f"step{'s' if self.traced > 1 else ''} {self.first}" + (f"-{last}" if last > self.first else "")
-        self.say(f"profile: {steps} traced, written in {self.export_s:.1f} s to {self.folder}/, one set per rank: "
+        print0(f"profile: {steps} traced, written in {self.export_s:.1f} s to {self.folder}/, one set per rank: "
                  f"rank{self.rank}.trace.json.gz (open it in https://ui.perfetto.dev or chrome://tracing; memory "
                  f"events included), rank{self.rank}.ops.txt (the ops by time)"
                  + (f", rank{self.rank}.memory.pickle (every allocation, with its stack: drag it onto {MEMORY_VIZ})"
@@ -133,10 +132,12 @@ class StepProfiler:
 
 
 def smaller_micro_batch(micro: int, t: config.TrainConfig, world: int) -> int | None:
-    """The largest micro batch of at most half of `micro` that still divides the global batch per rank; None when
-    it is 1 already."""
+    """The largest micro batch of at most half of `micro` that divides the batch per rank; None when it is 1."""
     per_rank = t.batch_size // world
     return next((m for m in range(micro // 2, 0, -1) if per_rank % m == 0), None)
+
+
+SETUP = {"parallelize": "the model", "build": "the optimizer", "restore": "the resume"}  # where setup ran out
 
 
 def plan_command(cfg: config.Config, world: int, device: torch.device, fix: list[str]) -> str:
@@ -148,19 +149,19 @@ def plan_command(cfg: config.Config, world: int, device: torch.device, fix: list
     return "python " + shlex.join(args)
 
 
-def out_of_memory(error: torch.OutOfMemoryError, cfg: config.Config, device: torch.device, rank: int, world: int,
-                  step: int, mode: str, peak_gb: float) -> int:
+def out_of_memory(error: torch.OutOfMemoryError, run: config.Run, step: int, peak_gb: float,
+                  ops: kernels.Ops | None = None) -> int:
     """After `error` on this rank in step `step` + 1, in the eval or save after step `step`, or while building the
-    model, its optimizer or resuming (`mode`: the wrap, or train.parallel when it is not decided yet): on CUDA write the
-    allocator's snapshot to out_dir/oom_rankR.pickle, then print on stderr, without a traceback, the memory in use,
-    what to lower and the plan.py command that checks it (`peak_gb`: train.py's memory figure, the peak RSS on a
-    CPU). Nothing is saved (the step's state is half done); returns the exit code, 1. Every rank that runs out
-    prints (it need not be rank 0)."""
-    t = cfg.train
-    micro = t.batch_size // world if t.micro_batch_size == "auto" else t.micro_batch_size  # auto: not resolved yet
+    model, its optimizer or resuming: on CUDA write the allocator's snapshot to out_dir/oom_rankR.pickle, then
+    print on stderr, without a traceback, the memory in use, what to lower and the plan.py command that checks it
+    (`peak_gb`: train.py's memory figure, the peak RSS on a CPU; `ops`: the model's, run.ops unless it fell back).
+    Nothing is saved (the step's state is half done); returns the exit code, 1. Every rank that runs out prints."""
+    cfg, device, rank, world, mode = run.cfg, run.device, run.rank, run.world_size, run.mode
+    t, ops = cfg.train, ops or run.ops
+    micro = t.micro_batch_size
     who = f"rank {rank} " if world > 1 else ""
     calls = {frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)}
-    setup = sorted(calls & {"setup_model", "make_optimizer", "restore"})
+    setup = [what for fn, what in SETUP.items() if fn in calls]
     where = (f"setting up the run ({', '.join(setup)})" if setup else
              f"in the eval after step {step}" if "run_eval" in calls else
              f"saving the checkpoint of step {step}" if "save" in calls else f"in step {step + 1}")
@@ -184,7 +185,7 @@ def out_of_memory(error: torch.OutOfMemoryError, cfg: config.Config, device: tor
     else:
         lines.append(f"memory: peak {peak_gb:.2f} GB")
     fixes = []
-    if kernels.ACTIVE["loss"] in (kernels.compiled_loss, kernels.plain_loss):  # train.loss auto chose it, or asked
+    if ops.loss in (kernels.compiled_loss, kernels.plain_loss):  # train.loss auto chose it, or asked
         tokens = micro * cfg.model.block_size
         fixes.append(("train.loss=chunked", f"the loss now holds a micro-batch's full logits ({tokens:,} x "
                       f"{cfg.model.padded_vocab_size:,}); chunked holds one chunk of them at a time"))

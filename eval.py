@@ -13,12 +13,13 @@ import json
 import math
 import os
 import sys
+import time
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-from config import at_least
+from config import ConfigError, at_least
 from loader import eval_batches, token_bytes
 
 
@@ -153,12 +154,99 @@ def run_tasks(lm, tasks: list[str], num_fewshot: int | None = None, limit: float
             for task, metrics in res["results"].items()}
 
 
+# ----------------------------------------------------------------------------- while training (train.py)
+
+def run_eval(model, run, step: int, tokens: int, metrics) -> float:
+    """Validation loss and bits per byte on the first eval_batches micro-batches of each val split, with the
+    uncompiled model (eval mode and a logits-only graph would each cost a recompile); returns the seconds taken."""
+    from parallel import print0
+    from services import finite
+    cfg, t0 = run.cfg, time.perf_counter()
+    t = cfg.train
+    res = evaluate(model, cfg.data.datasets, cfg.model.block_size, cfg.model.vocab_size, t.micro_batch_size,
+                   run.device, max_tokens=t.eval_batches * t.micro_batch_size * cfg.model.block_size,
+                   autocast=run.precision.autocast(run.device), rank=run.rank, world=run.world_size)
+    model.train()
+    metrics.log({"step": step, "tokens": tokens, "val_loss": finite(res["loss"]), "val_bpb": finite(res["bpb"])})
+    print0(f"step {step:>6} | val loss {res['loss']:.4f} | val bpb {res['bpb']:.4f} "
+        f"({res['tokens']:,} tokens, {time.perf_counter() - t0:.1f} s)", flush=True)
+    return time.perf_counter() - t0
+
+
+class LiveEval:
+    """eval.*: lm-eval tasks (eval.py's adapter) and a greedy sample from eval.prompt, logged as one row: numbers
+    as `task/metric`, the text as `sample`. Every rank does the same work and rank 0 logs it, so the ranks come
+    back together (none waits in a collective for a rank-0-only eval, which could pass train.dist_timeout_s);
+    under FSDP2 the model is first gathered whole on each rank (`whole_model`), so the forwards inside make no
+    collective calls and ranks that generate different numbers of tokens cannot hang each other."""
+
+    def __init__(self, run, model):
+        """Load the tokenizer and, for eval.tasks, lm-eval's task index (seconds); raises ConfigError for a task
+        name it does not know, before the first step."""
+        cfg = run.cfg
+        self.cfg, self.model, self.device, self.mode = cfg, model, run.device, run.mode
+        self.autocast = run.precision.autocast(run.device)
+        self.tok = self.lm = self.tasks = None
+        e = cfg.eval
+        if not e.interval or not (e.tasks or e.prompt is not None):
+            return
+        # out_dir/tokenizer is a copy of this one, written by rank 0 alone (maybe on another node)
+        from tokenizer import load_tokenizer
+        self.tok = load_tokenizer(cfg.data.datasets[0])
+        if e.tasks:
+            from lm_eval.tasks import TaskManager
+            self.tasks = TaskManager(include_path=e.include_path)
+            unknown = [name for name in e.tasks if not self.tasks.match_tasks([name])]
+            if unknown:
+                raise ConfigError(f"eval.tasks: lm-eval knows no task {', '.join(unknown)}"
+                                         + (f" (nor {e.include_path})" if e.include_path else ""))
+            self.lm = harness_lm(model, self.tok, run.device, cfg.train.micro_batch_size, self.autocast)
+
+    def run(self, step: int, tokens: int, metrics) -> float:
+        """Evaluate and log at `step`; returns the seconds taken (kept out of the throughput)."""
+        from parallel import print0, whole_model
+        from services import finite
+        if self.tok is None:
+            return 0.0
+        e, t0, row = self.cfg.eval, time.perf_counter(), {"step": step, "tokens": tokens}
+        # eager: the compiled blocks (FSDP) would recompile for every new shape
+        with whole_model(self.model, self.mode, self.cfg.train.reshard_after_forward), \
+                torch.compiler.set_stance("force_eager"):
+            self.model.eval()
+            if self.lm is not None:
+                try:
+                    res = run_tasks(self.lm, e.tasks, e.num_fewshot, e.limit, task_manager=self.tasks)
+                    row.update({f"{task}/{name.removesuffix(',none')}": finite(float(v))
+                                for task, scores in res.items() for name, v in scores.items()})
+                except Exception as err:  # a benchmark's hiccup (a download, a task's bug) must not end the run
+                    print0(f"step {step:>6} | warning: eval.tasks failed: {type(err).__name__}: {err}", flush=True)
+            if e.prompt is not None:
+                row["sample"] = self.sample(e.prompt)
+            self.model.train()
+        metrics.log(row)
+        scores = " | ".join(f"{k} {v:.4f}" for k, v in row.items() if "/" in k and v is not None)
+        print0(f"step {step:>6} | {scores + ' | ' if scores else ''}{time.perf_counter() - t0:.1f} s"
+            + (f" | sample {row['sample']!r}" if "sample" in row else ""), flush=True)
+        return time.perf_counter() - t0
+
+    def sample(self, prompt: str) -> str:
+        """The prompt and its greedy continuation (eval.max_new_tokens at most), cut where a document ends."""
+        tok = self.tok
+        idx = torch.tensor([tok.start_ids + tok.encode(prompt)], device=self.device)
+        with self.autocast:
+            new = self.model.generate(idx, self.cfg.eval.max_new_tokens, temperature=0, stop_token=tok.eot_id)
+        new = new[0, idx.size(1):].tolist()
+        ends = [i for i, t in enumerate(new) if t in tok.end_ids]
+        return prompt + tok.decode(new[:ends[0]] if ends else new)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", help="run folder (uses its latest checkpoint) or a step_NNNNNN folder")
     p.add_argument("--data", action="append", help="prepared dataset folder (repeatable); default: the run's")
     p.add_argument("--split", default="val")
-    p.add_argument("--max_tokens", type=at_least(1), default=None, help="stop after this many scored tokens per dataset")
+    p.add_argument("--max_tokens", type=at_least(1), default=None,
+                   help="stop after this many scored tokens per dataset")
     p.add_argument("--batch_size", type=at_least(1), default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
@@ -189,7 +277,7 @@ def main(argv: list[str]) -> int:
         print(f"warning: {precision.warning}", file=sys.stderr)
     autocast = precision.autocast(device)
     import kernels
-    kernels.configure("auto", "auto", device, precision.dtype)  # train.py's kernel choice for this machine
+    model.set_ops(kernels.configure("auto", "auto", device, precision.dtype))  # train.py's choice for this machine
     if args.tasks:
         from tokenizer import load_tokenizer
         tok = load_tokenizer(checkpoint.tokenizer_dir(path, cfg))

@@ -42,8 +42,7 @@ def hf_config(cfg: GPTConfig, eot_id: int | None = None, bos_id: int | None = No
         elif cfg.mlp_kind == "relu2":
             kind = {"architectures": ["ArceeForCausalLM"], "model_type": "arcee", "mlp_bias": False,
                     "hidden_act": "relu2"}
-        return {**kind, "hidden_size": cfg.n_embd,
-                "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layer,
+        return {**kind, "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layer,
                 "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
                 "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
                 "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
@@ -278,10 +277,9 @@ def export_hf(model: GPT, dst: str, tokenizer_dir: str | None = None) -> None:
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(hf_config(model.cfg, meta.get("eot_id"), meta.get("bos_id")), f, indent=1)
     save_file(to_hf(model), os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-    if has_tok:
-        if not export_tokenizer(tokenizer_dir, dst, model.cfg.block_size):
-            print(f"note: the tokenizer in {tokenizer_dir} has no transformers form; exported weights only",
-                  file=sys.stderr)
+    if has_tok and not export_tokenizer(tokenizer_dir, dst, model.cfg.block_size):
+        print(f"note: the tokenizer in {tokenizer_dir} has no transformers form; exported weights only",
+              file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:

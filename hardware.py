@@ -19,6 +19,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+
+import kernels
 
 
 class HardwareError(ValueError):
@@ -34,9 +37,8 @@ class GPU:
 
 
 # Dense peaks from the vendors' data sheets (TF32 is half of BF16 on every Ampere and Hopper part here; V100 and T4
-# have no TF32, so FP32 runs on their CUDA cores). Device names do not say SXM vs PCIe reliably everywhere: bench.py's
-# --peak-tflops and plan.py's --gpu override. The NVL cards (two linked PCIe boards) are named before their SXM
-# namesakes, which their names contain.
+# have no TF32, so FP32 runs on their CUDA cores). Device names do not always say SXM vs PCIe: bench.py's
+# --peak-tflops and plan.py's --gpu override. NVL cards (two linked PCIe boards) come before their SXM namesakes.
 GPUS = {"h100-pcie": GPU("H100 PCIe", 80, 756, 378), "h800-pcie": GPU("H800 PCIe", 80, 756, 378),
         "h100-nvl": GPU("H100 NVL", 94, 835, 418), "h200-nvl": GPU("H200 NVL", 141, 835, 418),
         "h100": GPU("H100", 80, 989, 495), "h800": GPU("H800", 80, 989, 495), "h200": GPU("H200", 141, 989, 495),
@@ -97,7 +99,7 @@ def cpu_flags() -> set[str]:
 def cpu_bf16_instructions() -> tuple[bool, str]:
     """(whether this CPU has instructions that compute BF16 matmuls natively, a label for the banner). x86:
     AMX-BF16 or AVX512-BF16; Arm: the BF16 extension. oneDNN's "BF16 supported" is no such signal: it is also
-    true where BF16 runs converted in software on plain AVX-512, 3.5x slower than FP32 (FACTS.md)."""
+    true where BF16 runs converted in software on plain AVX-512, several times slower than FP32."""
     flags = cpu_flags()
     if "amx_bf16" in flags:
         return True, "AMX"
@@ -133,9 +135,8 @@ def _best_time(fn, budget_s: float) -> float:
 @functools.cache
 def matmul_speedup(dtype: torch.dtype = torch.bfloat16, width: int = 256) -> float:
     """How many times faster a CPU matmul runs in `dtype` than in FP32 here: (512, w) @ (w, w) with w the model's
-    width clamped to [256, 1024], the best of each within ~40 ms. A CPU that converts BF16 in software shows it
-    at w=256 already (0.02-0.3x), so wider shapes are timed only where that first probe is not far behind.
-    Measured once per process and shape."""
+    width clamped to [256, 1024], the best of each within ~40 ms, once per process and shape. A CPU that converts
+    BF16 in software is far behind at w=256 already, so wider shapes are timed only where that probe is not."""
     def ratio(w: int) -> float:
         gen = torch.Generator().manual_seed(0)
         a, b = torch.randn(512, w, generator=gen), torch.randn(w, w, generator=gen)
@@ -220,8 +221,7 @@ def resolve_precision(requested: str, device: torch.device, width: int = 256) ->
     if requested == "auto":
         if native and speedup >= BF16_MIN_SPEEDUP:
             return Precision("bf16", measured, speedup=speedup)
-        return Precision("fp32", measured if not native else f"{measured}, under {BF16_MIN_SPEEDUP}x",
-                         speedup=speedup)
+        return Precision("fp32", measured if not native else f"{measured}, under {BF16_MIN_SPEEDUP}x", speedup=speedup)
     warning = None
     if speedup < BF16_MIN_SPEEDUP:
         auto = "bf16" if native and matmul_speedup(torch.bfloat16, width) >= BF16_MIN_SPEEDUP else "fp32"
@@ -239,10 +239,24 @@ def describe(p: Precision) -> str:
     return f"precision {p.name}: {p.reason}"
 
 
+def resolve(t, local_rank: int, width: int) -> tuple[torch.device, Precision, bool]:
+    """train.device, train.precision (for a model of hidden size `width`) and train.compile on this machine:
+    (device, Precision, compile). On CPUs under torchrun, rank 0's timed probe decides for every rank (ranks
+    sharing the cores would time differently). Raises HardwareError."""
+    device = pick_device(t.device, local_rank)
+    precision = resolve_precision(t.precision, device, width)
+    if device.type == "cpu" and dist.is_initialized():
+        shared = [precision]
+        dist.broadcast_object_list(shared, src=0)
+        precision = shared[0]
+    if precision.name == "fp8" and (why := kernels.float8_supported(device)):
+        raise HardwareError(f"train.precision=fp8: {why}")
+    return device, precision, resolve_compile(t.compile, device)
+
+
 def resolve_compile(requested, device: torch.device) -> bool:
-    """train.compile: True/False as configured; auto compiles on CUDA only. On CPUs the first compile of even the
-    tiny model takes about a minute on a fresh machine and wins back only ~10-30 % per step (BENCHMARKS.md), so a
-    short CPU run finishes sooner eager; long CPU runs can ask for it."""
+    """train.compile: True/False as configured; auto compiles on CUDA only. On CPUs a cold compile of even the
+    tiny model costs more than it wins back per step in a short run (BENCHMARKS.md); long CPU runs can ask for it."""
     if requested == "auto":
         return device.type == "cuda"
     return bool(requested)

@@ -9,28 +9,27 @@
                slower there; in FP32 it wins)
 
 The loss under `train.loss: auto`: with torch.compile on and the full logits within the memory plan, the plain
-loss compiled (inductor fuses the log-softmax, the target gather and the gradient into passes over BF16 logits; as
-nanoGPT does). At GPT-2's vocab on CPU in BF16 it took 0.59-0.76x the eager plain loss's time and a quarter of its
-memory, and a compiled step with it ran 1.44x one with the chunked loss (a graph break; BENCHMARKS.md). Otherwise
-chunked, which never holds all (N, V) FP32 logits (on CPUs in cache-sized chunks).
+loss compiled (inductor fuses the log-softmax, the target gather and the gradient into passes over BF16 logits, as
+nanoGPT does); otherwise chunked, which never holds all (N, V) FP32 logits (on CPUs in cache-sized chunks).
+BENCHMARKS.md has what each choice measured.
 
 The `torch_*` functions are the reference: they define the maths every other backend must reproduce
 (tests/test_kernels.py). Optional packages are imported only when chosen; asking for a missing one is an
-error that names the pip line. `configure()` is called once at start-up; the model reads `ACTIVE`, and a backend
-that fails at the first step is swapped for `FALLBACK` (train.py). `train.loss` overrides the loss alone
-(`plain` materialises the FP32 logits: the reference).
+error that names the pip line. `configure()` returns the choice as an `Ops` value that the model is built with;
+nothing here is written after import. `train.loss` overrides the loss alone (`plain`, the FP32 logits: the reference).
 """
 import functools
 import importlib
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 PIP = {"flash_attn": "pip install flash-attn --no-build-isolation",
        "flash_attn_interface": "build FlashAttention-3 from the hopper/ folder of the flash-attention repository",
-       "liger_kernel": "pip install liger-kernel",
-       "torchao": "pip install torchao"}
+       "liger_kernel": "pip install liger-kernel", "torchao": "pip install torchao"}
 
 
 class KernelError(RuntimeError):
@@ -55,9 +54,8 @@ def torch_attention(q, k, v):
 
 def matmul_attention(q, k, v):
     """The same causal attention as explicit matmuls: scores (B, H, T, T) from a pre-scaled q, the causal mask,
-    softmax, weights @ v. On CPUs in BF16/FP16 at short context it is faster than SDPA's CPU flash kernel
-    (fwd+bwd at B16 T256 H4 D64, BF16: 18.5 vs 32.1 ms; BENCHMARKS.md); in FP32 SDPA wins. The score matrix is
-    O(T^2) memory, so `configure()` uses it only up to CPU_MATMUL_ATTENTION_MAX_T."""
+    softmax, weights @ v. On CPUs in BF16/FP16 at short context it beats SDPA's CPU flash kernel; in FP32 SDPA
+    wins (BENCHMARKS.md). The scores are O(T^2) memory: `configure()` uses it up to CPU_MATMUL_ATTENTION_MAX_T."""
     B, T, H, D = q.shape
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
     if k.size(1) != H:  # GQA: each K/V head serves H / H_kv query heads
@@ -72,8 +70,7 @@ CPU_MATMUL_ATTENTION_MAX_T = 1024  # past this the (T, T) scores of every head c
 
 def torch_rms_norm(x, weight, eps):
     """RMSNorm, normalised in FP32 (as Hugging Face Llama), output in x's dtype. Eager, F.rms_norm's fused kernel
-    is the faster; under torch.compile the written-out form, which inductor fuses with the ops around it (CPU,
-    tiny.yaml BF16: 5,300 vs 4,722 tokens/s eager, 5,935 vs 5,459 compiled; BENCHMARKS.md)."""
+    is faster; under torch.compile the written-out form, which inductor fuses with its neighbours (BENCHMARKS.md)."""
     if not torch.compiler.is_compiling():
         return F.rms_norm(x, (x.size(-1),), weight, eps)
     xf = x.float()
@@ -142,7 +139,7 @@ class ChunkedLoss(torch.autograd.Function):
 CHUNK_LOGITS = 2**26  # logits per chunk of chunked_loss on a GPU (plan.py counts them)
 
 
-@torch.compiler.disable  # traced, its chunk loop ran ~3.5x slower than eager (inductor, CPU); eager it is
+@torch.compiler.disable  # traced by inductor, its chunk loop ran several times slower than eager
 def chunked_loss(h, weight, targets, chunk: int | None = None):
     """Same value and gradients as `plain_loss`, holding one chunk of FP32 logits at a time (by default
     ~2^26 logits: 256 MB in FP32, a chunk of 1,334 rows at a 50k vocab, still a large GEMM)."""
@@ -151,10 +148,9 @@ def chunked_loss(h, weight, targets, chunk: int | None = None):
 
 @torch.compiler.disable
 def cpu_chunked_loss(h, weight, targets):
-    """The chunked loss with chunks of ~2^21 logits (8 MB in FP32: 256 rows at an 8k vocab), which stay in a CPU's
-    cache between the GEMM, the softmax and the two gradient GEMMs: fwd+bwd of 4096 rows x 8192 vocab took 202 ms
-    against 346 ms for the plain loss in BF16, 387 vs 483 ms in FP32 (BENCHMARKS.md). At least 512 rows: each
-    chunk also adds its (V, d) FP32 dW, which at GPT-2's vocab made 128-row chunks 1.4x slower (BENCHMARKS.md)."""
+    """The chunked loss with chunks of ~2^21 logits (8 MB in FP32: 256 rows at an 8k vocab), which stay in a CPU's cache
+    between the GEMM, the softmax and the two gradient GEMMs, faster than the plain loss in BF16 and FP32. At least 512
+    rows: each chunk also adds its (V, d) FP32 dW, which makes small chunks slow at GPT-2's vocab (BENCHMARKS.md)."""
     return ChunkedLoss.apply(h, weight, targets, max(512, 2**21 // weight.size(0)))
 
 
@@ -168,7 +164,7 @@ def compiled_loss(h, weight, targets):
 
 @functools.cache
 def _compiled_plain_loss():
-    return torch.compile(plain_loss)  # on first use: torch.compile imports inductor (~0.7 s)
+    return torch.compile(plain_loss)  # on first use: torch.compile imports inductor, which takes a while
 
 
 # ----------------------------------------------------------------------------- optional backends
@@ -195,7 +191,7 @@ def _flash_rope(mod):
 
 
 # liger's Triton kernels run outside torch.compile's graphs (torch.compiler.disable): on torch 2.11 dynamo failed to
-# trace them and fake tensors broke its fused loss (`addmm(out_dtype=..., out=...)`; an H200, issue 17)
+# trace them and fake tensors broke its fused loss (`addmm(out_dtype=..., out=...)`; on an H200)
 
 def _liger_rms_norm(mod):
     @torch.compiler.disable
@@ -228,8 +224,7 @@ def _liger_loss(mod):
         kind = h.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
         with torch.autocast(kind, enabled=False):
-            out = mod.liger_fused_linear_cross_entropy(h.to(dtype), weight.to(dtype), targets, ignore_index=-1,
-                                                       **accum)
+            out = mod.liger_fused_linear_cross_entropy(h.to(dtype), weight.to(dtype), targets, ignore_index=-1, **accum)
         out = out[0] if isinstance(out, tuple) else out
         return out.float()
     return loss
@@ -243,9 +238,31 @@ def _short_context_matmul_attention(q, k, v):
     return torch_attention(q, k, v)
 
 
-TORCH = {"attention": torch_attention, "rms_norm": torch_rms_norm, "rope": torch_rope_qk, "loss": chunked_loss}
-ACTIVE = dict(TORCH)  # what the model calls; set by configure()
-FALLBACK, FALLBACK_NAMES = dict(TORCH), {}  # torch's kernels and the chunked loss (configure)
+@dataclass(frozen=True)
+class Ops:
+    """The hot ops a model calls, chosen once per run and handed to the model when it is built (`GPT(cfg, ops)`): each
+    has its reference's signature. `names` say which backend each is, for the banner; `fallback` is what a backend that
+    fails at the first step is replaced by (torch's kernels, the chunked loss), None where these are already that."""
+    attention: Callable
+    rms_norm: Callable
+    rope: Callable
+    loss: Callable
+    names: dict = field(default_factory=lambda: {"attention": "torch", "rms_norm": "torch", "rope": "torch",
+                                                  "loss": "chunked"})
+    fallback: "Ops | None" = None
+
+    def describe(self) -> str:
+        return ", ".join(f"{op} {name}" for op, name in self.names.items())
+
+    def replaced(self) -> dict[str, str]:
+        """{op: the fallback's name} for each op the fallback replaces."""
+        if self.fallback is None:
+            return {}
+        return {op: self.fallback.names[op] for op in self.names
+                if getattr(self, op) is not getattr(self.fallback, op)}
+
+
+REFERENCE = Ops(torch_attention, torch_rms_norm, torch_rope_qk, chunked_loss)  # plain PyTorch, the chunked loss
 
 
 def _flash_attention_module():
@@ -265,27 +282,25 @@ def _installed(backend: str) -> bool:
 
 
 def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32, compiled: bool = False, logits_fit: bool = False) -> dict[str, str]:
-    """Choose one implementation per op for this process; returns {op: backend name} for the start-up log.
+              dtype: torch.dtype = torch.float32, compiled: bool = False, logits_fit: bool = False) -> Ops:
+    """Choose one implementation per op for a run: returns the Ops the model is built with.
 
     `kernels` is auto | torch | flash | liger; `loss` is auto | compiled | chunked | plain | liger. `compiled`:
     the training step runs under torch.compile; `logits_fit`: the memory plan holds the full (tokens, vocab)
-    logits of a micro-batch (train.configure_kernels). Fused kernels need CUDA (flash attention also
-    BF16/FP16): asking for them elsewhere raises KernelError before training. Also sets FALLBACK: torch's
-    kernels and the chunked loss, what a backend that fails at the first step is replaced by.
+    logits of a micro-batch (plan.loss_kind). Fused kernels need CUDA (flash attention also BF16/FP16): asking for
+    them elsewhere raises KernelError before training. The returned ops' `fallback` holds torch's kernels and the
+    chunked loss, what a backend that fails at the first step is replaced by.
     """
     device = torch.device(device)
     cuda, half = device.type == "cuda", dtype in (torch.bfloat16, torch.float16)
-    chosen, names = dict(TORCH), {op: "torch" for op in TORCH} | {"loss": "chunked"}
+    chosen, names = dict(attention=torch_attention, rms_norm=torch_rms_norm, rope=torch_rope_qk,
+                         loss=chunked_loss), dict(REFERENCE.names)
     if device.type == "cpu":
         chosen["loss"], names["loss"] = cpu_chunked_loss, "chunked (cache-sized)"
         if half and kernels in ("auto", "torch"):  # explicit score matrices at short context (see matmul_attention)
             chosen["attention"] = _short_context_matmul_attention
             names["attention"] = f"matmul up to T={CPU_MATMUL_ATTENTION_MAX_T}, then SDPA"
-    FALLBACK.clear()
-    FALLBACK.update(chosen)
-    FALLBACK_NAMES.clear()
-    FALLBACK_NAMES.update(names)
+    fallback = Ops(**chosen, names=dict(names))
     if kernels in ("flash", "liger") and not cuda:
         raise KernelError(f"train.kernels={kernels} needs a CUDA device (this run is on {device.type}); "
                           f"use train.kernels=torch or auto")
@@ -293,10 +308,10 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
         raise KernelError("train.kernels=flash needs BF16 or FP16 (train.precision=bf16)")
 
     # auto takes FlashAttention-3 only: flash-attn 2 is the kernel SDPA already has built in (and on Hopper SDPA can
-    # take cuDNN's, 539 TFLOP/s forward against FA2's 335 and FA3's 616; FACTS.md), so it would add nothing
+    # take cuDNN's, which is faster than FA2's), so it would add nothing
     use_flash = kernels == "flash" or (kernels == "auto" and cuda and half and _installed("flash3"))
-    # auto never takes liger: on torch 2.11 (an H200, issue 17) its fused loss and Triton kernels failed to compile
-    # inside torch.compile, so installing it turned a working run into a crash; train.kernels=liger asks for it
+    # auto never takes liger: on torch 2.11 its fused loss and Triton kernels failed to compile inside
+    # torch.compile, so installing it turned a working run into a crash; train.kernels=liger asks for it
     use_liger = kernels == "liger"
     if use_flash:
         mod, label = _flash_attention_module()
@@ -323,15 +338,8 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
         chosen["loss"], names["loss"] = _liger_loss(_import("liger_kernel.transformers.functional")), "liger fused"
     elif loss == "chunked":
         chosen["loss"], names["loss"] = chunked_loss, "chunked"
-    ACTIVE.update(chosen)
-    return names
-
-
-def fall_back() -> dict[str, str]:
-    """Swap every op that is not FALLBACK's for it (after a failed first step); returns {op: the new name}."""
-    replaced = {op: fn for op, fn in ACTIVE.items() if fn is not FALLBACK[op]}
-    ACTIVE.update(FALLBACK)
-    return {op: FALLBACK_NAMES[op] for op in replaced}
+    ops = Ops(**chosen, names=names)
+    return ops if ops == fallback else Ops(**chosen, names=names, fallback=fallback)
 
 
 def float8_supported(device: torch.device) -> str | None:
@@ -350,8 +358,7 @@ def float8_supported(device: torch.device) -> str | None:
 
 def convert_to_float8(model: torch.nn.Module, fsdp: bool) -> int:
     """Swap the Linear layers of the transformer blocks (not the embedding, not lm_head) for torchao's float8
-    training Linear (dynamic tensorwise scaling); under FSDP2 the weights are also all-gathered in FP8.
-    Returns how many layers were converted."""
+    training Linear (dynamic tensorwise scaling), FP8 all-gathers under FSDP2; returns how many were converted."""
     float8 = _import("torchao.float8")
     config = float8.Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp)
     converted = []
@@ -369,5 +376,3 @@ def convert_to_float8(model: torch.nn.Module, fsdp: bool) -> int:
 def precompute_float8_scales(model: torch.nn.Module) -> None:
     """After each optimizer step under FSDP2 + FP8 all-gather: one all-reduce for all weight scales."""
     _import("torchao.float8").precompute_float8_dynamic_scale_for_fsdp(model)
-
-

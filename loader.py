@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: data/prepare.py's tokenizer workers import this
-    import torch   # module for DataError and the shard checks, and need no torch (~220 MB a process)
+    import torch   # module for DataError and the shard checks, and need no torch (BENCHMARKS.md: its memory)
 
 MASK64 = (1 << 64) - 1
 
@@ -78,7 +78,7 @@ def read_meta(path: str) -> dict:
 def _open_shard(file: str, tokens: int, dtype: str, digest: str | None = None) -> np.ndarray:
     """Memory-map a .npy shard after checking its header and size against meta.json, and its content hash when
     meta.json has one (datasets prepared before hashes existed have none): a changed byte stops here, not in a
-    silently different training run. Hashing reads the shard once (~0.1 s per 100M tokens from the page cache)."""
+    silently different training run. Hashing reads the shard once."""
     try:
         with open(file, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -106,14 +106,14 @@ def _open_shard(file: str, tokens: int, dtype: str, digest: str | None = None) -
 
 
 def verify_dataset(path: str) -> list[str]:
-    """Check every shard of a prepared dataset against meta.json (header, size, hash); returns what it checked.
-    Raises DataError naming the first shard that fails."""
+    """Check every shard of a prepared dataset against meta.json (header, size, hash); returns what it checked,
+    or raises DataError naming the first shard that fails."""
     meta, checked = read_meta(path), []
     for split, info in meta.get("splits", {}).items():
         for s in info["shards"]:
             _open_shard(os.path.join(path, s["file"]), s["tokens"], meta["dtype"], s.get("xxh3"))
-            checked.append(f"{split}/{s['file']}: {s['tokens']:,} tokens" + (", hash ok" if "xxh3" in s else
-                                                                              ", no hash in meta.json"))
+            checked.append(f"{split}/{s['file']}: {s['tokens']:,} tokens"
+                           + (", hash ok" if "xxh3" in s else ", no hash in meta.json"))
     return checked
 
 
@@ -174,8 +174,8 @@ class TrainLoader:
         self.cum_weights = np.cumsum(w / w.sum())
 
     def sample_ids(self, step: int, micro_step: int) -> np.ndarray:
-        """Global sample indices of this rank's micro-batch; their union over ranks and micro-steps is the same
-        set for every world size with the same global batch."""
+        """Global sample indices of this rank's micro-batch; over ranks and micro-steps, the same set for every
+        world size with the same global batch."""
         global_batch = self.mb * self.accum * self.world
         first = step * global_batch + (micro_step * self.world + self.rank) * self.mb
         return np.arange(first, first + self.mb, dtype=np.uint64)
@@ -213,8 +213,7 @@ def eval_batches(path: str, split: str, block_size: int, batch_size: int, max_to
     Windows start at 0, T, 2T, ... within each shard, so every token but a shard's first is a target exactly
     once; short windows and the last batch are padded with x=0, y=-1 (ignored). Stops once max_tokens targets
     are covered (whole windows). Batch i goes to rank i % world_size; a rank left one short gets an all-padding
-    batch, so every rank runs the same number of forwards (FSDP's gathers need all ranks).
-    """
+    batch, so every rank runs the same number of forwards (FSDP's gathers need all ranks)."""
     import torch
     data = TokenSplit(path, split, vocab_size)
     T = block_size

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import kernels
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPTConfig:
     arch: Literal["llama", "gpt2"] = "llama"
     vocab_size: int | None = None  # None: taken from the data's meta.json
@@ -81,8 +81,7 @@ class GPTConfig:
 
 
 def rope_cache(cfg: GPTConfig, device=None) -> torch.Tensor:
-    """(block_size, 2, head_dim) cos/sin table in the rotate-half layout, always computed and kept in FP32
-    (BF16 angles lose positions)."""
+    """(block_size, 2, head_dim) cos/sin table, rotate-half layout, always in FP32 (BF16 angles lose positions)."""
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
     angles = torch.outer(torch.arange(cfg.block_size, device=device, dtype=torch.float32), inv_freq)
@@ -111,6 +110,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    ops = kernels.REFERENCE  # GPT.set_ops hands every module the run's choice
+
     def __init__(self, cfg: GPTConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
@@ -132,9 +133,9 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = kernels.ACTIVE["rope"](q, k, rope)
+            q, k = self.ops.rope(q, k, rope)
         if cache is None and not (self.training and cfg.dropout):  # the training path: the chosen kernel
-            return self.o_proj(kernels.ACTIVE["attention"](q, k, v).reshape(B, T, -1))
+            return self.o_proj(self.ops.attention(q, k, v).reshape(B, T, -1))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         start = 0
         if cache is not None:
@@ -145,9 +146,9 @@ class Attention(nn.Module):
             causal = False
             if T > 1:
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and T > 1,
-            dropout_p=cfg.dropout if self.training else 0.0, enable_gqa=cfg.kv_heads != cfg.n_head)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+                                           dropout_p=cfg.dropout if self.training else 0.0,
+                                           enable_gqa=cfg.kv_heads != cfg.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -170,13 +171,15 @@ class MLP(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    ops = kernels.REFERENCE
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return kernels.ACTIVE["rms_norm"](x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
@@ -200,7 +203,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    ops = kernels.REFERENCE
+
+    def __init__(self, cfg: GPTConfig, ops: kernels.Ops = kernels.REFERENCE):
+        """`ops`: the attention, RMSNorm, RoPE and loss kernels (kernels.configure); plain PyTorch by default."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -219,6 +225,13 @@ class GPT(nn.Module):
         if device.type != "meta":
             self.to_empty(device=device)
         self.init_weights()
+        self.set_ops(ops)
+
+    def set_ops(self, ops: kernels.Ops) -> None:
+        """Run on `ops` from now on (after a failed first step: their fallback); compiled graphs need a recompile."""
+        for m in self.modules():
+            if isinstance(m, (GPT, Attention, RMSNorm)):
+                m.ops = ops
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, assign=None) -> None:
@@ -228,8 +241,7 @@ class GPT(nn.Module):
         init_std / sqrt(2 * n_layer) so the residual stream's variance does not grow with depth (GPT-2);
         biases 0, norm weights 1. Each parameter's full value is drawn from its own generator seeded by
         (seed, name), so the model is the same however it is sharded; `assign(param, full_value)` stores it
-        (a sharded trainer passes one that keeps only the local shard). A no-op on the meta device.
-        """
+        (a sharded trainer passes one that keeps only the local shard). A no-op on the meta device."""
         if self.cfg.tie_embeddings:  # (re)tie: to_empty() gives each module its own new parameter
             self.lm_head.weight = self.embed_tokens.weight
         if self.lm_head.weight.is_meta:
@@ -264,17 +276,15 @@ class GPT(nn.Module):
     def flops_per_token(self) -> float:
         """Training FLOPs per token by PaLM's count (Chowdhery et al. 2022, appendix B): 6*N + 12*L*d*T.
 
-        N counts the parameters that take part in matrix multiplies, lm_head included (embedding lookups and
-        norms do not); 12*L*d*T is attention's QK^T and AV, forward and backward, over the full (non-causal)
-        T x T square as PaLM counts it.
-        """
+        N counts the parameters that take part in matrix multiplies, lm_head included (embedding lookups and norms
+        do not); 12*L*d*T is attention's QK^T and AV, forward and backward, over the full (non-causal) T x T square."""
         cfg = self.cfg
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """idx (B, T) -> logits (B, T, padded_vocab), or the mean FP32 cross-entropy when targets (B, T) are
-        given (target -1 is ignored), computed by the loss kernel `kernels.configure()` chose."""
+        given (target -1 is ignored), computed by the loss of the model's ops."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -294,7 +304,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x)
         # lm_head and the loss in one kernel: the chunked/fused ones never hold all (B*T, V) FP32 logits
-        return kernels.ACTIVE["loss"](x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+        return self.ops.loss(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -305,8 +315,7 @@ class GPT(nn.Module):
         temperature 0 is greedy; top_k keeps the k most likely ids; top_p keeps the smallest set whose
         probability reaches p. A sequence that has produced `stop_token` keeps producing it; the stream ends
         when every sequence has stopped. With `use_cache` a KV cache avoids recomputing the prefix; when the
-        context would pass block_size the window slides and the cache is rebuilt from the last tokens.
-        """
+        context would pass block_size the window slides and the cache is rebuilt from the last tokens."""
         B = idx.size(0)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         cache, fed = None, 0  # tokens of idx already in the cache

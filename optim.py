@@ -15,8 +15,8 @@ a matrix gathers it (FSDP2: one shard from each rank), orthogonalises it and sen
 (FSDP2: its shard; DDP: the whole result), so the iteration runs once per matrix, not once per rank, and each
 rank's momentum buffer keeps the same sharding as its parameter (checkpoints and resharded resumes as for AdamW).
 torch.optim.Muon has the same update for one process (tests/test_optim.py compares them) but orthogonalises
-whatever tensor it is given, a shard included, and always in BF16, which is ~50x slower than FP32 on a CPU
-without native BF16: hence the few lines below.
+whatever tensor it is given, a shard included, and always in BF16, which is far slower than FP32 on a CPU without
+native BF16 (BENCHMARKS.md): hence the few lines below.
 """
 import math
 
@@ -160,9 +160,10 @@ def param_groups(model: nn.Module, t, muon: bool) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build(model: nn.Module, t, device: torch.device, ns_dtype: str = "float32") -> torch.optim.Optimizer:
+def build(model: nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer train.optimizer names; AdamW fused where torch has it (train.fused_optimizer=auto), else
-    torch's default (for-each on GPUs, a loop on CPUs). `ns_dtype`: Muon's Newton-Schulz dtype, by name."""
+    torch's default (for-each on GPUs, a loop on CPUs). Muon's Newton-Schulz runs in BF16 where the run's matmuls
+    do (train.precision bf16 or fp8, as resolved), else in FP32."""
     fused = device.type in ("cuda", "cpu", "mps") if t.fused_optimizer == "auto" else bool(t.fused_optimizer)
     kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
     if t.optimizer == "adamw":
@@ -170,11 +171,35 @@ def build(model: nn.Module, t, device: torch.device, ns_dtype: str = "float32") 
     groups = param_groups(model, t, muon=True)
     for g in groups:
         if g.get("muon"):
-            g["ns_dtype"] = ns_dtype
+            g["ns_dtype"] = "bfloat16" if t.precision in ("bf16", "fp8") else "float32"
     return Muon(groups, **kw)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float, muon_lr: float) -> None:
-    """This step's learning rates: `lr` for the AdamW groups, `muon_lr` for the Muon groups."""
+def lr_at(step: int, t, max_steps: int, peak: float | None = None) -> float:
+    """Learning rate for 0-based `step` of `max_steps`, peaking at `peak` (train.lr): linear warmup, then cosine /
+    linear / warmup-stable-decay / constant down to peak * train.min_lr_ratio."""
+    peak = t.lr if peak is None else peak
+    if step < t.warmup_steps:
+        return peak * (step + 1) / t.warmup_steps
+    min_lr = peak * t.min_lr_ratio
+    if t.schedule == "constant":
+        return peak
+    if t.schedule == "wsd":  # constant, then a linear decay over the last decay_frac of the run
+        start = max(t.warmup_steps, int(max_steps * (1 - t.decay_frac)))
+        if step < start:
+            return peak
+        return peak + (min_lr - peak) * min(1.0, (step - start) / max(1, max_steps - start))
+    progress = min(1.0, (step - t.warmup_steps) / max(1, max_steps - t.warmup_steps))
+    if t.schedule == "linear":
+        return peak + (min_lr - peak) * progress
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - min_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, t, max_steps: int) -> float:
+    """Set `step`'s learning rates: train.lr's schedule for the AdamW groups, the same schedule peaking at
+    train.muon_lr (when set) for the Muon groups. Returns AdamW's."""
+    lr = lr_at(step, t, max_steps)
+    muon_lr = lr_at(step, t, max_steps, t.muon_lr) if t.muon_lr else lr
     for g in optimizer.param_groups:
         g["lr"] = muon_lr if g.get("muon") else lr
+    return lr

@@ -28,17 +28,14 @@ def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: b
                      checkpointing: bool = False, loss: str = "plain") -> int:
     """Bytes autograd saves for backward in one forward of `tokens` tokens (Llama blocks, no dropout).
 
-    Per layer and token, by the dtype each tensor has (matmul activations a: 2 in BF16, 4 in FP32; residual
-    stream r: FP32 unless the parameters themselves are BF16, as under FSDP2 mixed precision):
-    each RMSNorm computes in FP32 and keeps its FP32 input and normalised input, plus its output as the matmuls
-    see it (autocast casts once per matmul: 3 copies before q/k/v, 2 before gate/up; FP32 or BF16 parameters
-    need 1);
-    attention keeps q, k, v, its output (the o_proj input is a view of it) and a per-head log-sum-exp (no
-    T x T scores with flash/SDPA kernels); the MLP keeps gate, up, silu(gate) and their product.
-    The head keeps the final norm's tensors and, by `loss` (see `loss_kind`): plain, the FP32 log-probabilities
-    (4 bytes per vocab entry); compiled, the logits in the matmul dtype (a); chunked, none of them. Activation
-    checkpointing keeps each block's input and recomputes one block at a time.
-    """
+    Per layer and token, by the dtype each tensor has (matmul activations a: 2 in BF16, 4 in FP32; residual stream r:
+    FP32 unless the parameters themselves are BF16, as under FSDP2 mixed precision): each RMSNorm computes in FP32 and
+    keeps its FP32 input and normalised input, plus its output as the matmuls see it (autocast casts once per matmul: 3
+    copies before q/k/v, 2 before gate/up; FP32 or BF16 parameters need 1); attention keeps q, k, v, its output (the
+    o_proj input is a view of it) and a per-head log-sum-exp (no T x T scores with flash/SDPA kernels); the MLP keeps
+    gate, up, silu(gate) and their product. The head keeps the final norm's tensors and, by `loss` (see `loss_kind`):
+    plain, the FP32 log-probabilities (4 bytes per vocab entry); compiled, the logits in the matmul dtype (a); chunked,
+    none of them. Activation checkpointing keeps each block's input and recomputes one block at a time."""
     d, kv, f, V = cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim, cfg.padded_vocab_size
     a = 4 if precision == "fp32" else 2
     r = 2 if bf16_params else 4
@@ -55,12 +52,11 @@ def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: b
 def loss_transient_bytes(cfg: GPTConfig, tokens: int, loss: str = "plain", precision: str = "bf16",
                          chunk_logits: int = kernels.CHUNK_LOGITS) -> int:
     """Peak memory the loss adds beyond what it saves: plain (eager), the BF16 logits and the FP32 logits and their
-    gradient; compiled, the logits' gradient in the matmul dtype (inductor fuses the softmax into one pass over
-    the saved logits: on CPU, 2.1-2.3 bytes per logit in all in BF16 and 4.2 in FP32, against the 4 and 8 counted
-    here and in `activation_bytes`; BENCHMARKS.md); chunked (kernels.ChunkedLoss), one chunk of ~chunk_logits
-    logits in FP32 and BF16, then 12 bytes per (V, d) element (the kept FP32 dW, the BF16 copy of the weight, each
-    chunk's BF16 dW product and its FP32 copy), and dh. Within 5 % of what torch's MemTracker measures on CPU
-    (tests/test_kernels.py)."""
+    gradient; compiled, the logits' gradient in the matmul dtype (inductor fuses the softmax into passes over the
+    saved logits and holds less than the 4 and 8 bytes per logit counted here and in `activation_bytes`:
+    BENCHMARKS.md); chunked (kernels.ChunkedLoss), one chunk of ~chunk_logits logits in FP32 and BF16, then 12
+    bytes per (V, d) element (the kept FP32 dW, the BF16 copy of the weight, each chunk's BF16 dW product and its
+    FP32 copy), and dh. Within 5 % of what torch's MemTracker measures on CPU (tests/test_kernels.py)."""
     if loss == "compiled":
         return (4 if precision == "fp32" else 2) * cfg.padded_vocab_size * tokens
     if loss == "chunked":
@@ -84,8 +80,8 @@ def muon_cost(model: GPT, gpus: int) -> dict:
 def loss_kind(cfg: config.Config, gpus: int, mem_gib: float) -> str:
     """How the loss holds a micro-batch's (tokens, vocab) logits, as kernels.configure will choose it: "plain"
     (eager, all of them in FP32), "compiled" (all of them, fused by inductor) or "chunked" (one chunk at a time;
-    liger's too). train.loss auto takes "compiled" when the step is compiled and the configured parallel mode,
-    planned with it, fits in mem_gib; else "chunked"."""
+    liger's too). train.loss auto takes "compiled" when the step is compiled and the configured parallel mode fits
+    in mem_gib with it; else "chunked"."""
     t = cfg.train
     if t.loss in ("plain", "compiled"):
         return t.loss
@@ -113,6 +109,34 @@ def with_micro(cfg: config.Config, micro: int) -> config.Config:
     return replace(cfg, train=replace(cfg.train, micro_batch_size=micro))
 
 
+def parallel_mode(parallel: str, world: int, n_params: int, mem_gib: float, cuda: bool = True) -> str:
+    """'none' on one process; else train.parallel, where auto picks DDP while the FP32 model, its gradients and
+    AdamW's two moments (16 bytes a parameter) take under 40 % of one device's memory (on CPUs always), else FSDP."""
+    if world == 1:
+        return "none"
+    if parallel != "auto":
+        return parallel
+    return "ddp" if not cuda or 16 * n_params < 0.4 * mem_gib * GIB else "fsdp"
+
+
+def resolve(cfg: config.Config, model: GPTConfig, device: torch.device, precision: hardware.Precision,
+            compiled: bool, rank: int, world: int) -> config.Run:
+    """The Run of `cfg` for this process: `model` is the model's resolved shape (train.init_from's, the data's
+    vocab), device, precision and compile come from hardware.resolve; here the micro batch (auto: the largest
+    that fits the device's memory by this plan), the parallel mode and the kernels (the loss by whether the
+    full logits fit) are decided. Raises ConfigError or KernelError."""
+    mem = hardware.memory_gib(device)
+    cfg = replace(cfg, model=model, train=replace(cfg.train, precision=precision.name, compile=compiled))
+    cfg = with_micro(cfg, micro_batch(cfg, world, mem))
+    t = cfg.train
+    fit = t.loss == "auto" and compiled and full_logits(cfg, world, mem)
+    ops = kernels.configure(t.kernels, t.loss, device, precision.dtype, compiled=compiled, logits_fit=fit)
+    with torch.device("meta"):
+        n = GPT(model).num_params()
+    mode = parallel_mode(t.parallel, world, n, mem, device.type == "cuda")
+    return config.Run(cfg, device, precision, ops, mode, rank, config.derive(cfg, world))
+
+
 def full_logits(cfg: config.Config, gpus: int, mem_gib: float) -> bool:
     """Whether the loss holds a micro-batch's full logits (`loss_kind` is plain or compiled)."""
     return loss_kind(cfg, gpus, mem_gib) != "chunked"
@@ -133,8 +157,7 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
     tokens = t.micro_batch_size * m.block_size
     bf16 = t.precision != "fp32"
     loss = loss_kind(cfg, gpus, mem_gib)
-    parallel_mode = "ddp" if t.parallel == "auto" and 16 * n < 0.4 * mem_gib * GIB else t.parallel
-    parallel_mode = "fsdp" if parallel_mode == "auto" else parallel_mode
+    mode_of_run = parallel_mode(t.parallel, max(gpus, 2), n, mem_gib)  # one GPU is planned as DDP's replica
     n_muon = muon_cost(model, gpus)["params"] if t.optimizer == "muon" else 0
     rows = []
     for mode, ac in (("ddp", False), ("fsdp", False), ("fsdp", True)):
@@ -150,13 +173,12 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
         working += loss_transient_bytes(m, tokens, loss, t.precision)
         if n_muon:  # BF16 matrices in flight during Muon's step (received shards to orthogonalise; results)
             working += 2 * 2 * n_muon / gpus if mode == "fsdp" else 2 * n_muon
-        act = activation_bytes(m, tokens, t.precision, bf16_params=mode == "fsdp" and bf16, checkpointing=ac,
-                               loss=loss)
+        act = activation_bytes(m, tokens, t.precision, bf16_params=mode == "fsdp" and bf16, checkpointing=ac, loss=loss)
         total = params + grads + optim + working + act + RESERVED_GIB * GIB
         rows.append({"mode": mode + (" + AC" if ac else ""), "params": params / GIB, "grads": grads / GIB,
                      "optim": optim / GIB, "working": working / GIB, "activations": act / GIB,
                      "total": total / GIB, "fits": total / GIB <= mem_gib,
-                     "configured": (mode, ac) == (parallel_mode, t.activation_checkpointing)})
+                     "configured": (mode, ac) == (mode_of_run, t.activation_checkpointing)})
     step_flops = flops_tok * derived.batch_tokens
     for r in rows:
         r.update(step_tflops=step_flops / 1e12, **{
@@ -187,14 +209,14 @@ def print_plan(cfg: config.Config, gpus: int, gpu: str) -> None:
               f"(~{ns_ms:.1f} ms at 50 % of peak); it moves {mc['fsdp_bytes'] / GIB:.2f} GiB per GPU under FSDP2, "
               f"{mc['ddp_bytes'] / GIB:.2f} GiB under DDP (BF16)")
     print(f"memory per GPU in GiB (micro batch {cfg.train.micro_batch_size} x {cfg.model.block_size} tokens, "
-          f"{cfg.train.precision}, loss {loss_kind(cfg, gpus, mem_gib)}, "
-          f"FSDP reshard_after_forward={cfg.train.reshard_after_forward}; "
-          f"{RESERVED_GIB:.0f} GiB reserved for CUDA/NCCL workspaces; working = gathered/cast weights and the "
-          f"loss's logits):")
+          f"{cfg.train.precision}, loss {loss_kind(cfg, gpus, mem_gib)}, FSDP reshard_after_forward="
+          f"{cfg.train.reshard_after_forward}; {RESERVED_GIB:.0f} GiB reserved for CUDA/NCCL workspaces; working = "
+          f"gathered/cast weights and the loss's logits):")
     print(f"{'mode':<10} {'params':>7} {'grads':>7} {'optim':>7} {'working':>8} {'activ.':>7} {'total':>7}  fits")
     for r in rows:
         print(f"{r['mode']:<10} {r['params']:7.2f} {r['grads']:7.2f} {r['optim']:7.2f} {r['working']:8.2f} "
-              f"{r['activations']:7.2f} {r['total']:7.2f}  {'yes' if r['fits'] else 'NO '}{'  <- the config' if r['configured'] else ''}")
+              f"{r['activations']:7.2f} {r['total']:7.2f}  {'yes' if r['fits'] else 'NO '}"
+              f"{'  <- the config' if r['configured'] else ''}")
 
 
 def measure_saved(model: GPT, tokens: torch.Tensor, precision: str) -> int:
@@ -219,7 +241,7 @@ def measure_saved(model: GPT, tokens: torch.Tensor, precision: str) -> int:
 def check() -> None:
     """Estimate vs measured saved-tensor bytes for a few small shapes (CPU, torch SDPA, unchunked loss); in BF16
     the estimate adds autocast's weight copies, which the plan counts as working memory."""
-    kernels.configure("torch", "plain")  # the estimate's unchunked head; SDPA saves what flash-attn saves
+    ops = kernels.configure("torch", "plain")  # the estimate's unchunked head; SDPA saves what flash-attn saves
     shapes = [dict(n_layer=2, n_embd=256, n_head=4, block_size=256),
               dict(n_layer=4, n_embd=384, n_head=6, n_kv_head=2, block_size=128),
               dict(n_layer=2, n_embd=512, n_head=8, block_size=512, intermediate_size=1024)]
@@ -227,7 +249,7 @@ def check() -> None:
     for s in shapes:
         cfg = GPTConfig(vocab_size=4096, **s)
         torch.manual_seed(0)
-        model = GPT(cfg)
+        model = GPT(cfg, ops)
         x = torch.randint(0, cfg.vocab_size, (4, cfg.block_size))
         for precision in ("fp32", "bf16", "bf16 params"):
             est = activation_bytes(cfg, x.numel(), precision[:4], bf16_params=precision == "bf16 params")

@@ -48,6 +48,8 @@ def main(argv: list[str]) -> int:
     if precision.warning:
         print(f"warning: {precision.warning}", file=sys.stderr)
     autocast = precision.autocast(device)
+    import kernels
+    model.set_ops(kernels.configure("auto", "auto", device, precision.dtype))  # train.py's choice for this machine
     gen = torch.Generator(device=device).manual_seed(args.seed)
     print(f"# {path}", file=sys.stderr)
     for i in range(args.num_samples):

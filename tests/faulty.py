@@ -11,11 +11,12 @@ comma-separated list of
     raise:RANK:STEP    rank RANK raises while loading the batch of step STEP (0-based)
     nan:RANK:A-B       the loss of rank RANK is NaN at 0-based steps A..B
     infgrad:A-B        the loss stays finite but its gradient is infinite at steps A..B
-    skew:RANK:N        rank RANK makes N forwards more than the others in each eval.* sample (train.LiveEval)
+    skew:RANK:N        rank RANK makes N forwards more than the others in each eval.* sample (eval.LiveEval)
     oom:RANK:STEP      rank RANK's forward raises torch.OutOfMemoryError (as CUDA's allocator does) at step STEP
     kernel:RANK        rank RANK's (or every rank's, RANK *) chosen RMSNorm kernel raises at its first call, as
-                       a fused kernel that does not compile on the installed torch would (train.first_step)
+                       a fused kernel that does not compile on the installed torch would (step.first_step)
 """
+import dataclasses
 import os
 import shutil
 import signal
@@ -25,8 +26,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint  # noqa: E402
+import eval as eval_  # noqa: E402
 import loader  # noqa: E402
 import model  # noqa: E402
+import optim  # noqa: E402
+import plan  # noqa: E402
 import train  # noqa: E402
 from torch.distributed.checkpoint.filesystem import _FileSystemWriter  # noqa: E402
 
@@ -106,39 +110,40 @@ def main() -> int:
                 return real_forward(self, *a, **k)
             model.GPT.forward = forward
         elif kind == "kernel":
-            real_configure = train.configure_kernels
+            real_resolve = plan.resolve
 
-            def configure_kernels(*a, rank=args[0], real_configure=real_configure, **k):
-                names = real_configure(*a, **k)
-                if rank in ("*", str(RANK)):
-                    calls = {"n": 0}
+            def resolve(*a, rank=args[0], real_resolve=real_resolve, **k):
+                run = real_resolve(*a, **k)
+                if rank not in ("*", str(RANK)):
+                    return run
+                calls = {"n": 0}
 
-                    def broken(x, weight, eps, calls=calls):
-                        calls["n"] += 1
-                        raise RuntimeError(f"injected: this RMSNorm kernel does not compile (call {calls['n']})")
-                    model.kernels.ACTIVE["rms_norm"] = broken
-                    names["rms_norm"] = "broken (tests/faulty.py)"
-                return names
-            train.configure_kernels = configure_kernels
+                def broken(x, weight, eps, calls=calls):
+                    calls["n"] += 1
+                    raise RuntimeError(f"injected: this RMSNorm kernel does not compile (call {calls['n']})")
+                ops = dataclasses.replace(run.ops, rms_norm=broken, fallback=run.ops.fallback or run.ops,
+                                          names={**run.ops.names, "rms_norm": "broken (tests/faulty.py)"})
+                return dataclasses.replace(run, ops=ops)
+            plan.resolve = resolve
         elif kind == "skew":
             rank, extra = int(args[0]), int(args[1])
-            real_sample = train.LiveEval.sample
+            real_sample = eval_.LiveEval.sample
 
             def sample(self, prompt, rank=rank, extra=extra, real_sample=real_sample):
                 if RANK == rank:
                     with self.autocast:
                         self.model.generate(torch.tensor([[0]], device=self.device), extra, temperature=0)
                 return real_sample(self, prompt)
-            train.LiveEval.sample = sample
+            eval_.LiveEval.sample = sample
         else:
             raise SystemExit(f"faulty.py: unknown fault {fault!r}")
 
-    real_lr_at = train.lr_at
+    real_set_lr = optim.set_lr
 
-    def lr_at(step, t):  # called once per step, just before it runs
+    def set_lr(optimizer, step, *a):  # called once per step, just before it runs
         now["step"] = step
-        return real_lr_at(step, t)
-    train.lr_at = lr_at
+        return real_set_lr(optimizer, step, *a)
+    optim.set_lr = set_lr
     wrap(train, "train_step", after=lambda *a, **k: reach("step"))
     wrap(checkpoint.dcp, "save", before=lambda *a, **k: reach("save"))
     wrap(_FileSystemWriter, "finish", before=lambda *a, **k: reach("data"))

@@ -17,7 +17,9 @@ import torch
 import checkpoint
 import config
 import train
-from conftest import ROOT, TINY, kill_tree
+import parallel
+from conftest import ROOT, TINY, kill_tree, make_run
+from model import GPT
 from test_train import losses, rows, train_args
 
 # 2 ranks x micro batch 2 x accumulation 2 = the 1-process global batch of 8 with accumulation 4
@@ -167,13 +169,15 @@ def test_fsdp_blocks_get_the_fp32_rope_table(corpus, tmp_path, monkeypatch):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
         cfg = config.load(train_args(corpus, str(tmp_path / "run"), "train.parallel=fsdp", "train.precision=bf16"))
-        train.prepare_data(cfg)
-        model, train_model, mode = train.setup_model(cfg, torch.device("cpu"), world=2)  # a 1-rank mesh
+        run = make_run(cfg, world=2, model=train.data_vocab(cfg, cfg.model))  # on a 1-rank mesh
+        with torch.device("meta"):
+            model = GPT(run.cfg.model, run.ops)
+        parallel.parallelize(model, run)
         seen = []
         model.layers[0].register_forward_pre_hook(lambda mod, args: seen.append((args[0].dtype, args[1].dtype)))
         with torch.no_grad():
             model(torch.zeros((1, 8), dtype=torch.long))
-        assert mode == "fsdp" and seen == [(torch.bfloat16, torch.float32)]
+        assert run.mode == "fsdp" and seen == [(torch.bfloat16, torch.float32)]
     finally:
         dist.destroy_process_group()
 
@@ -181,13 +185,11 @@ def test_fsdp_blocks_get_the_fp32_rope_table(corpus, tmp_path, monkeypatch):
 def test_plan_activation_estimate_matches_saved_tensors():
     import kernels
     import plan
-    from model import GPT, GPTConfig
-    kernels.configure("torch", "plain")
+    from model import GPTConfig
     cfg = GPTConfig(vocab_size=1000, n_layer=2, n_embd=128, n_head=4, n_kv_head=2, block_size=64)
-    model = GPT(cfg)
+    model = GPT(cfg, kernels.configure("torch", "plain"))
     x = torch.randint(0, 1000, (2, 64))
     got = plan.measure_saved(model, x, "fp32")
-    kernels.configure("torch")
     assert abs(plan.activation_bytes(cfg, x.numel(), "fp32") / got - 1) < 0.01
     # 8 GPUs: FSDP shards the 16 bytes/parameter of weights, gradients and AdamW moments 8 ways
     rows = {r["mode"]: r for r in plan.plan(config.load(["configs/1b.yaml"]), 8, "h100")}

@@ -22,7 +22,7 @@ import torch
 
 import checkpoint
 import train
-from conftest import ROOT, TINY, children, kill_tree
+from conftest import ROOT, TINY, children, kill_tree, make_run
 from test_distributed import torchrun
 from test_train import losses, rows, train_args
 
@@ -187,19 +187,20 @@ def test_slurm_script_forwards_usr1_and_requeues(corpus, ref2, tmp_path):
 def test_skipped_step_leaves_weights_and_optimizer_untouched(fused, optimizer):
     import config
     import kernels
+    import optim
+    import step as steps
     from model import GPT, GPTConfig
-    kernels.configure("torch", "plain")
-    cfg = config.Config(model=GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, block_size=16))
-    cfg.train.fused_optimizer, cfg.train.optimizer = fused, optimizer
-    m = GPT(cfg.model)
-    opt = train.make_optimizer(m, cfg.train, torch.device("cpu"))
-    assert train.skips_on_device(opt) == (fused and optimizer == "adamw")
+    cfg = config.Config(model=GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, block_size=16),
+                        train=config.TrainConfig(fused_optimizer=fused, optimizer=optimizer, precision="fp32",
+                                                 batch_size=2))
+    run = make_run(cfg)
+    m = GPT(cfg.model, kernels.configure("torch", "plain"))
+    opt = optim.build(m, run.cfg.train, run.device)
+    assert steps.skips_on_device(opt) == (fused and optimizer == "adamw")
     x = torch.randint(0, 64, (2, 16))
-    from contextlib import nullcontext
 
     def step(poison: float):
-        return train.train_step(m, lambda a, b: m(a, b) * poison, opt, [(x, x)], 1, "none", cfg.train,
-                                nullcontext())
+        return steps.train_step(m, lambda a, b: m(a, b) * poison, opt, [(x, x)], run)
     step(1.0)  # AdamW state exists
     before = ({k: v.clone() for k, v in m.state_dict().items()},
               {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()})
@@ -326,13 +327,13 @@ def test_out_of_memory_while_setting_up_is_reported_too(corpus, tmp_path, monkey
     import train
     monkeypatch.chdir(ROOT)
 
-    def make_optimizer(*a):
+    def build(*a):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
-    monkeypatch.setattr(train, "make_optimizer", make_optimizer)
+    monkeypatch.setattr(train.optim, "build", build)
     out = str(tmp_path / "oom")
     assert train.main(train_args(corpus, out, "train.max_steps=2")) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ran out of memory on cpu setting up the run (make_optimizer): CUDA out of memory"), err
+    assert err.startswith("error: ran out of memory on cpu setting up the run (the optimizer): CUDA out of memory"), err
     assert "train.micro_batch_size=2 " in err and f"python plan.py {out}/config.yaml" in err
     assert "no checkpoint yet" in err
 
@@ -352,14 +353,18 @@ def test_cuda_out_of_memory_report_and_allocation_history(tmp_path, monkeypatch,
         monkeypatch.setattr(torch.cuda, name, lambda *a, value=value: value)
     cfg = config.load(["train.batch_size=64", "train.micro_batch_size=8", f"train.out_dir={tmp_path}"])
     cuda = torch.device("cuda", 0)
-    with diagnose.StepProfiler(cfg.train, cuda, 0, 100, print) as profiler:  # a start at step 100
+    with diagnose.StepProfiler(cfg.train, cuda, 0, 100) as profiler:  # a start at step 100
         for _ in range(diagnose.HISTORY_STEPS):
             profiler.step()
         assert calls == ["all"]
         profiler.step()
         assert calls == ["all", None] and profiler.idle
-    assert diagnose.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB"), cfg,
-                                  cuda, 3, 8, 101, "ddp", 70.0) == 1
+    import hardware
+    import kernels
+    bf16 = hardware.Precision("bf16", "this GPU has BF16 tensor cores")
+    run = config.Run(cfg, cuda, bf16, kernels.REFERENCE, "ddp", 3, config.derive(cfg, 8))
+    assert diagnose.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB"), run,
+                                  101, 70.0) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: rank 3 ran out of memory on cuda:0 in step 102: CUDA out of memory. Tried")
     assert os.path.isfile(tmp_path / "oom_rank3.pickle") and f"snapshot {tmp_path}/oom_rank3.pickle" in err
@@ -369,10 +374,11 @@ def test_cuda_out_of_memory_report_and_allocation_history(tmp_path, monkeypatch,
                    "--gpu h100\n", "there is no checkpoint yet"):
         assert advice in err, (advice, err)
     # the compiled loss (train.loss auto where the logits fit) holds a micro-batch's logits: the first advice
-    import kernels
-    monkeypatch.setitem(kernels.ACTIVE, "loss", kernels.compiled_loss)
-    cfg.model.vocab_size = 50257
-    diagnose.out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), cfg, cuda, 0, 8, 5, "ddp", 70.0)
+    from dataclasses import replace
+    cfg = replace(cfg, model=replace(cfg.model, vocab_size=50257))
+    compiled = replace(kernels.REFERENCE, loss=kernels.compiled_loss)
+    run = config.Run(cfg, cuda, bf16, compiled, "ddp", 0, config.derive(cfg, 8))
+    diagnose.out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), run, 5, 70.0)
     err = capsys.readouterr().err
     assert "  train.loss=chunked                     the loss now holds a micro-batch's full logits (8,192 x 50,304)" \
         in err and "python plan.py " + f"{tmp_path}/config.yaml train.loss=chunked --gpus 8 --gpu h100\n" in err, err
@@ -468,7 +474,7 @@ def test_read_only_out_dir(corpus, tmp_path, capsys):
 
 def test_second_run_on_the_same_out_dir_is_refused(corpus, tmp_path, capsys):
     out = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", f"import train, time; f = train.lock_run({out!r}); "
+    holder = subprocess.Popen([sys.executable, "-c", f"import services, time; f = services._lock({out!r}); "
                                "print('locked', flush=True); time.sleep(120)"], cwd=ROOT, stdout=subprocess.PIPE,
                               text=True)
     try:
@@ -508,7 +514,7 @@ def test_pickle_bombs_in_a_checkpoint_are_refused(corpus, trained, tmp_path):
     path = checkpoint.find_latest(value_bomb)
     model, cfg, _ = checkpoint.load_model(trained, "cpu")
     model.train()
-    opt = train.make_optimizer(model, cfg.train, torch.device("cpu"))
+    opt = train.optim.build(model, cfg.train, torch.device("cpu"))
     x = torch.randint(0, cfg.model.vocab_size, (1, 8))
     model(x, x).backward()
     opt.step()

@@ -19,10 +19,12 @@ from torch._dynamo.utils import counters
 import config
 import hardware
 import kernels
+import optim
+import parallel
 import plan
-import train
-from conftest import ROOT
-from model import GPTConfig, rope_cache
+from conftest import ROOT, make_run
+from model import GPT, GPTConfig, rope_cache
+from step import skips_on_device, train_step
 
 DEVICE = os.environ.get("GPU_TESTS_DEVICE", "cuda")
 CUDA = DEVICE == "cuda"
@@ -41,10 +43,9 @@ LOSS_TOL = 5e-3  # relative error of the mean loss: BF16 rounding of the logits 
 
 @pytest.fixture(autouse=True, scope="module")
 def restore_global_state():
-    """setup() configures kernels.ACTIVE, TF32 and dynamo for the whole process, as train.py does; undo it after."""
+    """setup() configures TF32 and dynamo for the whole process, as train.py does; undo it after."""
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     yield
-    kernels.configure("torch")
     torch._dynamo.reset()
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
@@ -171,22 +172,23 @@ class Run:
     autocast: object
     grad_accum: int
     kernels: dict
+    resolved: config.Run
 
 
 def setup(*overrides: str) -> Run:
-    """A model, optimizer and autocast built as bench.py builds them (train.py's own functions), one process. No
-    train.first_step: its fall-back to torch's kernels would hide the failure a test is looking for."""
+    """A model, optimizer and autocast built as train.py and bench.py build them (plan.resolve, parallel.parallelize,
+    optim.build), one process. No step.first_step: its fall-back to torch's kernels would hide the failure a test
+    is looking for."""
     torch._dynamo.reset()  # a fresh cache: graphs of an earlier test's model would count as recompiles here
-    cfg = config.load([f"train.precision={PRECISION}", *overrides, f"train.device={DEVICE}"])
-    t = cfg.train
-    device, precision = train.resolve_hardware(t, 0, cfg.model.n_embd)
-    names = train.configure_kernels(cfg, 1, device, precision)
+    r = make_run(config.load([f"train.precision={PRECISION}", *overrides, f"train.device={DEVICE}"]))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
-    model, train_model, mode = train.setup_model(cfg, device, 1)
-    optimizer = train.make_optimizer(model, t, device)
+    with torch.device("meta"):
+        model = GPT(r.cfg.model, r.ops)
+    train_model = parallel.parallelize(model, r)
+    optimizer = optim.build(model, r.cfg.train, r.device)
     model.train()
-    return Run(cfg, device, model, train_model, mode, optimizer, precision.autocast(device),
-               config.derive(cfg, 1).grad_accum, names)
+    return Run(r.cfg, r.device, model, train_model, r.mode, optimizer, r.precision.autocast(r.device), r.grad_accum,
+               dict(r.ops.names), r)
 
 
 def random_batches(run: Run, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -199,8 +201,7 @@ def random_batches(run: Run, seed: int = 0) -> list[tuple[torch.Tensor, torch.Te
 
 
 def step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return train.train_step(run.model, run.train_model, run.optimizer, batches, run.grad_accum, run.mode,
-                            run.cfg.train, run.autocast)
+    return train_step(run.model, run.train_model, run.optimizer, batches, run.resolved)
 
 
 def compiled_graphs() -> int:
@@ -226,7 +227,7 @@ def test_train_step_does_not_sync_the_host(warm):
     mode "error" without a host sync: fused AdamW decides a skip on the device. Muon would sync: it cannot take
     the skip flag as found_inf (train.skips_on_device), so train_step reads the flag with .item()."""
     run, batches, _, _ = warm
-    assert run.cfg.train.compile and train.skips_on_device(run.optimizer), run.optimizer
+    assert run.cfg.train.compile and skips_on_device(run.optimizer), run.optimizer
     if CUDA:
         torch.cuda.set_sync_debug_mode("error")  # a synchronising call raises
     try:

@@ -15,17 +15,13 @@ import torch
 
 import bench
 import kernels
+import optim
+import parallel
 import train
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, make_run
 from model import GPT, GPTConfig
+from step import train_step
 from test_train import train_args
-
-
-@pytest.fixture(autouse=True)
-def torch_kernels():
-    kernels.configure("torch")
-    yield
-    kernels.configure("torch")
 
 
 def grads(fn, *inputs):
@@ -110,12 +106,11 @@ def test_matmul_attention_matches_sdpa(kv_heads):
 
 
 def test_cpu_kernel_choice_by_dtype():
-    names = kernels.configure("auto", "auto", "cpu", torch.bfloat16)
-    assert names["attention"].startswith("matmul") and names["loss"] == "chunked (cache-sized)"
+    ops = kernels.configure("auto", "auto", "cpu", torch.bfloat16)
+    assert ops.names["attention"].startswith("matmul") and ops.names["loss"] == "chunked (cache-sized)"
     q = torch.randn(1, kernels.CPU_MATMUL_ATTENTION_MAX_T + 8, 2, 8)  # long context: back to SDPA
-    torch.testing.assert_close(kernels.ACTIVE["attention"](q, q, q), kernels.torch_attention(q, q, q))
-    assert kernels.configure("auto", "auto", "cpu", torch.float32)["attention"] == "torch"  # FP32: SDPA wins
-    kernels.configure("torch")
+    torch.testing.assert_close(ops.attention(q, q, q), kernels.torch_attention(q, q, q))
+    assert kernels.configure("auto", "auto", "cpu", torch.float32).names["attention"] == "torch"  # FP32: SDPA wins
 
 
 def test_rms_norm_compiled_matches_eager():
@@ -151,7 +146,7 @@ def test_model_loss_is_the_same_with_every_loss_kernel():
     x = torch.randint(0, 200, (3, 16))
     results = {}
     for loss in ("plain", "chunked", "auto"):  # auto on CPU: chunked, cache-sized chunks
-        kernels.configure("torch", loss)
+        model.set_ops(kernels.configure("torch", loss))
         model.zero_grad()
         value = model(x, x)
         value.backward()
@@ -159,16 +154,16 @@ def test_model_loss_is_the_same_with_every_loss_kernel():
     assert_close(results["chunked"], results["plain"], 1e-5)
     assert_close(results["auto"], results["plain"], 1e-5)
     # the logits path (eval, sampling) is the plain lm_head
-    kernels.configure("torch", "plain")
+    model.set_ops(kernels.configure("torch", "plain"))
     logits = model(x)
     assert logits.shape == (3, 16, cfg.padded_vocab_size)
 
 
 def test_configure_names_the_choice_and_refuses_what_cannot_run_here():
-    assert kernels.configure("auto", "auto", "cpu", torch.float32) == {
+    assert kernels.configure("auto", "auto", "cpu", torch.float32).names == {
         "attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "chunked (cache-sized)"}
-    assert kernels.configure("auto", "chunked", "cpu", torch.bfloat16)["loss"] == "chunked"
-    assert kernels.configure("torch", "plain")["loss"] == "plain"
+    assert kernels.configure("auto", "chunked", "cpu", torch.bfloat16).names["loss"] == "chunked"
+    assert kernels.configure("torch", "plain").names["loss"] == "plain"
     for name in ("flash", "liger"):
         with pytest.raises(kernels.KernelError, match="needs a CUDA device"):
             kernels.configure(name, "auto", "cpu", torch.bfloat16)
@@ -179,10 +174,10 @@ def test_configure_names_the_choice_and_refuses_what_cannot_run_here():
 
 
 def test_auto_never_takes_liger_even_when_installed(monkeypatch):
-    """liger failed to compile under torch.compile on the GPU's torch (issue 17): auto keeps torch's kernels."""
+    """liger failed to compile under torch.compile on the GPU's torch: auto keeps torch's kernels."""
     monkeypatch.setattr(kernels, "_installed", lambda name: name == "liger")
-    names = kernels.configure("auto", "auto", "cuda", torch.bfloat16)
-    assert names == {"attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "chunked"}
+    assert kernels.configure("auto", "auto", "cuda", torch.bfloat16).names == {
+        "attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "chunked"}
 
 
 @pytest.mark.parametrize("installed,expected", [({"flash_attn"}, "torch"),
@@ -198,8 +193,8 @@ def test_auto_takes_flash_attention_3_only(monkeypatch, installed, expected):
             raise kernels.KernelError(f"{name} is not installed")
         return real(name)
     monkeypatch.setattr(kernels, "_import", fake_import)
-    assert kernels.configure("auto", "auto", "cuda", torch.bfloat16)["attention"] == expected
-    assert kernels.configure("flash", "auto", "cuda", torch.bfloat16)["attention"] != "torch"  # asked for: taken
+    assert kernels.configure("auto", "auto", "cuda", torch.bfloat16).names["attention"] == expected
+    assert kernels.configure("flash", "auto", "cuda", torch.bfloat16).names["attention"] != "torch"  # taken
 
 
 def test_fp8_and_cuda_kernels_stop_before_training(corpus, tmp_path, capsys):
@@ -273,16 +268,16 @@ print("ok")
 
 def test_loss_auto_compiles_the_plain_loss_when_the_logits_fit():
     """train.loss auto: a compiled step whose plan holds the full logits takes the compiled plain loss; an eager step
-    or logits that do not fit keep the chunked one. FALLBACK is torch's kernels with the chunked loss."""
-    names = kernels.configure("auto", "auto", "cpu", torch.bfloat16, compiled=True, logits_fit=True)
-    assert names["loss"] == "plain, compiled" and kernels.ACTIVE["loss"] is kernels.compiled_loss
+    or logits that do not fit keep the chunked one. The fallback is torch's kernels with the chunked loss."""
+    ops = kernels.configure("auto", "auto", "cpu", torch.bfloat16, compiled=True, logits_fit=True)
+    assert ops.names["loss"] == "plain, compiled" and ops.loss is kernels.compiled_loss
     for compiled, fit in ((True, False), (False, True)):
-        names = kernels.configure("auto", "auto", "cuda", torch.bfloat16, compiled=compiled, logits_fit=fit)
-        assert names["loss"] == "chunked" and kernels.ACTIVE["loss"] is kernels.chunked_loss
-    assert kernels.configure("torch", "chunked", "cpu", compiled=True, logits_fit=True)["loss"] == "chunked"
-    kernels.configure("auto", "compiled", "cpu", torch.bfloat16)
-    assert kernels.fall_back() == {"loss": "chunked (cache-sized)"} and kernels.ACTIVE == kernels.FALLBACK
-    assert kernels.fall_back() == {}  # nothing left to replace: first_step re-raises
+        ops = kernels.configure("auto", "auto", "cuda", torch.bfloat16, compiled=compiled, logits_fit=fit)
+        assert ops.names["loss"] == "chunked" and ops.loss is kernels.chunked_loss and ops.fallback is None
+    assert kernels.configure("torch", "chunked", "cpu", compiled=True, logits_fit=True).names["loss"] == "chunked"
+    ops = kernels.configure("auto", "compiled", "cpu", torch.bfloat16)
+    assert ops.replaced() == {"loss": "chunked (cache-sized)"} and ops.fallback.loss is kernels.cpu_chunked_loss
+    assert ops.fallback.fallback is None and ops.fallback.replaced() == {}  # nothing left: first_step re-raises
 
 
 def test_plan_decides_whether_the_full_logits_fit():
@@ -312,19 +307,19 @@ def test_a_compiled_step_has_no_graph_break_and_no_recompile(monkeypatch):
     losses = {}
     for compile_ in (False, True):
         cfg = config.load([*overrides, f"train.compile={str(compile_).lower()}"])
-        device, precision = train.resolve_hardware(cfg.train, 0, cfg.model.n_embd)
-        names = train.configure_kernels(cfg, 1, device, precision)
-        assert names["loss"] == ("plain, compiled" if compile_ else "chunked (cache-sized)")
-        model, step_model, mode = train.setup_model(cfg, device, 1)
-        optimizer = train.make_optimizer(model, cfg.train, device)
+        run = make_run(cfg)
+        assert run.ops.names["loss"] == ("plain, compiled" if compile_ else "chunked (cache-sized)")
+        with torch.device("meta"):
+            model = GPT(run.cfg.model, run.ops)
+        step_model = parallel.parallelize(model, run)
+        optimizer = optim.build(model, run.cfg.train, run.device)
         torch._dynamo.reset()
         counters.clear()
         losses[compile_] = []
         for i in range(3):
             if i == 1:
                 monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-            loss, _, _ = train.train_step(model, step_model, optimizer, batches, 1, mode, cfg.train,
-                                          precision.autocast(device))
+            loss, _, _ = train_step(model, step_model, optimizer, batches, run)
             losses[compile_].append(loss.item())
         if compile_:
             assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1

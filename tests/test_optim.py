@@ -60,8 +60,9 @@ def test_muon_step_matches_a_reference_update_and_torch_muon():
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     cfg = config.Config(model=GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16,
-                                        tie_embeddings=False))
-    cfg.train.optimizer, cfg.train.muon_lr = "muon", 0.02
+                                        tie_embeddings=False),
+                        train=config.TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.01, schedule="constant",
+                                                 warmup_steps=0))
     m = GPT(cfg.model)
     opt = optim.build(m, cfg.train, torch.device("cpu"))
     names = {id(p): n for n, p in m.named_parameters()}
@@ -69,7 +70,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert muon == {n for n, p in m.named_parameters() if p.ndim == 2 and n.startswith("layers.")}
     adamw = {names[id(p)] for g in opt.param_groups if not g.get("muon") for p in g["params"]}
     assert {"embed_tokens.weight", "lm_head.weight", "norm.weight"} <= adamw and not muon & adamw
-    optim.set_lr(opt, 1e-3, 0.01)
+    assert optim.set_lr(opt, 5, cfg.train, 10) == 1e-3
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-3, 0.01]
     x = torch.randint(0, 64, (2, 16))
     m(x, x).backward()
@@ -90,7 +91,7 @@ def test_plan_counts_muon_state_and_newton_schulz():
     import plan
     cfg = config.load(["configs/125m.yaml", "train.optimizer=adamw"])
     adamw = {r["mode"]: r for r in plan.plan(cfg, 8, "h100")}
-    cfg.train.optimizer = "muon"
+    cfg = config.load(["configs/125m.yaml", "train.optimizer=muon"])
     muon = {r["mode"]: r for r in plan.plan(cfg, 8, "h100")}
     with torch.device("meta"):
         model = GPT(cfg.model)

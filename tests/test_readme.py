@@ -4,6 +4,7 @@ line run for real on tiny settings."""
 import os
 import re
 import shlex
+from dataclasses import replace
 
 import pytest
 
@@ -53,7 +54,7 @@ def test_the_readme_has_the_commands_this_test_checks():
 def test_each_launch_divides_its_batch_over_its_world_size(line, world, args):
     cfg = config.load([a for a in args if not a.startswith("train.init_from=")])  # a folder that is not here
     if cfg.model.vocab_size is None:  # from the data
-        cfg.model.vocab_size = 50304
+        cfg = replace(cfg, model=replace(cfg.model, vocab_size=50304))
     micro = plan.micro_batch(cfg, world, 80.0)  # auto: the largest micro batch an 80 GB GPU holds
     d = config.derive(cfg, world, micro)
     assert d.micro_batch * d.grad_accum * world == cfg.train.batch_size, line

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy
 import pytest
@@ -14,8 +15,9 @@ import torch
 
 import checkpoint
 import config
+import services
 import train
-from conftest import ROOT, TINY, run
+from conftest import ROOT, TINY, make_run, run
 
 
 def rows(out_dir: str) -> list[dict]:
@@ -144,8 +146,8 @@ def test_profile_traces_steps_and_training_goes_on(corpus, tmp_path, capsys):
     cfg = config.load(train_args(corpus, out, "train.max_minutes=5"))
     plan = config.derive(cfg, 1)
     for profile, first_timed in [(0, 10 + 2), (2, 10 + 2 + 3)]:  # a time budget times the steps after the trace
-        cfg.train.profile = profile
-        assert train.TimeBudget.for_run(cfg.train, plan, 0.0, 10).probe_from == first_timed
+        t = replace(cfg.train, profile=profile)
+        assert services.TimeBudget.for_run(t, plan, 0.0, 10).probe_from == first_timed
 
 
 def test_sample_and_eval_cli(trained, corpus):
@@ -235,18 +237,19 @@ def test_fp16_overflow_is_one_skip_and_one_backoff(fused):
     and AdamW state untouched and halves the scale; a good step updates and keeps the scale."""
     import config
     import kernels
+    import optim
     from model import GPT, GPTConfig
-    kernels.configure("torch", "plain")
-    cfg = config.Config(model=GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, block_size=16))
-    cfg.train.fused_optimizer = fused
-    m = GPT(cfg.model)
-    opt = train.make_optimizer(m, cfg.train, torch.device("cpu"))
+    from step import train_step
+    cfg = config.Config(model=GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, block_size=16),
+                        train=config.TrainConfig(fused_optimizer=fused, precision="fp16", batch_size=2))
+    run = make_run(cfg)
+    m = GPT(cfg.model, kernels.configure("torch", "plain"))
+    opt = optim.build(m, run.cfg.train, torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x = torch.randint(0, 64, (2, 16))
-    fp16 = torch.autocast("cpu", dtype=torch.float16)
 
     def step(factor: float):  # factor 1e30: the scaled loss overflows FP16 in backward
-        return train.train_step(m, lambda a, b: m(a, b) * factor, opt, [(x, x)], 1, "none", cfg.train, fp16, scaler)
+        return train_step(m, lambda a, b: m(a, b) * factor, opt, [(x, x)], run, scaler)
     _, _, bad = step(1.0)
     assert bad.item() == 0.0 and scaler.get_scale() == 2.0**10
     before = {k: v.clone() for k, v in m.state_dict().items()}
@@ -269,7 +272,7 @@ def test_time_budget_fixes_max_steps_and_a_resume_keeps_it(corpus, tmp_path):
               "train.eval_interval=0"]
     assert train.main(train_args(corpus, full, *common)) == 0
     decided = [r for r in rows(full) if "max_steps" in r]
-    probe_end = train.TimeBudget.WARMUP + train.TimeBudget.PROBE
+    probe_end = services.TimeBudget.WARMUP + services.TimeBudget.PROBE
     assert len(decided) == 1 and decided[0]["step"] == probe_end and decided[0]["budget_step_s"] > 0
     n = decided[0]["max_steps"]
     assert 10 < n < 100000, n
