@@ -162,34 +162,28 @@ def bench_checkpoint(cfg: config.Config, folder: str, rounds: int = 2) -> dict:
     (hash before publishing, read-back verify, hash check on load) and without (DCP's plain writer, no checks);
     best of `rounds`, alternating. The folder is emptied before and after."""
     import shutil
-
     import checkpoint
-    from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from model import build
     model = build(cfg.model, "cpu")
     optimizer = optim.build(model, cfg.train, torch.device("cpu"))
     for p in model.parameters():  # one step, so that the AdamW moments exist
         p.grad = torch.randn_like(p) * 1e-3
     optimizer.step()
-    real = checkpoint._writer, checkpoint.verify_files
     best = {}
     try:
         for _ in range(rounds):
             for mode in ("checksums", "plain"):
-                checkpoint._writer, checkpoint.verify_files = real if mode == "checksums" else \
-                    (FileSystemWriter, lambda path: None)
-                out = os.path.join(folder, mode)
+                out, sums = os.path.join(folder, mode), mode == "checksums"
                 shutil.rmtree(out, ignore_errors=True)
                 t0 = time.perf_counter()
-                path = checkpoint.save(out, 1, model, optimizer, {"tokens": 0}, keep_last=1).wait()
+                path = checkpoint.save(out, 1, model, optimizer, {"tokens": 0}, keep_last=1, checksums=sums).wait()
                 t1 = time.perf_counter()
-                checkpoint.load(path, model, optimizer)
+                checkpoint.load(path, model, optimizer, verified=not sums)
                 t2 = time.perf_counter()
                 size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
                 s, l = best.get(mode, (float("inf"), float("inf")))
                 best[mode] = (min(s, t1 - t0), min(l, t2 - t1))
     finally:
-        checkpoint._writer, checkpoint.verify_files = real
         shutil.rmtree(folder, ignore_errors=True)
     (cs, cl), (ps, pl) = best["checksums"], best["plain"]
     return {"params": model.num_params(), "checkpoint_gib": size / 2**30, "save_s": cs, "save_plain_s": ps,

@@ -29,6 +29,7 @@ import pickle
 import platform
 import re
 import shutil
+import sys
 import threading
 import time
 import warnings
@@ -80,9 +81,8 @@ def _save_failed(out_dir: str, step: int, e: BaseException) -> SaveError:
         discard(out_dir, step)
     except OSError:
         pass
-    latest = find_latest(out_dir)
     return SaveError(f"writing checkpoint step_{step:06d} failed ({type(e).__name__}: {e}); the previous "
-                     f"checkpoint ({latest or 'none yet'}) is intact")
+                     f"checkpoint ({find_latest(out_dir) or 'none yet'}) is intact")
 
 
 # Every global a DCP `.metadata` pickle names (torch 2.13; checked by tests/test_faults.py on real checkpoints).
@@ -178,14 +178,11 @@ class _ChecksummedWriter(_Checksummed, FileSystemWriter):
     pass
 
 
-def _writer(path: str):
-    if is_remote(path):
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-
-        class _ChecksummedFsspecWriter(_Checksummed, FsspecWriter):
-            pass
-        return _ChecksummedFsspecWriter(path)
-    return _ChecksummedWriter(path)
+def _writer(path: str, checksums: bool = True):
+    if not is_remote(path):
+        return (_ChecksummedWriter if checksums else FileSystemWriter)(path)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+    return (type("_ChecksummedFsspecWriter", (_Checksummed, FsspecWriter), {}) if checksums else FsspecWriter)(path)
 
 
 def verify_files(path: str) -> None:
@@ -198,8 +195,9 @@ def verify_files(path: str) -> None:
     except (OSError, ValueError) as e:
         raise CorruptCheckpoint(f"{_join(path, SUMS_FILE)} is unreadable ({e})") from None
     for name, want in sums.items():
+        file = _join(path, name)
         try:
-            with _open(_join(path, name)) as f:
+            with _fs(file).open(file, "rb") if is_remote(file) else open(file, "rb") as f:
                 got = hash_stream(f)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"checkpoint {path} is missing {name}") from None
@@ -209,13 +207,10 @@ def verify_files(path: str) -> None:
 
 
 def _reader(path: str):
-    if is_remote(path):
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-        class _SafeFsspecReader(_SafeIndex, FsspecReader):
-            pass
-        return _SafeFsspecReader(path)
-    return _SafeReader(path)
+    if not is_remote(path):
+        return _SafeReader(path)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+    return type("_SafeFsspecReader", (_SafeIndex, FsspecReader), {})(path)
 
 
 def _rank() -> int:
@@ -285,10 +280,6 @@ def discard(out_dir: str, step: int) -> None:
             _rmtree(tmp)
 
 
-def _open(path: str):
-    return _fs(path).open(path, "rb") if is_remote(path) else open(path, "rb")
-
-
 def _read_text(path: str) -> str:
     if is_remote(path):
         return _fs(path).cat_file(path).decode()
@@ -310,20 +301,17 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def _fsync_dir(path: str) -> None:
-    if os.name == "nt":  # Windows opens no folder as a file; NTFS journals the rename itself
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if os.name != "nt":  # Windows opens no folder as a file; NTFS journals the rename itself
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def is_complete(path: str) -> bool:
-    if is_remote(path):
-        fs = _fs(path)
-        return fs.isfile(_join(path, ".metadata")) and fs.isfile(_join(path, STATE_FILE))
-    return os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, STATE_FILE))
+    isfile = _fs(path).isfile if is_remote(path) else os.path.isfile
+    return isfile(_join(path, ".metadata")) and isfile(_join(path, STATE_FILE))
 
 
 def _listdir(path: str) -> list[str]:
@@ -357,8 +345,7 @@ def resolve(path: str) -> str:
     """A run folder (-> its latest checkpoint) or a checkpoint folder -> the checkpoint folder."""
     if is_complete(path):
         return path
-    found = find_latest(path)
-    if found is None:
+    if (found := find_latest(path)) is None:
         raise FileNotFoundError(f"no complete checkpoint in {path}")
     return found
 
@@ -367,8 +354,9 @@ class Pending:
     """A checkpoint being written. `wait()` blocks until this rank's part is on disk, then (rank 0) publishes
     it: rename to its final name, point `latest` at it, drop old ones. Returns the final folder."""
 
-    def __init__(self, out_dir: str, name: str, keep_last: int, future=None):
+    def __init__(self, out_dir: str, name: str, keep_last: int, future=None, checksums: bool = True):
         self.out_dir, self.name, self.keep_last, self.future = out_dir, name, keep_last, future
+        self.checksums = checksums
 
     def done(self) -> bool:
         return self.future is None or self.future.done()
@@ -388,7 +376,8 @@ class Pending:
         if _rank() != 0:
             return
         # read back before anything older can be dropped: keep_last never trades a good checkpoint for a bad one
-        verify_files(_join(self.out_dir, self.name if is_remote(self.out_dir) else f".tmp_{self.name}"))
+        if self.checksums:
+            verify_files(_join(self.out_dir, self.name if is_remote(self.out_dir) else f".tmp_{self.name}"))
         if not is_remote(self.out_dir):  # remote checkpoints were written under their final name
             final, tmp = os.path.join(self.out_dir, self.name), os.path.join(self.out_dir, f".tmp_{self.name}")
             _rmtree(final)  # the same step saved again (e.g. after a resume): replace it
@@ -401,11 +390,12 @@ class Pending:
 
 
 def save(out_dir: str, step: int, model: torch.nn.Module, optimizer, train_state: dict, keep_last: int,
-         async_group=False) -> Pending:
+         async_group=False, checksums: bool = True) -> Pending:
     """Write the checkpoint of `step` (every rank calls this). Synchronous by default: it is published when
     this returns. With `async_group` (a gloo process group, or None on one process) the state is copied to
     host memory and written by a background thread; `Pending.wait()` publishes it. A failed write (a full
-    disk) raises SaveError from here or from `wait()`, with the partial folder removed."""
+    disk) raises SaveError from here or from `wait()`, with the partial folder removed. `checksums=False`
+    (bench.py's comparison only) writes no checksums.json and skips the read-back."""
     name = f"step_{step:06d}"
     # remote: the final name at once (see the module docstring); an older save of this step is dropped first
     tmp = _join(out_dir, name if is_remote(out_dir) else f".tmp_{name}")
@@ -421,9 +411,9 @@ def save(out_dir: str, step: int, model: torch.nn.Module, optimizer, train_state
         state = {"model": model_sd, "optim": optim_sd}
         if async_group is not False:
             return Pending(out_dir, name, keep_last, dcp.async_save(state, checkpoint_id=tmp, process_group=async_group,
-                                                                    storage_writer=_writer(tmp)))
-        dcp.save(state, checkpoint_id=tmp, storage_writer=_writer(tmp))
-        pending = Pending(out_dir, name, keep_last)
+                                                                    storage_writer=_writer(tmp, checksums)), checksums)
+        dcp.save(state, checkpoint_id=tmp, storage_writer=_writer(tmp, checksums))
+        pending = Pending(out_dir, name, keep_last, checksums=checksums)
         pending._publish()
     except (OSError, CheckpointException, CheckpointError) as e:
         raise _save_failed(out_dir, step, e) from None
@@ -467,8 +457,7 @@ class Lease:
     def __init__(self, folder: str, minutes: float):
         self.folder, self.path, self.minutes = folder, _join(folder, ".lease.json"), minutes
         self.holder = f"pid {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._renew, daemon=True)
+        self.stop, self.thread = threading.Event(), threading.Thread(target=self._renew, daemon=True)
 
     def _read(self) -> dict | None:
         try:
@@ -570,12 +559,8 @@ def load(path: str, model: torch.nn.Module, optimizer=None, verified: bool = Fal
     unreadable or mismatched checkpoint, before the model is touched."""
     if not verified:
         verify_files(path)
-    if optimizer is None:
-        model_sd = get_model_state_dict(model)
-        state = {"model": model_sd}
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+    model_sd, optim_sd = (get_model_state_dict(model), None) if optimizer is None else get_state_dict(model, optimizer)
+    state = {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
     reader = _reader(path)
     _fits(path, reader.read_metadata(), model_sd)
     try:
@@ -607,3 +592,18 @@ def load_model(path: str, device) -> tuple:
     model = build(cfg.model, device)
     load(path, model)
     return model.eval(), cfg, path
+
+
+def load_for_inference(path: str, device: str = "auto", precision: str = "auto") -> tuple:
+    """`load_model` with train.py's rules for this machine (device, precision, kernels), for sampling and eval:
+    (model, its Config, the checkpoint folder, the Precision); prints the precision's warning. Raises
+    FileNotFoundError or ValueError."""
+    import hardware
+    import kernels
+    device = hardware.pick_device(device)
+    model, cfg, path = load_model(path, device)
+    p = hardware.resolve_precision(precision, device, cfg.model.n_embd)
+    if p.warning:
+        print(f"warning: {p.warning}", file=sys.stderr)
+    model.set_ops(kernels.configure("auto", "auto", device, p.dtype))
+    return model, cfg, path, p

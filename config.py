@@ -181,10 +181,9 @@ def _coerce(value, tp, where: str):
     if origin is list:
         items = value if isinstance(value, list) else [value]
         return [_coerce(v, args[0], where) for v in items]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
+    if tp in (bool, str) and isinstance(value, tp):
+        return value
+    if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         try:  # YAML 1.1 reads 1e6 as a string
@@ -201,9 +200,6 @@ def _coerce(value, tp, where: str):
                 return float(value)
             except ValueError:
                 pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
     name = getattr(tp, "__name__", str(tp))
     raise ConfigError(f"{where}: expected {name}, got {value!r}")
 
@@ -247,8 +243,7 @@ def build(tree: dict, sources: dict | None = None) -> Config:
         for f in fields(cls):
             if f.name in tree.get(name, {}):
                 key = f"{name}.{f.name}"
-                where = f"{key} ({sources.get(key, 'config')})"
-                values[f.name] = _coerce(tree[name][f.name], f.type, where)
+                values[f.name] = _coerce(tree[name][f.name], f.type, f"{key} ({sources.get(key, 'config')})")
         sections[name] = cls(**values)
     cfg = Config(**sections)
     validate(cfg)
@@ -264,16 +259,15 @@ def load(args: list[str]) -> Config:
             section, _, key = dotted.partition(".")
             if not key:
                 raise ConfigError(f"override '{arg}' must look like section.key=value")
-            value = raw
-            if section in SECTIONS and key in {f.name: f for f in fields(SECTIONS[section])}:
-                tp = {f.name: f.type for f in fields(SECTIONS[section])}[key]
-                if tp == str | None:  # strings stay verbatim (eval.prompt="def f(x):" is no YAML mapping)
-                    value = None if raw in ("null", "~") else raw
-                elif tp is not str:  # everything else is read as YAML (numbers, lists, null)
-                    try:
-                        value = yaml.safe_load(raw)
-                    except yaml.YAMLError:
-                        raise ConfigError(f"override '{arg}': cannot parse value {raw!r}") from None
+            value = raw  # an unknown key stays as given, for _set to name it
+            tp = {f.name: f.type for f in fields(SECTIONS[section])}.get(key, str) if section in SECTIONS else str
+            if tp == str | None:  # strings stay verbatim (eval.prompt="def f(x):" is no YAML mapping)
+                value = None if raw in ("null", "~") else raw
+            elif tp is not str:  # everything else is read as YAML (numbers, lists, null)
+                try:
+                    value = yaml.safe_load(raw)
+                except yaml.YAMLError:
+                    raise ConfigError(f"override '{arg}': cannot parse value {raw!r}") from None
             _set(tree, sources, section, key, value, "command line")
         elif arg.endswith((".yaml", ".yml")):
             for section, values in _read_yaml(arg).items():

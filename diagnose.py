@@ -35,18 +35,16 @@ class StepProfiler:
     """train.profile=N: a torch.profiler trace of N training steps on each rank, and on CUDA the allocator's
     memory history, written when the N steps are done; training then goes on, its schedule and checkpoints as
     without it (only those steps run slower). The first SKIP steps of each start are not traced: the first compiles
-    and allocates everything once, and in the next the profiler warms up (its start-up cost is not traced).
-
-    On CUDA the allocator also records its history (each alloc/free with its Python stack, no C++ frames: cheap)
-    from the start of the loop for the first HISTORY_STEPS steps, where most out-of-memory errors happen (optimizer
-    state, the largest activations and the logits are first allocated there), so that the snapshot of one
+    and allocates everything once, and in the next the profiler warms up (its start-up cost is not traced). On CUDA
+    the allocator also records its history (each alloc/free with its Python stack, no C++ frames: cheap) from the
+    start of the loop for the first HISTORY_STEPS steps, where most out-of-memory errors happen (optimizer state,
+    the largest activations and the logits are first allocated there), so that the snapshot of one
     (`out_of_memory`) shows which line allocated what. `step()` goes at the top of each iteration; with
     train.profile=0 and off CUDA it returns at its first test."""
     SKIP = 2
 
     def __init__(self, t: config.TrainConfig, device: torch.device, rank: int, start_step: int):
-        self.steps, self.rank = t.profile, rank
-        self.folder = os.path.join(t.out_dir, "profile")
+        self.steps, self.rank, self.folder = t.profile, rank, os.path.join(t.out_dir, "profile")
         self.on_cuda = self.recording = device.type == "cuda"  # recording: the allocator's history
         self.at = start_step  # the (1-based) step the current iteration trains, as the log numbers them
         self.first = start_step + self.SKIP + 1  # the first traced step
@@ -131,22 +129,7 @@ class StepProfiler:
                     if self.on_cuda else ""), flush=True)
 
 
-def smaller_micro_batch(micro: int, t: config.TrainConfig, world: int) -> int | None:
-    """The largest micro batch of at most half of `micro` that divides the batch per rank; None when it is 1."""
-    per_rank = t.batch_size // world
-    return next((m for m in range(micro // 2, 0, -1) if per_rank % m == 0), None)
-
-
 SETUP = {"parallelize": "the model", "build": "the optimizer", "restore": "the resume"}  # where setup ran out
-
-
-def plan_command(cfg: config.Config, world: int, device: torch.device, fix: list[str]) -> str:
-    """`python plan.py` for this run: its resolved config (out_dir/config.yaml: the YAML files and overrides it
-    was started with, the precision it resolved and the vocab from the data), `fix`, this world size and GPU."""
-    spec = hardware.gpu_spec(device)
-    gpu = next((["--gpu", k] for k, g in hardware.GPUS.items() if g is spec), [])
-    args = ["plan.py", os.path.join(cfg.train.out_dir, "config.yaml"), *fix, "--gpus", str(world), *gpu]
-    return "python " + shlex.join(args)
 
 
 def out_of_memory(error: torch.OutOfMemoryError, run: config.Run, step: int, peak_gb: float,
@@ -157,8 +140,7 @@ def out_of_memory(error: torch.OutOfMemoryError, run: config.Run, step: int, pea
     (`peak_gb`: train.py's memory figure, the peak RSS on a CPU; `ops`: the model's, run.ops unless it fell back).
     Nothing is saved (the step's state is half done); returns the exit code, 1. Every rank that runs out prints."""
     cfg, device, rank, world, mode = run.cfg, run.device, run.rank, run.world_size, run.mode
-    t, ops = cfg.train, ops or run.ops
-    micro = t.micro_batch_size
+    t, ops, micro = cfg.train, ops or run.ops, cfg.train.micro_batch_size
     who = f"rank {rank} " if world > 1 else ""
     calls = {frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)}
     setup = [what for fn, what in SETUP.items() if fn in calls]
@@ -190,7 +172,8 @@ def out_of_memory(error: torch.OutOfMemoryError, run: config.Run, step: int, pea
         fixes.append(("train.loss=chunked", f"the loss now holds a micro-batch's full logits ({tokens:,} x "
                       f"{cfg.model.padded_vocab_size:,}); chunked holds one chunk of them at a time"))
     accum = t.batch_size // (micro * world)
-    if smaller := smaller_micro_batch(micro, t, world):
+    # the largest micro batch of at most half of this one that divides the batch per rank
+    if smaller := next((m for m in range(micro // 2, 0, -1) if t.batch_size // world % m == 0), None):
         fixes.append((f"train.micro_batch_size={smaller}", f"now {micro}; gradient accumulation goes "
                       f"from {accum} to {t.batch_size // (smaller * world)}: the same steps in smaller pieces"))
     if not t.activation_checkpointing:
@@ -208,9 +191,13 @@ def out_of_memory(error: torch.OutOfMemoryError, run: config.Run, step: int, pea
     lines.append(f"To fit, lower what one device holds; the global batch (train.batch_size={t.batch_size}) stays, "
                  f"and each of these but the last resumes this run on the same data:")
     lines += [f"  {key:<38} {why}" for key, why in fixes]
-    lines.append("Check a change before relaunching (plan.py shows DDP, FSDP2 and FSDP2 with activation "
-                 "checkpointing side by side; add more overrides after the config):")
-    lines.append("  " + plan_command(cfg, world, device, [fixes[0][0]] if len(fixes) > 1 else []))
+    # plan.py on the run's resolved config (out_dir/config.yaml: its YAML files and overrides, the precision it
+    # resolved, the data's vocab), the first fix, this world size and GPU
+    spec, fix = hardware.gpu_spec(device), [fixes[0][0]] if len(fixes) > 1 else []
+    gpu = next((["--gpu", k] for k, g in hardware.GPUS.items() if g is spec), [])
+    command = shlex.join(["plan.py", os.path.join(t.out_dir, "config.yaml"), *fix, "--gpus", str(world), *gpu])
+    lines += ["Check a change before relaunching (plan.py shows DDP, FSDP2 and FSDP2 with activation "
+              "checkpointing side by side; add more overrides after the config):", "  python " + command]
     latest = checkpoint.find_latest(t.ckpt_dir or t.out_dir)
     lines.append(f"Nothing was saved from this step. The last checkpoint, {latest}, is intact: run the same command "
                  f"with the change to resume from it." if latest else

@@ -126,8 +126,7 @@ class HarnessLM:
                     text = self.tok.decode(new)
                     if any(u in text for u in until):
                         break
-            cut = min([text.index(u) for u in until if u in text], default=len(text))
-            out.append(text[:cut])
+            out.append(text[:min([text.index(u) for u in until if u in text], default=len(text))])
         return out
 
 
@@ -196,8 +195,7 @@ class LiveEval:
         if e.tasks:
             from lm_eval.tasks import TaskManager
             self.tasks = TaskManager(include_path=e.include_path)
-            unknown = [name for name in e.tasks if not self.tasks.match_tasks([name])]
-            if unknown:
+            if unknown := [name for name in e.tasks if not self.tasks.match_tasks([name])]:
                 raise ConfigError(f"eval.tasks: lm-eval knows no task {', '.join(unknown)}"
                                          + (f" (nor {e.include_path})" if e.include_path else ""))
             self.lm = harness_lm(model, self.tok, run.device, cfg.train.micro_batch_size, self.autocast)
@@ -265,19 +263,13 @@ def main(argv: list[str]) -> int:
 
     import checkpoint
     from loader import DataError, same_tokenizer
-    import hardware
     try:
-        device = hardware.pick_device(args.device)
-        model, cfg, path = checkpoint.load_model(args.out_dir, device)
-        precision = hardware.resolve_precision(args.precision, device, cfg.model.n_embd)
+        model, cfg, path, precision = checkpoint.load_for_inference(args.out_dir, args.device, args.precision)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if precision.warning:
-        print(f"warning: {precision.warning}", file=sys.stderr)
+    device = next(model.parameters()).device
     autocast = precision.autocast(device)
-    import kernels
-    model.set_ops(kernels.configure("auto", "auto", device, precision.dtype))  # train.py's choice for this machine
     if args.tasks:
         from tokenizer import load_tokenizer
         tok = load_tokenizer(checkpoint.tokenizer_dir(path, cfg))

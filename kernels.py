@@ -157,9 +157,7 @@ def cpu_chunked_loss(h, weight, targets):
 def compiled_loss(h, weight, targets):
     """`plain_loss` under torch.compile: traced into the graph of a compiled model that calls it, a graph of its own
     when called eagerly (FSDP2 compiles per block, so the head and loss run outside the blocks' graphs)."""
-    if torch.compiler.is_compiling():
-        return plain_loss(h, weight, targets)
-    return _compiled_plain_loss()(h, weight, targets)
+    return (plain_loss if torch.compiler.is_compiling() else _compiled_plain_loss())(h, weight, targets)
 
 
 @functools.cache
@@ -177,9 +175,7 @@ def _flash_attention(mod):
 
 
 def _flash_rms_norm(mod):
-    def rms_norm(x, weight, eps):
-        return mod.rms_norm_fn(x, weight, None, eps=eps)
-    return rms_norm
+    return lambda x, weight, eps: mod.rms_norm_fn(x, weight, None, eps=eps)
 
 
 def _flash_rope(mod):
@@ -194,10 +190,7 @@ def _flash_rope(mod):
 # trace them and fake tensors broke its fused loss (`addmm(out_dtype=..., out=...)`; on an H200)
 
 def _liger_rms_norm(mod):
-    @torch.compiler.disable
-    def rms_norm(x, weight, eps):
-        return mod.liger_rms_norm(x, weight, eps)
-    return rms_norm
+    return torch.compiler.disable(mod.liger_rms_norm)  # (x, weight, eps), as torch_rms_norm
 
 
 def _liger_rope(mod):
@@ -225,17 +218,14 @@ def _liger_loss(mod):
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
         with torch.autocast(kind, enabled=False):
             out = mod.liger_fused_linear_cross_entropy(h.to(dtype), weight.to(dtype), targets, ignore_index=-1, **accum)
-        out = out[0] if isinstance(out, tuple) else out
-        return out.float()
+        return (out[0] if isinstance(out, tuple) else out).float()
     return loss
 
 
 # ----------------------------------------------------------------------------- choice
 
 def _short_context_matmul_attention(q, k, v):
-    if q.size(1) <= CPU_MATMUL_ATTENTION_MAX_T:
-        return matmul_attention(q, k, v)
-    return torch_attention(q, k, v)
+    return (matmul_attention if q.size(1) <= CPU_MATMUL_ATTENTION_MAX_T else torch_attention)(q, k, v)
 
 
 @dataclass(frozen=True)
@@ -283,14 +273,11 @@ def _installed(backend: str) -> bool:
 
 def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32, compiled: bool = False, logits_fit: bool = False) -> Ops:
-    """Choose one implementation per op for a run: returns the Ops the model is built with.
-
-    `kernels` is auto | torch | flash | liger; `loss` is auto | compiled | chunked | plain | liger. `compiled`:
-    the training step runs under torch.compile; `logits_fit`: the memory plan holds the full (tokens, vocab)
-    logits of a micro-batch (plan.loss_kind). Fused kernels need CUDA (flash attention also BF16/FP16): asking for
-    them elsewhere raises KernelError before training. The returned ops' `fallback` holds torch's kernels and the
-    chunked loss, what a backend that fails at the first step is replaced by.
-    """
+    """Choose one implementation per op for a run: returns the Ops the model is built with, with their `fallback`.
+    `kernels` is auto | torch | flash | liger; `loss` is auto | compiled | chunked | plain | liger. `compiled`: the
+    training step runs under torch.compile; `logits_fit`: the memory plan holds the full (tokens, vocab) logits of a
+    micro-batch (plan.loss_kind). Fused kernels need CUDA (flash attention also BF16/FP16): asking for them
+    elsewhere raises KernelError before training."""
     device = torch.device(device)
     cuda, half = device.type == "cuda", dtype in (torch.bfloat16, torch.float16)
     chosen, names = dict(attention=torch_attention, rms_norm=torch_rms_norm, rope=torch_rope_qk,
@@ -310,9 +297,6 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
     # auto takes FlashAttention-3 only: flash-attn 2 is the kernel SDPA already has built in (and on Hopper SDPA can
     # take cuDNN's, which is faster than FA2's), so it would add nothing
     use_flash = kernels == "flash" or (kernels == "auto" and cuda and half and _installed("flash3"))
-    # auto never takes liger: on torch 2.11 its fused loss and Triton kernels failed to compile inside
-    # torch.compile, so installing it turned a working run into a crash; train.kernels=liger asks for it
-    use_liger = kernels == "liger"
     if use_flash:
         mod, label = _flash_attention_module()
         chosen["attention"], names["attention"] = _flash_attention(mod), label
@@ -320,7 +304,9 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
             chosen["rms_norm"] = _flash_rms_norm(_import("flash_attn.ops.triton.layer_norm"))
             chosen["rope"] = _flash_rope(_import("flash_attn.layers.rotary"))
             names["rms_norm"] = names["rope"] = "flash-attn triton"
-    if use_liger:
+    # auto never takes liger: on torch 2.11 its fused loss and Triton kernels failed to compile inside
+    # torch.compile, so installing it turned a working run into a crash; train.kernels=liger asks for it
+    if kernels == "liger":
         fn = _import("liger_kernel.transformers.functional")
         chosen["rms_norm"], chosen["rope"] = _liger_rms_norm(fn), _liger_rope(fn)
         names["rms_norm"] = names["rope"] = "liger"
@@ -328,16 +314,14 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
             loss = "liger"
     if loss == "auto" and compiled and logits_fit:
         loss = "compiled"
-    if loss == "plain":
-        chosen["loss"], names["loss"] = plain_loss, "plain"
-    elif loss == "compiled":
-        chosen["loss"], names["loss"] = compiled_loss, "plain, compiled"
+    fixed = {"plain": (plain_loss, "plain"), "compiled": (compiled_loss, "plain, compiled"),
+             "chunked": (chunked_loss, "chunked")}
+    if loss in fixed:
+        chosen["loss"], names["loss"] = fixed[loss]
     elif loss == "liger":
         if not cuda:
             raise KernelError("train.loss=liger needs a CUDA device")
         chosen["loss"], names["loss"] = _liger_loss(_import("liger_kernel.transformers.functional")), "liger fused"
-    elif loss == "chunked":
-        chosen["loss"], names["loss"] = chunked_loss, "chunked"
     ops = Ops(**chosen, names=names)
     return ops if ops == fallback else Ops(**chosen, names=names, fallback=fallback)
 

@@ -123,8 +123,7 @@ def same_tokenizer(a: str, b: str) -> bool:
     spec = [{k: v for k, v in m["tokenizer"].items() if k != "name"} for m in (ma, mb)]  # hf: where it came from
     if spec[0] != spec[1] or any(ma.get(k) != mb.get(k) for k in ("vocab_size", "eot_id", "bos_id")):
         return False
-    file = ma["tokenizer"].get("file")
-    if file is None:
+    if (file := ma["tokenizer"].get("file")) is None:
         return True
     with open(os.path.join(a, file), "rb") as fa, open(os.path.join(b, file), "rb") as fb:
         return fa.read() == fb.read()
@@ -134,16 +133,14 @@ class TokenSplit:
     """One split ('train', 'val') of one prepared dataset, memory-mapped and validated."""
 
     def __init__(self, path: str, split: str, vocab_size: int | None = None):
-        self.path, self.split = path, split
-        self.meta = read_meta(path)
+        self.path, self.split, self.meta = path, split, read_meta(path)
         if split not in self.meta.get("splits", {}):
             raise DataError(f"{path} has no '{split}' split (has: {', '.join(self.meta.get('splits', {}))})")
         if vocab_size is not None and self.meta["vocab_size"] > vocab_size:
             raise DataError(f"{path}: data vocab {self.meta['vocab_size']} exceeds the model's vocab {vocab_size}")
         self.vocab_size = vocab_size
-        info = self.meta["splits"][split]
         self.shards = [_open_shard(os.path.join(path, s["file"]), s["tokens"], self.meta["dtype"], s.get("xxh3"))
-                       for s in info["shards"]]
+                       for s in self.meta["splits"][split]["shards"]]
         self.tokens = sum(len(s) for s in self.shards)
 
     def check_range(self, rows: np.ndarray, where: str) -> None:
@@ -208,12 +205,11 @@ class TrainLoader:
 
 def eval_batches(path: str, split: str, block_size: int, batch_size: int, max_tokens: int | None = None,
                  rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
-    """Yield (x, y) int64 CPU tensors (batch_size, block_size) covering `split` in order.
-
-    Windows start at 0, T, 2T, ... within each shard, so every token but a shard's first is a target exactly
-    once; short windows and the last batch are padded with x=0, y=-1 (ignored). Stops once max_tokens targets
-    are covered (whole windows). Batch i goes to rank i % world_size; a rank left one short gets an all-padding
-    batch, so every rank runs the same number of forwards (FSDP's gathers need all ranks)."""
+    """Yield (x, y) int64 CPU tensors (batch_size, block_size) covering `split` in order: windows start at 0, T,
+    2T, ... within each shard, so every token but a shard's first is a target exactly once; short windows and the
+    last batch are padded with x=0, y=-1 (ignored). Stops once max_tokens targets are covered (whole windows).
+    Batch i goes to rank i % world_size; a rank left one short gets an all-padding batch, so every rank runs the
+    same number of forwards (FSDP's gathers need all ranks)."""
     import torch
     data = TokenSplit(path, split, vocab_size)
     T = block_size
@@ -262,9 +258,8 @@ class Prefetcher:
     adds up the seconds `get()` spent blocked on the loader thread (host time: the training loop was input-bound)."""
 
     def __init__(self, loader: TrainLoader, start_step: int, grad_accum: int, device: torch.device, depth: int = 4):
-        self.device, self.pin = device, device.type == "cuda"
+        self.device, self.pin, self.waited = device, device.type == "cuda", 0.0
         self.queue, self.stop = queue.Queue(maxsize=depth), threading.Event()
-        self.waited = 0.0
         self.thread = threading.Thread(target=self._fill, args=(loader, start_step, grad_accum), daemon=True)
         self.thread.start()
 

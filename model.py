@@ -97,8 +97,7 @@ class KVCache:
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device, dtype):
         shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # tokens already cached
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -183,9 +182,7 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
-    if cfg.arch == "llama":
-        return RMSNorm(cfg.n_embd, cfg.norm_eps)
-    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.arch == "llama" else nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
 
 
 class Block(nn.Module):
@@ -246,7 +243,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         if self.lm_head.weight.is_meta:
             return
-        std = self.cfg.init_std
+        std, assign = self.cfg.init_std, assign or (lambda p, full: p.copy_(full))
         for name, p in self.named_parameters():
             full = torch.empty(p.shape, dtype=p.dtype, device=p.device)  # p.shape is global for a sharded p
             gen = torch.Generator(p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -258,10 +255,7 @@ class GPT(nn.Module):
                 full.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layer), generator=gen)
             else:
                 full.normal_(0.0, std, generator=gen)
-            if assign is None:
-                p.copy_(full)
-            else:
-                assign(p, full)
+            assign(p, full)
         if self.cfg.arch == "llama":
             self.rope.copy_(rope_cache(self.cfg, self.rope.device))
 
@@ -362,8 +356,7 @@ class GPT(nn.Module):
             drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this id already reaches p
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-        probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 def build(cfg: GPTConfig, device, seed: int = 0) -> GPT:

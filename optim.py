@@ -55,11 +55,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 class Muon(torch.optim.AdamW):
     """AdamW for the groups without `muon: True`, Muon for those with it (2-D weights only), in one optimizer, so
-    that checkpoints, the skip of a non-finite step and the LR schedule treat it like AdamW.
-
-    A Muon group holds `momentum` (0.95), `nesterov` (True) and `ns_dtype` (the Newton-Schulz matmul dtype by
-    name, "bfloat16" where the hardware has it, else "float32"); its `lr` and `weight_decay` are in AdamW's units
-    (see the module doc). With a process group the matrices are dealt out over all its ranks."""
+    that checkpoints, the skip of a non-finite step and the LR schedule treat it like AdamW. A Muon group holds
+    `momentum` (0.95), `nesterov` (True) and `ns_dtype` (the Newton-Schulz matmul dtype by name, "bfloat16" where
+    the hardware has it, else "float32"); its `lr` and `weight_decay` are in AdamW's units (see the module doc).
+    With a process group the matrices are dealt out over all its ranks."""
 
     def __init__(self, param_groups: list[dict], **adamw):
         for g in param_groups:

@@ -23,10 +23,8 @@ from model import GPT
 
 
 def init_distributed(device_name: str, timeout_s: int) -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment; joins the process group when world > 1.
-
-    NCCL on CUDA, gloo on CPU. The timeout turns a dead or stuck peer into an error instead of a hang.
-    """
+    """(rank, local_rank, world_size) from torchrun's environment; joins the process group when world > 1: NCCL
+    on CUDA, gloo on CPU, with a timeout that turns a dead or stuck peer into an error instead of a hang."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and not dist.is_initialized():
@@ -61,8 +59,7 @@ def parallelize(model: GPT, run: config.Run) -> nn.Module:
 
     Under FSDP2 each rank allocates only its shards; the initial values do not depend on the sharding, so 1 process, DDP
     and FSDP start from the same weights. `torch.compile` applies per block under FSDP2 (in place, so the state-dict
-    names stay; the gathers stay outside the graphs), else to the whole model, head and loss included.
-    """
+    names stay; the gathers stay outside the graphs), else to the whole model, head and loss included."""
     t, device, fsdp = run.cfg.train, run.device, run.mode == "fsdp"
     if t.precision == "fp8":
         kernels.convert_to_float8(model, fsdp=fsdp)

@@ -88,8 +88,7 @@ def loss_kind(cfg: config.Config, gpus: int, mem_gib: float) -> str:
     if t.loss != "auto" or t.kernels == "liger" or t.compile is False:
         return "chunked"
     compiled = replace(cfg, train=replace(t, loss="compiled"))
-    fits = next(r for r in plan(compiled, gpus, (mem_gib, 0.0)) if r["configured"])["fits"]
-    return "compiled" if fits else "chunked"
+    return "compiled" if next(r for r in plan(compiled, gpus, (mem_gib, 0.0)) if r["configured"])["fits"] else "chunked"
 
 
 def micro_batch(cfg: config.Config, gpus: int, mem_gib: float) -> int:
@@ -153,7 +152,6 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
     block = sum(p.numel() for p in model.layers[0].parameters())
     flops_tok = model.flops_per_token()
     t, m = cfg.train, cfg.model
-    derived = config.derive(cfg, gpus)
     tokens = t.micro_batch_size * m.block_size
     bf16 = t.precision != "fp32"
     loss = loss_kind(cfg, gpus, mem_gib)
@@ -179,7 +177,7 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
                      "optim": optim / GIB, "working": working / GIB, "activations": act / GIB,
                      "total": total / GIB, "fits": total / GIB <= mem_gib,
                      "configured": (mode, ac) == (mode_of_run, t.activation_checkpointing)})
-    step_flops = flops_tok * derived.batch_tokens
+    step_flops = flops_tok * config.derive(cfg, gpus).batch_tokens
     for r in rows:
         r.update(step_tflops=step_flops / 1e12, **{
             f"tok_s_per_gpu_at_{p}": p / 100 * peak_tflops * 1e12 / flops_tok for p in (40, 50)})
@@ -224,10 +222,8 @@ def measure_saved(model: GPT, tokens: torch.Tensor, precision: str) -> int:
     seen = {}
 
     def pack(t):
-        if t.requires_grad and isinstance(t, torch.nn.Parameter) or t.data_ptr() == 0:
-            return t
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if not (t.requires_grad and isinstance(t, torch.nn.Parameter) or t.data_ptr() == 0):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
     params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
         b.untyped_storage().data_ptr() for b in model.buffers()}

@@ -29,12 +29,9 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     import checkpoint
-    import hardware
     from tokenizer import load_tokenizer
     try:
-        device = hardware.pick_device(args.device)
-        model, cfg, path = checkpoint.load_model(args.out_dir, device)
-        precision = hardware.resolve_precision(args.precision, device, cfg.model.n_embd)
+        model, cfg, path, precision = checkpoint.load_for_inference(args.out_dir, args.device, args.precision)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -45,11 +42,7 @@ def main(argv: list[str]) -> int:
     ids = tok.start_ids + tok.encode(args.prompt)  # a document start, as in training (BOS or the last EOT)
     if len(ids) >= cfg.model.block_size:
         ids = ids[-(cfg.model.block_size - 1):]
-    if precision.warning:
-        print(f"warning: {precision.warning}", file=sys.stderr)
-    autocast = precision.autocast(device)
-    import kernels
-    model.set_ops(kernels.configure("auto", "auto", device, precision.dtype))  # train.py's choice for this machine
+    device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(args.seed)
     print(f"# {path}", file=sys.stderr)
     for i in range(args.num_samples):
@@ -58,7 +51,7 @@ def main(argv: list[str]) -> int:
         print(args.prompt, end="", flush=True)
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         new, shown = [], ""
-        with autocast:
+        with precision.autocast(device):
             for nxt in model.generate_stream(idx, args.max_new_tokens, temperature=args.temperature,
                                              top_k=args.top_k, top_p=args.top_p, generator=gen,
                                              stop_token=None if args.no_stop else tok.eot_id):

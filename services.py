@@ -383,8 +383,7 @@ def find_resume(cfg: config.Config) -> str | None:
 
 
 def check_same_model(saved: dict, cfg: config.Config, path: str) -> None:
-    diff = {k: (v, getattr(cfg.model, k)) for k, v in saved["model"].items() if getattr(cfg.model, k) != v}
-    if diff:
+    if diff := {k: (v, getattr(cfg.model, k)) for k, v in saved["model"].items() if getattr(cfg.model, k) != v}:
         lines = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise config.ConfigError(f"checkpoint {path} was trained with a different model ({lines}); "
                                  f"use another train.out_dir or train.resume=false")

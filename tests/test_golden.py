@@ -28,7 +28,8 @@ def test_the_tiny_recipe_gives_the_recorded_losses(corpus, tmp_path, monkeypatch
                        "train.eval_interval=0", "log.interval=1", "train.ckpt_interval=1000"]) == 0
     with open(os.path.join(out, "metrics.jsonl")) as f:
         losses = [row["loss"] for row in map(json.loads, f) if "loss" in row]
-    here = (torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability(), hardware.cpu_bf16_instructions()[1])
+    here = (torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability(),
+            hardware.cpu_bf16_instructions()[1])
     if here == RECORDED_ON:
         assert losses == LOSSES  # bit for bit
     else:  # other kernels sum in another order: the same run within FP32 rounding, grown over 20 steps

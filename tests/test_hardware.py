@@ -65,7 +65,8 @@ def test_auto_needs_both_the_instructions_and_the_measured_gain(cpu_kind):
 def test_an_explicit_choice_is_obeyed_with_one_warning_where_it_is_slower(cpu_kind):
     cpu_kind(*KINDS["amd-avx2"][:3])
     explicit = hardware.resolve_precision("bf16", CPU, 256)
-    assert explicit.name == "bf16" and "BF16 matmul 0.02x FP32 here (AVX2 without BF16 instructions)" in explicit.warning
+    assert explicit.name == "bf16"
+    assert "BF16 matmul 0.02x FP32 here (AVX2 without BF16 instructions)" in explicit.warning
     assert "auto picks fp32 here" in explicit.warning
     assert "FP16 matmul" in hardware.resolve_precision("fp16", CPU, 256).warning
     assert hardware.resolve_precision("fp32", CPU).warning is None
