@@ -1,7 +1,6 @@
 """The precision rule (hardware.py) with the hardware probes faked both ways, and how train.py reports it."""
 import json
 import os
-import time
 
 import pytest
 import torch
@@ -74,13 +73,13 @@ def test_an_explicit_choice_is_obeyed_with_one_warning_where_it_is_slower(cpu_ki
     assert hardware.resolve_precision("bf16", CPU, 256).warning is None
 
 
-def test_the_probe_is_quick_and_measures_this_cpu():
+def test_the_probe_measures_this_cpu_once():
+    """Its time (0.1-0.2 s) is recorded in BENCHMARKS.md, not asserted here."""
     hardware.matmul_speedup.cache_clear()
-    t0 = time.perf_counter()
     speedup = hardware.matmul_speedup(torch.bfloat16, 512)
-    assert time.perf_counter() - t0 < 5  # ~0.1-0.4 s; generous for a loaded CI machine
     assert 0 < speedup < 100
     assert hardware.matmul_speedup(torch.bfloat16, 512) == speedup  # measured once per process
+    assert hardware.matmul_speedup.cache_info().misses == 1
 
 
 @pytest.fixture
