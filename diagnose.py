@@ -132,10 +132,10 @@ class StepProfiler:
 SETUP = {"parallelize": "the model", "build": "the optimizer", "restore": "the resume"}  # where setup ran out
 
 
-def out_of_memory(error: torch.OutOfMemoryError, run: config.Run, step: int, peak_gb: float,
+def out_of_memory(error: torch.OutOfMemoryError, run: config.Run, step: int | None, peak_gb: float,
                   ops: kernels.Ops | None = None) -> int:
-    """After `error` on this rank in step `step` + 1, in the eval or save after step `step`, or while building the
-    model, its optimizer or resuming: on CUDA write the allocator's snapshot to out_dir/oom_rankR.pickle, then
+    """After `error` on this rank in step `step` + 1, in the eval or save after step `step`, or (`step` None) while
+    building the model, its optimizer or resuming: on CUDA write the allocator's snapshot to out_dir/oom_rankR.pickle, then
     print on stderr, without a traceback, the memory in use, what to lower and the plan.py command that checks it
     (`peak_gb`: train.py's memory figure, the peak RSS on a CPU; `ops`: the model's, run.ops unless it fell back).
     Nothing is saved (the step's state is half done); returns the exit code, 1. Every rank that runs out prints."""
@@ -144,7 +144,7 @@ def out_of_memory(error: torch.OutOfMemoryError, run: config.Run, step: int, pea
     who = f"rank {rank} " if world > 1 else ""
     calls = {frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)}
     setup = [what for fn, what in SETUP.items() if fn in calls]
-    where = (f"setting up the run ({', '.join(setup)})" if setup else
+    where = (f"setting up the run ({', '.join(setup) or 'the model'})" if step is None else
              f"in the eval after step {step}" if "run_eval" in calls else
              f"saving the checkpoint of step {step}" if "save" in calls else f"in step {step + 1}")
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]  # CUDA's: what it tried to allocate

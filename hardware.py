@@ -76,7 +76,8 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 def cpu_flags() -> set[str]:
     """This CPU's feature flags as the OS names them (Linux: /proc/cpuinfo's `flags` on x86, `Features` on Arm;
-    macOS: the `hw.optional.arm.FEAT_BF16` sysctl as "bf16"); empty where it cannot tell."""
+    macOS: the `hw.optional.arm.FEAT_BF16` sysctl as "bf16"); elsewhere (Windows) the x86 BF16 flags from torch's
+    own CPUID checks; empty where it cannot tell."""
     if sys.platform == "darwin":
         try:
             out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True,
@@ -92,7 +93,8 @@ def cpu_flags() -> set[str]:
                     return set(value.split())
     except OSError:
         pass
-    return set()
+    checks = (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"))
+    return {flag for flag, check in checks if getattr(torch.cpu, check, lambda: False)()}
 
 
 def cpu_bf16_instructions() -> tuple[bool, str]:
@@ -131,28 +133,41 @@ def _best_time(fn, budget_s: float) -> float:
 @functools.cache
 def matmul_speedup(dtype: torch.dtype = torch.bfloat16, width: int = 256) -> float:
     """How many times faster a CPU matmul runs in `dtype` than in FP32 here: (512, w) @ (w, w) with w the model's
-    width clamped to [256, 1024], the best of each within ~40 ms, once per process and shape. A CPU that converts
-    BF16 in software is far behind at w=256 already, so wider shapes are timed only where that probe is not."""
+    width clamped to [256, 1024], the best of each within ~40 ms, once per process and shape, on one thread (on a
+    busy machine a multi-threaded kernel waits for its slowest thread: once that turned 4x into 0.5x). A CPU that
+    converts BF16 in software is far behind at w=256 already, so wider shapes are timed only where it is not."""
     def ratio(w: int) -> float:
         gen = torch.Generator().manual_seed(0)
         a, b = torch.randn(512, w, generator=gen), torch.randn(w, w, generator=gen)
         a_lo, b_lo = a.to(dtype), b.to(dtype)
         return _best_time(lambda: a @ b, 0.04) / _best_time(lambda: a_lo @ b_lo, 0.04)
-    r = ratio(256)
-    w = min(max(width, 256), 1024)
-    return r if r < 0.6 or w == 256 else ratio(w)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = ratio(256)
+        w = min(max(width, 256), 1024)
+        return r if r < 0.6 or w == 256 else ratio(w)
+    finally:
+        torch.set_num_threads(threads)
 
 
 BF16_MIN_SPEEDUP = 1.2  # below this a CPU run stays FP32: BF16's rounding is not worth a small gain
 
 
 def memory_gib(device: torch.device) -> float:
-    """The memory a run on `device` plans against: the GPU's, or the machine's RAM for a CPU (MPS shares it)."""
+    """The memory a run on `device` plans against: the GPU's; for a CPU (MPS shares it) the machine's RAM, or the
+    container's limit where lower, shared by the processes torchrun started on this machine."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory / 2**30
+    ram = 16 * 2**30  # Windows: no sysconf; a laptop's worth
     if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return 16.0  # Windows: no sysconf; a laptop's worth
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
+        try:
+            ram = min(ram, int(open(limit).read().strip()))
+        except (OSError, ValueError):  # absent, or "max"
+            pass
+    return ram / int(os.environ.get("LOCAL_WORLD_SIZE", "1")) / 2**30
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int]:
@@ -233,11 +248,12 @@ def resolve(t, local_rank: int, width: int) -> tuple[torch.device, Precision, bo
     (device, Precision, compile). On CPUs under torchrun, rank 0's timed probe decides for every rank (ranks
     sharing the cores would time differently). Raises HardwareError."""
     device = pick_device(t.device, local_rank)
-    precision = resolve_precision(t.precision, device, width)
-    if device.type == "cpu" and dist.is_initialized():
-        shared = [precision]
+    if device.type == "cpu" and dist.is_initialized():  # rank 0 times the probe while the others wait
+        shared = [resolve_precision(t.precision, device, width) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(shared, src=0)
         precision = shared[0]
+    else:
+        precision = resolve_precision(t.precision, device, width)
     if precision.name == "fp8" and (why := kernels.float8_supported(device)):
         raise HardwareError(f"train.precision=fp8: {why}")
     return device, precision, resolve_compile(t.compile, device)

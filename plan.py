@@ -13,6 +13,7 @@ import sys
 from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 
 import config
 import hardware
@@ -123,8 +124,13 @@ def resolve(cfg: config.Config, model: GPTConfig, device: torch.device, precisio
     """The Run of `cfg` for this process: `model` is the model's resolved shape (train.init_from's, the data's
     vocab), device, precision and compile come from hardware.resolve; here the micro batch (auto: the largest
     that fits the device's memory by this plan), the parallel mode and the kernels (the loss by whether the
-    full logits fit) are decided. Raises ConfigError or KernelError."""
+    full logits fit) are decided, by the smallest memory of any rank, so that every rank decides alike. Raises
+    ConfigError or KernelError."""
     mem = hardware.memory_gib(device)
+    if dist.is_initialized():
+        mems = [None] * dist.get_world_size()
+        dist.all_gather_object(mems, mem)
+        mem = min(mems)
     cfg = replace(cfg, model=model, train=replace(cfg.train, precision=precision.name, compile=compiled))
     cfg = with_micro(cfg, micro_batch(cfg, world, mem))
     t = cfg.train

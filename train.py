@@ -105,6 +105,10 @@ def main(argv: list[str]) -> int:
                 model_cfg = data_vocab(cfg, model_cfg)
         if error is not None:
             raise config.ConfigError(error)
+        if resume_from and t.precision == "auto":  # decided when the run started (a timed probe): a resume keeps it
+            started = checkpoint.read_state(resume_from)["config"]["train"]["precision"]
+            if started != precision.name:
+                precision = hardware.Precision(started, f"as when the run started (here now: {precision.reason})")
         run = plan.resolve(cfg, model_cfg, device, precision, compiled, rank, world)
         loader = TrainLoader(cfg.data.datasets, cfg.data.weights, model_cfg.block_size, run.cfg.train.micro_batch_size,
                              run.grad_accum, t.seed, rank, world, model_cfg.vocab_size)
@@ -117,7 +121,7 @@ def main(argv: list[str]) -> int:
     except torch.OutOfMemoryError as e:  # setting up (the loop's own are reported in train())
         if run is None:
             raise
-        return diagnose.out_of_memory(e, run, 0, services.memory_gb(run.device))
+        return diagnose.out_of_memory(e, run, None, services.memory_gb(run.device))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -206,10 +210,9 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
                     print0(f"train.max_minutes={t.max_minutes:g}: {decided[1]:.2f} s/step measured over steps "
                            f"{step - TimeBudget.PROBE + 1}-{step}, so max_steps = {max_steps}", flush=True)
                 last = step == max_steps
-                stopping = parallel.any_rank(stop["signal"] is not None, cpu_group)  # all ranks stop at one step
-                log_now, save_now = step % cfg.log.interval == 0 or last, saver.due(step, stopping, last)
-                # skipped steps are read `lag` steps late, but before a log line or a save, up to this one
-                if diverged := skips.report(0 if log_now or save_now else lag, t.max_consecutive_skips, metrics.log):
+                log_now = step % cfg.log.interval == 0 or last
+                # skipped steps are read `lag` steps late; up to this one before a log line or a save
+                if diverged := skips.report(0 if log_now else lag, t.max_consecutive_skips, metrics.log):
                     break
 
                 if log_now:  # log
@@ -219,7 +222,10 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
                     window.pause(run_eval(model, run, step, tokens, metrics))
                 if cfg.eval.interval and (step % cfg.eval.interval == 0 or last):  # lm-eval tasks, a sample
                     window.pause(live_eval.run(step, tokens, metrics))
-                if save_now:  # save
+                stopping = parallel.any_rank(stop["signal"] is not None, cpu_group)  # all ranks stop at one step
+                if saver.due(step, stopping, last):  # save
+                    if diverged := skips.report(0, t.max_consecutive_skips, metrics.log):
+                        break
                     state = services.run_state(run, tokens, max_steps, skips, scaler, budget_steps)
                     window.pause(saver.save(step, state, skips.streak, now=stopping or last))
                 if stopping:  # stop

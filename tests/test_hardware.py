@@ -149,3 +149,15 @@ def test_the_banner_and_run_files_say_what_was_chosen_and_why(corpus, tmp_path, 
     captured = capsys.readouterr()
     assert captured.err.count("warning: train.precision=bf16 on this CPU: BF16 matmul 0.02x FP32 here") == 1
     assert "precision bf16: as configured (BF16 matmul 0.02x FP32 here" in captured.out
+
+
+def test_a_resumed_run_keeps_the_precision_it_started_with(corpus, tmp_path, cpu_kind, capsys):
+    """auto is a timed decision: a resume of the same run (a busy machine, another node) must not change it."""
+    out = str(tmp_path / "run")
+    cpu_kind(*KINDS["intel-amx"][:3])
+    assert train.main(train_args(corpus, out, "train.max_steps=2", "train.eval_interval=0")) == 0
+    cpu_kind(*KINDS["amd-avx2"][:3])  # the same run resumed where the probe says otherwise
+    assert train.main(train_args(corpus, out, "train.max_steps=4", "train.eval_interval=0")) == 0
+    stdout = capsys.readouterr().out
+    assert "precision bf16: as when the run started (here now: BF16 matmul 0.02x FP32 here (AVX2" in stdout
+    assert json.load(open(os.path.join(out, "run_info.json")))["precision"] == "bf16"
