@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
                 model_cfg = data_vocab(cfg, model_cfg)
         if error is not None:
             raise config.ConfigError(error)
-        if resume_from and t.precision == "auto":  # decided when the run started (a timed probe): a resume keeps it
+        if resume_from and t.precision == "auto" and device.type == "cpu":  # a timed decision: a resume keeps it
             started = checkpoint.read_state(resume_from)["config"]["train"]["precision"]
             if started != precision.name:
                 precision = hardware.Precision(started, f"as when the run started (here now: {precision.reason})")
