@@ -280,8 +280,7 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
     elsewhere raises KernelError before training."""
     device = torch.device(device)
     cuda, half = device.type == "cuda", dtype in (torch.bfloat16, torch.float16)
-    chosen, names = dict(attention=torch_attention, rms_norm=torch_rms_norm, rope=torch_rope_qk,
-                         loss=chunked_loss), dict(REFERENCE.names)
+    chosen, names = {op: getattr(REFERENCE, op) for op in REFERENCE.names}, dict(REFERENCE.names)
     if device.type == "cpu":
         chosen["loss"], names["loss"] = cpu_chunked_loss, "chunked (cache-sized)"
         if half and kernels in ("auto", "torch"):  # explicit score matrices at short context (see matmul_attention)
