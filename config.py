@@ -181,7 +181,7 @@ def _coerce(value, tp, where: str):
     if origin is list:
         items = value if isinstance(value, list) else [value]
         return [_coerce(v, args[0], where) for v in items]
-    if tp in (bool, str) and isinstance(value, tp):
+    if tp in (bool, str, dict) and isinstance(value, tp):
         return value
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

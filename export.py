@@ -45,7 +45,8 @@ def hf_config(cfg: GPTConfig, eot_id: int | None = None, bos_id: int | None = No
         return {**kind, "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layer,
                 "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
                 "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-                "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                "rope_theta": cfg.rope_theta, **({"rope_scaling": dict(cfg.rope_scaling)} if cfg.rope_scaling else {}),
+                "rope_parameters": {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta},
                 "attention_bias": False, "attention_dropout": 0.0, **common}
     if cfg.kv_heads != cfg.n_head:
         raise ValueError("GPT-2 in transformers has no grouped-query attention: export needs n_kv_head = n_head")
@@ -78,9 +79,7 @@ def model_config(hf: dict, block_size: int | None = None) -> GPTConfig:
             raise ValueError(f"only bias-free {kind} models with hidden_act {act} can be imported")
         if hf.get("use_sliding_window"):
             raise ValueError("sliding-window attention is not supported")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+        rope = rope_scaling(hf)
         n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
         if hf.get("head_dim", n_embd // n_head) != n_embd // n_head:
             raise ValueError("head_dim must equal hidden_size / num_attention_heads")
@@ -88,7 +87,8 @@ def model_config(hf: dict, block_size: int | None = None) -> GPTConfig:
                          block_size=block_size or hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
                          n_head=n_head, n_kv_head=hf.get("num_key_value_heads", n_head), n_embd=n_embd,
                          intermediate_size=hf["intermediate_size"],
-                         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                         rope_theta=float(rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)),
+                         rope_scaling=rope or None,
                          norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=tie, qk_norm=kind == "qwen3",
                          mlp="relu2" if kind == "arcee" else None)
     if kind == "gpt2":
@@ -97,6 +97,30 @@ def model_config(hf: dict, block_size: int | None = None) -> GPTConfig:
                          intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
                          norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=tie)
     raise ValueError(f"model_type {kind!r} cannot be imported (llama, qwen3, arcee or gpt2)")
+
+
+def rope_scaling(hf: dict) -> dict:
+    """config.json's RoPE settings as {rope_theta, and our model.rope_scaling's keys}: transformers 5 writes them
+    in `rope_parameters` (with rope_theta), 4.x in `rope_scaling` (with `type` in older files) beside `rope_theta`;
+    Phi-3-style files keep original_max_position_embeddings at the top level. Raises ValueError for a kind that
+    model.rope_cache does not compute."""
+    from model import check_rope_scaling
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    kind = rope.pop("rope_type", rope.pop("type", "default"))
+    if rope.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
+    theta = rope.pop("rope_theta", None)
+    if kind == "default":
+        return {"rope_theta": theta} if theta else {}
+    if kind in ("llama3", "yarn"):
+        rope.setdefault("original_max_position_embeddings",
+                        hf.get("original_max_position_embeddings", hf.get("max_position_embeddings")))
+    rope = {k: v for k, v in rope.items() if v is not None}  # transformers writes unset options as null
+    try:
+        check_rope_scaling({"rope_type": kind, **rope})
+    except ValueError as e:
+        raise ValueError(f"rope_scaling: {str(e).replace('model.rope_scaling', 'it')}") from None
+    return {"rope_type": kind, **rope, **({"rope_theta": theta} if theta else {})}
 
 
 def _safetensors():
@@ -111,7 +135,8 @@ def _safetensors():
 
 def config_from_hf(path: str, ours: GPTConfig) -> GPTConfig:
     """The model section for `train.init_from=path`: the shape from its config.json; our block_size, init_std
-    and dropout. Raises config.ConfigError with a message for the user."""
+    and dropout, and our model.rope_scaling where it is set (to extend the context), else the folder's. Raises
+    config.ConfigError with a message for the user."""
     from dataclasses import replace
     from config import ConfigError
     _safetensors()  # before the run starts, not when the weights are loaded
@@ -122,7 +147,8 @@ def config_from_hf(path: str, ours: GPTConfig) -> GPTConfig:
             raise ValueError(f"model.block_size {ours.block_size} is longer than its {full.block_size} positions")
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"train.init_from={path}: {e}") from None
-    return replace(full, block_size=ours.block_size, init_std=ours.init_std, dropout=ours.dropout)
+    return replace(full, block_size=ours.block_size, init_std=ours.init_std, dropout=ours.dropout,
+                   rope_scaling=ours.rope_scaling or full.rope_scaling)
 
 
 def to_hf(model: GPT) -> dict[str, torch.Tensor]:
