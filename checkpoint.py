@@ -41,11 +41,14 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 import xxhash
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+# Frozen parameters (a LoRA run's base) are rebuilt, not saved: a checkpoint holds what trains and its optimizer state
+TRAINED = StateDictOptions(ignore_frozen_params=True)
+TRAINED_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)  # the keys are checked first (`_fits`)
 STATE_FILE = "train_state.json"
 SUMS_FILE = "checksums.json"
 
@@ -407,7 +410,7 @@ def save(out_dir: str, step: int, model: torch.nn.Module, optimizer, train_state
                 os.makedirs(tmp)
             write_atomic(_join(tmp, STATE_FILE), json.dumps({**train_state, "step": step}, indent=1))
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED)
         state = {"model": model_sd, "optim": optim_sd}
         if async_group is not False:
             return Pending(out_dir, name, keep_last, dcp.async_save(state, checkpoint_id=tmp, process_group=async_group,
@@ -550,7 +553,8 @@ def verify(path: str, model: torch.nn.Module) -> None:
     """Check that checkpoint `path` is safe to open, fits `model` (a model on the meta device will do) and that
     every file matches its checksum; raises CheckpointError (CorruptCheckpoint for damage) naming what differs."""
     verify_files(path)  # first: damage is told apart from a foreign or unsafe checkpoint
-    _fits(path, _reader(path).read_metadata(), model.state_dict())
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    _fits(path, _reader(path).read_metadata(), {k: v for k, v in model.state_dict().items() if k not in frozen})
 
 
 def load(path: str, model: torch.nn.Module, optimizer=None, verified: bool = False) -> dict:
@@ -559,10 +563,31 @@ def load(path: str, model: torch.nn.Module, optimizer=None, verified: bool = Fal
     unreadable or mismatched checkpoint, before the model is touched."""
     if not verified:
         verify_files(path)
-    model_sd, optim_sd = (get_model_state_dict(model), None) if optimizer is None else get_state_dict(model, optimizer)
-    state = {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
+    if optimizer is None:
+        model_sd, optim_sd = get_model_state_dict(model, options=TRAINED), None
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED)
+    _load(path, {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd})
+    if optimizer is None:
+        set_model_state_dict(model, model_sd, options=TRAINED_LOAD)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=TRAINED_LOAD)
+    return read_state(path)
+
+
+def load_base(path: str, model: torch.nn.Module) -> None:
+    """The weights of checkpoint `path` (a run of ours, verified here) into `model`'s parameters of the same names,
+    in place and resharded as `model` is; parameters the checkpoint lacks (LoRA adapters) are left alone."""
+    verify_files(path)
+    model_sd = {k: v for k, v in get_model_state_dict(model).items() if ".lora_" not in k}
+    _load(path, {"model": model_sd})
+    set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
+
+
+def _load(path: str, state: dict) -> None:
+    """DCP-load `state` in place after checking that the checkpoint's model tensors are the ones it asks for."""
     reader = _reader(path)
-    _fits(path, reader.read_metadata(), model_sd)
+    _fits(path, reader.read_metadata(), state["model"])
     try:
         dcp.load(state, checkpoint_id=path, storage_reader=reader, planner=_SafePlanner())
     except CheckpointException as e:
@@ -570,11 +595,6 @@ def load(path: str, model: torch.nn.Module, optimizer=None, verified: bool = Fal
         if isinstance(first, CheckpointError):
             raise first from None
         raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({type(first).__name__}: {first})") from None
-    if optimizer is None:
-        set_model_state_dict(model, model_sd)
-    else:
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    return read_state(path)
 
 
 def tokenizer_dir(path: str, cfg) -> str:
@@ -587,9 +607,20 @@ def load_model(path: str, device) -> tuple:
     import config
     from model import build
     path = resolve(path)
-    tree = read_state(path)["config"]
-    cfg = config.build(tree, {k: f"{path}/{STATE_FILE}" for k in config._all_keys()})
-    model = build(cfg.model, device)
+    state = read_state(path)
+    cfg = config.build(state["config"], {k: f"{path}/{STATE_FILE}" for k in config._all_keys()})
+    if cfg.train.lora:  # the base as the run built it, then its adapters
+        import lora
+        import parallel
+        from model import GPT
+        lora.check_base(state, cfg.train, path)
+        with torch.device("meta"):
+            model = GPT(cfg.model)
+        lora.apply(model, cfg.train)
+        model.to_empty(device=device)
+        parallel.initialise(model, cfg.train)
+    else:
+        model = build(cfg.model, device)
     load(path, model)
     return model.eval(), cfg, path
 

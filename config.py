@@ -83,6 +83,14 @@ class TrainConfig:
     # A Hugging Face Llama (or GPT-2) folder to start from: its config.json sets the model's shape (block_size
     # stays ours), its safetensors the initial weights. Resuming from out_dir still takes precedence.
     init_from: str | None = None
+    # LoRA (lora.py): the model frozen, low-rank adapters trained on the projections named in lora_targets (q, k, v,
+    # o, gate, up, down; lm_head too if listed); the optimizer and checkpoints hold the adapters only, the base is
+    # rebuilt from train.init_from (a Hugging Face folder or a run of ours) or train.seed and checked by its hash
+    lora: bool = False
+    lora_rank: int = 8  # r: the adapters' inner width
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input (the base sees x as it is)
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
     # Scale-out (torchrun). auto: no wrap on one process; DDP while the model and its AdamW state take under
     # 40 % of a device's memory; FSDP2 otherwise.
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
@@ -311,6 +319,16 @@ def validate(cfg: Config) -> None:
     if e.interval < 0 or e.max_new_tokens < 1 or (e.num_fewshot or 0) < 0 or (e.limit is not None and e.limit <= 0):
         raise ConfigError(f"eval.interval must be >= 0, eval.max_new_tokens >= 1, eval.num_fewshot >= 0 and "
                           f"eval.limit > 0 (got {e.interval}, {e.max_new_tokens}, {e.num_fewshot}, {e.limit})")
+    if t.lora:
+        from lora import TARGETS
+        if t.lora_rank < 1 or t.lora_alpha <= 0 or not 0 <= t.lora_dropout < 1:
+            raise ConfigError(f"train.lora_rank must be >= 1, train.lora_alpha > 0 and train.lora_dropout in [0, 1) "
+                              f"(got {t.lora_rank}, {t.lora_alpha}, {t.lora_dropout})")
+        bad = [k for k in t.lora_targets if k not in TARGETS]
+        if bad or not t.lora_targets:
+            raise ConfigError(f"train.lora_targets: {bad or 'empty'}; choose from {', '.join(TARGETS)}")
+        if t.precision == "fp8":
+            raise ConfigError("train.lora with train.precision=fp8: the frozen base is not converted to FP8; use bf16")
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty")
     w = cfg.data.weights

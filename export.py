@@ -1,6 +1,8 @@
 """Checkpoint <-> Hugging Face `transformers` format: `config.json` + `model.safetensors` (+ tokenizer files).
 
     python export.py OUT_DIR --to hf DIR       # a run folder or step folder -> LlamaForCausalLM / GPT2LMHeadModel
+    python export.py LORA_RUN --to hf DIR      # the base in DIR, PEFT's adapter files in DIR/adapter
+    python export.py LORA_RUN --to hf DIR --merge   # one model, the adapters merged into its weights
 
 Import is a training option: `train.init_from=HF_DIR` derives the model section from the folder's `config.json`
 and starts from its weights (Llama architecture: GQA, RoPE theta, tied or untied head all carry over).
@@ -133,16 +135,27 @@ def _safetensors():
     return safetensors.torch
 
 
-def config_from_hf(path: str, ours: GPTConfig) -> GPTConfig:
-    """The model section for `train.init_from=path`: the shape from its config.json; our block_size, init_std
-    and dropout, and our model.rope_scaling where it is set (to extend the context), else the folder's. Raises
-    config.ConfigError with a message for the user."""
+def config_from_init(path: str, ours: GPTConfig) -> GPTConfig:
+    """The model section for `train.init_from=path`, a Hugging Face folder (the shape from its config.json) or a
+    run or checkpoint folder of ours (the shape it was trained with); our block_size, init_std and dropout, and our
+    model.rope_scaling where it is set (to extend the context), else theirs. Raises config.ConfigError with a
+    message for the user."""
     from dataclasses import replace
-    from config import ConfigError
-    _safetensors()  # before the run starts, not when the weights are loaded
+    import checkpoint
+    from config import ConfigError, build
     try:
-        with open(os.path.join(path, "config.json")) as f:
-            full = model_config(json.load(f))
+        if os.path.exists(os.path.join(path, "config.json")):
+            _safetensors()  # before the run starts, not when the weights are loaded
+            with open(os.path.join(path, "config.json")) as f:
+                full = model_config(json.load(f))
+        else:
+            saved = build(checkpoint.read_state(checkpoint.resolve(path))["config"])
+            if saved.train.lora:
+                raise ValueError("it is a LoRA run; start from its merged model (python export.py RUN --to hf DIR "
+                                 "--merge) instead")
+            full = saved.model
+            if full.arch == "gpt2" and ours.block_size != full.block_size:
+                raise ValueError(f"model.block_size {ours.block_size} differs from its {full.block_size} positions")
         if full.arch == "gpt2" and ours.block_size > full.block_size:
             raise ValueError(f"model.block_size {ours.block_size} is longer than its {full.block_size} positions")
     except (OSError, ValueError, KeyError) as e:
@@ -153,7 +166,8 @@ def config_from_hf(path: str, ours: GPTConfig) -> GPTConfig:
 
 def to_hf(model: GPT) -> dict[str, torch.Tensor]:
     """Our state dict -> transformers' names and layouts (contiguous FP32 CPU tensors; a tied head once)."""
-    cfg, sd = model.cfg, {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    cfg = model.cfg  # LoRA adapters are left out: `export_adapter` writes them
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if ".lora_" not in k}
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight")  # transformers re-ties it from the embedding
     if cfg.arch == "llama":
@@ -215,6 +229,16 @@ def read_hf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return hf, {k: v for name in files for k, v in load_file(os.path.join(path, name)).items()}
 
 
+def load_init(model: GPT, path: str, assign=None) -> None:
+    """train.init_from's weights into `model`: a Hugging Face folder by `load_weights`, a run or checkpoint of ours
+    by checkpoint.load_base (resharded by DCP); LoRA adapters keep their values."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        load_weights(model, path, assign)
+    else:
+        import checkpoint
+        checkpoint.load_base(checkpoint.resolve(path), model)
+
+
 @torch.no_grad()
 def load_weights(model: GPT, path: str, assign=None) -> None:
     """Copy the weights of the Hugging Face folder `path` into `model` in place, parameter by parameter. A
@@ -222,7 +246,7 @@ def load_weights(model: GPT, path: str, assign=None) -> None:
     full_value)` stores a full tensor into a parameter (a sharded trainer passes one that keeps its shard)."""
     _, sd = read_hf(path)
     ours, assign = from_hf(sd, model.cfg), assign or (lambda p, value: p.copy_(value))
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if ".lora_" not in n}  # LoRA adapters start apart
     missing = sorted(set(params) - set(ours) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set()))
     extra = sorted(set(ours) - set(params))
     if missing or extra:
@@ -294,20 +318,41 @@ def export_hf(model: GPT, dst: str, tokenizer_dir: str | None = None) -> None:
               file=sys.stderr)
 
 
+def export_adapter(model: GPT, t, dst: str, base: str) -> None:
+    """Write a LoRA run's adapters to `dst` as PEFT writes them (adapter_config.json, adapter_model.safetensors),
+    for `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), dst)`."""
+    import lora
+    conf, tensors = lora.peft_files(model, t, base)
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(dst, "adapter_config.json"), "w") as f:
+        json.dump(conf, f, indent=1)
+    _safetensors().save_file(tensors, os.path.join(dst, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", help="run folder (uses its latest checkpoint) or a step_NNNNNN folder")
     p.add_argument("--to", choices=["hf"], required=True, help="target format")
     p.add_argument("dst", help="folder to write")
+    p.add_argument("--merge", action="store_true", help="a LoRA run: write one model with the adapters merged "
+                   "into its weights, instead of the base in DST and PEFT's adapter files in DST/adapter")
     args = p.parse_args(argv)
     import checkpoint
+    import lora
     try:
         model, cfg, path = checkpoint.load_model(args.out_dir, torch.device("cpu"))
-        export_hf(model, args.dst, checkpoint.tokenizer_dir(path, cfg))
+        adapted = cfg.train.lora and not args.merge
+        if adapted:
+            lora.peft_files(model, cfg.train, args.dst)  # refuses what PEFT cannot load before anything is written
+        export_hf(lora.merged(model) if args.merge and cfg.train.lora else model, args.dst,
+                  checkpoint.tokenizer_dir(path, cfg))
+        if adapted:
+            export_adapter(model, cfg.train, os.path.join(args.dst, "adapter"), os.path.abspath(args.dst))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {path} ({cfg.model.arch}, {model.num_params() / 1e6:.2f}M parameters) to {args.dst}")
+    what = " merged" if args.merge and cfg.train.lora else " (the base; the LoRA adapters in adapter/)" if adapted else ""
+    print(f"exported {path} ({cfg.model.arch}, {model.num_params() / 1e6:.2f}M parameters){what} to {args.dst}")
     return 0
 
 

@@ -378,8 +378,11 @@ class GPT(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)
-        # lm_head and the loss in one kernel: the chunked/fused ones never hold all (B*T, V) FP32 logits
-        return self.ops.loss(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+        # lm_head and the loss in one kernel: the chunked/fused ones never hold all (B*T, V) FP32 logits. A head with
+        # a LoRA adapter (lora.py) hands the kernel its weight with the adapter folded in
+        head = self.lm_head
+        weight = head.effective_weight() if hasattr(head, "effective_weight") else head.weight
+        return self.ops.loss(x.flatten(0, 1), weight, targets.reshape(-1))
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -143,10 +143,13 @@ class Muon(torch.optim.AdamW):
 
 def param_groups(model: nn.Module, t, muon: bool) -> list[dict]:
     """AdamW groups (decay on matrices, none on norms, biases and embedding tables); with `muon`, the blocks'
-    2-D weights go to a Muon group instead (the embeddings and the head stay with AdamW)."""
+    2-D weights go to a Muon group instead (the embeddings and the head stay with AdamW). Frozen parameters are left
+    out; a LoRA run's adapters are matrices like any other (Muon takes those inside the blocks)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay, hidden = [], [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # frozen (a LoRA run's base): no state, no update
+            continue
         if muon and p.ndim == 2 and name.startswith("layers."):
             hidden.append(p)
         elif p.ndim >= 2 and id(p) not in embeddings:

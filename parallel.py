@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 import config
 import export
 import kernels
+import lora
 from model import GPT
 
 
@@ -61,6 +62,8 @@ def parallelize(model: GPT, run: config.Run) -> nn.Module:
     and FSDP start from the same weights. `torch.compile` applies per block under FSDP2 (in place, so the state-dict
     names stay; the gathers stay outside the graphs), else to the whole model, head and loss included."""
     t, device, fsdp = run.cfg.train, run.device, run.mode == "fsdp"
+    if t.lora:  # before any wrapping: FSDP2 and DDP see the frozen base and the adapters as they will train
+        lora.apply(model, t)
     if t.precision == "fp8":
         kernels.convert_to_float8(model, fsdp=fsdp)
     for block in model.layers:
@@ -81,19 +84,26 @@ def parallelize(model: GPT, run: config.Run) -> nn.Module:
 
         def assign(p, full):  # every rank draws the same full tensor (one parameter at a time), keeps its shard
             p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
-        model.init_weights(t.seed, assign=assign)
-        if t.init_from:
-            export.load_weights(model, t.init_from, assign)
+        initialise(model, t, assign)
         return model
     model.to_empty(device=device)
-    model.init_weights(t.seed)
-    if t.init_from:
-        export.load_weights(model, t.init_from)
+    initialise(model, t)
     wrapped = model
     if run.mode == "ddp":
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       gradient_as_bucket_view=True)  # gradients live in the buckets: no second copy
     return torch.compile(wrapped) if t.compile else wrapped
+
+
+def initialise(model: GPT, t: config.TrainConfig, assign=None) -> None:
+    """Give `model` (allocated, maybe sharded) its starting values: train.seed's init, then train.init_from's
+    weights (a Hugging Face folder or a run of ours), then LoRA's adapters. `assign(param, full_value)` stores a
+    full value into a sharded parameter."""
+    model.init_weights(t.seed, assign=assign)
+    if t.init_from:
+        export.load_init(model, t.init_from, assign)
+    if t.lora:
+        lora.init_adapters(model, t.seed, assign)
 
 
 @contextmanager

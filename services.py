@@ -22,6 +22,7 @@ import checkpoint
 import config
 import diagnose
 import hardware
+import lora
 import tracking
 from model import GPT
 from parallel import print0
@@ -350,6 +351,8 @@ def run_state(run: config.Run, tokens: int, max_steps: int, skips: SkipCounter, 
         state["grad_scaler"] = scaler.state_dict()
     if budget_steps is not None:
         state["budget_max_steps"] = budget_steps
+    if cfg.train.lora:  # the adapters are only good on the base they were trained on
+        state["lora_base"] = lora.fingerprint(cfg.train.init_from, cfg.train.seed)
     return state
 
 def fall_back(run: config.Run, bad: str, error: Exception, group) -> str:
@@ -377,9 +380,15 @@ def find_resume(cfg: config.Config) -> str | None:
         return None
     with torch.device("meta"):
         model = GPT(cfg.model)
+    if t.lora:
+        lora.apply(model, t)
+
+    def check(state, path):
+        check_same_model(state["config"], cfg, path)
+        if t.lora:
+            lora.check_base(state, t, path)
     return checkpoint.find_resumable(t.ckpt_dir or t.out_dir, model,
-                                     lambda msg: print(msg, file=sys.stderr, flush=True),
-                                     check=lambda state, path: check_same_model(state["config"], cfg, path))
+                                     lambda msg: print(msg, file=sys.stderr, flush=True), check=check)
 
 
 def check_same_model(saved: dict, cfg: config.Config, path: str) -> None:
@@ -399,6 +408,10 @@ def banner(run: config.Run, model: GPT, optimizer, scaler) -> str:
                f"the rest (lr {t.lr:g})")
     else:
         opt = f"optimizer: AdamW (lr {t.lr:g}{', fused' if optimizer.param_groups[0].get('fused') else ''})"
+    if t.lora:
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        opt += (f"\nLoRA: rank {t.lora_rank}, alpha {t.lora_alpha:g} on {', '.join(t.lora_targets)}: "
+                f"{trained / 1e6:.3f}M trainable parameters, the rest frozen")
     return (f"model: {run.cfg.model.arch}, {model.num_params() / 1e6:.2f}M parameters "
             f"({model.num_params(embeddings=False) / 1e6:.2f}M without embeddings), "
             f"{model.flops_per_token() / 1e6:.1f} MFLOPs/token; device {run.device}, parallel {run.mode} x {world}"

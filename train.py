@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
         tracking.check(cfg)
         t = cfg.train
         # the model's shape: train.init_from's config.json (block_size stays ours), the vocab from the data below
-        model_cfg = export.config_from_hf(t.init_from, cfg.model) if t.init_from else cfg.model
+        model_cfg = export.config_from_init(t.init_from, cfg.model) if t.init_from else cfg.model
         rank, local_rank, world = parallel.init_distributed(t.device, t.dist_timeout_s)
         device, precision, compiled = hardware.resolve(t, local_rank, model_cfg.n_embd)
         if precision.warning and rank == 0:

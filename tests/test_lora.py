@@ -1,0 +1,104 @@
+"""LoRA (train.lora): the base stays frozen and out of the checkpoints, a resume is bit-exact, 2 processes (DDP, FSDP2)
+follow one, and the adapters export in PEFT's format: PEFT loads them onto our exported base and gives our logits,
+and --merge gives them too."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import checkpoint
+import eval as evaluate
+import export
+import sample
+import train
+from conftest import ROOT, TINY
+from model import GPTConfig, build
+from test_train import losses, train_args
+
+LORA = ["train.lora=true", "train.lora_rank=4", "train.lora_alpha=8", "train.eval_interval=0", "train.ckpt_interval=3",
+        "train.precision=fp32", "train.keep_last=5"]
+
+
+@pytest.fixture(autouse=True)
+def in_repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory) -> str:
+    """An "imported" model: a small Llama (GQA, untied head) written as a transformers folder."""
+    cfg = GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, intermediate_size=160)
+    out = str(tmp_path_factory.mktemp("hf_base"))
+    export.export_hf(build(cfg, "cpu", seed=7), out)
+    return out
+
+
+def saved_keys(step_dir: str) -> tuple[list[str], list[str]]:
+    """The model tensors and the optimizer-state tensors a checkpoint holds."""
+    meta = checkpoint._reader(step_dir).read_metadata()
+    return (sorted(k for k in meta.state_dict_metadata if k.startswith("model.")),
+            sorted(k for k in meta.state_dict_metadata if k.startswith("optim.state.")))
+
+
+def test_lora_trains_only_adapters_resumes_exactly_and_exports_for_peft(corpus, hf_base, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    out, again = str(tmp_path / "lora"), str(tmp_path / "again")
+    # dropout on the adapters, the head adapted too: the resume must repeat the dropout masks
+    args = [*LORA, f"train.init_from={hf_base}", "train.max_steps=6", "train.lora_dropout=0.1", "train.optimizer=adamw",
+            "train.lora_targets=[q,k,v,o,gate,up,down,lm_head]"]
+    assert train.main(train_args(corpus, out, *args)) == 0
+    ls = losses(out)
+    assert ls[6] < ls[1], ls
+    keys, moments = saved_keys(os.path.join(out, "step_000006"))
+    assert len(keys) == 2 * (7 * 2 + 1)  # A and B on 7 projections x 2 layers, and the head
+    assert all(".lora_A." in k or ".lora_B." in k for k in keys + moments) and len(moments) == 3 * len(keys)
+    # the base is frozen: the run's model still has the imported weights under its adapters
+    model, cfg, _ = checkpoint.load_model(out, "cpu")
+    base = build(cfg.model, "cpu")
+    export.load_weights(base, hf_base)
+    trained = dict(model.named_parameters())
+    for name, p in base.named_parameters():
+        assert torch.equal(trained[name], p), name
+    # bit-exact resume from the step-3 checkpoint (adapters + their AdamW state; the base rebuilt)
+    os.makedirs(again)
+    shutil.copytree(os.path.join(out, "step_000003"), os.path.join(again, "step_000003"))
+    assert train.main(train_args(corpus, again, *args)) == 0
+    assert all(losses(again)[s] == ls[s] for s in (4, 5, 6)), (losses(again), ls)
+
+    # PEFT loads the adapters onto our exported base and gives our logits; --merge gives them without PEFT
+    dst, merged = str(tmp_path / "hf"), str(tmp_path / "merged")
+    assert export.main([out, "--to", "hf", dst]) == 0
+    assert export.main([out, "--to", "hf", merged, "--merge"]) == 0
+    conf = json.loads(open(os.path.join(dst, "adapter", "adapter_config.json")).read())
+    assert (conf["r"], conf["lora_alpha"], conf["task_type"]) == (4, 8.0, "CAUSAL_LM")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, os.path.join(dst, "adapter")).eval()
+    whole = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    idx = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(idx)
+        peft_diff = (ours - hf(input_ids=idx).logits).abs().max().item()
+        merge_diff = (ours - whole(idx).logits).abs().max().item()
+        moved = (ours - base.eval()(idx)).abs().max().item()
+    print(f"LoRA parity: peft {peft_diff:.2e}, merged {merge_diff:.2e}; the adapters moved logits by {moved:.2e}")
+    assert peft_diff < 1e-5 and merge_diff < 1e-5 and moved > 1e-3
+    # sample.py and eval.py run the LoRA run as it is
+    assert sample.main([out, "--prompt", "def f(x):", "--max_new_tokens", "8", "--temperature", "0"]) == 0
+    assert evaluate.main([out, "--max_tokens", "2000", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"] == pytest.approx(ls[6], abs=1.0)
+
+
+def test_a_changed_base_stops_the_resume(corpus, hf_base, tmp_path):
+    out, moved = str(tmp_path / "lora"), str(tmp_path / "base")
+    shutil.copytree(hf_base, moved)
+    args = [*LORA, f"train.init_from={moved}", "train.max_steps=3"]
+    assert train.main(train_args(corpus, out, *args)) == 0
+    model = build(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
+                            intermediate_size=160), "cpu", seed=8)
+    export.export_hf(model, moved)  # other weights under the same path
+    assert train.main(train_args(corpus, out, *args, "train.max_steps=4")) == 2
+    with pytest.raises(checkpoint.CheckpointError, match="base that is not the one"):
+        checkpoint.load_model(out, "cpu")
