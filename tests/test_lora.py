@@ -102,3 +102,23 @@ def test_a_changed_base_stops_the_resume(corpus, hf_base, tmp_path):
     assert train.main(train_args(corpus, out, *args, "train.max_steps=4")) == 2
     with pytest.raises(checkpoint.CheckpointError, match="base that is not the one"):
         checkpoint.load_model(out, "cpu")
+
+
+def test_lora_from_our_run_with_muon_under_ddp_and_fsdp_matches_one_process(corpus, trained, tmp_path):
+    """A LoRA run on a run of ours (train.init_from=RUN), Muon for the adapter matrices: DDP and FSDP2 (the frozen
+    base sharded; one torchrun launch runs both) follow one process as test_distributed's Muon runs do (1e-4: only
+    the order of gradient sums differs), and the FSDP2 run's adapter checkpoint resumes in one process."""
+    from test_distributed import DIST, ok, torchrun
+    common = [*DIST, *LORA, f"train.init_from={trained}", "train.optimizer=muon", "train.max_steps=4",
+              "train.ckpt_interval=2"]
+    single, ddp, fsdp, one = (str(tmp_path / n) for n in ("single", "ddp", "fsdp", "one"))
+    assert train.main(train_args(corpus, single, *common)) == 0
+    ref = losses(single)
+    ok(torchrun(*train_args(corpus, ddp, *common, "train.parallel=ddp"), "--",
+                *train_args(corpus, fsdp, *common, "train.parallel=fsdp"), script="tests/train_each.py"))
+    for run in (ddp, fsdp):
+        assert all(abs(losses(run)[s] - ref[s]) < 1e-4 for s in range(1, 5)), (run, losses(run), ref)
+    os.makedirs(one)
+    shutil.copytree(os.path.join(fsdp, "step_000002"), os.path.join(one, "step_000002"))
+    assert train.main(train_args(corpus, one, *common)) == 0
+    assert all(abs(losses(one)[s] - ref[s]) < 1e-4 for s in (3, 4)), (losses(one), ref)
