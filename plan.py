@@ -18,6 +18,7 @@ import torch.distributed as dist
 import config
 import hardware
 import kernels
+import lora
 from model import GPT, GPTConfig
 
 GPUS = {name: (g.memory_gib, g.peak_tflops) for name, g in hardware.GPUS.items()}  # one table: hardware.py
@@ -50,6 +51,18 @@ def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: b
     return per_token * tokens
 
 
+def lora_activation_bytes(model: GPT, t, tokens: int, precision: str, checkpointing: bool = False) -> int:
+    """What LoRA adapters add to `activation_bytes` in one forward: each adapter keeps its r-wide A output (the B
+    input) and, with lora_dropout, the dropped input and its mask (the undropped input is the base matmul's, already
+    counted); a frozen base saves no more than a trained one. Activation checkpointing keeps one block's worth."""
+    a = 4 if precision == "fp32" else 2
+    adapted = [m for m in model.modules() if isinstance(m, lora.LoRALinear)]
+    per_token = sum(a * t.lora_rank + ((a + 1) * m.in_features if t.lora_dropout else 0) for m in adapted)
+    if checkpointing:
+        per_token //= max(1, model.cfg.n_layer)
+    return per_token * tokens
+
+
 def loss_transient_bytes(cfg: GPTConfig, tokens: int, loss: str = "plain", precision: str = "bf16",
                          chunk_logits: int = kernels.CHUNK_LOGITS) -> int:
     """Peak memory the loss adds beyond what it saves: plain (eager), the BF16 logits and the FP32 logits and their
@@ -71,7 +84,7 @@ def muon_cost(model: GPT, gpus: int) -> dict:
     """What train.optimizer=muon adds per step (optim.py): Newton-Schulz FLOPs (5 iterations of 4 m^2 n + 2 m^3
     for an m x n matrix, m <= n), dealt out over the GPUs, and the bytes each GPU moves for it in BF16 (FSDP2:
     its shards out to the owners and back; DDP: the orthogonalised matrices it does not own, broadcast)."""
-    mats = [p.shape for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("layers.")]
+    mats = [p.shape for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("layers.") and p.requires_grad]
     flops = sum(5 * (4 * min(s) ** 2 * max(s) + 2 * min(s) ** 3) for s in mats)
     numel = sum(s[0] * s[1] for s in mats)
     return {"params": numel, "flops": flops, "flops_per_gpu": flops / gpus,
@@ -154,10 +167,13 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
     cfg = with_micro(cfg, micro_batch(cfg, gpus, mem_gib))
     with torch.device("meta"):
         model = GPT(cfg.model)
+    t, m = cfg.train, cfg.model
+    if t.lora:
+        lora.apply(model, t)
     n = model.num_params()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # a LoRA run: the adapters only
     block = sum(p.numel() for p in model.layers[0].parameters())
     flops_tok = model.flops_per_token()
-    t, m = cfg.train, cfg.model
     tokens = t.micro_batch_size * m.block_size
     bf16 = t.precision != "fp32"
     loss = loss_kind(cfg, gpus, mem_gib)
@@ -166,8 +182,8 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
     rows = []
     for mode, ac in (("ddp", False), ("fsdp", False), ("fsdp", True)):
         shards = gpus if mode == "fsdp" else 1
-        params, grads = 4 * n / shards, 4 * n / shards  # FP32 master weights and gradients
-        optim = (8 * (n - n_muon) + 4 * n_muon) / shards  # AdamW: 2 FP32 moments; Muon: 1 FP32 momentum
+        params, grads = 4 * n / shards, 4 * n_train / shards  # FP32 master weights; gradients of what trains
+        optim = (8 * (n_train - n_muon) + 4 * n_muon) / shards  # AdamW: 2 FP32 moments; Muon: 1 FP32 momentum
         if mode == "ddp":  # autocast's cached BF16 weight copies live through forward and backward
             working = 2 * n if bf16 else 0
         elif t.reshard_after_forward:  # gathered BF16 blocks (current + prefetched), their unsharded FP32
@@ -178,6 +194,8 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
         if n_muon:  # BF16 matrices in flight during Muon's step (received shards to orthogonalise; results)
             working += 2 * 2 * n_muon / gpus if mode == "fsdp" else 2 * n_muon
         act = activation_bytes(m, tokens, t.precision, bf16_params=mode == "fsdp" and bf16, checkpointing=ac, loss=loss)
+        if t.lora:
+            act += lora_activation_bytes(model, t, tokens, t.precision, checkpointing=ac)
         total = params + grads + optim + working + act + RESERVED_GIB * GIB
         rows.append({"mode": mode + (" + AC" if ac else ""), "params": params / GIB, "grads": grads / GIB,
                      "optim": optim / GIB, "working": working / GIB, "activations": act / GIB,
@@ -197,9 +215,17 @@ def print_plan(cfg: config.Config, gpus: int, gpu: str) -> None:
     d = config.derive(cfg, gpus)
     with torch.device("meta"):
         model = GPT(cfg.model)
+    if cfg.train.lora:
+        lora.apply(model, cfg.train)
     f = model.flops_per_token()
     print(f"{model.num_params() / 1e6:,.0f}M parameters, {f / 1e9:.2f} GFLOPs/token (PaLM: 6N + 12 L d T); "
           f"{gpus} x {gpu} ({mem_gib} GiB, {peak} BF16 TFLOP/s)")
+    if cfg.train.lora:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"LoRA rank {cfg.train.lora_rank} on {', '.join(cfg.train.lora_targets)}: {n_train / 1e6:,.2f}M "
+              f"trainable parameters ({n_train / model.num_params():.2%}); gradients and optimizer state for those "
+              f"only, the frozen base in FP32 (FLOPs/token as full training counts them: the base's weight "
+              f"gradients are skipped, about a third of the step's matmuls)")
     print(d.banner(cfg))
     print(f"per step: {f * d.batch_tokens / 1e15:.1f} PFLOP; per GPU at 40 % MFU: "
           f"{rows[0]['tok_s_per_gpu_at_40']:,.0f} tok/s ({d.batch_tokens / gpus / rows[0]['tok_s_per_gpu_at_40']:.2f}"

@@ -13,7 +13,7 @@ import eval as evaluate
 import export
 import sample
 import train
-from conftest import ROOT, TINY
+from conftest import ROOT
 from model import GPTConfig, build
 from test_train import losses, train_args
 
@@ -122,3 +122,27 @@ def test_lora_from_our_run_with_muon_under_ddp_and_fsdp_matches_one_process(corp
     shutil.copytree(os.path.join(fsdp, "step_000002"), os.path.join(one, "step_000002"))
     assert train.main(train_args(corpus, one, *common)) == 0
     assert all(abs(losses(one)[s] - ref[s]) < 1e-4 for s in (3, 4)), (losses(one), ref)
+
+
+def test_plan_counts_a_frozen_base_and_adapter_state_and_bad_keys_stop():
+    import config
+    import plan
+    full = {r["mode"]: r for r in plan.plan(config.load(["configs/1b.yaml"]), 8, "h100")}
+    cfg = config.load(["configs/1b.yaml", "train.lora=true", "train.lora_rank=16", "train.optimizer=adamw"])
+    rows = {r["mode"]: r for r in plan.plan(cfg, 8, "h100")}
+    with torch.device("meta"):
+        import lora
+        from model import GPT
+        model = GPT(cfg.model)
+        n, trained = model.num_params(), sum(p.numel() for p in model.parameters())
+        lora.apply(model, cfg.train)
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert 0 < trained < n / 50
+    r = rows["ddp"]  # FP32 base + adapters; gradients and two AdamW moments of the adapters only
+    assert r["params"] * 2**30 == pytest.approx(4 * (n + trained))
+    assert (r["grads"] * 2**30, r["optim"] * 2**30) == (pytest.approx(4 * trained), pytest.approx(8 * trained))
+    assert r["total"] < full["ddp"]["total"] and r["activations"] >= full["ddp"]["activations"]
+    for bad, message in [("train.lora_rank=0", "lora_rank must be >= 1"), ("train.lora_targets=[q,x]", "'x'"),
+                         ("train.precision=fp8", "fp8")]:
+        with pytest.raises(config.ConfigError, match=message):
+            config.load(["configs/tiny.yaml", "train.lora=true", bad])
