@@ -4,6 +4,7 @@
     python bench.py configs/tiny.yaml --baseline     # + the same shape with nanoGPT-style attention and loss
     python bench.py configs/tiny.yaml --bare         # + nanoGPT's bare loop around the same model: what
                                                      #   train_step's non-finite check and skip cost
+    python bench.py configs/tiny.yaml --lora         # + the same model with LoRA adapters, alternating with it
     torchrun --standalone --nproc_per_node=8 bench.py configs/500m.yaml
     python bench.py configs/125m.yaml --checkpoint DIR   # checkpoint save/load time, checksums on and off
 
@@ -56,7 +57,7 @@ BASELINE = kernels.Ops(naive_attention, naive_rms_norm, kernels.torch_rope_qk, k
 
 
 def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None, baseline: bool,
-          bare: bool = False) -> dict:
+          bare: bool = False, lora: bool = False) -> dict:
     t = cfg.train
     rank, local_rank, world = parallel.init_distributed(t.device, t.dist_timeout_s)
     device, precision, compiled = hardware.resolve(t, local_rank, cfg.model.n_embd)  # train.py's rules
@@ -113,10 +114,20 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
         loss = loss.item() / run.grad_accum  # a device sync
         return time.perf_counter() - t0, loss
 
+    def lora_step():
+        return train_step(adapted, adapted_train, adapted_optimizer, batches, adapted_run, scaler)[0]
+    if lora:  # the same model with LoRA adapters on (train.lora_* keys), built and initialised as train.py does
+        adapted_run = replace(run, cfg=replace(run.cfg, train=replace(t, lora=True)))
+        with torch.device("meta"):
+            adapted = GPT(adapted_run.cfg.model, chosen)
+        adapted_train = parallel.parallelize(adapted, adapted_run)
+        adapted_optimizer = optim.build(adapted, adapted_run.cfg.train, device)
+        adapted.train()
+
     # The baseline runs in this process, alternating with the chosen kernels (best of 2 rounds each), so a
     # change in machine load between the two does not become a speed-up.
     variants = {"chosen": (chosen, our_step)} | ({"baseline": (BASELINE, our_step)} if baseline else {}) | (
-        {"bare": (chosen, bare_step)} if bare else {})
+        {"bare": (chosen, bare_step)} if bare else {}) | ({"lora": (chosen, lora_step)} if lora else {})
     best = {}
     for round_ in range(2 if len(variants) > 1 else 1):
         for name, (ops, step) in variants.items():
@@ -152,6 +163,9 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
                       baseline_tokens_per_s=base_tok_s, speedup_vs_baseline=tok_s / base_tok_s)
     if bare:
         result.update(bare_step_time_s=best["bare"][0] / steps, train_step_overhead=elapsed / best["bare"][0] - 1)
+    if lora:
+        result.update(lora_trainable_params=sum(p.numel() for p in adapted.parameters() if p.requires_grad),
+                      lora_step_time_s=best["lora"][0] / steps, lora_speedup=elapsed / best["lora"][0])
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return result
@@ -199,6 +213,8 @@ def main(argv: list[str]) -> int:
                    help="dense BF16 peak of one device, for MFU")
     p.add_argument("--baseline", action="store_true", help="also time the same model with nanoGPT-style "
                    "attention (full score matrix) and an unfused loss, in this process, for a ratio")
+    p.add_argument("--lora", action="store_true", help="also time the same model with LoRA adapters (train.lora_* "
+                   "keys), alternating in this process; peak memory: run once with train.lora=true instead")
     p.add_argument("--bare", action="store_true", help="also time nanoGPT's bare loop (forward, backward, clip, "
                    "step) around the same model and kernels, for what train_step's checks cost")
     p.add_argument("--checkpoint", metavar="DIR", help="instead: time checkpoint save and load with and without "
@@ -216,7 +232,7 @@ def main(argv: list[str]) -> int:
                   f"({result['load_ratio']:.2f}x), {result['checkpoint_gib']:.2f} GiB", file=sys.stderr)
             print(json.dumps(result))
             return 0
-        result = bench(cfg, a.warmup, a.steps, a.peak_tflops, a.baseline, a.bare)
+        result = bench(cfg, a.warmup, a.steps, a.peak_tflops, a.baseline, a.bare, a.lora)
     except (config.ConfigError, kernels.KernelError, ValueError) as e:  # HardwareError too
         print(f"error: {e}", file=sys.stderr)
         return 2
