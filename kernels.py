@@ -103,7 +103,7 @@ class ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk):
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        need_grad = any(ctx.needs_input_grad[:2])
+        need_h, need_w = ctx.needs_input_grad[:2]  # a frozen head (LoRA) needs no dW
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(dtype)
             acc = torch.promote_types(dtype, torch.float32)  # logits, loss and dW: FP32 at least
@@ -111,20 +111,22 @@ class ChunkedLoss(torch.autograd.Function):
             scale = valid.to(acc) / valid.sum().clamp(min=1)  # (N,) per-row weight of the mean; 0 when ignored
             safe = targets.clamp(min=0)
             loss = torch.zeros((), device=h.device, dtype=acc)
-            dh = torch.empty_like(h) if need_grad else None
-            dw = torch.zeros(weight.shape, device=h.device, dtype=acc) if need_grad else None
+            dh = torch.empty_like(h) if need_h else None
+            dw = torch.zeros(weight.shape, device=h.device, dtype=acc) if need_w else None
             for i in range(0, h.size(0), chunk):
                 hc, tc, sc = h[i:i + chunk].to(dtype), safe[i:i + chunk], scale[i:i + chunk]
                 logits = (hc @ w.t()).to(acc)  # (chunk, V): the only large buffer
                 lse = torch.logsumexp(logits, dim=-1)
                 rows = torch.arange(hc.size(0), device=h.device)
                 loss += ((lse - logits[rows, tc]) * sc).sum()
-                if need_grad:  # d loss / d logits = (softmax - onehot) * row weight, built in the logits buffer
+                if need_h or need_w:  # d loss / d logits = (softmax - onehot) * row weight, in the logits buffer
                     g = logits.sub_(lse[:, None]).exp_()
                     g[rows, tc] -= 1.0
                     g = g.to(dtype)
-                    dh[i:i + chunk] = ((g @ w) * sc[:, None]).to(h.dtype)
-                    dw += (g.t() @ (hc * sc[:, None].to(dtype))).to(acc)
+                    if need_h:
+                        dh[i:i + chunk] = ((g @ w) * sc[:, None]).to(h.dtype)
+                    if need_w:
+                        dw += (g.t() @ (hc * sc[:, None].to(dtype))).to(acc)
                 logits = g = None  # freed now, not when the next chunk's are made (that doubled the peak)
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
@@ -133,7 +135,8 @@ class ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         dh, dw = ctx.saved_tensors
-        return dh * grad.to(dh.dtype), (dw * grad).to(ctx.weight_dtype), None, None
+        return (None if dh is None else dh * grad.to(dh.dtype),
+                None if dw is None else (dw * grad).to(ctx.weight_dtype), None, None)
 
 
 CHUNK_LOGITS = 2**26  # logits per chunk of chunked_loss on a GPU (plan.py counts them)
