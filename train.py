@@ -64,7 +64,7 @@ def check_init_tokenizer(cfg: config.Config) -> list[str]:
         return []
     return [f"{d} was not tokenized with the tokenizer of {cfg.train.init_from}; prepare it with python "
             f"data/prepare.py ... --tokenizer hf:{cfg.train.init_from}" for d in cfg.data.datasets
-            if (spec := read_meta(d)["tokenizer"])["type"] != "hf"
+            if (spec := read_meta(d)["tokenizer"])["type"] not in ("hf", "bpe")  # bpe: ours, exported as tokenizer.json
             or not filecmp.cmp(theirs, os.path.join(d, spec["file"]), shallow=False)]
 
 
