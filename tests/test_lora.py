@@ -160,3 +160,32 @@ def test_chunked_loss_under_a_frozen_head_skips_dw_and_keeps_dh():
         loss(x, w, targets).backward()  # w is frozen
         grads.append(x.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merge_of_a_tied_head_and_gpt2_export_refused(arch):
+    """Merging gives the adapted model's logits; a tied head that has its own adapter comes out untied; GPT-2's
+    adapters are refused for PEFT (its q/k/v are one Conv1D there) with the --merge way out named."""
+    from types import SimpleNamespace
+    import lora
+    from model import GPT
+    cfg = GPTConfig(arch=arch, vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=64, tie_embeddings=True)
+    t = SimpleNamespace(lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, lora_targets=["q", "v", "up", "gate", "lm_head"])
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert "layers.0.mlp.gate_proj" not in lora.apply(model, t) or arch == "llama"  # gpt2 has no gate: skipped
+    model.to_empty(device="cpu")
+    model.init_weights(0)
+    with torch.no_grad():  # B away from 0, so that the adapters change the logits
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0, 0.1)
+    model.eval()
+    merged = lora.merged(model)
+    assert not merged.cfg.tie_embeddings and not lora.has_adapters(merged)
+    idx = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(idx) - merged(idx)).abs().max().item() < 1e-5
+    if arch == "gpt2":
+        with pytest.raises(ValueError, match="--merge"):
+            lora.peft_files(model, t, "base")
