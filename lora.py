@@ -34,7 +34,7 @@ class LoRALinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.scaling = alpha / rank
 
     def forward(self, x):
