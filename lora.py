@@ -49,11 +49,12 @@ class LoRALinear(nn.Linear):
 def apply(model: nn.Module, t) -> list[str]:
     """Put adapters on train.lora_targets of `model` (a GPT, best on the meta device) and freeze everything else;
     returns the names of the adapted modules. A target the model does not have (gate in a non-gated MLP) is
-    skipped; ValueError when no target is found at all."""
+    skipped; config.ConfigError when no target is found at all."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
              and any(n == TARGETS[k] or n.endswith("." + TARGETS[k]) for k in t.lora_targets)]
     if not names:
-        raise ValueError(f"train.lora_targets {t.lora_targets} match no module of the model")
+        from config import ConfigError
+        raise ConfigError(f"train.lora_targets {t.lora_targets} match no module of this model")
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
@@ -64,7 +65,7 @@ def apply(model: nn.Module, t) -> list[str]:
 
 
 def is_adapter(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name or name.startswith(("lora_A.", "lora_B."))
+    return ".lora_A." in name or ".lora_B." in name
 
 
 def has_adapters(model: nn.Module) -> bool:
@@ -81,7 +82,7 @@ def init_adapters(model: nn.Module, seed: int, assign=None) -> None:
         if not is_adapter(name):
             continue
         full = torch.zeros(p.shape, dtype=p.dtype, device=p.device)  # p.shape is global for a sharded p
-        if ".lora_A." in name or name.startswith("lora_A."):
+        if ".lora_A." in name:
             gen = torch.Generator(p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             bound = 1 / math.sqrt(p.shape[1])
             full.uniform_(-bound, bound, generator=gen)
