@@ -89,7 +89,7 @@ def model_config(hf: dict, block_size: int | None = None) -> GPTConfig:
                          block_size=block_size or hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
                          n_head=n_head, n_kv_head=hf.get("num_key_value_heads", n_head), n_embd=n_embd,
                          intermediate_size=hf["intermediate_size"],
-                         rope_theta=float(rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)),
+                         rope_theta=float(rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0),
                          rope_scaling=rope or None,
                          norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=tie, qk_norm=kind == "qwen3",
                          mlp="relu2" if kind == "arcee" else None)

@@ -58,7 +58,11 @@ def test_import_reads_both_spellings_of_rope_settings():
                                       "original_max_position_embeddings": 32}}
     phi3 = {**base, "original_max_position_embeddings": 32, "rope_theta": 5e5,
             "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
-    for hf in (v4, v5, phi3):
+    saved = transformers.LlamaConfig(vocab_size=256, hidden_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                     intermediate_size=128, max_position_embeddings=128, rope_theta=5e5,
+                                     rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                   "original_max_position_embeddings": 32}).to_dict()
+    for hf in (v4, v5, phi3, saved):
         m = export.model_config(hf)
         assert (m.rope_theta, m.rope_scaling) == (5e5, {"rope_type": "yarn", "factor": 4.0,
                                                         "original_max_position_embeddings": 32}), hf
