@@ -10,9 +10,11 @@ a (A, B) matrix is scaled by 0.2 * sqrt(max(A, B)), so that its RMS matches Adam
 learning rate and weight decay (`train.muon_lr` unset).
 
 The Newton-Schulz iteration needs whole matrices. With one process or DDP every rank has them (DDP averaged the
-gradients); under FSDP2 each rank holds a shard. Either way the matrices are dealt out round-robin: the owner of
-a matrix gathers it (FSDP2: one shard from each rank), orthogonalises it and sends back what each rank needs
-(FSDP2: its shard; DDP: the whole result), so the iteration runs once per matrix, not once per rank, and each
+gradients); under FSDP2 each rank holds a shard, and with tensor parallel a piece split over a (dp, tp) mesh. Either
+way the matrices are dealt out round-robin: the owner of a matrix gathers it (FSDP2: one shard from each rank; TP:
+DTensor's all-gather), orthogonalises it and sends back what each rank needs (FSDP2: its shard; DDP: the whole
+result; TP: the whole result, of which each rank keeps its piece), so the iteration runs once per matrix, not once
+per rank, and each
 rank's momentum buffer keeps the same sharding as its parameter (checkpoints and resharded resumes as for AdamW).
 torch.optim.Muon has the same update for one process (tests/test_optim.py compares them) but orthogonalises
 whatever tensor it is given, a shard included, and always in BF16, which is far slower than FP32 on a CPU without
@@ -23,7 +25,7 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan's quintic: steepest slope at zero that still converges
 NS_STEPS = 5
@@ -107,10 +109,16 @@ class Muon(torch.optim.AdamW):
             return [orthogonalize(u, dtype) for u in updates]
         owner = [j % world for j in range(len(params))]
         mine = [o == dist.get_rank() for o in owner]
-        sharded = [isinstance(p, DTensor) for p in params]
+        split = [isinstance(p, DTensor) and p.device_mesh.ndim > 1 for p in params]  # FSDP2 + tensor parallel
+        sharded = [isinstance(p, DTensor) and not s for p, s in zip(params, split)]  # FSDP2: Shard(0), all ranks
         rows = [-(-p.shape[0] // world) for p in params]  # FSDP2's Shard(0): ceil(n / world) rows, the last short
         full, waits = [None] * len(params), []
         for j, (p, u) in enumerate(zip(params, updates)):  # 1. the owner gets each whole matrix
+            if split[j]:  # a (dp, tp) mesh: torch gathers the pieces, whatever their layout; only the owner keeps it
+                whole = DTensor.from_local(u.to(dtype), p.device_mesh, p.placements, run_check=False,
+                                           shape=p.shape, stride=p.stride()).full_tensor()
+                full[j] = whole if mine[j] else None
+                continue
             if not sharded[j]:  # DDP: every rank already has it
                 full[j] = u
                 continue
@@ -126,7 +134,7 @@ class Muon(torch.optim.AdamW):
             if mine[j]:
                 whole = torch.cat(full[j])[:p.shape[0]] if sharded[j] else full[j]
                 result = orthogonalize(whole, dtype).contiguous()  # a tall matrix's result is a transposed view
-            if not sharded[j]:  # DDP: the whole result to every rank
+            if not sharded[j]:  # DDP, TP: the whole result to every rank (TP: each keeps its piece, below)
                 out[j] = result if mine[j] else torch.empty(p.shape, dtype=dtype, device=u.device)
                 waits.append(dist.broadcast(out[j], src=owner[j], async_op=True))
                 continue
@@ -138,6 +146,9 @@ class Muon(torch.optim.AdamW):
             waits.append(dist.scatter(out[j], pieces, src=owner[j], async_op=True))
         for w in waits:
             w.wait()
+        for j, p in enumerate(params):
+            if split[j]:  # the local piece of the whole result, laid out as p's (no communication)
+                out[j] = distribute_tensor(out[j], p.device_mesh, p.placements, src_data_rank=None).to_local()
         return [o[:u.size(0)] for o, u in zip(out, updates)]
 
 

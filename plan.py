@@ -109,9 +109,12 @@ def with_micro(cfg: config.Config, micro: int) -> config.Config:
     return replace(cfg, train=replace(cfg.train, micro_batch_size=micro))
 
 
-def parallel_mode(parallel: str, world: int, n_params: int, mem_gib: float, cuda: bool = True) -> str:
-    """'none' on one process; else train.parallel, where auto picks DDP while the FP32 model, its gradients and
-    AdamW's two moments (16 bytes a parameter) take under 40 % of one device's memory (on CPUs always), else FSDP."""
+def parallel_mode(parallel: str, world: int, n_params: int, mem_gib: float, cuda: bool = True, tp: int = 1) -> str:
+    """'none' on one process; FSDP2 with tensor parallel (tp > 1, over the data-parallel ranks, even just one);
+    else train.parallel, where auto picks DDP while the FP32 model, its gradients and AdamW's two moments (16 bytes
+    a parameter) take under 40 % of one device's memory (on CPUs always), else FSDP."""
+    if tp > 1:
+        return "fsdp"
     if world == 1:
         return "none"
     if parallel != "auto":
@@ -132,13 +135,15 @@ def resolve(cfg: config.Config, model: GPTConfig, device: torch.device, precisio
         dist.all_gather_object(mems, mem)
         mem = min(mems)
     cfg = replace(cfg, model=model, train=replace(cfg.train, precision=precision.name, compile=compiled))
+    if cfg.train.tp > 1:
+        config.check_tp(cfg)  # again: the vocab (from the data) and the precision are known now
     cfg = with_micro(cfg, micro_batch(cfg, world, mem))
     t = cfg.train
     fit = t.loss == "auto" and compiled and full_logits(cfg, world, mem)
-    ops = kernels.configure(t.kernels, t.loss, device, precision.dtype, compiled=compiled, logits_fit=fit)
+    ops = kernels.configure(t.kernels, t.loss, device, precision.dtype, compiled=compiled, logits_fit=fit, tp=t.tp)
     with torch.device("meta"):
         n = GPT(model).num_params()
-    mode = parallel_mode(t.parallel, world, n, mem, device.type == "cuda")
+    mode = parallel_mode(t.parallel, world, n, mem, device.type == "cuda", t.tp)
     return config.Run(cfg, device, precision, ops, mode, rank, config.derive(cfg, world))
 
 
