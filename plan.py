@@ -171,7 +171,7 @@ def comm_bytes(cfg: config.Config, model: GPT, dp: int, tp: int, mode: str, ac: 
     reduce-scatter of their outputs, backward the same again, and once more in the recomputed forward with
     activation checkpointing; the embedding's reduce-scatter and the final norm's all-gather, and their backwards;
     the loss's three all-reduces of one FP32 number per token); `dp`, FSDP2's parameter all-gathers (again in backward
-    for resharded blocks) and gradient reduce-scatters per micro-batch, or DDP's one all-reduce of FP32 gradients;
+    with reshard_after_forward) and gradient reduce-scatters per micro-batch, or DDP's one all-reduce of FP32 gradients;
     `muon`, Muon's matrices to their owners and back. Scalars (the gradient norm, the skip flag) are left out."""
     t, m = cfg.train, cfg.model
     d = config.derive(replace(cfg, train=replace(t, tp=tp)), dp * tp)
@@ -186,11 +186,10 @@ def comm_bytes(cfg: config.Config, model: GPT, dp: int, tp: int, mode: str, ac: 
             ends += 2 * m.block_size * m.n_embd * a * ring  # the position embedding's reduce-scatter, its backward
         out["tp"] = d.grad_accum * (per_block * m.n_layer + ends)
     local = tp_params(model, tp)  # what one rank of a tensor-parallel group holds whole after FSDP's all-gather
-    block = tp_params(model.layers[0], tp)
     if mode == "fsdp" and dp > 1:
         gather = 2 if t.precision != "fp32" else 4
         reduce = 2 if t.reduce_dtype == "bf16" else 4
-        gathers = local + (block * m.n_layer if t.reshard_after_forward else 0)  # blocks again in backward
+        gathers = local * (2 if t.reshard_after_forward else 1)  # again in backward (the root too, as measured)
         syncs = 1 if t.fsdp_defer_sync else d.grad_accum
         out["dp"] = (d.grad_accum * gather * gathers + syncs * reduce * local) * (dp - 1) / dp
     elif mode == "ddp" and dp > 1:
@@ -335,6 +334,58 @@ def measure_saved(model: GPT, tokens: torch.Tensor, precision: str) -> int:
         loss = model(tokens, tokens)
     loss.backward()
     return sum(n for ptr, n in seen.items() if ptr not in params)
+
+
+class CommBytes:
+    """torch's CommDebugMode, which counts the collectives a region runs (DTensor's and FSDP2's alike), with the bytes
+    each rank sends in them by the ring count of `comm_bytes`: `bytes` after the region, by collective."""
+
+    def __init__(self):
+        from torch.distributed.tensor.debug import CommDebugMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Tally(CommDebugMode):
+            def __torch_dispatch__(mode, func, types, args=(), kwargs=None):
+                out = super().__torch_dispatch__(func, types, args, kwargs)
+                if out is not NotImplemented:
+                    self._add(func, args)
+                return out
+
+            # without CommDebugMode's per-module tracker: its hooks lose their place among FSDP2's on a second step
+            def __enter__(mode):
+                mode.comm_counts.clear()
+                mode.advanced_module_tracker.module_parents_dict[""] = []  # every collective counts at the top
+                return TorchDispatchMode.__enter__(mode)
+
+            def __exit__(mode, *exc):
+                return TorchDispatchMode.__exit__(mode, *exc)
+        self.mode, self.bytes = Tally(), {}
+
+    def _add(self, func, args) -> None:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+        name = func._overloadpacket.__name__.strip("_")
+        if name in ("all_gather_into_tensor", "allgather_base"):  # (input, n, group) / (output, input, group)
+            size, n = (args[0].nbytes * args[1], args[1]) if name.startswith("all_gather") else \
+                (args[0].nbytes, args[0].numel() // args[1].numel())
+        elif name in ("reduce_scatter_tensor", "reduce_scatter_base"):  # (input, op, n, group) / (output, input, ..)
+            size, n = (args[0].nbytes, args[2]) if name.startswith("reduce_scatter_tensor") else \
+                (args[1].nbytes, args[1].numel() // args[0].numel())
+        elif name in ("all_reduce", "allreduce"):  # (input, op, group name) / ([tensors], group, ...): 2 ring passes
+            group = _resolve_process_group(args[2]) if name == "all_reduce" else dist.ProcessGroup.unbox(args[1])
+            size, n = 2 * sum(t.nbytes for t in (args[0] if isinstance(args[0], list) else [args[0]])), group.size()
+        else:
+            return
+        self.bytes[name] = self.bytes.get(name, 0) + size * (n - 1) / n
+
+    def counts(self) -> dict:
+        return {str(k): v for k, v in self.mode.get_comm_counts().items()}
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
 
 
 def check() -> None:
