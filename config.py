@@ -380,9 +380,9 @@ def derive(cfg: Config, world_size: int = 1, micro: int | None = None) -> Derive
     if world_size % t.tp:
         raise ConfigError(f"the world size ({world_size}) must be a multiple of train.tp ({t.tp})")
     dp = world_size // t.tp
-    ranks = "the world size" if t.tp == 1 else f"the data-parallel size (world size {world_size} / train.tp {t.tp})"
+    ranks = "world size" if t.tp == 1 else f"data-parallel size (world size {world_size} / train.tp {t.tp})"
     if t.batch_size % dp:
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of {ranks} ({dp})")
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of the {ranks} ({dp})")
     if t.micro_batch_size != "auto":
         micro = t.micro_batch_size
     micro = micro or t.batch_size // dp

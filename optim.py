@@ -113,11 +113,10 @@ class Muon(torch.optim.AdamW):
         sharded = [isinstance(p, DTensor) and not s for p, s in zip(params, split)]  # FSDP2: Shard(0), all ranks
         rows = [-(-p.shape[0] // world) for p in params]  # FSDP2's Shard(0): ceil(n / world) rows, the last short
         full, waits = [None] * len(params), []
+        out = [self._split_matrix(p, u, dtype, owner[j]) if split[j] else None
+               for j, (p, u) in enumerate(zip(params, updates))]
         for j, (p, u) in enumerate(zip(params, updates)):  # 1. the owner gets each whole matrix
-            if split[j]:  # a (dp, tp) mesh: torch gathers the pieces, whatever their layout; only the owner keeps it
-                whole = DTensor.from_local(u.to(dtype), p.device_mesh, p.placements, run_check=False,
-                                           shape=p.shape, stride=p.stride()).full_tensor()
-                full[j] = whole if mine[j] else None
+            if split[j]:
                 continue
             if not sharded[j]:  # DDP: every rank already has it
                 full[j] = u
@@ -129,12 +128,14 @@ class Muon(torch.optim.AdamW):
             full[j] = bucket
         for w in waits:
             w.wait()
-        out, waits = [None] * len(params), []
+        waits = []
         for j, (p, u) in enumerate(zip(params, updates)):  # 2. the owner orthogonalises, 3. and sends back
+            if split[j]:
+                continue
             if mine[j]:
                 whole = torch.cat(full[j])[:p.shape[0]] if sharded[j] else full[j]
                 result = orthogonalize(whole, dtype).contiguous()  # a tall matrix's result is a transposed view
-            if not sharded[j]:  # DDP, TP: the whole result to every rank (TP: each keeps its piece, below)
+            if not sharded[j]:  # DDP: the whole result to every rank
                 out[j] = result if mine[j] else torch.empty(p.shape, dtype=dtype, device=u.device)
                 waits.append(dist.broadcast(out[j], src=owner[j], async_op=True))
                 continue
@@ -146,10 +147,18 @@ class Muon(torch.optim.AdamW):
             waits.append(dist.scatter(out[j], pieces, src=owner[j], async_op=True))
         for w in waits:
             w.wait()
-        for j, p in enumerate(params):
-            if split[j]:  # the local piece of the whole result, laid out as p's (no communication)
-                out[j] = distribute_tensor(out[j], p.device_mesh, p.placements, src_data_rank=None).to_local()
         return [o[:u.size(0)] for o, u in zip(out, updates)]
+
+    @staticmethod
+    def _split_matrix(p: DTensor, u: torch.Tensor, dtype, owner: int) -> torch.Tensor:
+        """A matrix laid out over a (dp, tp) mesh (FSDP2 + tensor parallel): torch's all-gather makes it whole, its
+        owner orthogonalises it and broadcasts the result, each rank keeps its piece, laid out as p's. One matrix
+        at a time, so no rank holds more than one whole matrix beyond its own."""
+        whole = DTensor.from_local(u.to(dtype), p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                   stride=p.stride()).full_tensor()
+        result = orthogonalize(whole, dtype).contiguous() if owner == dist.get_rank() else torch.empty_like(whole)
+        dist.broadcast(result, src=owner)
+        return distribute_tensor(result, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
 def param_groups(model: nn.Module, t, muon: bool) -> list[dict]:

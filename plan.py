@@ -253,7 +253,7 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
         row_loss = "chunked" if tp > 1 else loss  # the vocab-parallel loss holds one chunk of logits
         working += loss_transient_bytes(m, tokens, row_loss, t.precision, tp=tp)
         if n_muon:  # BF16 matrices in flight during Muon's step (received shards to orthogonalise; results)
-            working += 2 * 2 * n_muon / gpus if mode == "fsdp" and tp == 1 else 2 * n_muon
+            working += 2 * 2 * n_muon / gpus if mode == "fsdp" else 2 * n_muon
         act = activation_bytes(m, tokens, t.precision, bf16_params=mode == "fsdp" and bf16, checkpointing=ac,
                                loss=row_loss, tp=tp)
         total = params + grads + optim + working + act + RESERVED_GIB * GIB
