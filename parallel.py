@@ -109,7 +109,10 @@ def parallelize(model: GPT, run: config.Run) -> nn.Module:
 
     Under FSDP2 each rank allocates only its shards; the initial values do not depend on the sharding, so 1 process, DDP
     and FSDP start from the same weights. `torch.compile` applies per block under FSDP2 (in place, so the state-dict
-    names stay; the gathers stay outside the graphs), else to the whole model, head and loss included."""
+    names stay; the gathers stay outside the graphs), else to the whole model, head and loss included.
+
+    With train.tp > 1 (run.mode is then fsdp): `tensor_parallel` first splits the model over the tp dimension of the
+    (dp, tp) mesh, and FSDP2 shards over the dp dimension (even a single one); initial values stay the same."""
     t, device, fsdp = run.cfg.train, run.device, run.mode == "fsdp"
     mesh = device_mesh(run)
     if mesh is not None:  # first, as torchtitan: checkpointing, compile and FSDP2 then see the split modules
