@@ -165,7 +165,7 @@ def tp_params(module: torch.nn.Module, tp: int) -> float:
 
 
 def comm_bytes(cfg: config.Config, model: GPT, dp: int, tp: int, mode: str, ac: bool) -> dict:
-    """Bytes each GPU sends per optimizer step (ring algorithms: an all-gather or reduce-scatter of S bytes over n
+    """Bytes each GPU sends per optimizer step of `cfg` (whose train.tp is `tp`) (ring algorithms: an all-gather or reduce-scatter of S bytes over n
     ranks moves S (n - 1) / n per rank, an all-reduce twice that), by kind: `tp`, the tensor-parallel collectives
     (per block and micro-batch, forward: the all-gather of the input of attention and of the MLP and the
     reduce-scatter of their outputs, backward the same again, and once more in the recomputed forward with
@@ -174,7 +174,7 @@ def comm_bytes(cfg: config.Config, model: GPT, dp: int, tp: int, mode: str, ac: 
     with reshard_after_forward) and gradient reduce-scatters per micro-batch, or DDP's one all-reduce of FP32 gradients;
     `muon`, Muon's matrices to their owners and back. Scalars (the gradient norm, the skip flag) are left out."""
     t, m = cfg.train, cfg.model
-    d = config.derive(replace(cfg, train=replace(t, tp=tp)), dp * tp)
+    d = config.derive(cfg, dp * tp)
     tokens = d.micro_batch * m.block_size  # per micro-batch and rank
     a = 4 if t.precision == "fp32" else 2
     ring = (tp - 1) / tp
@@ -230,7 +230,6 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
     n = model.num_params()
     flops_tok = model.flops_per_token()
     t, m = cfg.train, cfg.model
-    tokens = t.micro_batch_size * m.block_size
     bf16 = t.precision != "fp32"
     loss = loss_kind(cfg, gpus, mem_gib)
     mode_of_run = parallel_mode(t.parallel, max(gpus, 2), n, mem_gib, tp=t.tp)  # one GPU: planned as DDP's replica
@@ -240,6 +239,13 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
     rows = []
     for mode, ac, tp in layouts:
         dp = gpus // tp
+        # the micro batch of this layout: the configured one, or a data-parallel rank's whole batch if smaller
+        row_cfg = replace(cfg, train=replace(t, tp=tp, micro_batch_size=min(t.micro_batch_size, t.batch_size // dp)))
+        try:
+            config.derive(row_cfg, gpus)
+        except config.ConfigError:  # the batch does not divide over this layout
+            continue
+        tokens = row_cfg.train.micro_batch_size * m.block_size
         shards = dp if mode == "fsdp" else 1
         whole, tp_block = tp_params(model, tp), tp_params(model.layers[0], tp)  # a rank's part under tensor parallel
         params, grads = 4 * whole / shards, 4 * whole / shards  # FP32 master weights and gradients
@@ -257,7 +263,7 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
         act = activation_bytes(m, tokens, t.precision, bf16_params=mode == "fsdp" and bf16, checkpointing=ac,
                                loss=row_loss, tp=tp)
         total = params + grads + optim + working + act + RESERVED_GIB * GIB
-        comm = comm_bytes(cfg, model, dp, tp, mode, ac)
+        comm = comm_bytes(row_cfg, model, dp, tp, mode, ac)
         rows.append({"mode": mode + (f" x tp {tp}" if tp > 1 else "") + (" + AC" if ac else ""), "tp": tp, "dp": dp,
                      "ac": ac, "params": params / GIB, "grads": grads / GIB, "optim": optim / GIB,
                      "working": working / GIB, "activations": act / GIB, "total": total / GIB,
