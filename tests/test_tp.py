@@ -155,3 +155,24 @@ def test_plan_shows_each_tp_and_fits_the_smallest():
     small = plan.plan(long, 8, (10.0, 989.0))  # 10 GiB GPUs: even FSDP2 + AC and tp 2 + AC do not fit
     best = plan.fit(small)
     assert (best["tp"], best["ac"]) == (4, True) and not any(r["fits"] for r in small if r["tp"] < 4), best
+
+
+def test_slurm_passes_tp_through_and_keeps_a_group_inside_a_node(tmp_path):
+    """scripts/slurm.sh with a stand-in srun that prints what it would launch: train.tp=2 on 2 GPUs per node reaches
+    train.py; train.tp=3 stops the job before srun, naming the GPUs per node."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\necho "srun $*"\n')
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho localhost\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_GPUS_ON_NODE": "2", "SLURM_SUBMIT_DIR": ROOT}
+    ran = subprocess.run(["bash", "scripts/slurm.sh", "configs/7b.yaml", "train.tp=2"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0 and "train.py configs/7b.yaml train.tp=2" in ran.stdout, ran.stdout + ran.stderr
+    assert "FSDP2 over 2 groups" in ran.stdout
+    refused = subprocess.run(["bash", "scripts/slurm.sh", "configs/7b.yaml", "train.tp=3"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "must divide the 2 GPUs per node" in refused.stderr
+    assert "srun" not in refused.stdout
