@@ -117,12 +117,21 @@ def parallelize(model: GPT, run: config.Run) -> nn.Module:
     mesh = device_mesh(run)
     if mesh is not None:  # first, as torchtitan: checkpointing, compile and FSDP2 then see the split modules
         tensor_parallel(model, mesh["tp"])
+        if t.compile:
+            # The embedding's output is a view of its DTensor's local part; a compiled block given that view as its
+            # input returned a zero gradient for it (torch 2.13, CPU), so the embedding never learned. A copy.
+            model.embed_tokens.register_forward_hook(lambda module, args, out: out.clone())
     if t.precision == "fp8":
         kernels.convert_to_float8(model, fsdp=fsdp)
+    # Under tensor parallel a checkpointed block is compiled inside the checkpoint: torch 2.13's compiled checkpoint
+    # of a block with DTensors failed in AOTAutograd (it saved the DeviceMesh as if it were a tensor)
+    inner = t.compile and t.activation_checkpointing and mesh is not None
     for block in model.layers:
+        if inner:
+            block.forward = torch.compile(block.forward)
         if t.activation_checkpointing:  # keep only each block's input; recompute the rest in backward
             block.forward = (lambda fwd: lambda *a, **k: recompute(fwd, *a, use_reentrant=False, **k))(block.forward)
-        if t.compile and fsdp:
+        if t.compile and fsdp and not inner:
             block.compile()
     if fsdp:
         half = {"fp32": None, "fp16": torch.float16}.get(t.precision, torch.bfloat16)  # fp8 gathers BF16 too
