@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 import config
 import hardware
@@ -40,14 +41,15 @@ def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: b
     none of them. Activation checkpointing keeps each block's input and recomputes one block at a time.
 
     Tensor parallel over `tp` ranks (sequence parallel between the blocks) divides every term by tp except the
-    norm outputs gathered whole for q/k/v, gate/up and the head, which the column-parallel matmuls keep."""
+    norm outputs, which the column-parallel matmuls keep gathered whole (q/k/v, gate/up, the head) instead of the
+    rank's part."""
     d, kv, f, V = cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim, cfg.padded_vocab_size
     a = 4 if precision == "fp32" else 2
     r = 2 if bf16_params else 4
     casts_attn, casts_mlp = (3, 2) if precision != "fp32" and not bf16_params else (1, 1)
 
-    def norm(casts):  # FP32 input and normalised input, the output as the matmuls see it (gathered under TP)
-        return (8 * d + a * d * casts) / tp + (a * d if tp > 1 else 0)
+    def norm(casts):  # FP32 input and normalised input, the output as the matmuls see it (under TP: gathered whole)
+        return 8 * d / tp + a * d * casts * (1 if tp > 1 else 1 / tp)
     layer = norm(casts_attn) + norm(casts_mlp) + (a * (d + 2 * kv) + a * d + 4 * cfg.n_head + 4 * a * f) / tp
     head = norm(1) + {"plain": 4 * V, "compiled": a * V, "chunked": 0}[loss] / tp
     per_token = (r * d * cfg.n_layer / tp + layer if checkpointing else layer * cfg.n_layer) + head
@@ -326,15 +328,24 @@ def print_plan(cfg: config.Config, gpus: int, gpu: str, show_fit: bool = False) 
 
 
 def measure_saved(model: GPT, tokens: torch.Tensor, precision: str) -> int:
-    """Bytes of the distinct tensors autograd saves in one forward (what backward will need)."""
+    """Bytes of the distinct tensors autograd saves in one forward (what backward will need); of a DTensor (tensor
+    parallel), its local part on this rank."""
     seen = {}
 
+    def storage(t):
+        with torch.no_grad():
+            return (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
+
     def pack(t):
-        if not (t.requires_grad and isinstance(t, torch.nn.Parameter) or t.data_ptr() == 0):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        try:
+            kept = storage(t)
+            ptr = kept.data_ptr()
+        except RuntimeError:  # a tensor without storage of its own (DTensor's dispatch wrappers)
+            return t
+        if not (t.requires_grad and isinstance(t, torch.nn.Parameter)) and ptr != 0:
+            seen[ptr] = kept.nbytes()
         return t
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
-        b.untyped_storage().data_ptr() for b in model.buffers()}
+    params = {storage(p).data_ptr() for p in model.parameters()} | {storage(b).data_ptr() for b in model.buffers()}
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
         loss = model(tokens, tokens)

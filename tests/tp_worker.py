@@ -9,6 +9,7 @@ tests/test_tp.py asserts on it:
           process; the largest absolute differences.
   comm:   the bytes sent in one training step as plan.CommBytes (torch's CommDebugMode) counts them, against
           plan.comm_bytes, for dp 1 x tp 2 (tensor parallel) and dp 2 x tp 1 (FSDP2).
+  saved:  the bytes autograd keeps for backward on a rank of dp 1 x tp 2, against plan.activation_bytes.
 """
 import json
 import os
@@ -17,6 +18,7 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import distribute_tensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -87,6 +89,24 @@ def compare(dataset: str, extra: list[str]) -> dict:
     return out
 
 
+def saved(dataset: str) -> dict:
+    """Bytes autograd saves in one forward of the model split over the 2 ranks (no FSDP2, so the weights are the split
+    parameters themselves), against plan.activation_bytes at tp 2. The loss is a stand-in that keeps nothing (the
+    vocab-parallel loss's own memory is the plan's loss_transient_bytes), so the head's gathered input, which the
+    estimate counts for the head's matmul, is not kept either and comes off the estimate."""
+    run, _, _ = setup(dataset, ["model.n_head=4", "model.n_kv_head=2", "model.block_size=128"], tp=2)
+    mesh = parallel.device_mesh(run)
+    with torch.device("meta"):
+        model = GPT(run.cfg.model, replace(run.ops, loss=lambda h, weight, targets: h.to_local().sum()))
+    parallel.tensor_parallel(model, mesh["tp"])
+    model.to_empty(device="cpu")
+    model.init_weights(0, assign=lambda p, full: p.copy_(distribute_tensor(full, p.device_mesh, p.placements)))
+    x, _ = batch(run)
+    m, tokens = run.cfg.model, x.numel()
+    planned = plan.activation_bytes(m, tokens, "fp32", loss="chunked", tp=2) - 4 * m.n_embd * tokens
+    return {"measured": plan.measure_saved(model, x, "fp32"), "planned": planned}
+
+
 def comm(dataset: str, tp: int, parallel_mode: str) -> dict:
     """Bytes one training step sends, counted by CommDebugMode, against the plan's figure for that layout."""
     run, model, train_model = setup(dataset, ["model.n_head=4", "model.n_kv_head=2"], tp=tp,
@@ -106,7 +126,7 @@ def main(dataset: str, out: str) -> None:
     dist.init_process_group("gloo")
     torch.set_flush_denormal(True)
     results = {"models": {name: compare(dataset, extra) for name, extra in MODELS.items()},
-               "comm": {"tp": comm(dataset, 2, "auto"), "fsdp": comm(dataset, 1, "fsdp")}}
+               "comm": {"tp": comm(dataset, 2, "auto"), "fsdp": comm(dataset, 1, "fsdp")}, "saved": saved(dataset)}
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(results, f, indent=1)
