@@ -330,7 +330,8 @@ def check_tp(cfg: Config, tp: int | None = None) -> None:
     """Raise ConfigError, naming the numbers, when the model or the run cannot be split `tp` ways (default
     train.tp): whole attention heads (query and key/value) and MLP columns per rank, the sequence (sequence
     parallel splits block_size) and the padded vocab (embedding and head) in equal parts, FSDP2 (not DDP) across
-    the groups, no FP8 and no generation while training (eval.interval), which tensor parallel does not do."""
+    the groups, and none of what tensor parallel does not do: another loss than the vocab-parallel one (train.loss
+    auto), fused RMSNorm kernels (train.kernels flash or liger), FP8, generation while training (eval.interval)."""
     m, t, tp = cfg.model, cfg.train, tp or cfg.train.tp
     splits = {"model.n_head": m.n_head, "model.n_kv_head": m.kv_heads, "model.block_size": m.block_size,
               "the MLP width (model.intermediate_size)": m.ffn_dim}
@@ -342,6 +343,12 @@ def check_tp(cfg: Config, tp: int | None = None) -> None:
     if t.parallel == "ddp":
         raise ConfigError(f"train.tp={tp} runs FSDP2 across the tensor-parallel groups; train.parallel=ddp cannot "
                           f"be combined with it (use auto or fsdp)")
+    if t.loss != "auto":
+        raise ConfigError(f"train.loss={t.loss} with train.tp={tp}: the head is split by vocab, and its loss is the "
+                          f"vocab-parallel one (kernels.py); use train.loss=auto")
+    if t.kernels in ("flash", "liger"):
+        raise ConfigError(f"train.kernels={t.kernels} with train.tp={tp}: its fused RMSNorm and RoPE kernels do not take "
+                          f"the sequence-parallel DTensors; use train.kernels=auto (FlashAttention-3 where installed)")
     if t.precision == "fp8":
         raise ConfigError(f"train.precision=fp8 with train.tp={tp} is not supported (torchao's float8 tensor-parallel "
                           f"styles are not wired in); use bf16")

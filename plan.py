@@ -212,8 +212,8 @@ def tp_options(cfg: config.Config, gpus: int) -> list[int]:
             continue
         try:
             if tp > 1:
-                config.check_tp(replace(cfg, train=replace(cfg.train, parallel="auto", precision="bf16"),
-                                        eval=replace(cfg.eval, interval=0)), tp)
+                train = replace(cfg.train, parallel="auto", precision="bf16", kernels="auto", loss="auto")
+                config.check_tp(replace(cfg, train=train, eval=replace(cfg.eval, interval=0)), tp)  # the model alone
             options.append(tp)
         except config.ConfigError:
             pass

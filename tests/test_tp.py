@@ -161,6 +161,7 @@ def test_gpt2_adamw_tp_matches_and_a_nan_on_one_rank_is_skipped_by_all(corpus, t
     (["model.block_size=63", "train.tp=2"], ["model.block_size (63)"]),
     (["train.tp=2", "train.parallel=ddp"], ["train.parallel=ddp"]),
     (["train.tp=2", "eval.interval=5", "eval.prompt=x"], ["eval.interval=5"]),
+    (["train.tp=2", "train.kernels=liger"], ["train.kernels=liger"]),
 ])
 def test_what_cannot_be_split_is_refused_with_the_numbers(args, words):
     with pytest.raises(config.ConfigError) as e:
