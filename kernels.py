@@ -370,7 +370,7 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
         chosen["rms_norm"], chosen["rope"] = _liger_rms_norm(fn), _liger_rope(fn)
         names["rms_norm"] = names["rope"] = "liger"
         if loss == "auto":
-            loss = "liger"  # not under tensor parallel: there loss is no longer auto
+            loss = "liger"  # (under tensor parallel the loss was decided above)
     if loss == "auto" and compiled and logits_fit:
         loss = "compiled"
     fixed = {"plain": (plain_loss, "plain"), "compiled": (compiled_loss, "plain, compiled"),

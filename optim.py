@@ -14,8 +14,8 @@ gradients); under FSDP2 each rank holds a shard, and with tensor parallel a piec
 way the matrices are dealt out round-robin: the owner of a matrix gathers it (FSDP2: one shard from each rank; TP:
 DTensor's all-gather), orthogonalises it and sends back what each rank needs (FSDP2: its shard; DDP: the whole
 result; TP: the whole result, of which each rank keeps its piece), so the iteration runs once per matrix, not once
-per rank, and each
-rank's momentum buffer keeps the same sharding as its parameter (checkpoints and resharded resumes as for AdamW).
+per rank, and each rank's momentum buffer keeps the same sharding as its parameter (checkpoints and resharded resumes
+as for AdamW).
 torch.optim.Muon has the same update for one process (tests/test_optim.py compares them) but orthogonalises
 whatever tensor it is given, a shard included, and always in BF16, which is far slower than FP32 on a CPU without
 native BF16 (BENCHMARKS.md): hence the few lines below.

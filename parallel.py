@@ -102,9 +102,9 @@ def device_mesh(run: config.Run) -> DeviceMesh | None:
 
 
 def parallelize(model: GPT, run: config.Run) -> nn.Module:
-    """Apply the run's FP8, activation checkpointing, compile and FSDP2/DDP to `model`, built on the meta device,
-    then materialise and initialise it (from train.seed, then train.init_from's weights); returns the module the
-    training step calls. `model` itself stays the uncompiled, unwrapped-by-DDP module for evaluation and
+    """Apply the run's tensor parallel, FP8, activation checkpointing, compile and FSDP2/DDP to `model`, built on the
+    meta device, then materialise and initialise it (from train.seed, then train.init_from's weights); returns the
+    module the training step calls. `model` itself stays the uncompiled, unwrapped-by-DDP module for evaluation and
     checkpoints (under FSDP2 it is the sharded root).
 
     Under FSDP2 each rank allocates only its shards; the initial values do not depend on the sharding, so 1 process, DDP
