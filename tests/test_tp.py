@@ -41,6 +41,10 @@ def close(a: dict, b: dict, steps, tol: float) -> float:
     return worst
 
 
+def grad_norms(out: str) -> dict[int, float]:
+    return {r["step"]: r["grad_norm"] for r in rows(out) if "grad_norm" in r}
+
+
 def launch(corpus, out, *args, nproc=2, resume_from=None, fault="") -> None:
     """torchrun train.py (2 or 4 ranks) into `out`, first copying the checkpoint `resume_from` there."""
     if resume_from:
@@ -89,6 +93,10 @@ def test_tp_trains_as_one_process_and_checkpoints_move_between_meshes(corpus, tm
              "back": close(losses(back), ref, range(7, 11), 1e-4),
              "four": close(losses(four), ref, range(7, stopped + 1), 1e-4)}
     print(f"largest loss differences from one process: {worst}")
+    # the global gradient norm over the (dp, tp) mesh, which clipping (train.grad_clip 1) uses on the steps above 1
+    assert max(grad_norms(single).values()) > 1.0
+    for run, steps in ((tp2, range(1, 11)), (four, range(7, stopped + 1))):
+        close(grad_norms(run), grad_norms(single), steps, 1e-4)
 
     last = os.path.join(tp2, "step_000010")
     checkpoint.verify_files(last)  # checksums.json covers the TP checkpoint's files
@@ -153,6 +161,7 @@ def test_gpt2_adamw_tp_matches_and_a_nan_on_one_rank_is_skipped_by_all(corpus, t
     assert "step      3 | gradient norm nan is not finite: update skipped" in r.stdout
     assert rows(tp2)[-1]["skipped_steps"] == 1
     close(losses(tp2), losses(single), [s for s in range(1, 11) if s != 3], 1e-5)
+    close(grad_norms(tp2), grad_norms(single), [s for s in range(1, 11) if s != 3], 1e-5)
 
 
 @pytest.mark.parametrize("args, words", [
