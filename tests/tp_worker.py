@@ -2,7 +2,7 @@
 `torchrun --nproc_per_node=2 tests/tp_worker.py DATASET OUT.json`. Rank 0 writes what it measured to OUT.json and
 tests/test_tp.py asserts on it:
 
-  models: for Llama with GQA and tied embeddings, GPT-2 (biases, learned positions), and Llama with qk_norm and the
+  models: for Llama with GQA and tied embeddings, GPT-2 (biases, learned positions, tied), and Llama with qk_norm and the
           squared-ReLU MLP, split over 2 ranks (dp 1 x tp 2) by parallel.parallelize: the loss (the vocab-parallel
           loss against the unsplit plain one), every parameter's gradient (gathered whole), the gradient norm as
           step.py computes it, the logits, and one AdamW and one Muon step, each against the same model in one
@@ -32,7 +32,7 @@ from conftest import TINY, make_run  # noqa: E402
 from model import GPT  # noqa: E402
 
 MODELS = {"llama_gqa_tied": ["model.n_head=4", "model.n_kv_head=2", "model.tie_embeddings=true"],
-          "gpt2": ["model.arch=gpt2", "model.n_head=4"],
+          "gpt2_tied": ["model.arch=gpt2", "model.n_head=4", "model.tie_embeddings=true"],
           "llama_qknorm_relu2": ["model.n_head=4", "model.qk_norm=true", "model.mlp=relu2"]}
 
 
