@@ -347,8 +347,8 @@ def check_tp(cfg: Config, tp: int | None = None) -> None:
         raise ConfigError(f"train.loss={t.loss} with train.tp={tp}: the head is split by vocab, and its loss is the "
                           f"vocab-parallel one (kernels.py); use train.loss=auto")
     if t.kernels in ("flash", "liger"):
-        raise ConfigError(f"train.kernels={t.kernels} with train.tp={tp}: its fused RMSNorm and RoPE kernels do not take "
-                          f"the sequence-parallel DTensors; use train.kernels=auto (FlashAttention-3 where installed)")
+        raise ConfigError(f"train.kernels={t.kernels} with train.tp={tp}: its fused RMSNorm and RoPE kernels do not "
+                          f"take the sequence-parallel DTensors; use train.kernels=auto (FlashAttention-3 where installed)")
     if t.precision == "fp8":
         raise ConfigError(f"train.precision=fp8 with train.tp={tp} is not supported (torchao's float8 tensor-parallel "
                           f"styles are not wired in); use bf16")
@@ -440,7 +440,8 @@ class Run:
     def info(self) -> dict:
         """What was resolved, for run_info.json."""
         t = self.cfg.train
-        return {"world_size": self.world_size, "tp": self.tp, "precision": t.precision, "precision_reason": self.precision.reason,
+        return {"world_size": self.world_size, "tp": self.tp, "precision": t.precision,
+                "precision_reason": self.precision.reason,
                 "matmul_speedup": self.precision.speedup, "compile": t.compile, "parallel": self.mode,
                 "micro_batch_size": t.micro_batch_size, "grad_accum": self.grad_accum,
                 "vocab_size": self.cfg.model.vocab_size, "kernels": dict(self.ops.names)}

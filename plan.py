@@ -167,8 +167,9 @@ def tp_params(module: torch.nn.Module, tp: int) -> float:
 
 
 def comm_bytes(cfg: config.Config, model: GPT, dp: int, tp: int, mode: str, ac: bool) -> dict:
-    """Bytes each GPU sends per optimizer step of `cfg` (whose train.tp is `tp`) (ring algorithms: an all-gather or reduce-scatter of S bytes over n
-    ranks moves S (n - 1) / n per rank, an all-reduce twice that), by kind: `tp`, the tensor-parallel collectives
+    """Bytes each GPU sends per optimizer step of `cfg` (whose train.tp is `tp`), by ring algorithms (an all-gather
+    or reduce-scatter of S bytes over n ranks moves S (n - 1) / n per rank, an all-reduce twice that), by kind:
+    `tp`, the tensor-parallel collectives
     (per block and micro-batch, forward: the all-gather of the input of attention and of the MLP and the
     reduce-scatter of their outputs, backward the same again, and once more in the recomputed forward with
     activation checkpointing; the embedding's reduce-scatter and the final norm's all-gather, and their backwards;

@@ -79,8 +79,9 @@ def test_tp_numerics_and_the_plans_communication(corpus, tmp_path):
 def test_tp_trains_as_one_process_and_checkpoints_move_between_meshes(corpus, tmp_path, capsys):
     """Muon, activation checkpointing: dp 1 x tp 2 from the start; its step-3 checkpoint resumed at dp 2 x tp 1 (FSDP2);
     that run's step-6 checkpoint resumed at dp 1 x tp 2 and at dp 2 x tp 2 (4 ranks, stopped by a signal to one of
-    them): every loss within 1e-4 of one process (the data order is kept across meshes). The final TP checkpoint verifies its checksums and reads in one
-    process: eval.py gives one process's validation loss, sample.py generates, export.py writes its weights."""
+    them): every loss and gradient norm within 1e-4 of one process (the data order is kept across meshes). The final
+    TP checkpoint verifies its checksums and reads in one process: eval.py gives one process's validation loss,
+    sample.py generates, export.py writes its weights (those of one process, to 1e-4)."""
     single, tp2, dp2, back, four = (str(tmp_path / n) for n in ("single", "tp2", "dp2", "back", "four"))
     ac = "train.activation_checkpointing=true"
     assert train.main(train_args(corpus, single, *TP)) == 0

@@ -2,8 +2,8 @@
 `torchrun --nproc_per_node=2 tests/tp_worker.py DATASET OUT.json`. Rank 0 writes what it measured to OUT.json and
 tests/test_tp.py asserts on it:
 
-  models: for Llama with GQA and tied embeddings, GPT-2 (biases, learned positions, tied), and Llama with qk_norm and the
-          squared-ReLU MLP, split over 2 ranks (dp 1 x tp 2) by parallel.parallelize: the loss (the vocab-parallel
+  models: for Llama with GQA, GPT-2 (biases, learned positions) and Llama with qk_norm and the squared-ReLU MLP,
+          all with tied embeddings, split over 2 ranks (dp 1 x tp 2) by parallel.parallelize: the loss (the vocab-parallel
           loss against the unsplit plain one), every parameter's gradient (gathered whole), the gradient norm as
           step.py computes it, the logits, and one AdamW and one Muon step, each against the same model in one
           process; the largest absolute differences.
