@@ -348,7 +348,8 @@ def check_tp(cfg: Config, tp: int | None = None) -> None:
                           f"vocab-parallel one (kernels.py); use train.loss=auto")
     if t.kernels in ("flash", "liger"):
         raise ConfigError(f"train.kernels={t.kernels} with train.tp={tp}: its fused RMSNorm and RoPE kernels do not "
-                          f"take the sequence-parallel DTensors; use train.kernels=auto (FlashAttention-3 where installed)")
+                          f"take the sequence-parallel DTensors; use train.kernels=auto (FlashAttention-3 where "
+                          f"installed)")
     if t.precision == "fp8":
         raise ConfigError(f"train.precision=fp8 with train.tp={tp} is not supported (torchao's float8 tensor-parallel "
                           f"styles are not wired in); use bf16")

@@ -73,8 +73,8 @@ def tensor_parallel(model: GPT, mesh: DeviceMesh) -> None:
         top["embed_positions"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0))
     parallelize_module(model, mesh, top)
     # the loss reads lm_head's weight, not the module: it gets the final norm's output whole, as a DTensor
-    parallelize_module(model.norm, mesh, PrepareModuleOutput(output_layouts=Shard(1),
-                                                             desired_output_layouts=Replicate(), use_local_output=False))
+    whole = PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=False)
+    parallelize_module(model.norm, mesh, whole)
     if model.cfg.tie_embeddings:  # parallelize_module gave each its own DTensor; both are Shard(0) of (V, d)
         model.lm_head.weight = model.embed_tokens.weight
     gathered = dict(input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None))
