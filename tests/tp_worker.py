@@ -4,9 +4,9 @@ tests/test_tp.py asserts on it:
 
   models: for Llama with GQA, GPT-2 (biases, learned positions) and Llama with qk_norm and the squared-ReLU MLP,
           all with tied embeddings, split over 2 ranks (dp 1 x tp 2) by parallel.parallelize: the loss (the
-          vocab-parallel loss against the unsplit plain one), every parameter's gradient (gathered whole), the gradient norm as
-          step.py computes it, the logits, and one AdamW and one Muon step, each against the same model in one
-          process; the largest absolute differences.
+          vocab-parallel loss against the unsplit plain one), every parameter's gradient (gathered whole), the
+          gradient norm as step.py computes it, the logits, and one AdamW and one Muon step, each against the same
+          model in one process; the largest absolute differences.
   comm:   the bytes sent in one training step as plan.CommBytes (torch's CommDebugMode) counts them, against
           plan.comm_bytes, for dp 1 x tp 2 (tensor parallel) and dp 2 x tp 1 (FSDP2).
   saved:  the bytes autograd keeps for backward on a rank of dp 1 x tp 2, against plan.activation_bytes.
