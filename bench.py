@@ -73,7 +73,7 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
     train_model = parallel.parallelize(model, run)
     optimizer = optim.build(model, t, device)
     scaler = torch.amp.GradScaler(device.type) if precision.scaled else None
-    gen = torch.Generator(device).manual_seed(t.seed + rank)
+    gen = torch.Generator(device).manual_seed(t.seed + run.dp_rank)  # a tensor-parallel group shares its batches
     shape = (t.micro_batch_size, cfg.model.block_size + 1)
     data = [torch.randint(0, cfg.model.vocab_size, shape, device=device, generator=gen) for _ in range(run.grad_accum)]
     batches = [(d[:, :-1], d[:, 1:]) for d in data]
@@ -149,7 +149,8 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
         "config": cfg.model.arch, "params": model.num_params(), "n_layer": cfg.model.n_layer,
         "n_embd": cfg.model.n_embd, "block_size": cfg.model.block_size, "vocab_size": cfg.model.vocab_size,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x {torch.get_num_threads()}",
-        "world_size": world, "parallel": run.mode, "precision": t.precision, "precision_reason": precision.reason,
+        "world_size": world, "tp": run.tp, "parallel": run.mode, "precision": t.precision,
+        "precision_reason": precision.reason,
         "compile": t.compile, "activation_checkpointing": t.activation_checkpointing, "kernels": names,
         "micro_batch_size": t.micro_batch_size, "grad_accum": run.grad_accum, "batch_tokens": run.batch.batch_tokens,
         "warmup_steps": warmup, "steps": steps, "step_time_s": elapsed / steps,

@@ -94,6 +94,10 @@ class TrainConfig:
     # Scale-out (torchrun). auto: no wrap on one process; DDP while the model and its AdamW state take under
     # 40 % of a device's memory; FSDP2 otherwise.
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    # Tensor (and sequence) parallel degree: each group of `tp` consecutive ranks splits every block's matrices
+    # (attention heads, MLP width), the embedding and the head, over a (data parallel, tp) device mesh with FSDP2
+    # across the groups (parallel.py); the ranks of one group see the same batch. 1: off. Keep a group inside a node
+    tp: int = 1
     reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (ZeRO-3); false: ZeRO-2
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # fsdp: dtype of gradient reduce-scatter
     fsdp_defer_sync: bool = False  # fsdp: reduce gradients only on the last micro-step (holds unsharded grads)
@@ -299,7 +303,8 @@ def validate(cfg: Config) -> None:
                 "train.micro_batch_size": 1 if t.micro_batch_size == "auto" else t.micro_batch_size,
                 "train.max_steps": t.max_steps, "train.keep_last": t.keep_last, "log.interval": cfg.log.interval,
                 "train.ckpt_interval": t.ckpt_interval, "train.eval_batches": t.eval_batches,
-                "train.dist_timeout_s": t.dist_timeout_s, "train.max_consecutive_skips": t.max_consecutive_skips}
+                "train.dist_timeout_s": t.dist_timeout_s, "train.max_consecutive_skips": t.max_consecutive_skips,
+                "train.tp": t.tp}
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{key} must be >= 1 (got {v})")
@@ -315,6 +320,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.muon_momentum must be in [0, 1) (got {t.muon_momentum})")
     if not 0 <= t.min_lr_ratio <= 1 or not 0 <= t.decay_frac <= 1:
         raise ConfigError("train.min_lr_ratio and train.decay_frac must be in [0, 1]")
+    if t.tp > 1:
+        check_tp(cfg)
     e = cfg.eval
     if e.interval < 0 or e.max_new_tokens < 1 or (e.num_fewshot or 0) < 0 or (e.limit is not None and e.limit <= 0):
         raise ConfigError(f"eval.interval must be >= 0, eval.max_new_tokens >= 1, eval.num_fewshot >= 0 and "
@@ -337,35 +344,83 @@ def validate(cfg: Config) -> None:
                           f"not all zero; got {w}")
 
 
+def check_tp(cfg: Config, tp: int | None = None) -> None:
+    """Raise ConfigError, naming the numbers, when the model or the run cannot be split `tp` ways (default
+    train.tp): whole attention heads (query and key/value) and MLP columns per rank, the sequence (sequence
+    parallel splits block_size) and the padded vocab (embedding and head) in equal parts, FSDP2 (not DDP) across
+    the groups, and none of what tensor parallel does not do: another loss than the vocab-parallel one (train.loss
+    auto), fused RMSNorm kernels (train.kernels flash or liger), FP8, generation while training (eval.interval)."""
+    m, t, tp = cfg.model, cfg.train, tp or cfg.train.tp
+    splits = {"model.n_head": m.n_head, "model.n_kv_head": m.kv_heads, "model.block_size": m.block_size,
+              "the MLP width (model.intermediate_size)": m.ffn_dim}
+    if m.vocab_size:
+        splits["the padded vocab (model.vocab_size rounded up to 128)"] = m.padded_vocab_size
+    for name, n in splits.items():
+        if n % tp:
+            raise ConfigError(f"train.tp={tp} cannot split {name} ({n}): it must be a multiple of train.tp")
+    if t.parallel == "ddp":
+        raise ConfigError(f"train.tp={tp} runs FSDP2 across the tensor-parallel groups; train.parallel=ddp cannot "
+                          f"be combined with it (use auto or fsdp)")
+    if t.loss != "auto":
+        raise ConfigError(f"train.loss={t.loss} with train.tp={tp}: the head is split by vocab, and its loss is the "
+                          f"vocab-parallel one (kernels.py); use train.loss=auto")
+    if t.kernels in ("flash", "liger"):
+        raise ConfigError(f"train.kernels={t.kernels} with train.tp={tp}: its fused RMSNorm and RoPE kernels do not "
+                          f"take the sequence-parallel DTensors; use train.kernels=auto (FlashAttention-3 where "
+                          f"installed)")
+    if t.precision == "fp8":
+        raise ConfigError(f"train.precision=fp8 with train.tp={tp} is not supported (torchao's float8 tensor-parallel "
+                          f"styles are not wired in); use bf16")
+    if cfg.eval.interval:
+        raise ConfigError(f"eval.interval={cfg.eval.interval} (lm-eval tasks and samples while training) does not "
+                          f"run under train.tp={tp}; set eval.interval=0 and evaluate the checkpoints with eval.py")
+    if t.lora:
+        raise ConfigError(f"train.lora with train.tp={tp}: the adapters are not split by the tensor-parallel plan; "
+                          f"train LoRA under DDP or FSDP2 (train.tp=1), where the frozen base is sharded")
+
+
 @dataclass(frozen=True)
 class Derived:
-    world_size: int
+    world_size: int  # all ranks: data parallel x tensor parallel
     micro_batch: int
     grad_accum: int
     batch_tokens: int
+    tp: int = 1  # tensor-parallel degree: the ranks of one group share each batch
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: the number of different batches each micro-step."""
+        return self.world_size // self.tp
 
     def banner(self, cfg: Config) -> str:
         t = cfg.train
+        ranks = f"world size {self.world_size}" if self.tp == 1 else \
+            f"data parallel {self.dp} (world size {self.world_size} / train.tp {self.tp})"
         return (f"global batch {t.batch_size} seqs = micro batch {self.micro_batch} x grad accum {self.grad_accum} "
-                f"x world size {self.world_size}; {self.batch_tokens:,} tokens/step (block_size "
+                f"x {ranks}; {self.batch_tokens:,} tokens/step (block_size "
                 f"{cfg.model.block_size}); {t.max_steps} steps = {self.batch_tokens * t.max_steps:,} tokens")
 
 
 def derive(cfg: Config, world_size: int = 1, micro: int | None = None) -> Derived:
-    """The one place where numbers that follow from the config are computed. `micro`: the micro batch when
-    train.micro_batch_size is auto (plan.micro_batch picks it by memory); without it, a rank's whole batch."""
+    """The one place where numbers that follow from the config are computed. The batch is split over the
+    data-parallel ranks, world_size / train.tp. `micro`: the micro batch when train.micro_batch_size is auto
+    (plan.micro_batch picks it by memory); without it, a rank's whole batch."""
     t = cfg.train
-    if t.batch_size % world_size:
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of the world size ({world_size})")
+    if world_size % t.tp:
+        raise ConfigError(f"the world size ({world_size}) must be a multiple of train.tp ({t.tp})")
+    dp = world_size // t.tp
+    ranks = "world size" if t.tp == 1 else f"data-parallel size (world size {world_size} / train.tp {t.tp})"
+    if t.batch_size % dp:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of the {ranks} ({dp})")
     if t.micro_batch_size != "auto":
         micro = t.micro_batch_size
-    micro = micro or t.batch_size // world_size
-    per_step = micro * world_size
+    micro = micro or t.batch_size // dp
+    per_step = micro * dp
     if t.batch_size % per_step:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
-                          f"({micro}) x world size ({world_size})"
+                          f"({micro}) x {ranks} ({dp})"
                           + ("" if t.micro_batch_size != "auto" else " (auto chose it)"))
-    return Derived(world_size, micro, t.batch_size // per_step, t.batch_size * cfg.model.block_size)
+    return Derived(world_size, micro, t.batch_size // per_step, t.batch_size * cfg.model.block_size, t.tp)
 
 
 @dataclass(frozen=True)
@@ -390,10 +445,25 @@ class Run:
     def grad_accum(self) -> int:
         return self.batch.grad_accum
 
+    @property
+    def tp(self) -> int:
+        return self.batch.tp
+
+    @property
+    def dp(self) -> int:
+        return self.batch.dp
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's place among the data-parallel ranks: which batches it reads (a tensor-parallel group is tp
+        consecutive ranks, as the (dp, tp) mesh of parallel.py lays them out)."""
+        return self.rank // self.tp
+
     def info(self) -> dict:
         """What was resolved, for run_info.json."""
         t = self.cfg.train
-        return {"world_size": self.world_size, "precision": t.precision, "precision_reason": self.precision.reason,
+        return {"world_size": self.world_size, "tp": self.tp, "precision": t.precision,
+                "precision_reason": self.precision.reason,
                 "matmul_speedup": self.precision.speedup, "compile": t.compile, "parallel": self.mode,
                 "micro_batch_size": t.micro_batch_size, "grad_accum": self.grad_accum,
                 "vocab_size": self.cfg.model.vocab_size, "kernels": dict(self.ops.names)}

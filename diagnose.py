@@ -171,14 +171,23 @@ def out_of_memory(error: torch.OutOfMemoryError, run: config.Run, step: int | No
         tokens = micro * cfg.model.block_size
         fixes.append(("train.loss=chunked", f"the loss now holds a micro-batch's full logits ({tokens:,} x "
                       f"{cfg.model.padded_vocab_size:,}); chunked holds one chunk of them at a time"))
-    accum = t.batch_size // (micro * world)
+    dp = run.dp  # the ranks that read different batches (world size / train.tp)
+    accum = t.batch_size // (micro * dp)
     # the largest micro batch of at most half of this one that divides the batch per rank
-    if smaller := next((m for m in range(micro // 2, 0, -1) if t.batch_size // world % m == 0), None):
+    if smaller := next((m for m in range(micro // 2, 0, -1) if t.batch_size // dp % m == 0), None):
         fixes.append((f"train.micro_batch_size={smaller}", f"now {micro}; gradient accumulation goes "
-                      f"from {accum} to {t.batch_size // (smaller * world)}: the same steps in smaller pieces"))
+                      f"from {accum} to {t.batch_size // (smaller * dp)}: the same steps in smaller pieces"))
     if not t.activation_checkpointing:
         fixes.append(("train.activation_checkpointing=true", "keep only each block's input and recompute the rest "
                       "in backward: much less activation memory, ~25 % more compute"))
+    wider = 2 * run.tp
+    if world % wider == 0 and wider <= 8 and t.batch_size % (world // wider) == 0:
+        try:
+            config.check_tp(cfg, wider)
+            fixes.append((f"train.tp={wider}", f"now {run.tp}: split each block's matrices and activations over "
+                          f"groups of {wider} ranks (keep a group inside a node)"))
+        except config.ConfigError:
+            pass
     if mode == "ddp":
         fixes.append(("train.parallel=fsdp", f"shard weights, gradients and optimizer state over the {world} ranks "
                       f"(now DDP keeps a full copy on each)"))
@@ -196,8 +205,8 @@ def out_of_memory(error: torch.OutOfMemoryError, run: config.Run, step: int | No
     spec, fix = hardware.gpu_spec(device), [fixes[0][0]] if len(fixes) > 1 else []
     gpu = next((["--gpu", k] for k, g in hardware.GPUS.items() if g is spec), [])
     command = shlex.join(["plan.py", os.path.join(t.out_dir, "config.yaml"), *fix, "--gpus", str(world), *gpu])
-    lines += ["Check a change before relaunching (plan.py shows DDP, FSDP2 and FSDP2 with activation "
-              "checkpointing side by side; add more overrides after the config):", "  python " + command]
+    lines += ["Check a change before relaunching (plan.py shows DDP, FSDP2, FSDP2 with activation checkpointing and "
+              "tensor parallel side by side; add more overrides after the config):", "  python " + command]
     latest = checkpoint.find_latest(t.ckpt_dir or t.out_dir)
     lines.append(f"Nothing was saved from this step. The last checkpoint, {latest}, is intact: run the same command "
                  f"with the change to resume from it." if latest else

@@ -28,7 +28,8 @@ def evaluate(model, paths: list[str], block_size: int, vocab_size: int, batch_si
              split: str = "val", max_tokens: int | None = None, autocast=nullcontext(), rank: int = 0,
              world: int = 1) -> dict:
     """Score `split` of each dataset in `paths` sequentially (each target token once, up to max_tokens per
-    dataset); returns loss (nats/token), ppl, bpb, tokens, bytes, summed over datasets and ranks."""
+    dataset); returns loss (nats/token), ppl, bpb, tokens, bytes, summed over datasets and ranks. `rank` of
+    `world` data-parallel ranks: with tensor parallel, the process group holds world x tp ranks."""
     model.eval()
     nats = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens, n_bytes = 0, 0
@@ -45,6 +46,7 @@ def evaluate(model, paths: list[str], block_size: int, vocab_size: int, batch_si
     totals = torch.tensor([nats.item(), n_tokens, n_bytes], dtype=torch.float64, device=device)
     if world > 1:
         torch.distributed.all_reduce(totals)
+        totals /= torch.distributed.get_world_size() // world  # a tensor-parallel group scored the same batches
     total_nats, n_tokens, n_bytes = totals.tolist()
     loss = total_nats / max(n_tokens, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 700)), "bpb": total_nats / math.log(2) / max(n_bytes, 1),
@@ -164,7 +166,7 @@ def run_eval(model, run, step: int, tokens: int, metrics) -> float:
     t = cfg.train
     res = evaluate(model, cfg.data.datasets, cfg.model.block_size, cfg.model.vocab_size, t.micro_batch_size,
                    run.device, max_tokens=t.eval_batches * t.micro_batch_size * cfg.model.block_size,
-                   autocast=run.precision.autocast(run.device), rank=run.rank, world=run.world_size)
+                   autocast=run.precision.autocast(run.device), rank=run.dp_rank, world=run.dp)
     model.train()
     metrics.log({"step": step, "tokens": tokens, "val_loss": finite(res["loss"]), "val_bpb": finite(res["bpb"])})
     print0(f"step {step:>6} | val loss {res['loss']:.4f} | val bpb {res['bpb']:.4f} "

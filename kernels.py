@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 PIP = {"flash_attn": "pip install flash-attn --no-build-isolation",
        "flash_attn_interface": "build FlashAttention-3 from the hopper/ folder of the flash-attention repository",
@@ -157,6 +159,57 @@ def cpu_chunked_loss(h, weight, targets):
     return ChunkedLoss.apply(h, weight, targets, max(512, 2**21 // weight.size(0)))
 
 
+class VocabParallelLoss(torch.autograd.Function):
+    """lm_head + mean cross-entropy under tensor parallel: h (N, d) a DTensor replicated over the tensor-parallel
+    mesh, weight (V, d) a DTensor sharded by vocab rows (Shard(0), the column-parallel head), so each rank makes
+    the logits of its V / tp vocab entries and torch's `loss_parallel` computes the cross-entropy across the
+    shards (the log-sum-exp and the target logit by all-reduce; no rank ever holds all V logits). `chunk` rows at
+    a time; as ChunkedLoss, the gradients are computed in forward (inside loss_parallel, which its backward needs)
+    and scaled in backward: dh as this rank's partial sum over its vocab shard (a Partial DTensor, reduced where
+    sequence parallel scatters it), dW as this rank's shard. The result is a plain tensor, the same on every rank."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        n = (targets >= 0).sum().clamp(min=1)
+        need_grad = any(ctx.needs_input_grad[:2])
+        w = weight.detach().requires_grad_(need_grad)
+        loss, dh, dw, spec = torch.zeros((), device=targets.device), [], None, None
+        with torch.enable_grad(), loss_parallel():
+            for i in range(0, h.size(0), chunk):
+                hc = h[i:i + chunk].detach().requires_grad_(need_grad)
+                part = F.cross_entropy(F.linear(hc, w).float(), targets[i:i + chunk], ignore_index=-1,
+                                       reduction="sum") / n  # mean reduction is for 1-D meshes only
+                if need_grad:
+                    ghc, gw = torch.autograd.grad(part, (hc, w))
+                    spec = (ghc.device_mesh, ghc.placements)
+                    dh.append(ghc.to_local())
+                    dw = gw.to_local() if dw is None else dw + gw.to_local()
+                loss += part.detach().full_tensor()
+        if need_grad:
+            ctx.save_for_backward(torch.cat(dh), dw)
+            ctx.h_spec = (*spec, h.shape, h.stride())
+            ctx.w_spec = (weight.device_mesh, weight.placements, weight.shape, weight.stride())
+            ctx.w_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+
+        def dtensor(local, mesh, placements, shape, stride):
+            return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape, stride=stride)
+        return (dtensor(dh * grad.to(dh.dtype), *ctx.h_spec), dtensor((dw * grad).to(ctx.w_dtype), *ctx.w_spec),
+                None, None)
+
+
+@torch.compiler.disable
+def vocab_parallel_loss(h, weight, targets):
+    """The loss under tensor parallel (see VocabParallelLoss): same value and gradients as `plain_loss` on the
+    whole head, with ~CHUNK_LOGITS logits (this rank's vocab shard) at a time."""
+    shard = weight.to_local().size(0)
+    return VocabParallelLoss.apply(h, weight, targets, max(1, CHUNK_LOGITS // shard))
+
+
 def compiled_loss(h, weight, targets):
     """`plain_loss` under torch.compile: traced into the graph of a compiled model that calls it, a graph of its own
     when called eagerly (FSDP2 compiles per block, so the head and loss run outside the blocks' graphs)."""
@@ -275,12 +328,14 @@ def _installed(backend: str) -> bool:
 
 
 def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32, compiled: bool = False, logits_fit: bool = False) -> Ops:
+              dtype: torch.dtype = torch.float32, compiled: bool = False, logits_fit: bool = False,
+              tp: int = 1) -> Ops:
     """Choose one implementation per op for a run: returns the Ops the model is built with, with their `fallback`.
     `kernels` is auto | torch | flash | liger; `loss` is auto | compiled | chunked | plain | liger. `compiled`: the
     training step runs under torch.compile; `logits_fit`: the memory plan holds the full (tokens, vocab) logits of a
-    micro-batch (plan.loss_kind). Fused kernels need CUDA (flash attention also BF16/FP16): asking for them
-    elsewhere raises KernelError before training."""
+    micro-batch (plan.loss_kind). `tp` > 1: the head is split by vocab over a tensor-parallel group and the loss is
+    `vocab_parallel_loss` (train.loss must be auto). Fused kernels need CUDA (flash attention also BF16/FP16):
+    asking for them elsewhere raises KernelError before training."""
     device = torch.device(device)
     cuda, half = device.type == "cuda", dtype in (torch.bfloat16, torch.float16)
     chosen, names = {op: getattr(REFERENCE, op) for op in REFERENCE.names}, dict(REFERENCE.names)
@@ -289,6 +344,11 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
         if half and kernels in ("auto", "torch"):  # explicit score matrices at short context (see matmul_attention)
             chosen["attention"] = _short_context_matmul_attention
             names["attention"] = f"matmul up to T={CPU_MATMUL_ATTENTION_MAX_T}, then SDPA"
+    if tp > 1:
+        if loss != "auto":
+            raise KernelError(f"train.loss={loss} does not split over a tensor-parallel group (train.tp={tp}); "
+                              f"use train.loss=auto (the vocab-parallel loss)")
+        chosen["loss"], names["loss"], loss = vocab_parallel_loss, "vocab-parallel (loss_parallel)", "tensor parallel"
     fallback = Ops(**chosen, names=dict(names))
     if kernels in ("flash", "liger") and not cuda:
         raise KernelError(f"train.kernels={kernels} needs a CUDA device (this run is on {device.type}); "
@@ -313,7 +373,7 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
         chosen["rms_norm"], chosen["rope"] = _liger_rms_norm(fn), _liger_rope(fn)
         names["rms_norm"] = names["rope"] = "liger"
         if loss == "auto":
-            loss = "liger"
+            loss = "liger"  # (under tensor parallel the loss was decided above)
     if loss == "auto" and compiled and logits_fit:
         loss = "compiled"
     fixed = {"plain": (plain_loss, "plain"), "compiled": (compiled_loss, "plain, compiled"),

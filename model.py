@@ -207,9 +207,10 @@ class Attention(nn.Module):
     def forward(self, x, rope=None, cache: KVCache | None = None):
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim)
-        k = self.k_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim)
-        v = self.v_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim)
+        # -1 heads: under tensor parallel a rank's projections hold n_head / tp (n_kv_head / tp) of them
+        q = self.q_proj(x).view(B, T, -1, cfg.head_dim)
+        k = self.k_proj(x).view(B, T, -1, cfg.head_dim)
+        v = self.v_proj(x).view(B, T, -1, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -228,7 +229,7 @@ class Attention(nn.Module):
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
                                            dropout_p=cfg.dropout if self.training else 0.0,
-                                           enable_gqa=cfg.kv_heads != cfg.n_head)
+                                           enable_gqa=k.size(1) != q.size(1))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

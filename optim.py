@@ -10,10 +10,12 @@ a (A, B) matrix is scaled by 0.2 * sqrt(max(A, B)), so that its RMS matches Adam
 learning rate and weight decay (`train.muon_lr` unset).
 
 The Newton-Schulz iteration needs whole matrices. With one process or DDP every rank has them (DDP averaged the
-gradients); under FSDP2 each rank holds a shard. Either way the matrices are dealt out round-robin: the owner of
-a matrix gathers it (FSDP2: one shard from each rank), orthogonalises it and sends back what each rank needs
-(FSDP2: its shard; DDP: the whole result), so the iteration runs once per matrix, not once per rank, and each
-rank's momentum buffer keeps the same sharding as its parameter (checkpoints and resharded resumes as for AdamW).
+gradients); under FSDP2 each rank holds a shard, and with tensor parallel a piece split over a (dp, tp) mesh. Either
+way the matrices are dealt out round-robin: the owner of a matrix gathers it (FSDP2: one shard from each rank; TP:
+DTensor's all-gather), orthogonalises it and sends back what each rank needs (FSDP2: its shard; DDP: the whole
+result; TP: the whole result, of which each rank keeps its piece), so the iteration runs once per matrix, not once
+per rank, and each rank's momentum buffer keeps the same sharding as its parameter (checkpoints and resharded resumes
+as for AdamW).
 torch.optim.Muon has the same update for one process (tests/test_optim.py compares them) but orthogonalises
 whatever tensor it is given, a shard included, and always in BF16, which is far slower than FP32 on a CPU without
 native BF16 (BENCHMARKS.md): hence the few lines below.
@@ -23,7 +25,7 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan's quintic: steepest slope at zero that still converges
 NS_STEPS = 5
@@ -107,10 +109,15 @@ class Muon(torch.optim.AdamW):
             return [orthogonalize(u, dtype) for u in updates]
         owner = [j % world for j in range(len(params))]
         mine = [o == dist.get_rank() for o in owner]
-        sharded = [isinstance(p, DTensor) for p in params]
+        split = [isinstance(p, DTensor) and p.device_mesh.ndim > 1 for p in params]  # FSDP2 + tensor parallel
+        sharded = [isinstance(p, DTensor) and not s for p, s in zip(params, split)]  # FSDP2: Shard(0), all ranks
         rows = [-(-p.shape[0] // world) for p in params]  # FSDP2's Shard(0): ceil(n / world) rows, the last short
         full, waits = [None] * len(params), []
+        out = [self._split_matrix(p, u, dtype, owner[j]) if split[j] else None
+               for j, (p, u) in enumerate(zip(params, updates))]
         for j, (p, u) in enumerate(zip(params, updates)):  # 1. the owner gets each whole matrix
+            if split[j]:
+                continue
             if not sharded[j]:  # DDP: every rank already has it
                 full[j] = u
                 continue
@@ -121,8 +128,10 @@ class Muon(torch.optim.AdamW):
             full[j] = bucket
         for w in waits:
             w.wait()
-        out, waits = [None] * len(params), []
+        waits = []
         for j, (p, u) in enumerate(zip(params, updates)):  # 2. the owner orthogonalises, 3. and sends back
+            if split[j]:
+                continue
             if mine[j]:
                 whole = torch.cat(full[j])[:p.shape[0]] if sharded[j] else full[j]
                 result = orthogonalize(whole, dtype).contiguous()  # a tall matrix's result is a transposed view
@@ -139,6 +148,17 @@ class Muon(torch.optim.AdamW):
         for w in waits:
             w.wait()
         return [o[:u.size(0)] for o, u in zip(out, updates)]
+
+    @staticmethod
+    def _split_matrix(p: DTensor, u: torch.Tensor, dtype, owner: int) -> torch.Tensor:
+        """A matrix laid out over a (dp, tp) mesh (FSDP2 + tensor parallel): torch's all-gather makes it whole, its
+        owner orthogonalises it and broadcasts the result, each rank keeps its piece, laid out as p's. One matrix
+        at a time, so no rank holds more than one whole matrix beyond its own."""
+        whole = DTensor.from_local(u.to(dtype), p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                   stride=p.stride()).full_tensor()
+        result = orthogonalize(whole, dtype).contiguous() if owner == dist.get_rank() else torch.empty_like(whole)
+        dist.broadcast(result, src=owner)
+        return distribute_tensor(result, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
 def param_groups(model: nn.Module, t, muon: bool) -> list[dict]:

@@ -1,8 +1,11 @@
 """Processes and model wrapping, in the manner of torchtitan's parallelize.py: the model stays single-device code,
-and `parallelize` applies FP8, activation checkpointing, torch.compile and FSDP2 or DDP to it for a run.
+and `parallelize` applies tensor parallel, FP8, activation checkpointing, torch.compile and FSDP2 or DDP to it.
 
     one process: nothing to wrap        DDP: replicas, gradients all-reduced once per step
     FSDP2: `fully_shard` per block and at the root, BF16 compute, FP32 (or BF16) gradient reduce-scatter
+    FSDP2 + TP (train.tp): a (dp, tp) device mesh; inside each group of tp consecutive ranks the blocks' matrices,
+           the embedding and the head are split (`parallelize_module`, see `tensor_parallel`), FSDP2 shards what
+           is left across the dp groups
 """
 import os
 from contextlib import contextmanager
@@ -12,7 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import distribute_tensor
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                               RowwiseParallel, SequenceParallel, parallelize_module)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint as recompute
 
@@ -52,24 +58,83 @@ def any_rank(flag: bool, group) -> bool:
     return bool(t.item())
 
 
+def tensor_parallel(model: GPT, mesh: DeviceMesh) -> None:
+    """Split `model` (on the meta device) over the 1-D tensor-parallel `mesh`, Megatron-style with sequence parallel
+    (Korthikanti et al. 2022), through torch's parallel styles. Between blocks the residual stream is split by
+    sequence (B, T / tp, d); each norm works on its part (SequenceParallel, weights replicated); before attention
+    and the MLP it is gathered (PrepareModuleInput); q/k/v and gate/up are split by output columns (whole heads:
+    n_head / tp query and n_kv_head / tp key/value heads per rank), o_proj and down_proj by input rows, and their
+    partial sums are reduce-scattered back to sequence parts. The token (and GPT-2 position) embedding is split by
+    rows, the head by vocab: the final norm's output is gathered whole, and the loss (kernels.vocab_parallel_loss)
+    or the logits (gathered) come from the vocab shards. A tied head and embedding share one Shard(0) weight."""
+    top = {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+           "norm": SequenceParallel(),
+           "lm_head": ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+    if model.cfg.arch == "gpt2":  # positions (T,) -> (T / tp, d): the same sequence part as the tokens'
+        top["embed_positions"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0))
+    parallelize_module(model, mesh, top)
+    # the loss reads lm_head's weight, not the module: it gets the final norm's output whole, as a DTensor
+    whole = PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=False)
+    parallelize_module(model.norm, mesh, whole)
+    if model.cfg.tie_embeddings:  # parallelize_module gave each its own DTensor; both are Shard(0) of (V, d)
+        model.lm_head.weight = model.embed_tokens.weight
+    gathered = dict(input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None))
+    for block in model.layers:
+        plan = {"input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel(),
+                "self_attn": PrepareModuleInput(**gathered),  # (x, rope, cache): only x is split
+                "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+                "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+                "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1))}
+        if hasattr(block.mlp, "gate_proj"):
+            plan["mlp.gate_proj"] = ColwiseParallel()
+        if hasattr(block.self_attn, "q_norm"):  # per head over (B, T, H / tp, D): heads are the split dim
+            plan["self_attn.q_norm"] = plan["self_attn.k_norm"] = SequenceParallel(sequence_dim=2,
+                                                                                   use_local_output=True)
+        parallelize_module(block, mesh, plan)
+
+
+def device_mesh(run: config.Run) -> DeviceMesh | None:
+    """The (dp, tp) mesh of a tensor-parallel run (rank r is dp r // tp, tp r % tp: a tp group is consecutive
+    ranks, one node's GPUs over NVLink); None without tensor parallel (FSDP2 and DDP take the whole world)."""
+    if run.tp == 1:
+        return None
+    return init_device_mesh(run.device.type, (run.dp, run.tp), mesh_dim_names=("dp", "tp"))
+
+
 def parallelize(model: GPT, run: config.Run) -> nn.Module:
-    """Apply the run's FP8, activation checkpointing, compile and FSDP2/DDP to `model`, built on the meta device,
-    then materialise and initialise it (from train.seed, then train.init_from's weights); returns the module the
-    training step calls. `model` itself stays the uncompiled, unwrapped-by-DDP module for evaluation and
+    """Apply the run's tensor parallel, FP8, activation checkpointing, compile and FSDP2/DDP to `model`, built on the
+    meta device, then materialise and initialise it (from train.seed, then train.init_from's weights); returns the
+    module the training step calls. `model` itself stays the uncompiled, unwrapped-by-DDP module for evaluation and
     checkpoints (under FSDP2 it is the sharded root).
 
     Under FSDP2 each rank allocates only its shards; the initial values do not depend on the sharding, so 1 process, DDP
     and FSDP start from the same weights. `torch.compile` applies per block under FSDP2 (in place, so the state-dict
-    names stay; the gathers stay outside the graphs), else to the whole model, head and loss included."""
+    names stay; the gathers stay outside the graphs), else to the whole model, head and loss included.
+
+    With train.tp > 1 (run.mode is then fsdp): `tensor_parallel` first splits the model over the tp dimension of the
+    (dp, tp) mesh, and FSDP2 shards over the dp dimension (even a single one); initial values stay the same."""
     t, device, fsdp = run.cfg.train, run.device, run.mode == "fsdp"
     if t.lora:  # before any wrapping: FSDP2 and DDP see the frozen base and the adapters as they will train
         lora.apply(model, t)
+    mesh = device_mesh(run)
+    if mesh is not None:  # first, as torchtitan: checkpointing, compile and FSDP2 then see the split modules
+        tensor_parallel(model, mesh["tp"])
+        if t.compile:
+            # The embedding's output is a view of its DTensor's local part; a compiled block given that view as its
+            # input returned a zero gradient for it (torch 2.13, CPU), so the embedding never learned. A copy.
+            model.embed_tokens.register_forward_hook(lambda module, args, out: out.clone())
     if t.precision == "fp8":
         kernels.convert_to_float8(model, fsdp=fsdp)
+    # Under tensor parallel a checkpointed block is compiled inside the checkpoint: torch 2.13's compiled checkpoint
+    # of a block with DTensors failed in AOTAutograd (it saved the DeviceMesh as if it were a tensor)
+    inner = t.compile and t.activation_checkpointing and mesh is not None
     for block in model.layers:
+        if inner:
+            block.forward = torch.compile(block.forward)
         if t.activation_checkpointing:  # keep only each block's input; recompute the rest in backward
             block.forward = (lambda fwd: lambda *a, **k: recompute(fwd, *a, use_reentrant=False, **k))(block.forward)
-        if t.compile and fsdp:
+        if t.compile and fsdp and not inner:
             block.compile()
     if fsdp:
         half = {"fp32": None, "fp16": torch.float16}.get(t.precision, torch.bfloat16)  # fp8 gathers BF16 too
@@ -77,9 +142,11 @@ def parallelize(model: GPT, run: config.Run) -> nn.Module:
         # RoPE table, which must stay FP32 (cast per block it lost precision and cost a copy each time)
         mp = MixedPrecisionPolicy(param_dtype=half, cast_forward_inputs=False,
                                   reduce_dtype=torch.bfloat16 if t.reduce_dtype == "bf16" else torch.float32)
+        shard = dict(mesh=mesh["dp"] if mesh is not None else None, mp_policy=mp,
+                     reshard_after_forward=t.reshard_after_forward)
         for block in model.layers:
-            fully_shard(block, mp_policy=mp, reshard_after_forward=t.reshard_after_forward)
-        fully_shard(model, mp_policy=mp, reshard_after_forward=t.reshard_after_forward)
+            fully_shard(block, **shard)
+        fully_shard(model, **shard)
         model.to_empty(device=device)
 
         def assign(p, full):  # every rank draws the same full tensor (one parameter at a time), keeps its shard

@@ -1,11 +1,12 @@
 """Memory and throughput plan of a config on N GPUs, before renting them.
 
-    python plan.py configs/1b.yaml --gpus 8 --gpu h100 [section.key=value ...]
+    python plan.py configs/1b.yaml --gpus 8 --gpu h100 [--fit] [section.key=value ...]
     python plan.py --check        # the activation estimate against measured saved tensors on this CPU
 
-Per GPU and per parallel mode (DDP, FSDP2, FSDP2 with activation checkpointing): parameter, gradient,
-optimizer and activation memory and whether they fit; FLOPs per step and the tokens/s that 40 % and 50 % MFU
-would give. The activation estimate counts the tensors autograd keeps for backward in one micro-batch, by
+Per GPU and per layout (DDP, FSDP2, FSDP2 with activation checkpointing, FSDP2 + tensor parallel of each degree
+the model splits into): parameter, gradient, optimizer and activation memory and whether they fit, bytes sent per
+step; FLOPs per step and the tokens/s that 40 % and 50 % MFU would give; `--fit` names the smallest train.tp that
+fits. The activation estimate counts the tensors autograd keeps for backward in one micro-batch, by
 the dtype each has under the run's precision (see `activation_bytes`).
 """
 import argparse
@@ -14,6 +15,7 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 import config
 import hardware
@@ -27,7 +29,7 @@ GIB = 2**30
 
 
 def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: bool = False,
-                     checkpointing: bool = False, loss: str = "plain") -> int:
+                     checkpointing: bool = False, loss: str = "plain", tp: int = 1) -> int:
     """Bytes autograd saves for backward in one forward of `tokens` tokens (Llama blocks, no dropout).
 
     Per layer and token, by the dtype each tensor has (matmul activations a: 2 in BF16, 4 in FP32; residual stream r:
@@ -37,18 +39,22 @@ def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: b
     o_proj input is a view of it) and a per-head log-sum-exp (no T x T scores with flash/SDPA kernels); the MLP keeps
     gate, up, silu(gate) and their product. The head keeps the final norm's tensors and, by `loss` (see `loss_kind`):
     plain, the FP32 log-probabilities (4 bytes per vocab entry); compiled, the logits in the matmul dtype (a); chunked,
-    none of them. Activation checkpointing keeps each block's input and recomputes one block at a time."""
+    none of them. Activation checkpointing keeps each block's input and recomputes one block at a time.
+
+    Tensor parallel over `tp` ranks (sequence parallel between the blocks) divides every term by tp except the
+    norm outputs, which the column-parallel matmuls keep gathered whole (q/k/v, gate/up, the head) instead of the
+    rank's part."""
     d, kv, f, V = cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim, cfg.padded_vocab_size
     a = 4 if precision == "fp32" else 2
     r = 2 if bf16_params else 4
     casts_attn, casts_mlp = (3, 2) if precision != "fp32" and not bf16_params else (1, 1)
 
-    def norm(casts):
-        return 8 * d + a * d * casts
-    layer = norm(casts_attn) + a * (d + 2 * kv) + a * d + 4 * cfg.n_head + norm(casts_mlp) + 4 * a * f
-    head = norm(1) + {"plain": 4 * V, "compiled": a * V, "chunked": 0}[loss]
-    per_token = (r * d * cfg.n_layer + layer if checkpointing else layer * cfg.n_layer) + head
-    return per_token * tokens
+    def norm(casts):  # FP32 input and normalised input, the output as the matmuls see it (under TP: gathered whole)
+        return 8 * d / tp + a * d * casts * (1 if tp > 1 else 1 / tp)
+    layer = norm(casts_attn) + norm(casts_mlp) + (a * (d + 2 * kv) + a * d + 4 * cfg.n_head + 4 * a * f) / tp
+    head = norm(1) + {"plain": 4 * V, "compiled": a * V, "chunked": 0}[loss] / tp
+    per_token = (r * d * cfg.n_layer / tp + layer if checkpointing else layer * cfg.n_layer) + head
+    return int(per_token * tokens)
 
 
 def lora_activation_bytes(model: GPT, t, tokens: int, precision: str, checkpointing: bool = False) -> int:
@@ -64,17 +70,18 @@ def lora_activation_bytes(model: GPT, t, tokens: int, precision: str, checkpoint
 
 
 def loss_transient_bytes(cfg: GPTConfig, tokens: int, loss: str = "plain", precision: str = "bf16",
-                         chunk_logits: int = kernels.CHUNK_LOGITS) -> int:
+                         chunk_logits: int = kernels.CHUNK_LOGITS, tp: int = 1) -> int:
     """Peak memory the loss adds beyond what it saves: plain (eager), the BF16 logits and the FP32 logits and their
     gradient; compiled, the logits' gradient in the matmul dtype (inductor fuses the softmax into passes over the
     saved logits and holds less than the 4 and 8 bytes per logit counted here and in `activation_bytes`:
     BENCHMARKS.md); chunked (kernels.ChunkedLoss), one chunk of ~chunk_logits logits in FP32 and BF16, then 12
     bytes per (V, d) element (the kept FP32 dW, the BF16 copy of the weight, each chunk's BF16 dW product and its
-    FP32 copy), and dh. Within 5 % of what torch's MemTracker measures on CPU (tests/test_kernels.py)."""
+    FP32 copy), and dh. Within 5 % of what torch's MemTracker measures on CPU (tests/test_kernels.py). Under tensor
+    parallel (kernels.vocab_parallel_loss, chunked) the same with each rank's V / tp vocab entries."""
     if loss == "compiled":
         return (4 if precision == "fp32" else 2) * cfg.padded_vocab_size * tokens
     if loss == "chunked":
-        V, d = cfg.padded_vocab_size, cfg.n_embd
+        V, d = cfg.padded_vocab_size // tp, cfg.n_embd
         chunk = min(tokens, max(1, chunk_logits // V)) * V  # logits in one chunk
         return 6 * chunk + 12 * V * d + 4 * tokens * d
     return 10 * cfg.padded_vocab_size * tokens
@@ -99,7 +106,7 @@ def loss_kind(cfg: config.Config, gpus: int, mem_gib: float) -> str:
     t = cfg.train
     if t.loss in ("plain", "compiled"):
         return t.loss
-    if t.loss != "auto" or t.kernels == "liger" or t.compile is False:
+    if t.loss != "auto" or t.kernels == "liger" or t.compile is False or t.tp > 1:  # TP: vocab-parallel, chunked
         return "chunked"
     compiled = replace(cfg, train=replace(t, loss="compiled"))
     return "compiled" if next(r for r in plan(compiled, gpus, (mem_gib, 0.0)) if r["configured"])["fits"] else "chunked"
@@ -122,9 +129,12 @@ def with_micro(cfg: config.Config, micro: int) -> config.Config:
     return replace(cfg, train=replace(cfg.train, micro_batch_size=micro))
 
 
-def parallel_mode(parallel: str, world: int, n_params: int, mem_gib: float, cuda: bool = True) -> str:
-    """'none' on one process; else train.parallel, where auto picks DDP while the FP32 model, its gradients and
-    AdamW's two moments (16 bytes a parameter) take under 40 % of one device's memory (on CPUs always), else FSDP."""
+def parallel_mode(parallel: str, world: int, n_params: int, mem_gib: float, cuda: bool = True, tp: int = 1) -> str:
+    """'none' on one process; FSDP2 with tensor parallel (tp > 1, over the data-parallel ranks, even just one);
+    else train.parallel, where auto picks DDP while the FP32 model, its gradients and AdamW's two moments (16 bytes
+    a parameter) take under 40 % of one device's memory (on CPUs always), else FSDP."""
+    if tp > 1:
+        return "fsdp"
     if world == 1:
         return "none"
     if parallel != "auto":
@@ -145,13 +155,15 @@ def resolve(cfg: config.Config, model: GPTConfig, device: torch.device, precisio
         dist.all_gather_object(mems, mem)
         mem = min(mems)
     cfg = replace(cfg, model=model, train=replace(cfg.train, precision=precision.name, compile=compiled))
+    if cfg.train.tp > 1:
+        config.check_tp(cfg)  # again: the vocab (from the data) and the precision are known now
     cfg = with_micro(cfg, micro_batch(cfg, world, mem))
     t = cfg.train
     fit = t.loss == "auto" and compiled and full_logits(cfg, world, mem)
-    ops = kernels.configure(t.kernels, t.loss, device, precision.dtype, compiled=compiled, logits_fit=fit)
+    ops = kernels.configure(t.kernels, t.loss, device, precision.dtype, compiled=compiled, logits_fit=fit, tp=t.tp)
     with torch.device("meta"):
         n = GPT(model).num_params()
-    mode = parallel_mode(t.parallel, world, n, mem, device.type == "cuda")
+    mode = parallel_mode(t.parallel, world, n, mem, device.type == "cuda", t.tp)
     return config.Run(cfg, device, precision, ops, mode, rank, config.derive(cfg, world))
 
 
@@ -160,9 +172,73 @@ def full_logits(cfg: config.Config, gpus: int, mem_gib: float) -> bool:
     return loss_kind(cfg, gpus, mem_gib) != "chunked"
 
 
+def tp_params(module: torch.nn.Module, tp: int) -> float:
+    """Parameters of `module` that one rank of a tensor-parallel group holds: the norms and the row-parallel biases
+    (o_proj, down_proj) whole, the matrices, the other biases, the embeddings and the head split tp ways."""
+    return sum(p.numel() / (1 if "norm" in name or name.endswith(("o_proj.bias", "down_proj.bias")) else tp)
+               for name, p in module.named_parameters())
+
+
+def comm_bytes(cfg: config.Config, model: GPT, dp: int, tp: int, mode: str, ac: bool) -> dict:
+    """Bytes each GPU sends per optimizer step of `cfg` (whose train.tp is `tp`), by ring algorithms (an all-gather
+    or reduce-scatter of S bytes over n ranks moves S (n - 1) / n per rank, an all-reduce twice that), by kind:
+    `tp`, the tensor-parallel collectives
+    (per block and micro-batch, forward: the all-gather of the input of attention and of the MLP and the
+    reduce-scatter of their outputs, backward the same again, and once more in the recomputed forward with
+    activation checkpointing; the embedding's reduce-scatter and the final norm's all-gather, and their backwards;
+    the loss's three all-reduces of one FP32 number per token); `dp`, FSDP2's parameter all-gathers (again in backward
+    with reshard_after_forward) and gradient reduce-scatters per micro-batch, or DDP's one all-reduce of FP32 gradients;
+    `muon`, Muon's matrices to their owners and back. Scalars (the gradient norm, the skip flag) are left out."""
+    t, m = cfg.train, cfg.model
+    d = config.derive(cfg, dp * tp)
+    tokens = d.micro_batch * m.block_size  # per micro-batch and rank
+    a = 4 if t.precision == "fp32" else 2
+    ring = (tp - 1) / tp
+    out = {"tp": 0.0, "dp": 0.0, "muon": 0.0}
+    if tp > 1:
+        per_block = (8 + (4 if ac else 0)) * tokens * m.n_embd * a * ring
+        ends = 4 * tokens * m.n_embd * a * ring + 3 * 2 * 4 * tokens * ring  # embedding, final norm; the loss
+        if m.arch == "gpt2":
+            ends += 2 * m.block_size * m.n_embd * a * ring  # the position embedding's reduce-scatter, its backward
+        out["tp"] = d.grad_accum * (per_block * m.n_layer + ends)
+    local = tp_params(model, tp)  # what one rank of a tensor-parallel group holds whole after FSDP's all-gather
+    if mode == "fsdp" and dp > 1:
+        gather = 2 if t.precision != "fp32" else 4
+        reduce = 2 if t.reduce_dtype == "bf16" else 4
+        gathers = local * (2 if t.reshard_after_forward else 1)  # again in backward (the root too, as measured)
+        syncs = 1 if t.fsdp_defer_sync else d.grad_accum
+        out["dp"] = (d.grad_accum * gather * gathers + syncs * reduce * local) * (dp - 1) / dp
+    elif mode == "ddp" and dp > 1:
+        out["dp"] = 2 * 4 * local * (dp - 1) / dp
+    if t.optimizer == "muon" and dp * tp > 1:
+        mc = muon_cost(model, dp * tp)
+        out["muon"] = mc["ddp_bytes"] if mode == "ddp" else mc["fsdp_bytes"] if tp == 1 else 2 * mc["ddp_bytes"]
+    out["total"] = out["tp"] + out["dp"] + out["muon"]
+    return out
+
+
+def tp_options(cfg: config.Config, gpus: int) -> list[int]:
+    """The tensor-parallel degrees a plan shows: 1 and the powers of two up to 8 (one node) that divide the GPUs and
+    that the model splits into (config.check_tp), and train.tp."""
+    options = []
+    for tp in sorted({1, 2, 4, 8, cfg.train.tp}):
+        if tp > gpus or gpus % tp:
+            continue
+        try:
+            if tp > 1:
+                train = replace(cfg.train, parallel="auto", precision="bf16", kernels="auto", loss="auto")
+                config.check_tp(replace(cfg, train=train, eval=replace(cfg.eval, interval=0)), tp)  # the model alone
+            options.append(tp)
+        except config.ConfigError:
+            pass
+    return options
+
+
 def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[dict]:
-    """One row per parallel mode: memory terms in GiB per GPU, fits, and throughput at 40 / 50 % MFU. `gpu`: a
-    name in hardware.GPUS, or (memory GiB, peak TFLOP/s)."""
+    """One row per layout of `gpus` GPUs: DDP, FSDP2, FSDP2 with activation checkpointing, and FSDP2 + tensor
+    parallel (with and without checkpointing) for each degree of `tp_options`; memory terms in GiB per GPU, fits,
+    bytes each GPU sends per step (comm_bytes) and throughput at 40 / 50 % MFU. `gpu`: a name in hardware.GPUS, or
+    (memory GiB, peak TFLOP/s)."""
     mem_gib, peak_tflops = GPUS[gpu] if isinstance(gpu, str) else gpu
     cfg = with_micro(cfg, micro_batch(cfg, gpus, mem_gib))
     with torch.device("meta"):
@@ -172,35 +248,49 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
         lora.apply(model, t)
     n = model.num_params()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # a LoRA run: the adapters only
-    block = sum(p.numel() for p in model.layers[0].parameters())
     flops_tok = model.flops_per_token()
-    tokens = t.micro_batch_size * m.block_size
     bf16 = t.precision != "fp32"
     loss = loss_kind(cfg, gpus, mem_gib)
-    mode_of_run = parallel_mode(t.parallel, max(gpus, 2), n, mem_gib)  # one GPU is planned as DDP's replica
+    mode_of_run = parallel_mode(t.parallel, max(gpus, 2), n, mem_gib, tp=t.tp)  # one GPU: planned as DDP's replica
     n_muon = muon_cost(model, gpus)["params"] if t.optimizer == "muon" else 0
+    layouts = [("ddp", False, 1), ("fsdp", False, 1), ("fsdp", True, 1)]
+    layouts += [("fsdp", ac, tp) for tp in tp_options(cfg, gpus) if tp > 1 for ac in (False, True)]
     rows = []
-    for mode, ac in (("ddp", False), ("fsdp", False), ("fsdp", True)):
-        shards = gpus if mode == "fsdp" else 1
-        params, grads = 4 * n / shards, 4 * n_train / shards  # FP32 master weights; gradients of what trains
-        optim = (8 * (n_train - n_muon) + 4 * n_muon) / shards  # AdamW: 2 FP32 moments; Muon: 1 FP32 momentum
+    for mode, ac, tp in layouts:
+        dp = gpus // tp
+        # the micro batch of this layout: the configured one, or a data-parallel rank's whole batch if smaller
+        row_cfg = replace(cfg, train=replace(t, tp=tp, micro_batch_size=min(t.micro_batch_size, t.batch_size // dp)))
+        try:
+            config.derive(row_cfg, gpus)
+        except config.ConfigError:  # the batch does not divide over this layout
+            continue
+        tokens = row_cfg.train.micro_batch_size * m.block_size
+        shards = dp if mode == "fsdp" else 1
+        whole, tp_block = tp_params(model, tp), tp_params(model.layers[0], tp)  # a rank's part under tensor parallel
+        trained = whole * n_train / n  # what trains (a LoRA run, never split by tp: its adapters only)
+        params, grads = 4 * whole / shards, 4 * trained / shards  # FP32 master weights; gradients of what trains
+        optim = (8 * (trained - n_muon / tp) + 4 * n_muon / tp) / shards  # AdamW: 2 FP32 moments; Muon: 1 FP32 momentum
         if mode == "ddp":  # autocast's cached BF16 weight copies live through forward and backward
             working = 2 * n if bf16 else 0
-        elif t.reshard_after_forward:  # gathered BF16 blocks (current + prefetched), their unsharded FP32
-            working = (2 if bf16 else 4) * (2 * block + n - block * m.n_layer) + 2 * 4 * block  # grads, the root
+        elif t.reshard_after_forward:  # gathered BF16 blocks (current + prefetched), their FP32 grads, the root
+            working = (2 if bf16 else 4) * (2 * tp_block + whole - tp_block * m.n_layer) + 2 * 4 * tp_block
         else:  # every block stays gathered from its forward to its backward
-            working = (2 if bf16 else 4) * n + 2 * 4 * block
-        working += loss_transient_bytes(m, tokens, loss, t.precision)
+            working = (2 if bf16 else 4) * whole + 2 * 4 * tp_block
+        row_loss = "chunked" if tp > 1 else loss  # the vocab-parallel loss holds one chunk of logits
+        working += loss_transient_bytes(m, tokens, row_loss, t.precision, tp=tp)
         if n_muon:  # BF16 matrices in flight during Muon's step (received shards to orthogonalise; results)
             working += 2 * 2 * n_muon / gpus if mode == "fsdp" else 2 * n_muon
-        act = activation_bytes(m, tokens, t.precision, bf16_params=mode == "fsdp" and bf16, checkpointing=ac, loss=loss)
+        act = activation_bytes(m, tokens, t.precision, bf16_params=mode == "fsdp" and bf16, checkpointing=ac,
+                               loss=row_loss, tp=tp)
         if t.lora:
             act += lora_activation_bytes(model, t, tokens, t.precision, checkpointing=ac)
         total = params + grads + optim + working + act + RESERVED_GIB * GIB
-        rows.append({"mode": mode + (" + AC" if ac else ""), "params": params / GIB, "grads": grads / GIB,
-                     "optim": optim / GIB, "working": working / GIB, "activations": act / GIB,
-                     "total": total / GIB, "fits": total / GIB <= mem_gib,
-                     "configured": (mode, ac) == (mode_of_run, t.activation_checkpointing)})
+        comm = comm_bytes(row_cfg, model, dp, tp, mode, ac)
+        rows.append({"mode": mode + (f" x tp {tp}" if tp > 1 else "") + (" + AC" if ac else ""), "tp": tp, "dp": dp,
+                     "ac": ac, "params": params / GIB, "grads": grads / GIB, "optim": optim / GIB,
+                     "working": working / GIB, "activations": act / GIB, "total": total / GIB,
+                     "fits": total / GIB <= mem_gib, "comm": comm["total"] / GIB, "comm_tp": comm["tp"] / GIB,
+                     "configured": (mode, ac, tp) == (mode_of_run, t.activation_checkpointing, t.tp)})
     step_flops = flops_tok * config.derive(cfg, gpus).batch_tokens
     for r in rows:
         r.update(step_tflops=step_flops / 1e12, **{
@@ -208,7 +298,14 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
     return rows
 
 
-def print_plan(cfg: config.Config, gpus: int, gpu: str) -> None:
+def fit(rows: list[dict]) -> dict | None:
+    """The row of the smallest tensor-parallel degree that fits, without activation checkpointing where one fits
+    (its recompute costs ~25 % more compute), FSDP2 before DDP; None when nothing fits."""
+    fitting = [r for r in rows if r["fits"]]
+    return min(fitting, key=lambda r: (r["tp"], r["ac"], r["mode"].startswith("ddp")), default=None)
+
+
+def print_plan(cfg: config.Config, gpus: int, gpu: str, show_fit: bool = False) -> None:
     mem_gib, peak = GPUS[gpu]
     cfg = with_micro(cfg, micro_batch(cfg, gpus, mem_gib))
     rows = plan(cfg, gpus, gpu)
@@ -242,28 +339,98 @@ def print_plan(cfg: config.Config, gpus: int, gpu: str) -> None:
           f"{cfg.train.precision}, loss {loss_kind(cfg, gpus, mem_gib)}, FSDP reshard_after_forward="
           f"{cfg.train.reshard_after_forward}; {RESERVED_GIB:.0f} GiB reserved for CUDA/NCCL workspaces; working = "
           f"gathered/cast weights and the loss's logits):")
-    print(f"{'mode':<10} {'params':>7} {'grads':>7} {'optim':>7} {'working':>8} {'activ.':>7} {'total':>7}  fits")
+    print(f"{'mode':<17} {'params':>7} {'grads':>7} {'optim':>7} {'working':>8} {'activ.':>7} {'total':>7}  fits  "
+          f"{'comm GiB/step':>13} (of it TP)")
     for r in rows:
-        print(f"{r['mode']:<10} {r['params']:7.2f} {r['grads']:7.2f} {r['optim']:7.2f} {r['working']:8.2f} "
-              f"{r['activations']:7.2f} {r['total']:7.2f}  {'yes' if r['fits'] else 'NO '}"
-              f"{'  <- the config' if r['configured'] else ''}")
+        print(f"{r['mode']:<17} {r['params']:7.2f} {r['grads']:7.2f} {r['optim']:7.2f} {r['working']:8.2f} "
+              f"{r['activations']:7.2f} {r['total']:7.2f}  {'yes' if r['fits'] else 'NO '}  {r['comm']:13.2f} "
+              f"({r['comm_tp']:.2f}){'  <- the config' if r['configured'] else ''}")
+    print("comm: bytes each GPU sends per optimizer step (ring collectives; comm_bytes); TP's belong on NVLink, "
+          "keep train.tp within a node")
+    if show_fit:
+        best = fit(rows)
+        print("--fit: nothing fits; lower train.micro_batch_size or use more GPUs" if best is None else
+              f"--fit: the smallest tensor-parallel degree that fits is {best['mode']}: train.tp={best['tp']}"
+              f"{' train.parallel=ddp' if best['mode'].startswith('ddp') else ''}"
+              f" train.activation_checkpointing={str(best['ac']).lower()}")
 
 
 def measure_saved(model: GPT, tokens: torch.Tensor, precision: str) -> int:
-    """Bytes of the distinct tensors autograd saves in one forward (what backward will need)."""
+    """Bytes of the distinct tensors autograd saves in one forward (what backward will need); of a DTensor (tensor
+    parallel), its local part on this rank."""
     seen = {}
 
+    def storage(t):
+        with torch.no_grad():
+            return (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
+
     def pack(t):
-        if not (t.requires_grad and isinstance(t, torch.nn.Parameter) or t.data_ptr() == 0):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        try:
+            kept = storage(t)
+            ptr = kept.data_ptr()
+        except RuntimeError:  # a tensor without storage of its own (DTensor's dispatch wrappers)
+            return t
+        if not (t.requires_grad and isinstance(t, torch.nn.Parameter)) and ptr != 0:
+            seen[ptr] = kept.nbytes()
         return t
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
-        b.untyped_storage().data_ptr() for b in model.buffers()}
+    params = {storage(p).data_ptr() for p in model.parameters()} | {storage(b).data_ptr() for b in model.buffers()}
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
         loss = model(tokens, tokens)
     loss.backward()
     return sum(n for ptr, n in seen.items() if ptr not in params)
+
+
+class CommBytes:
+    """torch's CommDebugMode, which counts the collectives a region runs (DTensor's and FSDP2's alike), with the bytes
+    each rank sends in them by the ring count of `comm_bytes`: `bytes` after the region, by collective."""
+
+    def __init__(self):
+        from torch.distributed.tensor.debug import CommDebugMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Tally(CommDebugMode):
+            def __torch_dispatch__(mode, func, types, args=(), kwargs=None):
+                out = super().__torch_dispatch__(func, types, args, kwargs)
+                if out is not NotImplemented:
+                    self._add(func, args)
+                return out
+
+            # without CommDebugMode's per-module tracker: its hooks lose their place among FSDP2's on a second step
+            def __enter__(mode):
+                mode.comm_counts.clear()
+                mode.advanced_module_tracker.module_parents_dict[""] = []  # every collective counts at the top
+                return TorchDispatchMode.__enter__(mode)
+
+            def __exit__(mode, *exc):
+                return TorchDispatchMode.__exit__(mode, *exc)
+        self.mode, self.bytes = Tally(), {}
+
+    def _add(self, func, args) -> None:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+        name = func._overloadpacket.__name__.strip("_")
+        if name in ("all_gather_into_tensor", "allgather_base"):  # (input, n, group) / (output, input, group)
+            size, n = (args[0].nbytes * args[1], args[1]) if name.startswith("all_gather") else \
+                (args[0].nbytes, args[0].numel() // args[1].numel())
+        elif name in ("reduce_scatter_tensor", "reduce_scatter_base"):  # (input, op, n, group) / (output, input, ..)
+            size, n = (args[0].nbytes, args[2]) if name.startswith("reduce_scatter_tensor") else \
+                (args[1].nbytes, args[1].numel() // args[0].numel())
+        elif name in ("all_reduce", "allreduce"):  # (input, op, group name) / ([tensors], group, ...): 2 ring passes
+            group = _resolve_process_group(args[2]) if name == "all_reduce" else dist.ProcessGroup.unbox(args[1])
+            size, n = 2 * sum(t.nbytes for t in (args[0] if isinstance(args[0], list) else [args[0]])), group.size()
+        else:
+            return
+        self.bytes[name] = self.bytes.get(name, 0) + size * (n - 1) / n
+
+    def counts(self) -> dict:
+        return {str(k): v for k, v in self.mode.get_comm_counts().items()}
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
 
 
 def check() -> None:
@@ -294,6 +461,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--gpus", type=config.at_least(1), default=8)
     p.add_argument("--gpu", choices=list(GPUS), default="h100")
     p.add_argument("--check", action="store_true", help="compare the activation estimate with this CPU")
+    p.add_argument("--fit", action="store_true", help="name the smallest train.tp (then FSDP2, then activation "
+                                                      "checkpointing) whose plan fits the GPU")
     a = p.parse_intermixed_args(argv)
     if a.check:
         check()
@@ -303,7 +472,7 @@ def main(argv: list[str]) -> int:
         if cfg.model.vocab_size is None:
             cfg = replace(cfg, model=replace(cfg.model, vocab_size=50257))
             print("model.vocab_size is unset (it comes from the data): planning with 50257")
-        print_plan(cfg, a.gpus, a.gpu)
+        print_plan(cfg, a.gpus, a.gpu, a.fit)
     except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

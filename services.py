@@ -159,8 +159,8 @@ class TimeBudget:
 
     @classmethod
     def for_run(cls, t: config.TrainConfig, plan: config.Derived, t_start: float, step: int) -> "TimeBudget":
-        # an eval scores eval_batches micro-batches over all ranks; a step trains grad_accum on each
-        eval_steps = t.eval_batches / plan.world_size / (3 * plan.grad_accum)
+        # an eval scores eval_batches micro-batches over the data-parallel ranks; a step trains grad_accum on each
+        eval_steps = t.eval_batches / plan.dp / (3 * plan.grad_accum)
         # train.profile's traced steps run slower, and the step after them writes the trace: time the ones after
         traced = t.profile + diagnose.StepProfiler.SKIP - cls.WARMUP + 1 if t.profile else 0
         return cls(t.max_minutes, t_start, step + traced, t.eval_interval, eval_steps)
@@ -345,7 +345,7 @@ def run_state(run: config.Run, tokens: int, max_steps: int, skips: SkipCounter, 
     """What a checkpoint keeps beside the tensors (train_state.json): the config as it runs (max_steps as the time
     budget decided it), tokens seen, skipped steps, the loss scaler."""
     cfg = replace(run.cfg, train=replace(run.cfg.train, max_steps=max_steps))
-    state = {"tokens": tokens, "config": config.to_dict(cfg), "world_size": run.world_size,
+    state = {"tokens": tokens, "config": config.to_dict(cfg), "world_size": run.world_size, "tp": run.tp,
              "skipped_steps": skips.total}
     if scaler is not None:
         state["grad_scaler"] = scaler.state_dict()
@@ -415,6 +415,7 @@ def banner(run: config.Run, model: GPT, optimizer, scaler) -> str:
     return (f"model: {run.cfg.model.arch}, {model.num_params() / 1e6:.2f}M parameters "
             f"({model.num_params(embeddings=False) / 1e6:.2f}M without embeddings), "
             f"{model.flops_per_token() / 1e6:.1f} MFLOPs/token; device {run.device}, parallel {run.mode} x {world}"
+            + (f" (data parallel {run.dp} x tensor parallel {run.tp})" if run.tp > 1 else "")
             + (", activation checkpointing" if t.activation_checkpointing else "") + f", compile {t.compile}\n"
             + hardware.describe(run.precision) + (" (loss scaling: torch.amp.GradScaler)" if scaler else "") + "\n"
             + "kernels: " + run.ops.describe() + "\n" + opt)

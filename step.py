@@ -58,9 +58,7 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: conf
         loss_sum = loss_sum + loss.detach()
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
-    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = clip_grads(model, t.grad_clip)
     bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
     if mode != "none":  # a loss is per rank; every rank must skip alike (no host sync on NCCL)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -79,6 +77,14 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: conf
     if t.precision == "fp8" and mode == "fsdp":
         kernels.precompute_float8_scales(model)
     return loss_sum, grad_norm, bad
+
+
+def clip_grads(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Scale the gradients to a global norm of at most `max_norm` (0: no clipping); returns the norm before, a plain
+    tensor. Under FSDP2 (and tensor parallel) the gradients are DTensors and torch's norm is one over the whole mesh:
+    a sharded gradient counts each element once, a replicated one (a norm weight under tensor parallel) once."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def first_step(step, model: GPT, optimizer, run: config.Run, group) -> tuple[object, kernels.Ops]:

@@ -110,8 +110,9 @@ def main(argv: list[str]) -> int:
             if started != precision.name:
                 precision = hardware.Precision(started, f"as when the run started (here now: {precision.reason})")
         run = plan.resolve(cfg, model_cfg, device, precision, compiled, rank, world)
+        # the ranks of one tensor-parallel group read the same batches
         loader = TrainLoader(cfg.data.datasets, cfg.data.weights, model_cfg.block_size, run.cfg.train.micro_batch_size,
-                             run.grad_accum, t.seed, rank, world, model_cfg.vocab_size)
+                             run.grad_accum, t.seed, run.dp_rank, run.dp, model_cfg.vocab_size)
         return train(run, loader, resume_from)
     except (config.ConfigError, hardware.HardwareError, DataError, kernels.KernelError,
             checkpoint.CheckpointError) as e:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Multi-node training under SLURM: one torchrun per node, rendezvous on the first node (c10d).
-#   sbatch --nodes=4 scripts/slurm.sh configs/7b.yaml [section.key=value ...]
+#   sbatch --nodes=4 scripts/slurm.sh configs/7b.yaml [section.key=value ...]   (e.g. train.tp=8: TP in a node)
 # The global batch stays what the config says; gradient accumulation follows from the world size
 # (train.py prints the arithmetic). A requeued or resubmitted job resumes from train.out_dir/latest,
 # which must be on storage every node sees.
@@ -31,6 +31,21 @@ gpus_per_node=${SLURM_GPUS_ON_NODE:-8}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 # NCCL over InfiniBand/RoCE is picked automatically; set NCCL_SOCKET_IFNAME / NCCL_IB_HCA here if your
 # cluster needs them, and NCCL_DEBUG=WARN to see why a collective failed.
+
+# train.tp=N (tensor parallel) keeps each group of N ranks inside one node, over NVLink; FSDP2 spans the nodes.
+# The overrides reach train.py as given; a degree that does not divide a node's GPUs stops here, before srun.
+for arg in "$@"; do
+  case "$arg" in
+    train.tp=*)
+      tp=${arg#train.tp=}
+      if ! [ "$tp" -ge 1 ] 2>/dev/null || [ $((gpus_per_node % tp)) -ne 0 ]; then
+        echo "error: $arg: a tensor-parallel group must fit inside a node, so train.tp must divide the" \
+             "$gpus_per_node GPUs per node" >&2
+        exit 2
+      fi
+      echo "tensor parallel: groups of $tp GPUs inside each node, FSDP2 over $((SLURM_NNODES * gpus_per_node / tp)) groups" ;;
+  esac
+done
 
 requeue=0
 on_usr1() {

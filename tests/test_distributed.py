@@ -27,11 +27,12 @@ DIST = [*TINY, "train.micro_batch_size=2", "train.precision=fp32", "train.eval_i
         "train.keep_last=5"]
 
 
-def torchrun(*args, script="train.py", timeout=180, fault="") -> subprocess.CompletedProcess:
-    """Launch 2 ranks (of tests/faulty.py with `fault`); on a hang, kill torchrun and its workers together and fail."""
+def torchrun(*args, script="train.py", timeout=180, fault="", nproc=2) -> subprocess.CompletedProcess:
+    """Launch `nproc` ranks (of tests/faulty.py with `fault`); on a hang, kill torchrun and its workers together and
+    fail."""
     if fault:
         script = "tests/faulty.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True, env={**os.environ, "FAULT": fault})
     try:

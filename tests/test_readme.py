@@ -57,7 +57,7 @@ def test_each_launch_divides_its_batch_over_its_world_size(line, world, args):
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=50304))
     micro = plan.micro_batch(cfg, world, 80.0)  # auto: the largest micro batch an 80 GB GPU holds
     d = config.derive(cfg, world, micro)
-    assert d.micro_batch * d.grad_accum * world == cfg.train.batch_size, line
+    assert d.micro_batch * d.grad_accum * d.dp == cfg.train.batch_size, line  # dp = world / train.tp
 
 
 def test_an_explicit_micro_batch_that_cannot_divide_still_stops():
