@@ -11,7 +11,7 @@ import argparse
 import difflib
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Literal
 
 import torch
@@ -151,8 +151,22 @@ def at_least(low: float, kind=int):
     return parse
 
 
+def _keys(cls, prefix: str) -> list[str]:
+    """Every dotted key under a dataclass; a field that is itself a dataclass (model.moe) is a subsection."""
+    return [k for f in fields(cls) for k in (_keys(f.type, f"{prefix}.{f.name}") if is_dataclass(f.type)
+                                             else [f"{prefix}.{f.name}"])]
+
+
 def _all_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)]
+    return [k for s, cls in SECTIONS.items() for k in _keys(cls, s)]
+
+
+def _type_of(section: str, key: str):
+    """The annotation of `section.key` (key may be dotted into a subsection); str when there is no such key."""
+    tp = SECTIONS.get(section)
+    for part in key.split("."):
+        tp = {f.name: f.type for f in fields(tp)}.get(part) if is_dataclass(tp) else None
+    return tp or str
 
 
 def _suggest(key: str, options: list[str], prefix: str = "") -> str:
@@ -222,30 +236,49 @@ def _read_yaml(path: str) -> dict:
 
 
 def _set(tree: dict, sources: dict, section, key, value, source: str) -> None:
+    """Store `section.key` (key dotted into subsections: model.moe.top_k); a mapping given for a subsection sets
+    each of its keys. Unknown keys stop with the closest valid one."""
     if section not in SECTIONS:
         raise ConfigError(f"unknown section '{section}' ({source}){_suggest(section, list(SECTIONS))}"
                           f" (sections: {', '.join(SECTIONS)})")
-    names = [f.name for f in fields(SECTIONS[section])]
-    if key not in names:
-        elsewhere = [k for k in _all_keys() if k.endswith(f".{key}")]  # right key, wrong section
-        hint = _suggest(key, names, f"{section}.") if not elsewhere else f"; did you mean '{elsewhere[0]}'?"
-        raise ConfigError(f"unknown key '{section}.{key}' ({source}){hint}")
-    tree.setdefault(section, {})[key] = value
-    sources[f"{section}.{key}"] = source
+    cls, node, path, parts = SECTIONS[section], tree.setdefault(section, {}), section, key.split(".")
+    for i, part in enumerate(parts):
+        names = [f.name for f in fields(cls)] if is_dataclass(cls) else []
+        if part not in names:
+            wrong = f"{path}.{part}"
+            elsewhere = [k for k in _all_keys() if k.endswith(f".{part}")] if path == section else []
+            hint = f"; did you mean '{elsewhere[0]}'?" if elsewhere else _suggest(part, names, f"{path}.")
+            raise ConfigError(f"unknown key '{wrong}' ({source}){hint}")
+        path, tp = f"{path}.{part}", {f.name: f.type for f in fields(cls)}[part]
+        if i < len(parts) - 1:
+            cls, node = tp, node.setdefault(part, {})
+        elif is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path} ({source}) is a section: give its keys ({path}.KEY=VALUE or a mapping)")
+            for k, v in value.items():
+                _set(tree, sources, section, f"{key}.{k}", v, source)
+        else:
+            node[part] = value
+            sources[path] = source
+
+
+def _make(cls, values: dict, prefix: str, sources: dict):
+    """A dataclass from its (nested) dict of values, each checked against its annotation."""
+    made = {}
+    for f in fields(cls):
+        if f.name in values:
+            key = f"{prefix}.{f.name}"
+            if is_dataclass(f.type):
+                made[f.name] = _make(f.type, values[f.name] or {}, key, sources)
+            else:
+                made[f.name] = _coerce(values[f.name], f.type, f"{key} ({sources.get(key, 'config')})")
+    return cls(**made)
 
 
 def build(tree: dict, sources: dict | None = None) -> Config:
     """Nested dict -> validated Config; `sources` maps 'section.key' to where the value came from."""
     sources = sources or {}
-    sections = {}
-    for name, cls in SECTIONS.items():
-        values = {}
-        for f in fields(cls):
-            if f.name in tree.get(name, {}):
-                key = f"{name}.{f.name}"
-                values[f.name] = _coerce(tree[name][f.name], f.type, f"{key} ({sources.get(key, 'config')})")
-        sections[name] = cls(**values)
-    cfg = Config(**sections)
+    cfg = Config(**{name: _make(cls, tree.get(name, {}), name, sources) for name, cls in SECTIONS.items()})
     validate(cfg)
     return cfg
 
@@ -260,7 +293,7 @@ def load(args: list[str]) -> Config:
             if not key:
                 raise ConfigError(f"override '{arg}' must look like section.key=value")
             value = raw  # an unknown key stays as given, for _set to name it
-            tp = {f.name: f.type for f in fields(SECTIONS[section])}.get(key, str) if section in SECTIONS else str
+            tp = _type_of(section, key)
             if tp == str | None:  # strings stay verbatim (eval.prompt="def f(x):" is no YAML mapping)
                 value = None if raw in ("null", "~") else raw
             elif tp is not str:  # everything else is read as YAML (numbers, lists, null)
