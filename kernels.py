@@ -384,14 +384,14 @@ def float8_supported(device: torch.device) -> str | None:
 
 
 def convert_to_float8(model: torch.nn.Module, fsdp: bool) -> int:
-    """Swap the Linear layers of the transformer blocks (not the embedding, not lm_head) for torchao's float8
+    """Swap the Linear layers of the transformer blocks (not the embedding, lm_head or MoE routers) for torchao's float8
     training Linear (dynamic tensorwise scaling), FP8 all-gathers under FSDP2; returns how many were converted."""
     float8 = _import("torchao.float8")
     config = float8.Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp)
     converted = []
 
     def only_blocks(module, fqn):
-        ok = isinstance(module, torch.nn.Linear) and fqn.startswith("layers.") and \
+        ok = isinstance(module, torch.nn.Linear) and fqn.startswith("layers.") and not fqn.endswith("mlp.gate") and \
             module.in_features % 16 == 0 and module.out_features % 16 == 0  # FP8 GEMMs need multiples of 16
         if ok:
             converted.append(fqn)

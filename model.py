@@ -55,6 +55,10 @@ class GPTConfig:
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (as Qwen3, OLMo 2)
     moe: MoEConfig = field(default_factory=MoEConfig)  # Mixture-of-Experts MLPs; off by default
 
+    def __post_init__(self):
+        if isinstance(self.moe, dict):  # from a checkpoint's or asdict()'s nested dict
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
+
     @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
@@ -234,7 +238,7 @@ class MoE(nn.Module):
         self.experts.down_proj = nn.Parameter(torch.empty(E, d, h))
         if cfg.moe.shared_experts:
             self.shared_experts = MLP(cfg, cfg.moe.shared_experts * h)
-        self.load, self.aux_loss = None, None  # (E,) tokens per expert since the last update_bias; the balance loss
+        self.load = self.last_load = self.aux_loss = None  # (E,) tokens per expert: this step, the last; its loss
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, d) -> scores (N, E) FP32, the chosen experts (N, k) and their weights (N, k) FP32."""
@@ -347,9 +351,10 @@ class GPT(nn.Module):
         Linear weights and embeddings ~ N(0, init_std); the residual projections (`o_proj`, `down_proj`) use
         init_std / sqrt(2 * n_layer) so the residual stream's variance does not grow with depth (GPT-2);
         biases 0, norm weights 1. MoE: the router and each expert's matrices as the Linear ones (`experts.down_proj`
-        as a residual projection), the balancing biases 0. Each parameter's full value is drawn from its own generator seeded by
-        (seed, name), so the model is the same however it is sharded; `assign(param, full_value)` stores it
-        (a sharded trainer passes one that keeps only the local shard). A no-op on the meta device."""
+        as a residual projection), the balancing biases 0. Each parameter's full value is drawn from its own
+        generator seeded by (seed, name), so the model is the same however it is sharded; `assign(param,
+        full_value)` stores it (a sharded trainer passes one that keeps only the local shard). A no-op on the meta
+        device."""
         if self.cfg.tie_embeddings:  # (re)tie: to_empty() gives each module its own new parameter
             self.lm_head.weight = self.embed_tokens.weight
         if self.lm_head.weight.is_meta:

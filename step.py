@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import config
 import kernels
-from model import GPT
+from model import GPT, MoE
 from parallel import any_rank
 
 
@@ -49,7 +49,9 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: conf
     moves on, so a bad batch is not retried. With FP16's `scaler` the loss is scaled, the gradients unscaled
     before clipping, and the same flag is the scaler's found-inf: it backs off on exactly the skipped steps."""
     t, accum, mode = run.cfg.train, run.grad_accum, run.mode
-    loss_sum = 0.0
+    loss_sum, experts = 0.0, [m for m in model.modules() if isinstance(m, MoE)]
+    for m in experts:  # counts of a step that raised (a first step run again) do not carry over
+        m.load = None
     for micro, (x, y) in enumerate(batches):
         with sync_grads(train_model, mode, micro == accum - 1, t.fsdp_defer_sync):
             with run.precision.autocast(run.device):
@@ -75,10 +77,25 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: conf
         optimizer.step()
     if scaler is not None:
         scaler.update()
+    if experts:
+        balance_experts(experts, bad, mode)
     optimizer.zero_grad(set_to_none=True)
     if t.precision == "fp8" and mode == "fsdp":
         kernels.precompute_float8_scales(model)
     return loss_sum, grad_norm, bad
+
+
+def balance_experts(experts: list[MoE], bad: torch.Tensor, mode: str) -> None:
+    """After the optimizer step, not part of it: each MoE layer's tokens per expert over this step's micro-batches,
+    summed over the data-parallel ranks (one all-reduce for all layers), move its routing bias (MoE.update_bias),
+    the same on every rank; a skipped step (`bad`) leaves the biases as they were. The summed counts stay on each
+    layer as `last_load` for the log line."""
+    load = torch.stack([m.load for m in experts]).float()  # (layers, E)
+    if mode != "none":
+        dist.all_reduce(load)
+    for m, layer_load in zip(experts, load):
+        m.update_bias(layer_load, 1.0 - bad)
+        m.load, m.last_load = None, layer_load
 
 
 def first_step(step, model: GPT, optimizer, run: config.Run, group) -> tuple[object, kernels.Ops]:
