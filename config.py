@@ -86,6 +86,9 @@ class TrainConfig:
     # Scale-out (torchrun). auto: no wrap on one process; DDP while the model and its AdamW state take under
     # 40 % of a device's memory; FSDP2 otherwise.
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    # Expert parallel (model.moe): each rank keeps num_experts / ep whole experts, tokens go to them and back by
+    # all-to-all; with FSDP2 for the rest of the model (ep must equal the world size). 1: off
+    ep: int = 1
     reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (ZeRO-3); false: ZeRO-2
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # fsdp: dtype of gradient reduce-scatter
     fsdp_defer_sync: bool = False  # fsdp: reduce gradients only on the last micro-step (holds unsharded grads)
@@ -324,7 +327,8 @@ def validate(cfg: Config) -> None:
                 "train.micro_batch_size": 1 if t.micro_batch_size == "auto" else t.micro_batch_size,
                 "train.max_steps": t.max_steps, "train.keep_last": t.keep_last, "log.interval": cfg.log.interval,
                 "train.ckpt_interval": t.ckpt_interval, "train.eval_batches": t.eval_batches,
-                "train.dist_timeout_s": t.dist_timeout_s, "train.max_consecutive_skips": t.max_consecutive_skips}
+                "train.dist_timeout_s": t.dist_timeout_s, "train.max_consecutive_skips": t.max_consecutive_skips,
+                "train.ep": t.ep}
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{key} must be >= 1 (got {v})")
@@ -346,6 +350,10 @@ def validate(cfg: Config) -> None:
                           f"eval.limit > 0 (got {e.interval}, {e.max_new_tokens}, {e.num_fewshot}, {e.limit})")
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty")
+    experts = cfg.model.moe.num_experts
+    if t.ep > 1 and (not experts or experts % t.ep or t.parallel == "ddp"):
+        raise ConfigError(f"train.ep={t.ep} needs model.moe.num_experts a multiple of it (got {experts}) and "
+                          f"train.parallel fsdp or auto (got {t.parallel})")
     w = cfg.data.weights
     if w is not None and (len(w) != len(cfg.data.datasets) or min(w) < 0 or sum(w) <= 0):
         raise ConfigError(f"data.weights needs one non-negative weight per dataset ({len(cfg.data.datasets)}), "

@@ -216,6 +216,11 @@ class MLP(nn.Module):
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
+def swiglu_experts(grouped_mm, xs, gate_proj, up_proj, down_proj, counts):
+    """SwiGLU experts (E, out, in) weights on xs (M, d), its rows grouped by expert, counts (E,) rows each."""
+    return grouped_mm(F.silu(grouped_mm(xs, gate_proj, counts)) * grouped_mm(xs, up_proj, counts), down_proj, counts)
+
+
 class MoE(nn.Module):
     """Routed SwiGLU experts, dropless token choice, plus optional shared experts (Hugging Face Qwen3-MoE / GLM-4-MoE
     layout: `gate` the router, `experts.{gate,up,down}_proj` (E, out, in), `shared_experts` one MLP).
@@ -252,15 +257,13 @@ class MoE(nn.Module):
 
     def forward(self, x):
         B, T, d = x.shape
-        k, E, w = self.moe.top_k, self.moe.num_experts, self.experts
+        k, E = self.moe.top_k, self.moe.num_experts
         flat = x.reshape(-1, d)
         scores, chosen, weights = self.route(flat)
         slots = chosen.flatten()  # (N*k,) the expert of each (token, choice)
         counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, slots, torch.ones_like(slots))
         order = slots.argsort(stable=True)  # the (token, choice) slots grouped by expert
-        xs = flat[order // k]  # (N*k, d)
-        hs = F.silu(self.ops.grouped_mm(xs, w.gate_proj, counts)) * self.ops.grouped_mm(xs, w.up_proj, counts)
-        ys = self.ops.grouped_mm(hs, w.down_proj, counts)  # (N*k, d), in expert order
+        ys = self.run_experts(flat[order // k], counts)  # (N*k, d) in, (N*k, d) out, grouped by expert
         back = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
         y = (ys[back].view(-1, k, d) * weights.unsqueeze(-1).to(ys.dtype)).sum(dim=1).view(B, T, d)
         if self.moe.shared_experts:
@@ -273,6 +276,12 @@ class MoE(nn.Module):
                 probs = (scores / scores.sum(dim=-1, keepdim=True)).view(B, T, E).mean(dim=1)
                 self.aux_loss = self.moe.aux_loss_coef * (picked * E / (k * T) * probs).sum(dim=-1).mean()
         return y
+
+    def run_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Every expert's SwiGLU on its rows of xs (N*k, d), sorted by expert with counts (E,) rows each (expert
+        parallel replaces this on the instance: parallel.py)."""
+        w = self.experts
+        return swiglu_experts(self.ops.grouped_mm, xs, w.gate_proj, w.up_proj, w.down_proj, counts)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, keep: torch.Tensor) -> None:

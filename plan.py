@@ -139,6 +139,11 @@ def resolve(cfg: config.Config, model: GPTConfig, device: torch.device, precisio
     with torch.device("meta"):
         n = GPT(model).num_params()
     mode = parallel_mode(t.parallel, world, n, mem, device.type == "cuda")
+    if t.ep > 1:  # expert parallel runs beside FSDP2, over all ranks
+        if t.ep != world:
+            raise config.ConfigError(f"train.ep={t.ep} must equal the world size ({world}): the experts are sharded "
+                                     f"over every rank")
+        mode = "fsdp"
     return config.Run(cfg, device, precision, ops, mode, rank, config.derive(cfg, world))
 
 

@@ -1,9 +1,10 @@
 """Mixture of Experts (model.moe): the grouped GEMM against its per-expert loop, the layer against a per-token
 reference, active-parameter FLOPs, the KV cache, config keys, the balancing bias (and a skipped step leaving it),
-training with a bit-exact resume, DDP (AdamW) and FSDP2 (Muon on 3-D expert stacks) against one process, eval.py,
-and the Hugging Face exports (Qwen3-MoE, GLM-4-MoE) with their logits and the refusals.
+training with a bit-exact resume, DDP (AdamW) and expert parallel over 2 ranks (train.ep=2 with FSDP2; Muon on the
+local 3-D expert stacks) against one process, an ep=2 checkpoint resumed in one process, eval.py, and the Hugging
+Face exports (Qwen3-MoE, GLM-4-MoE) with their logits and the refusals.
 
-Tolerances: DDP and FSDP2 against one process as tests/test_distributed.py (1e-5 on losses of ~6 nats, FP32); the
+Tolerances: DDP and ep=2 against one process as tests/test_distributed.py (1e-5 on losses of ~9 nats, FP32); the
 token counts per expert, all-reduced over the ranks, agree exactly; exports to 1e-5 as the dense ones.
 """
 import json
@@ -94,6 +95,7 @@ def test_active_flops_kv_cache_config_and_the_bias_step():
     assert cfg.model.moe.num_experts == 8 and cfg.model.moe.router == "sigmoid"
     assert config.build(config.to_dict(cfg)).model == cfg.model  # as a checkpoint keeps it
     for args, words in [(["model.moe.num_expert=8"], "did you mean 'model.moe.num_experts'"),
+                        (["model.moe.num_experts=6", "train.ep=4"], "train.ep=4 needs model.moe.num_experts a"),
                         (["model.moe.num_experts=4", "model.moe.top_k=5"], "model.moe.top_k must be in [1"),
                         (["model.moe.router=relu"], "softmax, sigmoid"),
                         (["model.moe=3"], "model.moe (command line) is a section"),
@@ -136,20 +138,27 @@ def test_training_logs_balance_resumes_bit_exactly_and_evaluates(corpus, moe_run
     assert "bpb" in r.stdout or "bits" in r.stdout.lower()
 
 
-def test_ddp_and_fsdp_match_one_process(corpus, moe_run, tmp_path):
+def test_ddp_and_expert_parallel_match_one_process_and_reshard(corpus, moe_run, tmp_path):
     adamw = str(tmp_path / "adamw")
     assert train.main(train_args(corpus, adamw, *DIST, *MOE, "train.max_steps=4", "train.optimizer=adamw")) == 0
-    ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
+    ddp, ep = str(tmp_path / "ddp"), str(tmp_path / "ep")
     ok(torchrun(*train_args(corpus, ddp, *DIST, *MOE, "train.max_steps=4", "train.optimizer=adamw",
                             "train.parallel=ddp")))
-    ok(torchrun(*train_args(corpus, fsdp, *DIST, *MOE, "train.max_steps=6", "train.parallel=fsdp",
-                            "train.loss=chunked")))
-    for one, two, steps in [(adamw, ddp, 4), (moe_run, fsdp, 6)]:
+    # expert parallel: 2 experts per rank, tokens by all-to-all, FSDP2 for the rest, Muon on the local experts
+    ok(torchrun(*train_args(corpus, ep, *DIST, *MOE, "train.max_steps=6", "train.ep=2", "train.loss=chunked")))
+    for one, two, steps in [(adamw, ddp, 4), (moe_run, ep, 6)]:
         a, b = [r for r in rows(one) if "loss" in r], [r for r in rows(two) if "loss" in r]
         assert len(a) == len(b) == steps
         for x, y in zip(a, b):
             assert abs(x["loss"] - y["loss"]) < 1e-5, (x, y)
             assert x["moe_load"] == y["moe_load"]  # the counts of both ranks, all-reduced
+    # the ep=2 checkpoint (experts sharded over 2 ranks) resumes in one process
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(ep, "step_000003"), os.path.join(resumed, "step_000003"))
+    assert train.main(train_args(corpus, resumed, *DIST, *MOE, "train.max_steps=6")) == 0
+    a, b = [r for r in rows(resumed) if "loss" in r], [r for r in rows(moe_run) if "loss" in r][3:]
+    assert [r["step"] for r in a] == [4, 5, 6] and all(abs(x["loss"] - y["loss"]) < 1e-5 for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("kind, moe, qk_norm, cls", [
