@@ -18,7 +18,7 @@ import torch.distributed as dist
 import config
 import hardware
 import kernels
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, MoE
 
 GPUS = {name: (g.memory_gib, g.peak_tflops) for name, g in hardware.GPUS.items()}  # one table: hardware.py
 RESERVED_GIB = 3.0  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation
@@ -70,12 +70,16 @@ def loss_transient_bytes(cfg: GPTConfig, tokens: int, loss: str = "plain", preci
 def muon_cost(model: GPT, gpus: int) -> dict:
     """What train.optimizer=muon adds per step (optim.py): Newton-Schulz FLOPs (5 iterations of 4 m^2 n + 2 m^3
     for an m x n matrix, m <= n), dealt out over the GPUs, and the bytes each GPU moves for it in BF16 (FSDP2:
-    its shards out to the owners and back; DDP: the orthogonalised matrices it does not own, broadcast)."""
-    mats = [p.shape for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("layers.")]
-    flops = sum(5 * (4 * min(s) ** 2 * max(s) + 2 * min(s) ** 3) for s in mats)
-    numel = sum(s[0] * s[1] for s in mats)
-    return {"params": numel, "flops": flops, "flops_per_gpu": flops / gpus,
-            "fsdp_bytes": 2 * 2 * numel / gpus * (gpus - 1) / gpus, "ddp_bytes": 2 * numel * (gpus - 1) / gpus}
+    its shards out to the owners and back; DDP: the orthogonalised matrices it does not own, broadcast). MoE expert
+    stacks count as one matrix per expert, orthogonalised where their shards lie (FSDP2, ep), nothing moved."""
+    mats, experts = [], []
+    for n, p in model.named_parameters():
+        if p.ndim > 1 and n.startswith("layers.") and not n.endswith("mlp.gate.weight"):  # routers: AdamW
+            (mats if p.ndim == 2 else experts).extend([p.shape[-2:]] * (p.shape[0] if p.ndim == 3 else 1))
+    flops = sum(5 * (4 * min(s) ** 2 * max(s) + 2 * min(s) ** 3) for s in mats + experts)
+    moved = sum(s[0] * s[1] for s in mats)
+    return {"params": moved + sum(s[0] * s[1] for s in experts), "flops": flops, "flops_per_gpu": flops / gpus,
+            "fsdp_bytes": 2 * 2 * moved / gpus * (gpus - 1) / gpus, "ddp_bytes": 2 * moved * (gpus - 1) / gpus}
 
 
 def loss_kind(cfg: config.Config, gpus: int, mem_gib: float) -> str:
@@ -160,13 +164,20 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
     with torch.device("meta"):
         model = GPT(cfg.model)
     n = model.num_params()
-    block = sum(p.numel() for p in model.layers[0].parameters())
+    blocks = [sum(p.numel() for p in layer.parameters()) for layer in model.layers]
+    block = max(blocks)  # the largest (an MoE block holds all its experts)
+    root = n - sum(blocks)  # embeddings, head, final norm
+    experts = [sum(p.numel() for p in layer.mlp.experts.parameters()) if isinstance(layer.mlp, MoE) else 0
+               for layer in model.layers]
+    gathered = n  # what FSDP2 holds gathered when no block reshards after forward
+    if cfg.train.ep > 1:  # expert parallel: a rank's experts stay where they are, never gathered
+        block, gathered = block - max(experts), n - sum(experts)
     flops_tok = model.flops_per_token()
     t, m = cfg.train, cfg.model
     tokens = t.micro_batch_size * m.block_size
     bf16 = t.precision != "fp32"
     loss = loss_kind(cfg, gpus, mem_gib)
-    mode_of_run = parallel_mode(t.parallel, max(gpus, 2), n, mem_gib)  # one GPU is planned as DDP's replica
+    mode_of_run = "fsdp" if t.ep > 1 else parallel_mode(t.parallel, max(gpus, 2), n, mem_gib)  # 1 GPU: DDP's
     n_muon = muon_cost(model, gpus)["params"] if t.optimizer == "muon" else 0
     rows = []
     for mode, ac in (("ddp", False), ("fsdp", False), ("fsdp", True)):
@@ -176,9 +187,9 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
         if mode == "ddp":  # autocast's cached BF16 weight copies live through forward and backward
             working = 2 * n if bf16 else 0
         elif t.reshard_after_forward:  # gathered BF16 blocks (current + prefetched), their unsharded FP32
-            working = (2 if bf16 else 4) * (2 * block + n - block * m.n_layer) + 2 * 4 * block  # grads, the root
+            working = (2 if bf16 else 4) * (2 * block + root) + 2 * 4 * block  # their unsharded grads, the root
         else:  # every block stays gathered from its forward to its backward
-            working = (2 if bf16 else 4) * n + 2 * 4 * block
+            working = (2 if bf16 else 4) * gathered + 2 * 4 * block
         working += loss_transient_bytes(m, tokens, loss, t.precision)
         if n_muon:  # BF16 matrices in flight during Muon's step (received shards to orthogonalise; results)
             working += 2 * 2 * n_muon / gpus if mode == "fsdp" else 2 * n_muon
@@ -203,7 +214,11 @@ def print_plan(cfg: config.Config, gpus: int, gpu: str) -> None:
     with torch.device("meta"):
         model = GPT(cfg.model)
     f = model.flops_per_token()
-    print(f"{model.num_params() / 1e6:,.0f}M parameters, {f / 1e9:.2f} GFLOPs/token (PaLM: 6N + 12 L d T); "
+    experts, active = sum(p.numel() for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters()), ""
+    if experts:  # an MoE: the parameters a token uses, which the FLOPs count
+        ep = f", experts over ep={cfg.train.ep} ranks" if cfg.train.ep > 1 else ""
+        active = f" ({(model.num_params() - experts + model.active_expert_params()) / 1e6:,.0f}M active per token{ep})"
+    print(f"{model.num_params() / 1e6:,.0f}M parameters{active}, {f / 1e9:.2f} GFLOPs/token (PaLM: 6N + 12 L d T); "
           f"{gpus} x {gpu} ({mem_gib} GiB, {peak} BF16 TFLOP/s)")
     print(d.banner(cfg))
     print(f"per step: {f * d.batch_tokens / 1e15:.1f} PFLOP; per GPU at 40 % MFU: "
