@@ -78,7 +78,7 @@ def parallelize(model: GPT, run: config.Run) -> nn.Module:
         # RoPE table, which must stay FP32 (cast per block it lost precision and cost a copy each time)
         mp = MixedPrecisionPolicy(param_dtype=half, cast_forward_inputs=False,
                                   reduce_dtype=torch.bfloat16 if t.reduce_dtype == "bf16" else torch.float32)
-        mesh = init_device_mesh(device.type, (run.world_size,))
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         experts = expert_parallel(model, mesh) if t.ep > 1 else set()
         for block in model.layers:
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=t.reshard_after_forward,
