@@ -114,6 +114,21 @@ def test_active_flops_kv_cache_config_and_the_bias_step():
     assert torch.allclose(bias, torch.tensor([-1e-3, 1e-3, 1e-3, -1e-3]))
 
 
+def test_plan_counts_every_expert_and_keeps_them_local_under_ep():
+    import plan
+    base = config.load(["configs/1b.yaml", "model.vocab_size=50304", "model.moe.num_experts=16"])
+    ep = config.load(["configs/1b.yaml", "model.vocab_size=50304", "model.moe.num_experts=16", "train.ep=8"])
+    dense = config.load(["configs/1b.yaml", "model.vocab_size=50304"])
+    rows = {name: {r["mode"]: r for r in plan.plan(c, 8, "h100")} for name, c in
+            [("dense", dense), ("moe", base), ("ep", ep)]}
+    assert rows["moe"]["fsdp"]["params"] > 4 * rows["dense"]["fsdp"]["params"]  # all 16 experts are held
+    assert rows["ep"]["fsdp"]["params"] == rows["moe"]["fsdp"]["params"]
+    assert rows["ep"]["fsdp"]["working"] < rows["moe"]["fsdp"]["working"]  # experts are never gathered
+    assert rows["ep"]["fsdp"]["configured"]
+    # equal active FLOPs per token: the router's are all that is added
+    assert rows["moe"]["fsdp"]["step_tflops"] == pytest.approx(rows["dense"]["fsdp"]["step_tflops"], rel=1e-3)
+
+
 @pytest.fixture(scope="module")
 def moe_run(corpus, tmp_path_factory):
     """One process, Muon (3-D expert stacks), 6 steps with checkpoints at 3 and 6."""
