@@ -139,7 +139,8 @@ def model_config(hf: dict, block_size: int | None = None) -> GPTConfig:
                          intermediate_size=hf["intermediate_size"],
                          rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
                          norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=tie,
-                         mlp="relu2" if kind == "arcee" else None, qk_norm=kind in ("qwen3", "qwen3_moe") or hf.get("use_qk_norm", False), moe=moe)
+                         mlp="relu2" if kind == "arcee" else None, moe=moe,
+                         qk_norm=kind in ("qwen3", "qwen3_moe") or hf.get("use_qk_norm", False))
     if kind == "gpt2":
         return GPTConfig(arch="gpt2", vocab_size=hf["vocab_size"], block_size=block_size or hf["n_positions"],
                          n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],

@@ -140,8 +140,8 @@ class LogWindow:
         row = {"step": step, "loss": finite(loss), "lr": lr, "grad_norm": finite(norm), "tokens": tokens,
                "tokens_per_s": tok_s, "mfu": mfu, "mem_gb": memory_gb(self.device), "elapsed_s": elapsed,
                "skipped_steps": skipped, "data_wait_s": wait_s, "data_wait_frac": wait_s / step_s}
-        moe = self.expert_balance() if self.experts else ""
-        row.update(moe or {})
+        moe = self.expert_balance() if self.experts else {}
+        row.update(moe)
         print0(f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | {tok_s:,.0f} tok/s"
             + (f" | mfu {mfu:.1%}" if mfu else "")
             + (f" | experts max/mean {moe['moe_load_max']:.2f}, bias spread {moe['moe_bias_spread_max']:.4f}"
@@ -149,7 +149,6 @@ class LogWindow:
             + f" | data wait {wait_s / step_s:.1%} | mem {row['mem_gb']:.2f} GB | "
             f"eta {(max_steps - step) * step_s / 60:.1f} min", flush=True)
         return row
-
 
     def expert_balance(self) -> dict:
         """The MoE layers at the last step: tokens of the busiest expert over the mean (1.0 is perfect balance) and

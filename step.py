@@ -47,7 +47,8 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: conf
     (the mechanism GradScaler uses) makes it leave weights, moments and step count exactly as they were,
     decided on the device; other optimizers are not stepped, which costs one host read of the flag. The data
     moves on, so a bad batch is not retried. With FP16's `scaler` the loss is scaled, the gradients unscaled
-    before clipping, and the same flag is the scaler's found-inf: it backs off on exactly the skipped steps."""
+    before clipping, and the same flag is the scaler's found-inf: it backs off on exactly the skipped steps. An
+    MoE model's routing biases then take their balancing step (`balance_experts`), not on a skipped step."""
     t, accum, mode = run.cfg.train, run.grad_accum, run.mode
     loss_sum, experts = 0.0, [m for m in model.modules() if isinstance(m, MoE)]
     for m in experts:  # counts of a step that raised (a first step run again) do not carry over
