@@ -195,6 +195,10 @@ def test_exports_to_transformers_with_our_logits_and_imports_back(kind, moe, qk_
     idx = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ours(idx) - theirs.eval()(idx).logits).abs().max().item() < 1e-5
+    prompt = idx[:1, :8]  # greedy tokens with our KV cache = transformers' (padded ids never sampled by ours)
+    hf = theirs.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0,
+                         suppress_tokens=list(range(cfg.vocab_size, cfg.padded_vocab_size)))
+    assert ours.generate(prompt, 16, temperature=0).tolist() == hf.tolist()
     with open(tmp_path / "config.json") as f:
         assert export.model_config(json.load(f)) == replace(cfg, vocab_size=cfg.padded_vocab_size)
     back = build(cfg, "cpu", seed=4)
