@@ -105,8 +105,8 @@ class Muon(torch.optim.AdamW):
             local.add_(o, alpha=-g["lr"] * muon_scale(p.shape))
 
     def _orthogonalize(self, params: list[torch.Tensor], updates: list[torch.Tensor], dtype) -> list[torch.Tensor]:
-        """Orthogonalised updates, each the shape of its local update; each matrix computed by one rank. An FSDP2
-        shard of a 3-D expert stack (Shard(0): whole experts) is orthogonalised where it lies."""
+        """Orthogonalised updates, each the shape of its local update; each matrix computed by one rank. A sharded 3-D
+        expert stack (FSDP2's or expert parallel's Shard(0): whole experts) is orthogonalised where it lies."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         local = [world == 1 or (p.ndim == 3 and isinstance(p, DTensor)) for p in params]
         if all(local):
