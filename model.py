@@ -118,6 +118,9 @@ class GPTConfig:
                 raise ValueError(f"model.moe needs arch llama with the SwiGLU MLP (got {self.arch}, {self.mlp_kind})")
             if not 1 <= m.top_k <= m.num_experts:
                 raise ValueError(f"model.moe.top_k must be in [1, num_experts={m.num_experts}] (got {m.top_k})")
+            if m.top_k == 1 and m.renormalize:  # the one weight would always be 1: no gradient reaches the router
+                raise ValueError("model.moe.top_k=1 with model.moe.renormalize=true leaves the router untrained; "
+                                 "set model.moe.renormalize=false")
             if m.shared_experts < 0 or m.dense_layers < 0 or m.bias_update_rate < 0 or m.aux_loss_coef < 0:
                 raise ValueError("model.moe.shared_experts, dense_layers, bias_update_rate and aux_loss_coef must be "
                                  f">= 0 (got {m.shared_experts}, {m.dense_layers}, {m.bias_update_rate}, "
@@ -222,14 +225,12 @@ def swiglu_experts(grouped_mm, xs, gate_proj, up_proj, down_proj, counts):
 
 
 class MoE(nn.Module):
-    """Routed SwiGLU experts, dropless token choice, plus optional shared experts (Hugging Face Qwen3-MoE / GLM-4-MoE
-    layout: `gate` the router, `experts.{gate,up,down}_proj` (E, out, in), `shared_experts` one MLP).
-
-    Each token's scores (the FP32 softmax or sigmoid of the router's logits) plus `gate.e_score_correction_bias`
-    choose its top_k experts; its output is their outputs weighted by the scores without the bias (renormalised
-    over the k when asked). Tokens are sorted by expert and each expert matrix is one grouped GEMM over all of its
-    tokens, none dropped. In training the tokens per expert are summed into `load` for `update_bias` (the balance
-    of DeepSeek-V3, applied by the training step), and `aux_loss` holds the sequence-wise balance loss."""
+    """Routed SwiGLU experts, dropless token choice, and optional shared experts, in Hugging Face's Qwen3-MoE /
+    GLM-4-MoE layout: `gate` the router, `experts.{gate,up,down}_proj` (E, out, in), `shared_experts` one MLP.
+    A token's scores (FP32 softmax or sigmoid of the router's logits) plus `gate.e_score_correction_bias` choose its
+    top_k experts, whose outputs are weighted by the scores alone (renormalised over the k when asked). Tokens are
+    sorted by expert: one grouped GEMM per expert matrix. In training `load` sums the tokens per expert for
+    `update_bias` (DeepSeek-V3's balance, applied by the training step); `aux_loss` is the sequence-wise loss."""
     ops = kernels.REFERENCE
 
     def __init__(self, cfg: GPTConfig):
@@ -278,8 +279,7 @@ class MoE(nn.Module):
         return y
 
     def run_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Every expert's SwiGLU on its rows of xs (N*k, d), sorted by expert with counts (E,) rows each (expert
-        parallel replaces this on the instance: parallel.py)."""
+        """Each expert on its counts (E,) rows of xs (N*k, d) (expert parallel replaces this: parallel.py)."""
         w = self.experts
         return swiglu_experts(self.ops.grouped_mm, xs, w.gate_proj, w.up_proj, w.down_proj, counts)
 
@@ -287,9 +287,8 @@ class MoE(nn.Module):
     def update_bias(self, load: torch.Tensor, keep: torch.Tensor) -> None:
         """DeepSeek-V3's auxiliary-loss-free step: bias += rate * sign(mean load - load) * keep (`keep` 0.0 on a
         skipped step leaves it unchanged). `load` (E,) is this step's tokens per expert over all ranks."""
-        load = load.float()
-        step = self.moe.bias_update_rate * torch.sign(load.mean() - load) * keep
-        self.gate.e_score_correction_bias.add_(step.to(self.gate.e_score_correction_bias.dtype))
+        bias, load = self.gate.e_score_correction_bias, load.float()
+        bias.add_((self.moe.bias_update_rate * torch.sign(load.mean() - load) * keep).to(bias.dtype))
 
 
 class RMSNorm(nn.Module):

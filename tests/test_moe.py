@@ -98,6 +98,7 @@ def test_active_flops_kv_cache_config_and_the_bias_step():
                         (["model.moe.num_experts=6", "train.ep=4"], "train.ep=4 needs model.moe.num_experts a"),
                         (["model.moe.num_experts=4", "model.moe.top_k=5"], "model.moe.top_k must be in [1"),
                         (["model.moe.router=relu"], "softmax, sigmoid"),
+                        (["model.moe.num_experts=4", "model.moe.top_k=1"], "set model.moe.renormalize=false"),
                         (["model.moe=3"], "model.moe (command line) is a section"),
                         (["model.moe.num_experts=4", "model.moe.expert_size=20"], "multiples of 8"),
                         (["model.moe.num_experts=4", "model.arch=gpt2"], "model.moe needs arch llama")]:
