@@ -53,7 +53,7 @@ def naive_rms_norm(x, weight, eps):
 
 BASELINE = kernels.Ops(naive_attention, naive_rms_norm, kernels.torch_rope_qk, kernels.plain_loss,
                        names={"attention": "naive (full scores)", "rms_norm": "naive", "rope": "torch",
-                              "loss": "plain (full FP32 logits)"})
+                              "loss": "plain (full FP32 logits)", "grouped_mm": "loop"})
 
 
 def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None, baseline: bool,

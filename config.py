@@ -11,7 +11,7 @@ import argparse
 import difflib
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Literal
 
 import torch
@@ -98,6 +98,9 @@ class TrainConfig:
     # (attention heads, MLP width), the embedding and the head, over a (data parallel, tp) device mesh with FSDP2
     # across the groups (parallel.py); the ranks of one group see the same batch. 1: off. Keep a group inside a node
     tp: int = 1
+    # Expert parallel (model.moe): each rank keeps num_experts / ep whole experts, tokens go to them and back by
+    # all-to-all; with FSDP2 for the rest of the model (ep must equal the world size). 1: off
+    ep: int = 1
     reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (ZeRO-3); false: ZeRO-2
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # fsdp: dtype of gradient reduce-scatter
     fsdp_defer_sync: bool = False  # fsdp: reduce gradients only on the last micro-step (holds unsharded grads)
@@ -163,8 +166,22 @@ def at_least(low: float, kind=int):
     return parse
 
 
+def _keys(cls, prefix: str) -> list[str]:
+    """Every dotted key under a dataclass; a field that is itself a dataclass (model.moe) is a subsection."""
+    return [k for f in fields(cls) for k in (_keys(f.type, f"{prefix}.{f.name}") if is_dataclass(f.type)
+                                             else [f"{prefix}.{f.name}"])]
+
+
 def _all_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)]
+    return [k for s, cls in SECTIONS.items() for k in _keys(cls, s)]
+
+
+def _type_of(section: str, key: str):
+    """The annotation of `section.key` (key may be dotted into a subsection); str when there is no such key."""
+    tp = SECTIONS.get(section)
+    for part in key.split("."):
+        tp = {f.name: f.type for f in fields(tp)}.get(part) if is_dataclass(tp) else None
+    return tp or str
 
 
 def _suggest(key: str, options: list[str], prefix: str = "") -> str:
@@ -234,30 +251,49 @@ def _read_yaml(path: str) -> dict:
 
 
 def _set(tree: dict, sources: dict, section, key, value, source: str) -> None:
+    """Store `section.key` (key dotted into subsections: model.moe.top_k); a mapping given for a subsection sets
+    each of its keys. Unknown keys stop with the closest valid one."""
     if section not in SECTIONS:
         raise ConfigError(f"unknown section '{section}' ({source}){_suggest(section, list(SECTIONS))}"
                           f" (sections: {', '.join(SECTIONS)})")
-    names = [f.name for f in fields(SECTIONS[section])]
-    if key not in names:
-        elsewhere = [k for k in _all_keys() if k.endswith(f".{key}")]  # right key, wrong section
-        hint = _suggest(key, names, f"{section}.") if not elsewhere else f"; did you mean '{elsewhere[0]}'?"
-        raise ConfigError(f"unknown key '{section}.{key}' ({source}){hint}")
-    tree.setdefault(section, {})[key] = value
-    sources[f"{section}.{key}"] = source
+    cls, node, path, parts = SECTIONS[section], tree.setdefault(section, {}), section, key.split(".")
+    for i, part in enumerate(parts):
+        names = [f.name for f in fields(cls)] if is_dataclass(cls) else []
+        if part not in names:
+            wrong = f"{path}.{part}"
+            elsewhere = [k for k in _all_keys() if k.endswith(f".{part}")] if path == section else []
+            hint = f"; did you mean '{elsewhere[0]}'?" if elsewhere else _suggest(part, names, f"{path}.")
+            raise ConfigError(f"unknown key '{wrong}' ({source}){hint}")
+        path, tp = f"{path}.{part}", {f.name: f.type for f in fields(cls)}[part]
+        if i < len(parts) - 1:
+            cls, node = tp, node.setdefault(part, {})
+        elif is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path} ({source}) is a section: give its keys ({path}.KEY=VALUE or a mapping)")
+            for k, v in value.items():
+                _set(tree, sources, section, f"{key}.{k}", v, source)
+        else:
+            node[part] = value
+            sources[path] = source
+
+
+def _make(cls, values: dict, prefix: str, sources: dict):
+    """A dataclass from its (nested) dict of values, each checked against its annotation."""
+    made = {}
+    for f in fields(cls):
+        if f.name in values:
+            key = f"{prefix}.{f.name}"
+            if is_dataclass(f.type):
+                made[f.name] = _make(f.type, values[f.name] or {}, key, sources)
+            else:
+                made[f.name] = _coerce(values[f.name], f.type, f"{key} ({sources.get(key, 'config')})")
+    return cls(**made)
 
 
 def build(tree: dict, sources: dict | None = None) -> Config:
     """Nested dict -> validated Config; `sources` maps 'section.key' to where the value came from."""
     sources = sources or {}
-    sections = {}
-    for name, cls in SECTIONS.items():
-        values = {}
-        for f in fields(cls):
-            if f.name in tree.get(name, {}):
-                key = f"{name}.{f.name}"
-                values[f.name] = _coerce(tree[name][f.name], f.type, f"{key} ({sources.get(key, 'config')})")
-        sections[name] = cls(**values)
-    cfg = Config(**sections)
+    cfg = Config(**{name: _make(cls, tree.get(name, {}), name, sources) for name, cls in SECTIONS.items()})
     validate(cfg)
     return cfg
 
@@ -272,7 +308,7 @@ def load(args: list[str]) -> Config:
             if not key:
                 raise ConfigError(f"override '{arg}' must look like section.key=value")
             value = raw  # an unknown key stays as given, for _set to name it
-            tp = {f.name: f.type for f in fields(SECTIONS[section])}.get(key, str) if section in SECTIONS else str
+            tp = _type_of(section, key)
             if tp == str | None:  # strings stay verbatim (eval.prompt="def f(x):" is no YAML mapping)
                 value = None if raw in ("null", "~") else raw
             elif tp is not str:  # everything else is read as YAML (numbers, lists, null)
@@ -304,7 +340,7 @@ def validate(cfg: Config) -> None:
                 "train.max_steps": t.max_steps, "train.keep_last": t.keep_last, "log.interval": cfg.log.interval,
                 "train.ckpt_interval": t.ckpt_interval, "train.eval_batches": t.eval_batches,
                 "train.dist_timeout_s": t.dist_timeout_s, "train.max_consecutive_skips": t.max_consecutive_skips,
-                "train.tp": t.tp}
+                "train.tp": t.tp, "train.ep": t.ep}
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{key} must be >= 1 (got {v})")
@@ -338,6 +374,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError("train.lora with train.precision=fp8: the frozen base is not converted to FP8; use bf16")
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty")
+    experts = cfg.model.moe.num_experts
+    if t.ep > 1 and (not experts or experts % t.ep or t.parallel == "ddp"):
+        raise ConfigError(f"train.ep={t.ep} needs model.moe.num_experts a multiple of it (got {experts}) and "
+                          f"train.parallel fsdp or auto (got {t.parallel})")
     w = cfg.data.weights
     if w is not None and (len(w) != len(cfg.data.datasets) or min(w) < 0 or sum(w) <= 0):
         raise ConfigError(f"data.weights needs one non-negative weight per dataset ({len(cfg.data.datasets)}), "
@@ -374,6 +414,9 @@ def check_tp(cfg: Config, tp: int | None = None) -> None:
     if cfg.eval.interval:
         raise ConfigError(f"eval.interval={cfg.eval.interval} (lm-eval tasks and samples while training) does not "
                           f"run under train.tp={tp}; set eval.interval=0 and evaluate the checkpoints with eval.py")
+    if m.moe.num_experts:
+        raise ConfigError(f"model.moe with train.tp={tp}: the tensor-parallel plan does not split MoE layers; shard "
+                          f"the experts with train.ep instead")
     if t.lora:
         raise ConfigError(f"train.lora with train.tp={tp}: the adapters are not split by the tensor-parallel plan; "
                           f"train LoRA under DDP or FSDP2 (train.tp=1), where the frozen base is sharded")

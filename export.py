@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, MoEConfig
 
 LLAMA_HF_KEYS = ("model.", "lm_head.weight")  # every Llama key: ours with a "model." prefix, except the head
 GPT2_LAYER = {  # ours (inside layers.N.) -> HF GPT-2 (inside transformer.h.N.); c_attn is handled apart
@@ -38,7 +38,9 @@ def hf_config(cfg: GPTConfig, eot_id: int | None = None, bos_id: int | None = No
     exportable(cfg)
     if cfg.arch == "llama":
         kind = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "mlp_bias": False, "hidden_act": "silu"}
-        if cfg.qk_norm:
+        if cfg.moe.num_experts:
+            kind = moe_config(cfg)
+        elif cfg.qk_norm:
             kind = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
                     "hidden_act": "silu"}
         elif cfg.mlp_kind == "relu2":
@@ -58,10 +60,27 @@ def hf_config(cfg: GPTConfig, eot_id: int | None = None, bos_id: int | None = No
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common}
 
 
+def moe_config(cfg: GPTConfig) -> dict:
+    """The MoE part of config.json: Qwen3-MoE for a softmax router without shared experts (QK-norm always), GLM-4-MoE
+    for DeepSeek's sigmoid router with a score-correction bias and shared experts (exportable checks which)."""
+    m = cfg.moe
+    common = {"num_experts_per_tok": m.top_k, "norm_topk_prob": m.renormalize, "moe_intermediate_size": cfg.expert_size,
+              "hidden_act": "silu"}
+    if m.router == "softmax":
+        return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": m.num_experts,
+                "decoder_sparse_step": 1, "mlp_only_layers": list(range(m.dense_layers)), "use_sliding_window": False,
+                "output_router_logits": False, **common}
+    return {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "n_routed_experts": m.num_experts,
+            "n_shared_experts": m.shared_experts, "first_k_dense_replace": m.dense_layers, "n_group": 1,
+            "topk_group": 1, "routed_scaling_factor": 1.0, "use_qk_norm": cfg.qk_norm, "partial_rotary_factor": 1.0,
+            **common}
+
+
 def exportable(cfg: GPTConfig) -> None:
     """Raise ValueError naming the flag when no transformers class computes what the model does. The options map
     to classes that have them: a ReLU^2 MLP -> Arcee (Llama with a non-gated up/down ReLU^2 MLP); QK-norm -> Qwen3
-    (RMSNorm per head on queries and keys, before RoPE, as ours); an untied head -> tie_word_embeddings false."""
+    (RMSNorm per head on queries and keys, before RoPE, as ours); an untied head -> tie_word_embeddings false;
+    MoE: see `moe_config`."""
     allowed = {"gpt2": ("gelu",), "llama": ("swiglu",) if cfg.qk_norm else ("swiglu", "relu2")}[cfg.arch]
     if cfg.mlp_kind not in allowed:
         what = {"gpt2": "GPT-2", "llama": "Qwen3 (QK-norm)" if cfg.qk_norm else "Llama/Arcee"}[cfg.arch]
@@ -69,13 +88,43 @@ def exportable(cfg: GPTConfig) -> None:
                          f"model.mlp={' or '.join(allowed)}")
     if cfg.qk_norm and cfg.arch == "gpt2":
         raise ValueError("model.qk_norm with arch gpt2: transformers' GPT-2 has no QK-norm (llama maps to Qwen3)")
+    m = cfg.moe
+    if not m.num_experts:
+        return
+    if m.router == "softmax" and (m.shared_experts or m.bias_update_rate or not cfg.qk_norm):
+        raise ValueError(
+            "a softmax router exports as Qwen3-MoE, which has QK-norm, no shared experts and no score-correction bias; "
+            f"export needs model.qk_norm=true, model.moe.shared_experts=0 and model.moe.bias_update_rate=0 (got "
+            f"{cfg.qk_norm}, {m.shared_experts}, {m.bias_update_rate}), or model.moe.router=sigmoid (GLM-4-MoE)")
+    if m.router == "sigmoid" and not m.shared_experts:
+        raise ValueError("a sigmoid router exports as GLM-4-MoE, which always has shared experts; export needs "
+                         "model.moe.shared_experts >= 1")
 
 
 def model_config(hf: dict, block_size: int | None = None) -> GPTConfig:
-    """A transformers `config.json` (Llama or GPT-2) -> GPTConfig; `block_size` defaults to its maximum length."""
+    """A transformers `config.json` (Llama, Qwen3, Arcee, Qwen3-MoE, GLM-4-MoE or GPT-2) -> GPTConfig; `block_size`
+    defaults to its maximum length."""
     kind = hf.get("model_type")
     tie = hf.get("tie_word_embeddings", kind == "gpt2")
-    if kind in ("llama", "qwen3", "arcee"):
+    moe = MoEConfig()
+    if kind == "qwen3_moe":
+        if hf.get("decoder_sparse_step", 1) != 1:
+            raise ValueError("Qwen3-MoE with decoder_sparse_step != 1 cannot be imported (MoE layers after the dense)")
+        dense = hf.get("mlp_only_layers") or []
+        if dense != list(range(len(dense))):
+            raise ValueError(f"Qwen3-MoE mlp_only_layers {dense}: only the first layers may be dense")
+        moe = MoEConfig(num_experts=hf["num_experts"], top_k=hf["num_experts_per_tok"], dense_layers=len(dense),
+                        expert_size=hf["moe_intermediate_size"], renormalize=hf.get("norm_topk_prob", False),
+                        bias_update_rate=0.0)
+    elif kind == "glm4_moe":
+        rope = hf.get("rope_parameters") or {}
+        if hf.get("n_group", 1) != 1 or hf.get("routed_scaling_factor", 1.0) != 1.0 or \
+                rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)) != 1.0:
+            raise ValueError("GLM-4-MoE imports with n_group 1, routed_scaling_factor 1 and partial_rotary_factor 1")
+        moe = MoEConfig(num_experts=hf["n_routed_experts"], top_k=hf["num_experts_per_tok"], router="sigmoid",
+                        shared_experts=hf.get("n_shared_experts", 1), expert_size=hf["moe_intermediate_size"],
+                        dense_layers=hf.get("first_k_dense_replace", 1), renormalize=hf.get("norm_topk_prob", True))
+    if kind in ("llama", "qwen3", "arcee", "qwen3_moe", "glm4_moe"):
         act = {"arcee": "relu2"}.get(kind, "silu")
         if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", act) != act:
             raise ValueError(f"only bias-free {kind} models with hidden_act {act} can be imported")
@@ -90,15 +139,15 @@ def model_config(hf: dict, block_size: int | None = None) -> GPTConfig:
                          n_head=n_head, n_kv_head=hf.get("num_key_value_heads", n_head), n_embd=n_embd,
                          intermediate_size=hf["intermediate_size"],
                          rope_theta=float(rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0),
-                         rope_scaling=rope or None,
-                         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=tie, qk_norm=kind == "qwen3",
-                         mlp="relu2" if kind == "arcee" else None)
+                         rope_scaling=rope or None, norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=tie,
+                         mlp="relu2" if kind == "arcee" else None, moe=moe,
+                         qk_norm=kind in ("qwen3", "qwen3_moe") or hf.get("use_qk_norm", False))
     if kind == "gpt2":
         return GPTConfig(arch="gpt2", vocab_size=hf["vocab_size"], block_size=block_size or hf["n_positions"],
                          n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                          intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
                          norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=tie)
-    raise ValueError(f"model_type {kind!r} cannot be imported (llama, qwen3, arcee or gpt2)")
+    raise ValueError(f"model_type {kind!r} cannot be imported (llama, qwen3, arcee, qwen3_moe, glm4_moe or gpt2)")
 
 
 def rope_scaling(hf: dict) -> dict:
@@ -171,6 +220,11 @@ def to_hf(model: GPT) -> dict[str, torch.Tensor]:
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight")  # transformers re-ties it from the embedding
     if cfg.arch == "llama":
+        for k in [k for k in sd if k.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj"))]:
+            stack, (prefix, name) = sd.pop(k), k.rsplit(".", 1)  # (E, out, in) -> one Linear weight per expert,
+            sd.update({f"{prefix}.{e}.{name}.weight": w for e, w in enumerate(stack)})  # as save_pretrained writes
+        if cfg.moe.router == "softmax":  # Qwen3-MoE: no bias (exportable: bias_update_rate 0, so it is all zeros)
+            sd = {k: v for k, v in sd.items() if not k.endswith("e_score_correction_bias")}
         return {k if k == "lm_head.weight" else f"model.{k}": v.contiguous() for k, v in sd.items()}
     out = {}
     for k, v in sd.items():
@@ -194,7 +248,23 @@ def to_hf(model: GPT) -> dict[str, torch.Tensor]:
 def from_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """transformers' state dict -> our names and layouts (the inverse of `to_hf`)."""
     if cfg.arch == "llama":
-        out = {k.removeprefix("model."): v for k, v in sd.items() if k.startswith(LLAMA_HF_KEYS)}
+        out, experts = {}, {}
+        for k, v in sd.items():
+            if not k.startswith(LLAMA_HF_KEYS):
+                continue
+            k = k.removeprefix("model.")
+            if ".mlp.experts." in k:  # per-expert Linear weights (experts.E.gate_proj.weight) or fused stacks
+                prefix, rest = k.split(".mlp.experts.")
+                if rest == "gate_up_proj":  # transformers' in-memory layout: (E, 2 * I, d), gate first
+                    out[f"{prefix}.mlp.experts.gate_proj"], out[f"{prefix}.mlp.experts.up_proj"] = v.chunk(2, dim=1)
+                elif rest == "down_proj":
+                    out[f"{prefix}.mlp.experts.down_proj"] = v
+                else:
+                    e, name, _ = rest.split(".")
+                    experts.setdefault(f"{prefix}.mlp.experts.{name}", {})[int(e)] = v
+            else:
+                out[k] = v
+        out.update({k: torch.stack([d[e] for e in sorted(d)]) for k, d in experts.items()})
     else:
         back, back_layer = {v: k for k, v in GPT2_TOP.items()}, {v: k for k, v in GPT2_LAYER.items()}
         out = {}
@@ -247,7 +317,10 @@ def load_weights(model: GPT, path: str, assign=None) -> None:
     _, sd = read_hf(path)
     ours, assign = from_hf(sd, model.cfg), assign or (lambda p, value: p.copy_(value))
     params = {n: p for n, p in model.named_parameters() if ".lora_" not in n}  # LoRA adapters start apart
+    biases = {k: b for k, b in model.named_buffers() if k.endswith("e_score_correction_bias")}  # optional
     missing = sorted(set(params) - set(ours) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set()))
+    for name in set(ours) & set(biases):
+        biases[name].copy_(ours.pop(name))
     extra = sorted(set(ours) - set(params))
     if missing or extra:
         raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")

@@ -4,6 +4,8 @@
     torch:     SDPA             F.rms_norm       rotate-half      compiled plain, or chunked (see below)
     flash:     flash-attn 3/2   flash-attn       flash-attn       as torch
     liger:     SDPA             liger-kernel     liger-kernel     liger fused linear + cross-entropy
+    grouped_mm (the MoE experts' matmuls): F.grouped_mm where torch has it for the device (CPUs; CUDA in BF16 from
+               compute capability 8.0), else the per-expert loop that is its reference
     auto:      FlashAttention-3 where installed (CUDA, BF16/FP16), else torch; never liger (see configure);
                on CPUs: attention as explicit matmuls in BF16/FP16 up to T=1024 (SDPA's CPU flash kernel is
                slower there; in FP32 it wins)
@@ -221,6 +223,45 @@ def _compiled_plain_loss():
     return torch.compile(plain_loss)  # on first use: torch.compile imports inductor, which takes a while
 
 
+def loop_grouped_mm(x, w, counts):
+    """The reference grouped GEMM: x (M, K) with its rows sorted by group, w (G, N, K) one (out, in) matrix per
+    group as nn.Linear stores it, counts (G,) rows per group (summing to M) -> (M, N), each group's rows @ w[g].T.
+    One matmul per group and a host read of `counts`."""
+    return torch.cat([xg @ w[g].t() for g, xg in enumerate(x.split(counts.tolist()))])
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands on a contiguous gradient: grouped_mm's backward refuses the zero-stride
+    gradients that an expanded upstream gradient (a `.sum()`) gives."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def torch_grouped_mm(x, w, counts):
+    """`loop_grouped_mm` as one torch grouped GEMM (F.grouped_mm; no host sync), in autocast's dtype when it is on.
+    Strides must be 16-byte aligned: K and N multiples of 8 (model.py checks the MoE widths)."""
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    offs = counts.cumsum(0).to(torch.int32)
+    return _ContiguousGrad.apply(F.grouped_mm(x.to(dtype), w.to(dtype).transpose(-2, -1), offs=offs))
+
+
+def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped GEMM runs here: CPUs from torch 2.11; CUDA in BF16 from compute capability 8.0."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.is_available() and \
+            torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu"
+
+
 # ----------------------------------------------------------------------------- optional backends
 
 def _flash_attention(mod):
@@ -293,8 +334,9 @@ class Ops:
     rms_norm: Callable
     rope: Callable
     loss: Callable
+    grouped_mm: Callable = loop_grouped_mm  # the MoE experts' matmuls
     names: dict = field(default_factory=lambda: {"attention": "torch", "rms_norm": "torch", "rope": "torch",
-                                                  "loss": "chunked"})
+                                                  "loss": "chunked", "grouped_mm": "loop"})
     fallback: "Ops | None" = None
 
     def describe(self) -> str:
@@ -339,6 +381,8 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
     device = torch.device(device)
     cuda, half = device.type == "cuda", dtype in (torch.bfloat16, torch.float16)
     chosen, names = {op: getattr(REFERENCE, op) for op in REFERENCE.names}, dict(REFERENCE.names)
+    if grouped_mm_runs(device, dtype):  # torch's own kernel: the fallback keeps it too
+        chosen["grouped_mm"], names["grouped_mm"] = torch_grouped_mm, "torch grouped_mm"
     if device.type == "cpu":
         chosen["loss"], names["loss"] = cpu_chunked_loss, "chunked (cache-sized)"
         if half and kernels in ("auto", "torch"):  # explicit score matrices at short context (see matmul_attention)
@@ -403,14 +447,14 @@ def float8_supported(device: torch.device) -> str | None:
 
 
 def convert_to_float8(model: torch.nn.Module, fsdp: bool) -> int:
-    """Swap the Linear layers of the transformer blocks (not the embedding, not lm_head) for torchao's float8
+    """Swap the Linear layers of the transformer blocks (not the embedding, lm_head or MoE routers) for torchao's float8
     training Linear (dynamic tensorwise scaling), FP8 all-gathers under FSDP2; returns how many were converted."""
     float8 = _import("torchao.float8")
     config = float8.Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp)
     converted = []
 
     def only_blocks(module, fqn):
-        ok = isinstance(module, torch.nn.Linear) and fqn.startswith("layers.") and \
+        ok = isinstance(module, torch.nn.Linear) and fqn.startswith("layers.") and not fqn.endswith("mlp.gate") and \
             module.in_features % 16 == 0 and module.out_features % 16 == 0  # FP8 GEMMs need multiples of 16
         if ok:
             converted.append(fqn)

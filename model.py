@@ -7,7 +7,7 @@ Module names follow Hugging Face Llama (`embed_tokens`, `layers.N.self_attn.q_pr
 """
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -15,6 +15,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-Experts MLPs (`model.moe.*`; README, "Mixture of Experts"): dropless token-choice routing."""
+    num_experts: int = 0  # routed experts per MoE layer; 0: a dense model (every other key is ignored)
+    top_k: int = 2  # experts each token is sent to
+    shared_experts: int = 0  # experts every token goes through (one SwiGLU MLP of shared_experts x expert_size)
+    # hidden width of one expert; None: ffn_dim / (top_k + shared_experts) rounded to a multiple of 8, so that the
+    # FLOPs per token equal the dense model's (the grouped GEMM on CPUs needs multiples of 8)
+    expert_size: int | None = None
+    router: Literal["softmax", "sigmoid"] = "softmax"  # expert scores from the router's logits
+    renormalize: bool = True  # divide each token's top-k weights by their sum
+    dense_layers: int = 0  # the first N layers keep the dense MLP (DeepSeek's first_k_dense_replace)
+    # DeepSeek-V3's auxiliary-loss-free balance: after each step every expert's bias (used to choose experts,
+    # never to weight them) moves by this much towards the mean load (token counts over all data-parallel ranks)
+    bias_update_rate: float = 1e-3
+    aux_loss_coef: float = 0.0  # DeepSeek-V3's sequence-wise balance loss added to the training loss; 0: off
 
 
 @dataclass(frozen=True)
@@ -40,6 +58,11 @@ class GPTConfig:
     # original_max_position_embeddings} or {rope_type: yarn, factor, original_max_position_embeddings, and optional
     # beta_fast, beta_slow, attention_factor, mscale, mscale_all_dim, truncate}. None: plain RoPE
     rope_scaling: dict | None = None
+    moe: MoEConfig = field(default_factory=MoEConfig)  # Mixture-of-Experts MLPs; off by default
+
+    def __post_init__(self):
+        if isinstance(self.moe, dict):  # from a checkpoint's or asdict()'s nested dict
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
 
     @property
     def kv_heads(self) -> int:
@@ -64,6 +87,15 @@ class GPTConfig:
         return 128 * math.ceil(8 * self.n_embd / 3 / 128)
 
     @property
+    def expert_size(self) -> int:
+        """Hidden width of one expert (model.moe.expert_size, else the dense FLOPs per token kept)."""
+        m = self.moe
+        return m.expert_size or max(8, 8 * round(self.ffn_dim / (m.top_k + m.shared_experts) / 8))
+
+    def is_moe(self, layer: int) -> bool:
+        return self.moe.num_experts > 0 and layer >= self.moe.dense_layers
+
+    @property
     def padded_vocab_size(self) -> int:
         """Vocab rounded up to a multiple of 128 (tensor-core friendly); ids past vocab_size are never sampled."""
         return 128 * math.ceil(self.vocab_size / 128)
@@ -85,6 +117,24 @@ class GPTConfig:
             raise ValueError(f"model.dropout must be in [0, 1) (got {self.dropout})")
         if self.rope_scaling is not None:
             check_rope_scaling(self.rope_scaling, self.arch)
+        m = self.moe
+        if m.num_experts < 0:
+            raise ValueError(f"model.moe.num_experts must be >= 0 (got {m.num_experts})")
+        if m.num_experts:
+            if self.arch != "llama" or self.mlp_kind != "swiglu":
+                raise ValueError(f"model.moe needs arch llama with the SwiGLU MLP (got {self.arch}, {self.mlp_kind})")
+            if not 1 <= m.top_k <= m.num_experts:
+                raise ValueError(f"model.moe.top_k must be in [1, num_experts={m.num_experts}] (got {m.top_k})")
+            if m.top_k == 1 and m.renormalize:  # the one weight would always be 1: no gradient reaches the router
+                raise ValueError("model.moe.top_k=1 with model.moe.renormalize=true leaves the router untrained; "
+                                 "set model.moe.renormalize=false")
+            if m.shared_experts < 0 or m.dense_layers < 0 or m.bias_update_rate < 0 or m.aux_loss_coef < 0:
+                raise ValueError("model.moe.shared_experts, dense_layers, bias_update_rate and aux_loss_coef must be "
+                                 f">= 0 (got {m.shared_experts}, {m.dense_layers}, {m.bias_update_rate}, "
+                                 f"{m.aux_loss_coef})")
+            if self.expert_size % 8 or self.n_embd % 8:
+                raise ValueError(f"model.moe.expert_size ({self.expert_size}) and model.n_embd ({self.n_embd}) must "
+                                 f"be multiples of 8 (the grouped GEMM's 16-byte aligned strides)")
 
 
 ROPE_SCALING_KEYS = {  # rope_type -> (required, optional) keys, as transformers' Llama-family configs take them
@@ -234,14 +284,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, width: int | None = None):
         super().__init__()
-        self.kind = cfg.mlp_kind
+        self.kind, width = cfg.mlp_kind, width or cfg.ffn_dim
         bias = cfg.arch == "gpt2"
         if self.kind == "swiglu":
-            self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=bias)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=bias)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=bias)
+            self.gate_proj = nn.Linear(cfg.n_embd, width, bias=bias)
+        self.up_proj = nn.Linear(cfg.n_embd, width, bias=bias)
+        self.down_proj = nn.Linear(width, cfg.n_embd, bias=bias)
 
     def forward(self, x):
         if self.kind == "swiglu":
@@ -249,6 +299,78 @@ class MLP(nn.Module):
         if self.kind == "relu2":  # squared ReLU (So et al. 2021, "Primer"; modded-nanogpt)
             return self.down_proj(F.relu(self.up_proj(x)).square())
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+def swiglu_experts(grouped_mm, xs, gate_proj, up_proj, down_proj, counts):
+    """SwiGLU experts (E, out, in) weights on xs (M, d), its rows grouped by expert, counts (E,) rows each."""
+    return grouped_mm(F.silu(grouped_mm(xs, gate_proj, counts)) * grouped_mm(xs, up_proj, counts), down_proj, counts)
+
+
+class MoE(nn.Module):
+    """Routed SwiGLU experts, dropless token choice, and optional shared experts, in Hugging Face's Qwen3-MoE /
+    GLM-4-MoE layout: `gate` the router, `experts.{gate,up,down}_proj` (E, out, in), `shared_experts` one MLP.
+    A token's scores (FP32 softmax or sigmoid of the router's logits) plus `gate.e_score_correction_bias` choose its
+    top_k experts, whose outputs are weighted by the scores alone (renormalised over the k when asked). Tokens are
+    sorted by expert: one grouped GEMM per expert matrix. In training `load` sums the tokens per expert for
+    `update_bias` (DeepSeek-V3's balance, applied by the training step); `aux_loss` is the sequence-wise loss."""
+    ops = kernels.REFERENCE
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.moe, E, d, h = cfg.moe, cfg.moe.num_experts, cfg.n_embd, cfg.expert_size
+        self.gate = nn.Linear(d, E, bias=False)
+        self.gate.register_buffer("e_score_correction_bias", torch.zeros(E))  # in checkpoints; not a parameter
+        self.experts = nn.Module()
+        self.experts.gate_proj = nn.Parameter(torch.empty(E, h, d))
+        self.experts.up_proj = nn.Parameter(torch.empty(E, h, d))
+        self.experts.down_proj = nn.Parameter(torch.empty(E, d, h))
+        if cfg.moe.shared_experts:
+            self.shared_experts = MLP(cfg, cfg.moe.shared_experts * h)
+        self.load = self.last_load = self.aux_loss = None  # (E,) tokens per expert: this step, the last; its loss
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, d) -> scores (N, E) FP32, the chosen experts (N, k) and their weights (N, k) FP32."""
+        logits = F.linear(x.float(), self.gate.weight.float())
+        scores = logits.softmax(dim=-1) if self.moe.router == "softmax" else logits.sigmoid()
+        chosen = (scores + self.gate.e_score_correction_bias).topk(self.moe.top_k, dim=-1).indices
+        weights = scores.gather(1, chosen)
+        if self.moe.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return scores, chosen, weights
+
+    def forward(self, x):
+        B, T, d = x.shape
+        k, E = self.moe.top_k, self.moe.num_experts
+        flat = x.reshape(-1, d)
+        scores, chosen, weights = self.route(flat)
+        slots = chosen.flatten()  # (N*k,) the expert of each (token, choice)
+        counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, slots, torch.ones_like(slots))
+        order = slots.argsort(stable=True)  # the (token, choice) slots grouped by expert
+        ys = self.run_experts(flat[order // k], counts)  # (N*k, d) in, (N*k, d) out, grouped by expert
+        back = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        y = (ys[back].view(-1, k, d) * weights.unsqueeze(-1).to(ys.dtype)).sum(dim=1).view(B, T, d)
+        if self.moe.shared_experts:
+            y = y + self.shared_experts(x)
+        if self.training:
+            self.load = counts if self.load is None else self.load + counts
+            if self.moe.aux_loss_coef:  # DeepSeek-V3 eq. 17-20: per sequence, load fraction x mean normalised score
+                picked = torch.zeros(B, E, device=x.device).scatter_add_(
+                    1, chosen.view(B, T * k), torch.ones(B, T * k, device=x.device))
+                probs = (scores / scores.sum(dim=-1, keepdim=True)).view(B, T, E).mean(dim=1)
+                self.aux_loss = self.moe.aux_loss_coef * (picked * E / (k * T) * probs).sum(dim=-1).mean()
+        return y
+
+    def run_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Each expert on its counts (E,) rows of xs (N*k, d) (expert parallel replaces this: parallel.py)."""
+        w = self.experts
+        return swiglu_experts(self.ops.grouped_mm, xs, w.gate_proj, w.up_proj, w.down_proj, counts)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, keep: torch.Tensor) -> None:
+        """DeepSeek-V3's auxiliary-loss-free step: bias += rate * sign(mean load - load) * keep (`keep` 0.0 on a
+        skipped step leaves it unchanged). `load` (E,) is this step's tokens per expert over all ranks."""
+        bias, load = self.gate.e_score_correction_bias, load.float()
+        bias.add_((self.moe.bias_update_rate * torch.sign(load.mean() - load) * keep).to(bias.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -273,7 +395,7 @@ class Block(nn.Module):
         self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe(layer_idx) else MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, cache=None):
@@ -309,7 +431,7 @@ class GPT(nn.Module):
     def set_ops(self, ops: kernels.Ops) -> None:
         """Run on `ops` from now on (after a failed first step: their fallback); compiled graphs need a recompile."""
         for m in self.modules():
-            if isinstance(m, (GPT, Attention, RMSNorm)):
+            if isinstance(m, (GPT, Attention, RMSNorm, MoE)):
                 m.ops = ops
 
     @torch.no_grad()
@@ -318,9 +440,11 @@ class GPT(nn.Module):
 
         Linear weights and embeddings ~ N(0, init_std); the residual projections (`o_proj`, `down_proj`) use
         init_std / sqrt(2 * n_layer) so the residual stream's variance does not grow with depth (GPT-2);
-        biases 0, norm weights 1. Each parameter's full value is drawn from its own generator seeded by
-        (seed, name), so the model is the same however it is sharded; `assign(param, full_value)` stores it
-        (a sharded trainer passes one that keeps only the local shard). A no-op on the meta device."""
+        biases 0, norm weights 1. MoE: the router and each expert's matrices as the Linear ones (`experts.down_proj`
+        as a residual projection), the balancing biases 0. Each parameter's full value is drawn from its own
+        generator seeded by (seed, name), so the model is the same however it is sharded; `assign(param,
+        full_value)` stores it (a sharded trainer passes one that keeps only the local shard). A no-op on the meta
+        device."""
         if self.cfg.tie_embeddings:  # (re)tie: to_empty() gives each module its own new parameter
             self.lm_head.weight = self.embed_tokens.weight
         if self.lm_head.weight.is_meta:
@@ -333,13 +457,16 @@ class GPT(nn.Module):
                 full.zero_()
             elif "norm." in name:  # every norm weight: the blocks', q_norm/k_norm and the final one
                 full.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
                 full.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layer), generator=gen)
             else:
                 full.normal_(0.0, std, generator=gen)
             assign(p, full)
         if self.cfg.arch == "llama":
             self.rope.copy_(rope_cache(self.cfg, self.rope.device))
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.gate.e_score_correction_bias.zero_()
 
     def num_params(self, embeddings: bool = True) -> int:
         """Unique parameters (a tied embedding counts once); `embeddings=False` leaves out the embedding tables."""
@@ -353,14 +480,23 @@ class GPT(nn.Module):
         """Training FLOPs per token by PaLM's count (Chowdhery et al. 2022, appendix B): 6*N + 12*L*d*T.
 
         N counts the parameters that take part in matrix multiplies, lm_head included (embedding lookups and norms
-        do not); 12*L*d*T is attention's QK^T and AV, forward and backward, over the full (non-causal) T x T square."""
+        do not), of an MoE layer's experts only the top_k a token is routed to; 12*L*d*T is attention's QK^T and
+        AV, forward and backward, over the full (non-causal) T x T square."""
         cfg = self.cfg
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        n_matmul += self.active_expert_params()
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def active_expert_params(self) -> int:
+        """Routed-expert parameters one token uses (top_k of each MoE layer's experts): the MoE's active count,
+        which with the Linear weights (router and shared experts included) gives the FLOPs per token."""
+        moe = [m.experts for m in self.modules() if isinstance(m, MoE)]
+        return sum(self.cfg.moe.top_k * p[0].numel() for e in moe for p in e.parameters())
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """idx (B, T) -> logits (B, T, padded_vocab), or the mean FP32 cross-entropy when targets (B, T) are
-        given (target -1 is ignored), computed by the loss of the model's ops."""
+        given (target -1 is ignored), computed by the loss of the model's ops; in training plus the MoE balance
+        loss when model.moe.aux_loss_coef is set."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -383,7 +519,10 @@ class GPT(nn.Module):
         # a LoRA adapter (lora.py) hands the kernel its weight with the adapter folded in
         head = self.lm_head
         weight = head.effective_weight() if hasattr(head, "effective_weight") else head.weight
-        return self.ops.loss(x.flatten(0, 1), weight, targets.reshape(-1))
+        loss = self.ops.loss(x.flatten(0, 1), weight, targets.reshape(-1))
+        if self.training and self.cfg.moe.num_experts and self.cfg.moe.aux_loss_coef:
+            loss = loss + sum(layer.mlp.aux_loss for layer in self.layers if isinstance(layer.mlp, MoE))
+        return loss
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

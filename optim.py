@@ -32,23 +32,26 @@ NS_STEPS = 5
 
 
 def orthogonalize(g: torch.Tensor, dtype: torch.dtype = torch.bfloat16, steps: int = NS_STEPS) -> torch.Tensor:
-    """Newton-Schulz approximation of U V^T for g = U S V^T (2-D), computed in `dtype`; singular values come out
-    roughly in (0.5, 1.5), which Jordan found trains as well as exact orthogonalisation."""
+    """Newton-Schulz approximation of U V^T for g = U S V^T, computed in `dtype`; singular values come out roughly in
+    (0.5, 1.5), which Jordan found trains as well as exact orthogonalisation. A 3-D g (an MoE layer's experts) is
+    a stack of matrices, each orthogonalised on its own over the last two dimensions."""
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype)
-    tall = x.size(0) > x.size(1)
+    tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix is the smaller side
-        x = x.T
-    x = x / x.norm().clamp(min=1e-7)  # spectral norm <= Frobenius norm <= 1
+        x = x.mT
+    norm = x.norm() if x.ndim == 2 else x.norm(dim=(-2, -1), keepdim=True)
+    x = x / norm.clamp(min=1e-7)  # spectral norm <= Frobenius norm <= 1
+    mm = torch.addmm if x.ndim == 2 else torch.baddbmm  # 3-D: one matrix per expert, the same iteration
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = mm(x, mm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 def muon_scale(shape: torch.Size) -> float:
-    """Moonlight's step-size factor for a (A, B) matrix: 0.2 * sqrt(max(A, B)) (update RMS ~ AdamW's)."""
-    return 0.2 * math.sqrt(max(shape[0], shape[1]))
+    """Moonlight's step-size factor for a (A, B) matrix (the last two dimensions): 0.2 * sqrt(max(A, B))."""
+    return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -56,7 +59,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class Muon(torch.optim.AdamW):
-    """AdamW for the groups without `muon: True`, Muon for those with it (2-D weights only), in one optimizer, so
+    """AdamW for the groups without `muon: True`, Muon for those with it (2-D weights, and 3-D expert stacks
+    orthogonalised per expert), in one optimizer, so
     that checkpoints, the skip of a non-finite step and the LR schedule treat it like AdamW. A Muon group holds
     `momentum` (0.95), `nesterov` (True) and `ns_dtype` (the Newton-Schulz matmul dtype by name, "bfloat16" where
     the hardware has it, else "float32"); its `lr` and `weight_decay` are in AdamW's units (see the module doc).
@@ -65,8 +69,8 @@ class Muon(torch.optim.AdamW):
     def __init__(self, param_groups: list[dict], **adamw):
         for g in param_groups:
             if g.get("muon"):
-                if any(p.ndim != 2 for p in g["params"]):
-                    raise ValueError("Muon takes 2-D parameters only")
+                if any(p.ndim not in (2, 3) for p in g["params"]):
+                    raise ValueError("Muon takes 2-D parameters (and 3-D stacks of expert matrices) only")
                 g.setdefault("momentum", 0.95)
                 g.setdefault("nesterov", True)
                 g.setdefault("ns_dtype", "bfloat16")
@@ -103,10 +107,21 @@ class Muon(torch.optim.AdamW):
             local.add_(o, alpha=-g["lr"] * muon_scale(p.shape))
 
     def _orthogonalize(self, params: list[torch.Tensor], updates: list[torch.Tensor], dtype) -> list[torch.Tensor]:
-        """Orthogonalised updates, each the shape of its local update; each matrix computed by one rank."""
+        """Orthogonalised updates, each the shape of its local update; each matrix computed by one rank. A sharded 3-D
+        expert stack (FSDP2's or expert parallel's Shard(0): whole experts) is orthogonalised where it lies."""
         world = dist.get_world_size() if dist.is_initialized() else 1
-        if world == 1:
+        local = [world == 1 or (p.ndim == 3 and isinstance(p, DTensor)) for p in params]
+        if all(local):
             return [orthogonalize(u, dtype) for u in updates]
+        done = {j: orthogonalize(u, dtype) for j, u in enumerate(updates) if local[j]}
+        others = [j for j in range(len(params)) if not local[j]]
+        for j, o in zip(others, self._deal_out([params[j] for j in others], [updates[j] for j in others], dtype)):
+            done[j] = o
+        return [done[j] for j in range(len(params))]
+
+    def _deal_out(self, params: list[torch.Tensor], updates: list[torch.Tensor], dtype) -> list[torch.Tensor]:
+        """Orthogonalised updates of whole matrices dealt out round-robin over the ranks (see the module doc)."""
+        world = dist.get_world_size()
         owner = [j % world for j in range(len(params))]
         mine = [o == dist.get_rank() for o in owner]
         split = [isinstance(p, DTensor) and p.device_mesh.ndim > 1 for p in params]  # FSDP2 + tensor parallel
@@ -121,7 +136,7 @@ class Muon(torch.optim.AdamW):
             if not sharded[j]:  # DDP: every rank already has it
                 full[j] = u
                 continue
-            padded = u.new_zeros(rows[j], p.shape[1], dtype=dtype)
+            padded = u.new_zeros(rows[j], *p.shape[1:], dtype=dtype)
             padded[:u.size(0)] = u
             bucket = [torch.empty_like(padded) for _ in range(world)] if mine[j] else None
             waits.append(dist.gather(padded, bucket, dst=owner[j], async_op=True))
@@ -141,9 +156,9 @@ class Muon(torch.optim.AdamW):
                 continue
             pieces = None
             if mine[j]:
-                pad = result.new_zeros(rows[j] * world - p.shape[0], p.shape[1])
+                pad = result.new_zeros(rows[j] * world - p.shape[0], *p.shape[1:])
                 pieces = list(torch.cat([result, pad]).split(rows[j]))
-            out[j] = torch.empty(rows[j], p.shape[1], dtype=dtype, device=u.device)
+            out[j] = torch.empty(rows[j], *p.shape[1:], dtype=dtype, device=u.device)
             waits.append(dist.scatter(out[j], pieces, src=owner[j], async_op=True))
         for w in waits:
             w.wait()
@@ -163,14 +178,15 @@ class Muon(torch.optim.AdamW):
 
 def param_groups(model: nn.Module, t, muon: bool) -> list[dict]:
     """AdamW groups (decay on matrices, none on norms, biases and embedding tables); with `muon`, the blocks'
-    2-D weights go to a Muon group instead (the embeddings and the head stay with AdamW). Frozen parameters are left
-    out; a LoRA run's adapters are matrices like any other (Muon takes those inside the blocks)."""
+    2-D weights and 3-D expert stacks go to a Muon group instead (the embeddings, the head and the MoE routers stay
+    with AdamW). Frozen parameters are left out; a LoRA run's adapters are matrices like any other (Muon takes those
+    inside the blocks)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay, hidden = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:  # frozen (a LoRA run's base): no state, no update
             continue
-        if muon and p.ndim == 2 and name.startswith("layers."):
+        if muon and p.ndim in (2, 3) and name.startswith("layers.") and not name.endswith("mlp.gate.weight"):
             hidden.append(p)
         elif p.ndim >= 2 and id(p) not in embeddings:
             decay.append(p)

@@ -6,7 +6,9 @@ and `parallelize` applies tensor parallel, FP8, activation checkpointing, torch.
     FSDP2 + TP (train.tp): a (dp, tp) device mesh; inside each group of tp consecutive ranks the blocks' matrices,
            the embedding and the head are split (`parallelize_module`, see `tensor_parallel`), FSDP2 shards what
            is left across the dp groups
+    expert parallel (train.ep, with FSDP2): each rank keeps its whole experts; tokens travel by all-to-all
 """
+import functools
 import os
 from contextlib import contextmanager
 from datetime import timedelta
@@ -14,9 +16,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed._functional_collectives import all_to_all_single_autograd as all_to_all
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -26,7 +29,7 @@ import config
 import export
 import kernels
 import lora
-from model import GPT
+from model import GPT, MoE, swiglu_experts
 
 
 def init_distributed(device_name: str, timeout_s: int) -> tuple[int, int, int]:
@@ -142,8 +145,11 @@ def parallelize(model: GPT, run: config.Run) -> nn.Module:
         # RoPE table, which must stay FP32 (cast per block it lost precision and cost a copy each time)
         mp = MixedPrecisionPolicy(param_dtype=half, cast_forward_inputs=False,
                                   reduce_dtype=torch.bfloat16 if t.reduce_dtype == "bf16" else torch.float32)
-        shard = dict(mesh=mesh["dp"] if mesh is not None else None, mp_policy=mp,
-                     reshard_after_forward=t.reshard_after_forward)
+        # FSDP2 over the data-parallel ranks (the dp side of a TP mesh, else all of them); expert parallel's experts,
+        # sharded over the same ranks, are left to it
+        dp_mesh = mesh["dp"] if mesh is not None else init_device_mesh(device.type, (dist.get_world_size(),))
+        experts = expert_parallel(model, dp_mesh) if t.ep > 1 else set()
+        shard = dict(mesh=dp_mesh, mp_policy=mp, reshard_after_forward=t.reshard_after_forward, ignored_params=experts)
         for block in model.layers:
             fully_shard(block, **shard)
         fully_shard(model, **shard)
@@ -171,6 +177,57 @@ def initialise(model: GPT, t: config.TrainConfig, assign=None) -> None:
         export.load_init(model, t.init_from, assign)
     if t.lora:
         lora.init_adapters(model, t.seed, assign)
+def expert_parallel(model: GPT, mesh) -> set[nn.Parameter]:
+    """Shard every MoE layer's experts over `mesh` (on the meta device, before materialising): each expert stack
+    becomes a DTensor of whole experts (Shard(0)), so that initialisation and checkpoints see the global tensor
+    (a checkpoint reshards between ep degrees), and the layer's `run_experts` becomes `_dispatch`. Returns the
+    expert parameters, which FSDP2 leaves alone."""
+    params = set()
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        for name, p in list(moe.experts.named_parameters(recurse=False)):
+            local = torch.empty((p.size(0) // mesh.size(), *p.shape[1:]), device="meta", dtype=p.dtype)
+            sharded = nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False))
+            setattr(moe.experts, name, sharded)
+            params.add(sharded)
+        moe.run_experts = functools.partial(_dispatch, moe, mesh.get_group())
+    return params
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """The identity, whose backward scales the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _dispatch(moe: MoE, group, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """MoE.run_experts under expert parallel: the rows of xs (grouped by expert, counts (E,) of them per expert)
+    go to the ranks that hold their experts (all-to-all), run there and come back in the same order. The tokens
+    per expert are exchanged first (one small all-to-all; their sums are read on the host, as the split sizes
+    of the exchange). An expert's gradient is the sum over every rank's tokens, each rank's loss a mean of its own
+    batch: it is divided by the world size, as FSDP2 averages the others'."""
+    world = dist.get_world_size(group)
+    mine = counts.numel() // world  # experts per rank
+    with torch.no_grad():
+        got = torch.empty_like(counts)
+        dist.all_to_all_single(got, counts, group=group)  # got[r * mine + e]: rows rank r sends to my expert e
+        got = got.view(world, mine)
+        send, recv = counts.view(world, mine).sum(dim=1).tolist(), got.sum(dim=1).tolist()
+    xr = all_to_all(xs.contiguous(), recv, send, group)
+    # arrived by (source rank, my expert): group the rows by my expert for the grouped GEMMs, then put them back
+    expert = torch.arange(mine, device=xs.device).repeat(world).repeat_interleave(got.flatten())
+    order = expert.argsort(stable=True)
+    w = [_ScaleGrad.apply(p.to_local(), 1.0 / world) for p in (moe.experts.gate_proj, moe.experts.up_proj,
+                                                                moe.experts.down_proj)]
+    ys = swiglu_experts(moe.ops.grouped_mm, xr[order], *w, got.sum(dim=0))
+    yr = torch.empty_like(ys).index_copy(0, order, ys)
+    return all_to_all(yr, send, recv, group)
 
 
 @contextmanager

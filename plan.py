@@ -21,7 +21,7 @@ import config
 import hardware
 import kernels
 import lora
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, MoE
 
 GPUS = {name: (g.memory_gib, g.peak_tflops) for name, g in hardware.GPUS.items()}  # one table: hardware.py
 RESERVED_GIB = 3.0  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation
@@ -90,12 +90,17 @@ def loss_transient_bytes(cfg: GPTConfig, tokens: int, loss: str = "plain", preci
 def muon_cost(model: GPT, gpus: int) -> dict:
     """What train.optimizer=muon adds per step (optim.py): Newton-Schulz FLOPs (5 iterations of 4 m^2 n + 2 m^3
     for an m x n matrix, m <= n), dealt out over the GPUs, and the bytes each GPU moves for it in BF16 (FSDP2:
-    its shards out to the owners and back; DDP: the orthogonalised matrices it does not own, broadcast)."""
-    mats = [p.shape for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("layers.") and p.requires_grad]
-    flops = sum(5 * (4 * min(s) ** 2 * max(s) + 2 * min(s) ** 3) for s in mats)
-    numel = sum(s[0] * s[1] for s in mats)
-    return {"params": numel, "flops": flops, "flops_per_gpu": flops / gpus,
-            "fsdp_bytes": 2 * 2 * numel / gpus * (gpus - 1) / gpus, "ddp_bytes": 2 * numel * (gpus - 1) / gpus}
+    its shards out to the owners and back; DDP: the orthogonalised matrices it does not own, broadcast). MoE expert
+    stacks count as one matrix per expert, orthogonalised where their shards lie (FSDP2, ep), nothing moved; frozen
+    matrices (a LoRA run's base) not at all."""
+    mats, experts = [], []
+    for n, p in model.named_parameters():
+        if p.ndim > 1 and n.startswith("layers.") and not n.endswith("mlp.gate.weight") and p.requires_grad:
+            (mats if p.ndim == 2 else experts).extend([p.shape[-2:]] * (p.shape[0] if p.ndim == 3 else 1))
+    flops = sum(5 * (4 * min(s) ** 2 * max(s) + 2 * min(s) ** 3) for s in mats + experts)
+    moved = sum(s[0] * s[1] for s in mats)
+    return {"params": moved + sum(s[0] * s[1] for s in experts), "flops": flops, "flops_per_gpu": flops / gpus,
+            "fsdp_bytes": 2 * 2 * moved / gpus * (gpus - 1) / gpus, "ddp_bytes": 2 * moved * (gpus - 1) / gpus}
 
 
 def loss_kind(cfg: config.Config, gpus: int, mem_gib: float) -> str:
@@ -164,6 +169,11 @@ def resolve(cfg: config.Config, model: GPTConfig, device: torch.device, precisio
     with torch.device("meta"):
         n = GPT(model).num_params()
     mode = parallel_mode(t.parallel, world, n, mem, device.type == "cuda", t.tp)
+    if t.ep > 1:  # expert parallel runs beside FSDP2, over all ranks
+        if t.ep != world:
+            raise config.ConfigError(f"train.ep={t.ep} must equal the world size ({world}): the experts are sharded "
+                                     f"over every rank")
+        mode = "fsdp"
     return config.Run(cfg, device, precision, ops, mode, rank, config.derive(cfg, world))
 
 
@@ -249,9 +259,13 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
     n = model.num_params()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # a LoRA run: the adapters only
     flops_tok = model.flops_per_token()
+    experts = [sum(p.numel() for p in layer.mlp.experts.parameters()) if isinstance(layer.mlp, MoE) else 0
+               for layer in model.layers]
+    kept = experts if t.ep > 1 else [0] * m.n_layer  # expert parallel: a rank's experts are never gathered
     bf16 = t.precision != "fp32"
     loss = loss_kind(cfg, gpus, mem_gib)
-    mode_of_run = parallel_mode(t.parallel, max(gpus, 2), n, mem_gib, tp=t.tp)  # one GPU: planned as DDP's replica
+    # one GPU is planned as DDP's replica; expert parallel runs beside FSDP2
+    mode_of_run = "fsdp" if t.ep > 1 else parallel_mode(t.parallel, max(gpus, 2), n, mem_gib, tp=t.tp)
     n_muon = muon_cost(model, gpus)["params"] if t.optimizer == "muon" else 0
     layouts = [("ddp", False, 1), ("fsdp", False, 1), ("fsdp", True, 1)]
     layouts += [("fsdp", ac, tp) for tp in tp_options(cfg, gpus) if tp > 1 for ac in (False, True)]
@@ -266,16 +280,18 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
             continue
         tokens = row_cfg.train.micro_batch_size * m.block_size
         shards = dp if mode == "fsdp" else 1
-        whole, tp_block = tp_params(model, tp), tp_params(model.layers[0], tp)  # a rank's part under tensor parallel
+        whole, blocks = tp_params(model, tp), [tp_params(layer, tp) for layer in model.layers]  # a rank's part
+        root = whole - sum(blocks)  # embeddings, head, final norm
+        block = max(b - k for b, k in zip(blocks, kept))  # the largest gathered (an MoE block holds its experts)
         trained = whole * n_train / n  # what trains (a LoRA run, never split by tp: its adapters only)
         params, grads = 4 * whole / shards, 4 * trained / shards  # FP32 master weights; gradients of what trains
         optim = (8 * (trained - n_muon / tp) + 4 * n_muon / tp) / shards  # AdamW: 2 FP32 moments; Muon: 1 FP32 momentum
         if mode == "ddp":  # autocast's cached BF16 weight copies live through forward and backward
             working = 2 * n if bf16 else 0
         elif t.reshard_after_forward:  # gathered BF16 blocks (current + prefetched), their FP32 grads, the root
-            working = (2 if bf16 else 4) * (2 * tp_block + whole - tp_block * m.n_layer) + 2 * 4 * tp_block
+            working = (2 if bf16 else 4) * (2 * block + root) + 2 * 4 * block
         else:  # every block stays gathered from its forward to its backward
-            working = (2 if bf16 else 4) * whole + 2 * 4 * tp_block
+            working = (2 if bf16 else 4) * (whole - sum(kept)) + 2 * 4 * block
         row_loss = "chunked" if tp > 1 else loss  # the vocab-parallel loss holds one chunk of logits
         working += loss_transient_bytes(m, tokens, row_loss, t.precision, tp=tp)
         if n_muon:  # BF16 matrices in flight during Muon's step (received shards to orthogonalise; results)
@@ -315,7 +331,11 @@ def print_plan(cfg: config.Config, gpus: int, gpu: str, show_fit: bool = False) 
     if cfg.train.lora:
         lora.apply(model, cfg.train)
     f = model.flops_per_token()
-    print(f"{model.num_params() / 1e6:,.0f}M parameters, {f / 1e9:.2f} GFLOPs/token (PaLM: 6N + 12 L d T); "
+    experts, active = sum(p.numel() for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters()), ""
+    if experts:  # an MoE: the parameters a token uses, which the FLOPs count
+        ep = f", experts over ep={cfg.train.ep} ranks" if cfg.train.ep > 1 else ""
+        active = f" ({(model.num_params() - experts + model.active_expert_params()) / 1e6:,.0f}M active per token{ep})"
+    print(f"{model.num_params() / 1e6:,.0f}M parameters{active}, {f / 1e9:.2f} GFLOPs/token (PaLM: 6N + 12 L d T); "
           f"{gpus} x {gpu} ({mem_gib} GiB, {peak} BF16 TFLOP/s)")
     if cfg.train.lora:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -24,7 +24,7 @@ import diagnose
 import hardware
 import lora
 import tracking
-from model import GPT
+from model import GPT, MoE
 from parallel import print0
 from tokenizer import copy_tokenizer
 
@@ -108,8 +108,10 @@ class LogWindow:
     (`data`'s `waited`, host time) is logged per step and as a fraction of the step time (data_wait_s,
     data_wait_frac): much above a few percent, the loader is what limits the run."""
 
-    def __init__(self, device: torch.device, plan: config.Derived, flops_per_token: float, peak: float | None, data):
+    def __init__(self, device: torch.device, plan: config.Derived, flops_per_token: float, peak: float | None, data,
+                 model: nn.Module | None = None):
         self.device, self.plan, self.flops_per_token, self.peak = device, plan, flops_per_token, peak
+        self.experts = [m for m in model.modules() if isinstance(m, MoE)] if model is not None else []
         self.loss_sum, self.good = torch.zeros((), device=device), torch.zeros((), device=device)
         self.steps, self.t0, self.data, self.waited = 0, time.perf_counter(), data, data.waited
 
@@ -139,11 +141,29 @@ class LogWindow:
         row = {"step": step, "loss": finite(loss), "lr": lr, "grad_norm": finite(norm), "tokens": tokens,
                "tokens_per_s": tok_s, "mfu": mfu, "mem_gb": memory_gb(self.device), "elapsed_s": elapsed,
                "skipped_steps": skipped, "data_wait_s": wait_s, "data_wait_frac": wait_s / step_s}
+        moe = self.expert_balance() if self.experts else {}
+        row.update(moe)
         print0(f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | {tok_s:,.0f} tok/s"
             + (f" | mfu {mfu:.1%}" if mfu else "")
+            + (f" | experts max/mean {moe['moe_load_max']:.2f}, bias spread {moe['moe_bias_spread_max']:.4f}"
+               + (f", aux {moe['moe_aux_loss']:.4f}" if moe["moe_aux_loss"] is not None else "") if moe else "")
             + f" | data wait {wait_s / step_s:.1%} | mem {row['mem_gb']:.2f} GB | "
             f"eta {(max_steps - step) * step_s / 60:.1f} min", flush=True)
         return row
+
+    def expert_balance(self) -> dict:
+        """The MoE layers at the last step: tokens of the busiest expert over the mean (1.0 is perfect balance) and
+        the spread (max - min) of the routing biases, per layer and the worst, and the balance loss (model.moe.
+        aux_loss_coef: rank 0's last micro-batch, summed over layers; None when off)."""
+        if self.experts[0].last_load is None:
+            return {}
+        load = torch.stack([m.last_load for m in self.experts])
+        bias = torch.stack([m.gate.e_score_correction_bias.float() for m in self.experts])
+        ratio = (load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).tolist()
+        spread = (bias.max(dim=1).values - bias.min(dim=1).values).tolist()
+        aux = [m.aux_loss for m in self.experts if m.aux_loss is not None]
+        return {"moe_load": ratio, "moe_load_max": max(ratio), "moe_bias_spread": spread,
+                "moe_bias_spread_max": max(spread), "moe_aux_loss": float(sum(aux).detach()) if aux else None}
 
 
 class TimeBudget:
@@ -392,7 +412,8 @@ def find_resume(cfg: config.Config) -> str | None:
 
 
 def check_same_model(saved: dict, cfg: config.Config, path: str) -> None:
-    if diff := {k: (v, getattr(cfg.model, k)) for k, v in saved["model"].items() if getattr(cfg.model, k) != v}:
+    ours = config.to_dict(cfg)["model"]  # nested sections (model.moe) as dicts, as the checkpoint keeps them
+    if diff := {k: (v, ours.get(k)) for k, v in saved["model"].items() if ours.get(k) != v}:
         lines = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise config.ConfigError(f"checkpoint {path} was trained with a different model ({lines}); "
                                  f"use another train.out_dir or train.resume=false")

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import config
 import kernels
-from model import GPT
+from model import GPT, MoE
 from parallel import any_rank
 
 
@@ -47,9 +47,12 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: conf
     (the mechanism GradScaler uses) makes it leave weights, moments and step count exactly as they were,
     decided on the device; other optimizers are not stepped, which costs one host read of the flag. The data
     moves on, so a bad batch is not retried. With FP16's `scaler` the loss is scaled, the gradients unscaled
-    before clipping, and the same flag is the scaler's found-inf: it backs off on exactly the skipped steps."""
+    before clipping, and the same flag is the scaler's found-inf: it backs off on exactly the skipped steps. An
+    MoE model's routing biases then take their balancing step (`balance_experts`), not on a skipped step."""
     t, accum, mode = run.cfg.train, run.grad_accum, run.mode
-    loss_sum = 0.0
+    loss_sum, experts = 0.0, [m for m in model.modules() if isinstance(m, MoE)]
+    for m in experts:  # counts of a step that raised (a first step run again) do not carry over
+        m.load = None
     for micro, (x, y) in enumerate(batches):
         with sync_grads(train_model, mode, micro == accum - 1, t.fsdp_defer_sync):
             with run.precision.autocast(run.device):
@@ -73,6 +76,8 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: conf
         optimizer.step()
     if scaler is not None:
         scaler.update()
+    if experts:
+        balance_experts(experts, bad, mode)
     optimizer.zero_grad(set_to_none=True)
     if t.precision == "fp8" and mode == "fsdp":
         kernels.precompute_float8_scales(model)
@@ -85,6 +90,19 @@ def clip_grads(model: nn.Module, max_norm: float) -> torch.Tensor:
     a sharded gradient counts each element once, a replicated one (a norm weight under tensor parallel) once."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def balance_experts(experts: list[MoE], bad: torch.Tensor, mode: str) -> None:
+    """After the optimizer step, not part of it: each MoE layer's tokens per expert over this step's micro-batches,
+    summed over the data-parallel ranks (one all-reduce for all layers), move its routing bias (MoE.update_bias),
+    the same on every rank; a skipped step (`bad`) leaves the biases as they were. The summed counts stay on each
+    layer as `last_load` for the log line."""
+    load = torch.stack([m.load for m in experts]).float()  # (layers, E)
+    if mode != "none":
+        dist.all_reduce(load)
+    for m, layer_load in zip(experts, load):
+        m.update_bias(layer_load, 1.0 - bad)
+        m.load, m.last_load = None, layer_load
 
 
 def first_step(step, model: GPT, optimizer, run: config.Run, group) -> tuple[object, kernels.Ops]:

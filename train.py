@@ -174,7 +174,7 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
     batches_ahead = Prefetcher(loader, step, run.grad_accum, device)
     lag = 1 if device.type == "cuda" else 0  # how many steps late skip flags are read (see SkipCounter)
     window = LogWindow(device, run.batch, model.flops_per_token(), hardware.peak_flops(device, run.precision.dtype),
-                       batches_ahead)
+                       batches_ahead, model)
     profiler = diagnose.StepProfiler(t, device, run.rank, step)  # train.profile; on CUDA, allocation history
     diverged, first = False, True
     if t.compile and step < max_steps:

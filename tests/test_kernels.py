@@ -161,7 +161,8 @@ def test_model_loss_is_the_same_with_every_loss_kernel():
 
 def test_configure_names_the_choice_and_refuses_what_cannot_run_here():
     assert kernels.configure("auto", "auto", "cpu", torch.float32).names == {
-        "attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "chunked (cache-sized)"}
+        "attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "chunked (cache-sized)",
+        "grouped_mm": "torch grouped_mm"}
     assert kernels.configure("auto", "chunked", "cpu", torch.bfloat16).names["loss"] == "chunked"
     assert kernels.configure("torch", "plain").names["loss"] == "plain"
     for name in ("flash", "liger"):
@@ -177,7 +178,7 @@ def test_auto_never_takes_liger_even_when_installed(monkeypatch):
     """liger failed to compile under torch.compile on the GPU's torch: auto keeps torch's kernels."""
     monkeypatch.setattr(kernels, "_installed", lambda name: name == "liger")
     assert kernels.configure("auto", "auto", "cuda", torch.bfloat16).names == {
-        "attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "chunked"}
+        "attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "chunked", "grouped_mm": "loop"}
 
 
 @pytest.mark.parametrize("installed,expected", [({"flash_attn"}, "torch"),
