@@ -155,7 +155,7 @@ def rope_scaling(hf: dict) -> dict:
     in `rope_parameters` (with rope_theta), 4.x in `rope_scaling` (with `type` in older files) beside `rope_theta`;
     Phi-3-style files keep original_max_position_embeddings at the top level. Raises ValueError for a kind that
     model.rope_cache does not compute."""
-    from model import check_rope_scaling
+    from rope import check_rope_scaling
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     kind = rope.pop("rope_type", rope.pop("type", "default"))
     if rope.pop("partial_rotary_factor", 1.0) != 1.0:
