@@ -27,7 +27,7 @@ import torch
 
 import config
 import hardware
-import kernels
+import kernel
 import optim
 import parallel
 import plan
@@ -51,7 +51,7 @@ def naive_rms_norm(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-BASELINE = kernels.Ops(naive_attention, naive_rms_norm, kernels.torch_rope_qk, kernels.plain_loss,
+BASELINE = kernel.Ops(naive_attention, naive_rms_norm, kernel.torch_rope_qk, kernel.plain_loss,
                        names={"attention": "naive (full scores)", "rms_norm": "naive", "rope": "torch",
                               "loss": "plain (full FP32 logits)", "grouped_mm": "loop"})
 
@@ -234,7 +234,7 @@ def main(argv: list[str]) -> int:
             print(json.dumps(result))
             return 0
         result = bench(cfg, a.warmup, a.steps, a.peak_tflops, a.baseline, a.bare, a.lora)
-    except (config.ConfigError, kernels.KernelError, ValueError) as e:  # HardwareError too
+    except (config.ConfigError, kernel.KernelError, ValueError) as e:  # HardwareError too
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result["world_size"] == 1 or os.environ.get("RANK", "0") == "0":

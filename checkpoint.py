@@ -630,11 +630,11 @@ def load_for_inference(path: str, device: str = "auto", precision: str = "auto")
     (model, its Config, the checkpoint folder, the Precision); prints the precision's warning. Raises
     FileNotFoundError or ValueError."""
     import hardware
-    import kernels
+    import kernel
     device = hardware.pick_device(device)
     model, cfg, path = load_model(path, device)
     p = hardware.resolve_precision(precision, device, cfg.model.n_embd)
     if p.warning:
         print(f"warning: {p.warning}", file=sys.stderr)
-    model.set_ops(kernels.configure("auto", "auto", device, p.dtype))
+    model.set_ops(kernel.configure("auto", "auto", device, p.dtype))
     return model, cfg, path, p

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from hardware import Precision
-from kernels import Ops
+from kernel import Ops
 from model import GPTConfig
 
 
@@ -40,8 +40,8 @@ class TrainConfig:
     # banner says why). bf16/fp16: autocast matmuls, FP32 master weights and loss (fp16 with dynamic loss
     # scaling); fp8: bf16 plus torchao float8 Linear layers in the blocks (CUDA, compute capability >= 8.9)
     precision: Literal["auto", "fp32", "bf16", "fp16", "fp8"] = "auto"
-    kernels: Literal["auto", "torch", "flash", "liger"] = "auto"  # see kernels.py
-    loss: Literal["auto", "compiled", "chunked", "plain", "liger"] = "auto"  # lm_head + cross-entropy (kernels.py)
+    kernels: Literal["auto", "torch", "flash", "liger"] = "auto"  # see kernel.py
+    loss: Literal["auto", "compiled", "chunked", "plain", "liger"] = "auto"  # lm_head + cross-entropy (kernel.py)
     seed: int = 1337
     batch_size: int = 64  # global batch in sequences per optimizer step, whatever the world size
     # sequences per device per forward/backward; auto: the largest that divides the batch per rank and fits the
@@ -403,7 +403,7 @@ def check_tp(cfg: Config, tp: int | None = None) -> None:
                           f"be combined with it (use auto or fsdp)")
     if t.loss != "auto":
         raise ConfigError(f"train.loss={t.loss} with train.tp={tp}: the head is split by vocab, and its loss is the "
-                          f"vocab-parallel one (kernels.py); use train.loss=auto")
+                          f"vocab-parallel one (kernel.py); use train.loss=auto")
     if t.kernels in ("flash", "liger"):
         raise ConfigError(f"train.kernels={t.kernels} with train.tp={tp}: its fused RMSNorm and RoPE kernels do not "
                           f"take the sequence-parallel DTensors; use train.kernels=auto (FlashAttention-3 where "

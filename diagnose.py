@@ -23,7 +23,7 @@ from torch.profiler import ProfilerAction, ProfilerActivity
 import checkpoint
 import config
 import hardware
-import kernels
+import kernel
 from parallel import print0
 
 MEMORY_VIZ = "https://pytorch.org/memory_viz"
@@ -133,7 +133,7 @@ SETUP = {"parallelize": "the model", "build": "the optimizer", "restore": "the r
 
 
 def out_of_memory(error: torch.OutOfMemoryError, run: config.Run, step: int | None, peak_gb: float,
-                  ops: kernels.Ops | None = None) -> int:
+                  ops: kernel.Ops | None = None) -> int:
     """After `error` on this rank in step `step` + 1, in the eval or save after step `step`, or (`step` None) while
     building the model, its optimizer or resuming: on CUDA write the allocator's snapshot to out_dir/oom_rankR.pickle, then
     print on stderr, without a traceback, the memory in use, what to lower and the plan.py command that checks it
@@ -167,7 +167,7 @@ def out_of_memory(error: torch.OutOfMemoryError, run: config.Run, step: int | No
     else:
         lines.append(f"memory: peak {peak_gb:.2f} GB")
     fixes = []
-    if ops.loss in (kernels.compiled_loss, kernels.plain_loss):  # train.loss auto chose it, or asked
+    if ops.loss in (kernel.compiled_loss, kernel.plain_loss):  # train.loss auto chose it, or asked
         tokens = micro * cfg.model.block_size
         fixes.append(("train.loss=chunked", f"the loss now holds a micro-batch's full logits ({tokens:,} x "
                       f"{cfg.model.padded_vocab_size:,}); chunked holds one chunk of them at a time"))

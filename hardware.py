@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-import kernels
+import kernel
 
 
 class HardwareError(ValueError):
@@ -220,7 +220,7 @@ def resolve_precision(requested: str, device: torch.device, width: int = 256) ->
         if requested == "fp8":
             raise HardwareError("train.precision=fp8 needs a CUDA GPU of compute capability >= 8.9")
         return Precision(requested, "as configured")
-    if requested in ("fp32", "fp8"):  # fp8 is refused later, with torchao's reason (kernels.float8_supported)
+    if requested in ("fp32", "fp8"):  # fp8 is refused later, with torchao's reason (kernel.float8_supported)
         return Precision(requested, "as configured")
     native, label = cpu_bf16_instructions()
     half = torch.float16 if requested == "fp16" else torch.bfloat16
@@ -254,7 +254,7 @@ def resolve(t, local_rank: int, width: int) -> tuple[torch.device, Precision, bo
         precision = shared[0]
     else:
         precision = resolve_precision(t.precision, device, width)
-    if precision.name == "fp8" and (why := kernels.float8_supported(device)):
+    if precision.name == "fp8" and (why := kernel.float8_supported(device)):
         raise HardwareError(f"train.precision=fp8: {why}")
     return device, precision, resolve_compile(t.compile, device)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import kernel
 from rope import check_rope_scaling, rope_cache
 
 
@@ -138,7 +138,7 @@ class GPTConfig:
                                  f"be multiples of 8 (the grouped GEMM's 16-byte aligned strides)")
 
 
-apply_rope = kernels.torch_rope  # the reference RoPE, for code that wants it by this name
+apply_rope = kernel.torch_rope  # the reference RoPE, for code that wants it by this name
 
 
 class KVCache:
@@ -158,7 +158,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    ops = kernels.REFERENCE  # GPT.set_ops hands every module the run's choice
+    ops = kernel.REFERENCE  # GPT.set_ops hands every module the run's choice
 
     def __init__(self, cfg: GPTConfig, layer_idx: int):
         super().__init__()
@@ -231,7 +231,7 @@ class MoE(nn.Module):
     top_k experts, whose outputs are weighted by the scores alone (renormalised over the k when asked). Tokens are
     sorted by expert: one grouped GEMM per expert matrix. In training `load` sums the tokens per expert for
     `update_bias` (DeepSeek-V3's balance, applied by the training step); `aux_loss` is the sequence-wise loss."""
-    ops = kernels.REFERENCE
+    ops = kernel.REFERENCE
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -292,7 +292,7 @@ class MoE(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    ops = kernels.REFERENCE
+    ops = kernel.REFERENCE
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -322,10 +322,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    ops = kernels.REFERENCE
+    ops = kernel.REFERENCE
 
-    def __init__(self, cfg: GPTConfig, ops: kernels.Ops = kernels.REFERENCE):
-        """`ops`: the attention, RMSNorm, RoPE and loss kernels (kernels.configure); plain PyTorch by default."""
+    def __init__(self, cfg: GPTConfig, ops: kernel.Ops = kernel.REFERENCE):
+        """`ops`: the attention, RMSNorm, RoPE and loss kernels (kernel.configure); plain PyTorch by default."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -346,7 +346,7 @@ class GPT(nn.Module):
         self.init_weights()
         self.set_ops(ops)
 
-    def set_ops(self, ops: kernels.Ops) -> None:
+    def set_ops(self, ops: kernel.Ops) -> None:
         """Run on `ops` from now on (after a failed first step: their fallback); compiled graphs need a recompile."""
         for m in self.modules():
             if isinstance(m, (GPT, Attention, RMSNorm, MoE)):

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 import config
 import export
-import kernels
+import kernel
 import lora
 from model import GPT, MoE, swiglu_experts
 
@@ -68,7 +68,7 @@ def tensor_parallel(model: GPT, mesh: DeviceMesh) -> None:
     and the MLP it is gathered (PrepareModuleInput); q/k/v and gate/up are split by output columns (whole heads:
     n_head / tp query and n_kv_head / tp key/value heads per rank), o_proj and down_proj by input rows, and their
     partial sums are reduce-scattered back to sequence parts. The token (and GPT-2 position) embedding is split by
-    rows, the head by vocab: the final norm's output is gathered whole, and the loss (kernels.vocab_parallel_loss)
+    rows, the head by vocab: the final norm's output is gathered whole, and the loss (kernel.vocab_parallel_loss)
     or the logits (gathered) come from the vocab shards. A tied head and embedding share one Shard(0) weight."""
     top = {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
            "norm": SequenceParallel(),
@@ -128,7 +128,7 @@ def parallelize(model: GPT, run: config.Run) -> nn.Module:
             # input returned a zero gradient for it (torch 2.13, CPU), so the embedding never learned. A copy.
             model.embed_tokens.register_forward_hook(lambda module, args, out: out.clone())
     if t.precision == "fp8":
-        kernels.convert_to_float8(model, fsdp=fsdp)
+        kernel.convert_to_float8(model, fsdp=fsdp)
     # Under tensor parallel a checkpointed block is compiled inside the checkpoint: torch 2.13's compiled checkpoint
     # of a block with DTensors failed in AOTAutograd (it saved the DeviceMesh as if it were a tensor)
     inner = t.compile and t.activation_checkpointing and mesh is not None

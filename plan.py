@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 import config
 import hardware
-import kernels
+import kernel
 import lora
 from model import GPT, GPTConfig, MoE
 
@@ -70,14 +70,14 @@ def lora_activation_bytes(model: GPT, t, tokens: int, precision: str, checkpoint
 
 
 def loss_transient_bytes(cfg: GPTConfig, tokens: int, loss: str = "plain", precision: str = "bf16",
-                         chunk_logits: int = kernels.CHUNK_LOGITS, tp: int = 1) -> int:
+                         chunk_logits: int = kernel.CHUNK_LOGITS, tp: int = 1) -> int:
     """Peak memory the loss adds beyond what it saves: plain (eager), the BF16 logits and the FP32 logits and their
     gradient; compiled, the logits' gradient in the matmul dtype (inductor fuses the softmax into passes over the
     saved logits and holds less than the 4 and 8 bytes per logit counted here and in `activation_bytes`:
-    BENCHMARKS.md); chunked (kernels.ChunkedLoss), one chunk of ~chunk_logits logits in FP32 and BF16, then 12
+    BENCHMARKS.md); chunked (kernel.ChunkedLoss), one chunk of ~chunk_logits logits in FP32 and BF16, then 12
     bytes per (V, d) element (the kept FP32 dW, the BF16 copy of the weight, each chunk's BF16 dW product and its
     FP32 copy), and dh. Within 5 % of what torch's MemTracker measures on CPU (tests/test_kernels.py). Under tensor
-    parallel (kernels.vocab_parallel_loss, chunked) the same with each rank's V / tp vocab entries."""
+    parallel (kernel.vocab_parallel_loss, chunked) the same with each rank's V / tp vocab entries."""
     if loss == "compiled":
         return (4 if precision == "fp32" else 2) * cfg.padded_vocab_size * tokens
     if loss == "chunked":
@@ -104,7 +104,7 @@ def muon_cost(model: GPT, gpus: int) -> dict:
 
 
 def loss_kind(cfg: config.Config, gpus: int, mem_gib: float) -> str:
-    """How the loss holds a micro-batch's (tokens, vocab) logits, as kernels.configure will choose it: "plain"
+    """How the loss holds a micro-batch's (tokens, vocab) logits, as kernel.configure will choose it: "plain"
     (eager, all of them in FP32), "compiled" (all of them, fused by inductor) or "chunked" (one chunk at a time;
     liger's too). train.loss auto takes "compiled" when the step is compiled and the configured parallel mode fits
     in mem_gib with it; else "chunked"."""
@@ -165,7 +165,7 @@ def resolve(cfg: config.Config, model: GPTConfig, device: torch.device, precisio
     cfg = with_micro(cfg, micro_batch(cfg, world, mem))
     t = cfg.train
     fit = t.loss == "auto" and compiled and full_logits(cfg, world, mem)
-    ops = kernels.configure(t.kernels, t.loss, device, precision.dtype, compiled=compiled, logits_fit=fit, tp=t.tp)
+    ops = kernel.configure(t.kernels, t.loss, device, precision.dtype, compiled=compiled, logits_fit=fit, tp=t.tp)
     with torch.device("meta"):
         n = GPT(model).num_params()
     mode = parallel_mode(t.parallel, world, n, mem, device.type == "cuda", t.tp)
@@ -456,7 +456,7 @@ class CommBytes:
 def check() -> None:
     """Estimate vs measured saved-tensor bytes for a few small shapes (CPU, torch SDPA, unchunked loss); in BF16
     the estimate adds autocast's weight copies, which the plan counts as working memory."""
-    ops = kernels.configure("torch", "plain")  # the estimate's unchunked head; SDPA saves what flash-attn saves
+    ops = kernel.configure("torch", "plain")  # the estimate's unchunked head; SDPA saves what flash-attn saves
     shapes = [dict(n_layer=2, n_embd=256, n_head=4, block_size=256),
               dict(n_layer=4, n_embd=384, n_head=6, n_kv_head=2, block_size=128),
               dict(n_layer=2, n_embd=512, n_head=8, block_size=512, intermediate_size=1024)]

@@ -1,6 +1,6 @@
 """Rotary position tables (Su et al. 2021) and their scaling past the trained context, computed as transformers'
 `modeling_rope_utils` computes them, so that imports and exports keep their logits: `rope_cache(cfg)` is the
-(block_size, 2, head_dim) cos/sin table the model applies (kernels.torch_rope and its fused forms).
+(block_size, 2, head_dim) cos/sin table the model applies (kernel.torch_rope and its fused forms).
 
     model.rope_scaling: {rope_type: linear, factor: 4}
                         {rope_type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import config
-import kernels
+import kernel
 from model import GPT, MoE
 from parallel import any_rank
 
@@ -80,7 +80,7 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: conf
         balance_experts(experts, bad, mode)
     optimizer.zero_grad(set_to_none=True)
     if t.precision == "fp8" and mode == "fsdp":
-        kernels.precompute_float8_scales(model)
+        kernel.precompute_float8_scales(model)
     return loss_sum, grad_norm, bad
 
 
@@ -105,7 +105,7 @@ def balance_experts(experts: list[MoE], bad: torch.Tensor, mode: str) -> None:
         m.load, m.last_load = None, layer_load
 
 
-def first_step(step, model: GPT, optimizer, run: config.Run, group) -> tuple[object, kernels.Ops]:
+def first_step(step, model: GPT, optimizer, run: config.Run, group) -> tuple[object, kernel.Ops]:
     """This process's first training step, `step()`, under the compile watch (`compiling`). When it raises (out
     of memory aside) while the run's ops have a fallback (a fused kernel, the compiled loss), the model gets the
     fallback's ops and the step runs again, after one warning naming the cause; then every rank takes the

@@ -27,7 +27,7 @@ import config
 import diagnose
 import export
 import hardware
-import kernels
+import kernel
 import optim
 import parallel
 import plan
@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
         device, precision, compiled = hardware.resolve(t, local_rank, model_cfg.n_embd)
         if precision.warning and rank == 0:
             print(f"warning: {precision.warning}", file=sys.stderr, flush=True)
-        kernels.configure(t.kernels, t.loss, device, precision.dtype)  # a missing or unfit kernel stops here
+        kernel.configure(t.kernels, t.loss, device, precision.dtype)  # a missing or unfit kernel stops here
         # rank 0 takes the run's lock and prepares missing data; the others wait and then see the same outcome
         error, resume_from = None, None
         if rank == 0:
@@ -114,7 +114,7 @@ def main(argv: list[str]) -> int:
         loader = TrainLoader(cfg.data.datasets, cfg.data.weights, model_cfg.block_size, run.cfg.train.micro_batch_size,
                              run.grad_accum, t.seed, run.dp_rank, run.dp, model_cfg.vocab_size)
         return train(run, loader, resume_from)
-    except (config.ConfigError, hardware.HardwareError, DataError, kernels.KernelError,
+    except (config.ConfigError, hardware.HardwareError, DataError, kernel.KernelError,
             checkpoint.CheckpointError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)

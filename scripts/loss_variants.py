@@ -1,4 +1,4 @@
-"""The lm_head + cross-entropy variants of kernels.py side by side: time of forward + backward and peak memory,
+"""The lm_head + cross-entropy variants of kernel.py side by side: time of forward + backward and peak memory,
 each variant in a process of its own (on CPU the peak is the process's RSS high-water mark, which only grows),
 printed as a Markdown table with ratios to the eager plain loss.
 
@@ -25,7 +25,7 @@ def measure(variant: str, rows: int, dim: int, vocab: int, precision: str, repea
     """In this process: one variant, 2 untimed runs (compile, allocator), then the best of `repeat`."""
     import torch
     sys.path.insert(0, ROOT)
-    import kernels
+    import kernel
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_flush_denormal(True)
     gen = torch.Generator(device).manual_seed(0)
@@ -33,8 +33,8 @@ def measure(variant: str, rows: int, dim: int, vocab: int, precision: str, repea
     w = (torch.randn(vocab, dim, device=device, generator=gen) * 0.02).requires_grad_()
     t = torch.randint(0, vocab, (rows,), device=device, generator=gen)
     t[::7] = -1  # some ignored targets, as padding gives
-    fns = {"plain": kernels.plain_loss, "compiled": kernels.compiled_loss, "chunked": kernels.chunked_loss,
-           "chunked (CPU chunks)": kernels.cpu_chunked_loss, "none": lambda h, w, t: h.sum() + w.sum()}
+    fns = {"plain": kernel.plain_loss, "compiled": kernel.compiled_loss, "chunked": kernel.chunked_loss,
+           "chunked (CPU chunks)": kernel.cpu_chunked_loss, "none": lambda h, w, t: h.sum() + w.sum()}
     if hasattr(torch.nn, "LinearCrossEntropyOptions"):  # its chunked path (unchunked, it is the plain loss)
         fns["torch linear_cross_entropy"] = lambda h, w, t: torch.nn.functional.linear_cross_entropy(
             h, w, t, ignore_index=-1, options=torch.nn.LinearCrossEntropyOptions())

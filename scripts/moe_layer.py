@@ -12,7 +12,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels  # noqa: E402
+import kernel  # noqa: E402
 from model import GPTConfig, MoEConfig, build  # noqa: E402
 
 
@@ -30,8 +30,8 @@ def main(argv: list[str]) -> int:
     moe = build(GPTConfig(**shape, moe=MoEConfig(num_experts=a.experts, top_k=a.top_k)), "cpu").layers[0].mlp
     x = torch.randn(1, a.tokens, a.width)
     grad = torch.randn_like(x)
-    cases = {"dense MLP": (dense, None), "MoE, grouped_mm": (moe, kernels.configure("auto", "auto", "cpu")),
-             "MoE, per-expert loop": (moe, kernels.REFERENCE)}
+    cases = {"dense MLP": (dense, None), "MoE, grouped_mm": (moe, kernel.configure("auto", "auto", "cpu")),
+             "MoE, per-expert loop": (moe, kernel.REFERENCE)}
     for half in (False, True):
         best = dict.fromkeys(cases, float("inf"))
         for _ in range(a.repeats):

@@ -184,11 +184,11 @@ def test_fsdp_blocks_get_the_fp32_rope_table(corpus, tmp_path, monkeypatch):
 
 
 def test_plan_activation_estimate_matches_saved_tensors():
-    import kernels
+    import kernel
     import plan
     from model import GPTConfig
     cfg = GPTConfig(vocab_size=1000, n_layer=2, n_embd=128, n_head=4, n_kv_head=2, block_size=64)
-    model = GPT(cfg, kernels.configure("torch", "plain"))
+    model = GPT(cfg, kernel.configure("torch", "plain"))
     x = torch.randint(0, 1000, (2, 64))
     got = plan.measure_saved(model, x, "fp32")
     assert abs(plan.activation_bytes(cfg, x.numel(), "fp32") / got - 1) < 0.01

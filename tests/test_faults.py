@@ -186,7 +186,7 @@ def test_slurm_script_forwards_usr1_and_requeues(corpus, ref2, tmp_path):
 @pytest.mark.parametrize("fused,optimizer", [(True, "adamw"), (False, "adamw"), (True, "muon")])
 def test_skipped_step_leaves_weights_and_optimizer_untouched(fused, optimizer):
     import config
-    import kernels
+    import kernel
     import optim
     import step as steps
     from model import GPT, GPTConfig
@@ -194,7 +194,7 @@ def test_skipped_step_leaves_weights_and_optimizer_untouched(fused, optimizer):
                         train=config.TrainConfig(fused_optimizer=fused, optimizer=optimizer, precision="fp32",
                                                  batch_size=2))
     run = make_run(cfg)
-    m = GPT(cfg.model, kernels.configure("torch", "plain"))
+    m = GPT(cfg.model, kernel.configure("torch", "plain"))
     opt = optim.build(m, run.cfg.train, run.device)
     assert steps.skips_on_device(opt) == (fused and optimizer == "adamw")
     x = torch.randint(0, 64, (2, 16))
@@ -360,9 +360,9 @@ def test_cuda_out_of_memory_report_and_allocation_history(tmp_path, monkeypatch,
         profiler.step()
         assert calls == ["all", None] and profiler.idle
     import hardware
-    import kernels
+    import kernel
     bf16 = hardware.Precision("bf16", "this GPU has BF16 tensor cores")
-    run = config.Run(cfg, cuda, bf16, kernels.REFERENCE, "ddp", 3, config.derive(cfg, 8))
+    run = config.Run(cfg, cuda, bf16, kernel.REFERENCE, "ddp", 3, config.derive(cfg, 8))
     assert diagnose.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB"), run,
                                   101, 70.0) == 1
     err = capsys.readouterr().err
@@ -376,7 +376,7 @@ def test_cuda_out_of_memory_report_and_allocation_history(tmp_path, monkeypatch,
     # the compiled loss (train.loss auto where the logits fit) holds a micro-batch's logits: the first advice
     from dataclasses import replace
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=50257))
-    compiled = replace(kernels.REFERENCE, loss=kernels.compiled_loss)
+    compiled = replace(kernel.REFERENCE, loss=kernel.compiled_loss)
     run = config.Run(cfg, cuda, bf16, compiled, "ddp", 0, config.derive(cfg, 8))
     diagnose.out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), run, 5, 70.0)
     err = capsys.readouterr().err

@@ -4,7 +4,7 @@ without host syncs, no recompiles after warm-up, FP8 against BF16, and peak memo
 Every test is marked `gpu` and skips without CUDA. `GPU_TESTS_DEVICE=cpu` runs them on the CPU with small shapes, to
 check the code paths on a machine without a GPU; the CUDA-only checks inside (sync debug mode, the CUDA allocator's
 peak, FP8, the Triton backends) skip there, each with its reason. Optional packages (flash-attn, liger-kernel,
-torchao) are imported inside the tests only, through kernels.py, and a test whose package is missing skips.
+torchao) are imported inside the tests only, through kernel.py, and a test whose package is missing skips.
 Written on a machine without a GPU: until it has run on one, a failure may be the test's own.
 """
 import gc
@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 
 import config
 import hardware
-import kernels
+import kernel
 import optim
 import parallel
 import plan
@@ -53,24 +53,24 @@ def restore_global_state():
 # ----------------------------------------------------------------------------- 1. kernel backends vs the reference
 
 def _liger():
-    return kernels._import("liger_kernel.transformers.functional")
+    return kernel._import("liger_kernel.transformers.functional")
 
 
 # (op, backend, needs CUDA, factory): each factory raises KernelError (-> skip) when its package is missing
 BACKENDS = [
-    ("attention", "torch-sdpa", False, lambda: kernels.torch_attention),
-    ("attention", "matmul", False, lambda: kernels.matmul_attention),
-    ("attention", "flash", True, lambda: kernels._flash_attention(kernels._flash_attention_module()[0])),
-    ("rms_norm", "torch", False, lambda: kernels.torch_rms_norm),
-    ("rms_norm", "flash", True, lambda: kernels._flash_rms_norm(kernels._import("flash_attn.ops.triton.layer_norm"))),
-    ("rms_norm", "liger", True, lambda: kernels._liger_rms_norm(_liger())),
-    ("rope", "torch", False, lambda: kernels.torch_rope_qk),
-    ("rope", "flash", True, lambda: kernels._flash_rope(kernels._import("flash_attn.layers.rotary"))),
-    ("rope", "liger", True, lambda: kernels._liger_rope(_liger())),
-    ("loss", "chunked", False, lambda: kernels.chunked_loss),
-    ("loss", "chunked-3-chunks", False, lambda: lambda h, w, t: kernels.chunked_loss(h, w, t, chunk=-(-N // 3))),
-    ("loss", "compiled", False, lambda: kernels.compiled_loss),
-    ("loss", "liger", True, lambda: kernels._liger_loss(_liger())),
+    ("attention", "torch-sdpa", False, lambda: kernel.torch_attention),
+    ("attention", "matmul", False, lambda: kernel.matmul_attention),
+    ("attention", "flash", True, lambda: kernel._flash_attention(kernel._flash_attention_module()[0])),
+    ("rms_norm", "torch", False, lambda: kernel.torch_rms_norm),
+    ("rms_norm", "flash", True, lambda: kernel._flash_rms_norm(kernel._import("flash_attn.ops.triton.layer_norm"))),
+    ("rms_norm", "liger", True, lambda: kernel._liger_rms_norm(_liger())),
+    ("rope", "torch", False, lambda: kernel.torch_rope_qk),
+    ("rope", "flash", True, lambda: kernel._flash_rope(kernel._import("flash_attn.layers.rotary"))),
+    ("rope", "liger", True, lambda: kernel._liger_rope(_liger())),
+    ("loss", "chunked", False, lambda: kernel.chunked_loss),
+    ("loss", "chunked-3-chunks", False, lambda: lambda h, w, t: kernel.chunked_loss(h, w, t, chunk=-(-N // 3))),
+    ("loss", "compiled", False, lambda: kernel.compiled_loss),
+    ("loss", "liger", True, lambda: kernel._liger_loss(_liger())),
 ]
 
 
@@ -95,22 +95,22 @@ def op_case(op: str):
         return torch.randn(*shape, generator=gen) * scale
     if op == "attention":
         inputs = [rnd(B, T, H, D), rnd(B, T, H_KV, D), rnd(B, T, H_KV, D)]
-        return [x.to(DEVICE, BF16) for x in inputs], lambda fn, *x: fn(*x), kernels.torch_attention, False
+        return [x.to(DEVICE, BF16) for x in inputs], lambda fn, *x: fn(*x), kernel.torch_attention, False
     if op == "rms_norm":
         inputs = [rnd(B, T, H * D, scale=3.0), 1.0 + rnd(H * D, scale=0.1)]
-        return [x.to(DEVICE, BF16) for x in inputs], lambda fn, x, w: fn(x, w, EPS), kernels.torch_rms_norm, False
+        return [x.to(DEVICE, BF16) for x in inputs], lambda fn, x, w: fn(x, w, EPS), kernel.torch_rms_norm, False
     if op == "rope":
         table = rope_cache(GPTConfig(vocab_size=8, n_embd=H * D, n_head=H, block_size=T), DEVICE)  # FP32 always
 
         def call(fn, q, k):  # liger rotates its inputs in place: give it copies, not the leaves
             return torch.cat([x.flatten() for x in fn(q.clone(), k.clone(), table)])
         inputs = [rnd(B, T, H, D), rnd(B, T, H_KV, D)]
-        return [x.to(DEVICE, BF16) for x in inputs], call, kernels.torch_rope_qk, False
+        return [x.to(DEVICE, BF16) for x in inputs], call, kernel.torch_rope_qk, False
     targets = torch.randint(0, V, (N,), generator=gen)
     targets[::7] = -1  # ignored rows count neither in the mean nor in the gradients
     targets = targets.to(DEVICE)
     inputs = [rnd(N, DIM), rnd(V, DIM, scale=DIM**-0.5)]  # logits ~ N(0, 1)
-    return [x.to(DEVICE) for x in inputs], lambda fn, h, w: fn(h, w, targets), kernels.plain_loss, True
+    return [x.to(DEVICE) for x in inputs], lambda fn, h, w: fn(h, w, targets), kernel.plain_loss, True
 
 
 def forward_backward(call, fn, inputs, autocast: bool):
@@ -137,7 +137,7 @@ def test_kernel_backend_matches_the_fp32_reference_in_bf16(op, backend, needs_cu
         pytest.skip(f"{backend}'s Triton kernels need CUDA (tests/test_kernels.py runs some under TRITON_INTERPRET)")
     try:
         fn = factory()
-    except kernels.KernelError as e:
+    except kernel.KernelError as e:
         pytest.skip(str(e))
     inputs, call, reference, autocast = op_case(op)
     out, grads = forward_backward(call, fn, inputs, autocast)
@@ -258,7 +258,7 @@ def test_fp8_loss_within_5_percent_of_bf16():
     train.precision=fp8 and with bf16, same seed, same data, both eager: both losses fall (by 20 % at least) and
     FP8's final loss (mean of the last 10 steps) is within 5 % (relative) of BF16's. Eager, so that the test measures
     FP8's numerics in seconds; the compiled FP8 step is gpu_check.sh's 500m-fp8 bench case."""
-    if CUDA and (why := kernels.float8_supported(torch.device(DEVICE))):
+    if CUDA and (why := kernel.float8_supported(torch.device(DEVICE))):
         pytest.skip(why)
     shape = ["model.n_layer=4", "model.n_embd=256", "model.n_head=4", "model.block_size=256",
              "model.vocab_size=8192"] if CUDA else ["model.n_layer=2", "model.n_embd=64", "model.n_head=4",
@@ -285,7 +285,7 @@ def test_fp8_loss_within_5_percent_of_bf16():
         return last
     base = check_falls("bf16" if CUDA else "base precision", losses(PRECISION))
     if not CUDA:
-        pytest.skip(f"the FP8 half: {kernels.float8_supported(torch.device(DEVICE))} (the base run fell as it should)")
+        pytest.skip(f"the FP8 half: {kernel.float8_supported(torch.device(DEVICE))} (the base run fell as it should)")
     fp8 = check_falls("fp8", losses("fp8"))
     assert abs(fp8 - base) <= 0.05 * base, (fp8, base)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import bench
-import kernels
+import kernel
 import optim
 import parallel
 import train
@@ -44,12 +44,12 @@ def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
     h, w = torch.randn(100, 32), torch.randn(300, 32) * 0.2
     t = torch.randint(0, 300, (100,))
     t[::9] = -1  # ignored targets count neither in the mean nor in the gradients
-    ref = grads(lambda h, w: kernels.plain_loss(h, w, t), h, w)
-    got = grads(lambda h, w: kernels.chunked_loss(h, w, t, chunk=chunk), h, w)
+    ref = grads(lambda h, w: kernel.plain_loss(h, w, t), h, w)
+    got = grads(lambda h, w: kernel.chunked_loss(h, w, t, chunk=chunk), h, w)
     assert_close(got, ref, 1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref16 = grads(lambda h, w: kernels.plain_loss(h, w, t), h, w)
-        got16 = grads(lambda h, w: kernels.chunked_loss(h, w, t, chunk=chunk), h, w)
+        ref16 = grads(lambda h, w: kernel.plain_loss(h, w, t), h, w)
+        got16 = grads(lambda h, w: kernel.chunked_loss(h, w, t, chunk=chunk), h, w)
     assert_close(got16, ref16, 2e-2)
     assert got16[1][1].dtype == torch.float32  # the FP32 weight gets an FP32 gradient
 
@@ -67,7 +67,7 @@ def test_plan_counts_what_the_chunked_loss_holds(rows):
     tracker = MemTracker()
     with tracker:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = kernels.ChunkedLoss.apply(h, w, targets, rows)
+            loss = kernel.ChunkedLoss.apply(h, w, targets, rows)
         loss.backward()
     measured = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
     cfg = GPTConfig(vocab_size=V, n_embd=d, n_layer=1, n_head=2, block_size=N)
@@ -80,10 +80,10 @@ def test_chunked_loss_under_compile_and_with_all_targets_ignored():
     torch.manual_seed(0)
     h, w = torch.randn(64, 16), torch.randn(50, 16)
     t = torch.randint(0, 50, (64,))
-    compiled = torch.compile(lambda h, w: kernels.chunked_loss(h, w, t, chunk=16))
-    assert_close(grads(compiled, h, w), grads(lambda h, w: kernels.plain_loss(h, w, t), h, w), 1e-5)
+    compiled = torch.compile(lambda h, w: kernel.chunked_loss(h, w, t, chunk=16))
+    assert_close(grads(compiled, h, w), grads(lambda h, w: kernel.plain_loss(h, w, t), h, w), 1e-5)
     none = torch.full((64,), -1)
-    loss, (gh, gw) = grads(lambda h, w: kernels.chunked_loss(h, w, none), h, w)
+    loss, (gh, gw) = grads(lambda h, w: kernel.chunked_loss(h, w, none), h, w)
     assert loss.item() == 0 and not gh.any() and not gw.any()
 
 
@@ -91,7 +91,7 @@ def test_chunked_loss_under_compile_and_with_all_targets_ignored():
 def test_attention_matches_the_full_score_matrix(kv_heads):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 24, 4, 16), torch.randn(2, 24, kv_heads, 16), torch.randn(2, 24, kv_heads, 16)
-    assert_close(grads(kernels.torch_attention, q, k, v), grads(bench.naive_attention, q, k, v), 1e-5)
+    assert_close(grads(kernel.torch_attention, q, k, v), grads(bench.naive_attention, q, k, v), 1e-5)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
@@ -99,39 +99,39 @@ def test_matmul_attention_matches_sdpa(kv_heads):
     """The CPU half-precision path: the same maths as the SDPA reference (FP32 here; BF16 within its rounding)."""
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 24, 4, 16), torch.randn(2, 24, kv_heads, 16), torch.randn(2, 24, kv_heads, 16)
-    assert_close(grads(kernels.matmul_attention, q, k, v), grads(kernels.torch_attention, q, k, v), 1e-5)
+    assert_close(grads(kernel.matmul_attention, q, k, v), grads(kernel.torch_attention, q, k, v), 1e-5)
     low = [t.bfloat16() for t in (q, k, v)]
-    torch.testing.assert_close(kernels.matmul_attention(*low).float(), kernels.torch_attention(q, k, v),
+    torch.testing.assert_close(kernel.matmul_attention(*low).float(), kernel.torch_attention(q, k, v),
                                atol=0.05, rtol=0.05)
 
 
 def test_cpu_kernel_choice_by_dtype():
-    ops = kernels.configure("auto", "auto", "cpu", torch.bfloat16)
+    ops = kernel.configure("auto", "auto", "cpu", torch.bfloat16)
     assert ops.names["attention"].startswith("matmul") and ops.names["loss"] == "chunked (cache-sized)"
-    q = torch.randn(1, kernels.CPU_MATMUL_ATTENTION_MAX_T + 8, 2, 8)  # long context: back to SDPA
-    torch.testing.assert_close(ops.attention(q, q, q), kernels.torch_attention(q, q, q))
-    assert kernels.configure("auto", "auto", "cpu", torch.float32).names["attention"] == "torch"  # FP32: SDPA wins
+    q = torch.randn(1, kernel.CPU_MATMUL_ATTENTION_MAX_T + 8, 2, 8)  # long context: back to SDPA
+    torch.testing.assert_close(ops.attention(q, q, q), kernel.torch_attention(q, q, q))
+    assert kernel.configure("auto", "auto", "cpu", torch.float32).names["attention"] == "torch"  # FP32: SDPA wins
 
 
 def test_rms_norm_compiled_matches_eager():
     torch.manual_seed(0)
     x, w = torch.randn(3, 10, 64), torch.randn(64)
-    compiled = torch.compile(lambda x, w: kernels.torch_rms_norm(x, w, 1e-5), backend="aot_eager")
-    assert_close(grads(compiled, x, w), grads(lambda x, w: kernels.torch_rms_norm(x, w, 1e-5), x, w), 1e-5)
+    compiled = torch.compile(lambda x, w: kernel.torch_rms_norm(x, w, 1e-5), backend="aot_eager")
+    assert_close(grads(compiled, x, w), grads(lambda x, w: kernel.torch_rms_norm(x, w, 1e-5), x, w), 1e-5)
     xb = x.bfloat16()  # BF16 activations (FSDP2's BF16 parameters): normalised in FP32 either way
-    torch.testing.assert_close(compiled(xb, w), kernels.torch_rms_norm(xb, w, 1e-5), atol=0.02, rtol=0.02)
+    torch.testing.assert_close(compiled(xb, w), kernel.torch_rms_norm(xb, w, 1e-5), atol=0.02, rtol=0.02)
 
 
 def test_rms_norm_and_rope_match_the_formulas():
     torch.manual_seed(0)
     x, w = torch.randn(3, 10, 64), torch.randn(64)
-    assert_close(grads(lambda x, w: kernels.torch_rms_norm(x, w, 1e-5), x, w),
+    assert_close(grads(lambda x, w: kernel.torch_rms_norm(x, w, 1e-5), x, w),
                  grads(lambda x, w: bench.naive_rms_norm(x, w, 1e-5), x, w), 1e-5)
     # RoPE in the rotate-half layout is a rotation of the pairs (i, i + D/2) by angle pos * theta^(-2i/D)
     from model import rope_cache
     cfg = GPTConfig(vocab_size=10, n_embd=64, n_head=4, block_size=10)
     x = torch.randn(1, 10, 1, 16)
-    out = kernels.torch_rope(x, rope_cache(cfg))
+    out = kernel.torch_rope(x, rope_cache(cfg))
     pos, i = 7, 3
     angle = pos * 10000.0 ** (-2 * i / 16)
     a, b = x[0, pos, 0, i], x[0, pos, 0, i + 8]
@@ -146,7 +146,7 @@ def test_model_loss_is_the_same_with_every_loss_kernel():
     x = torch.randint(0, 200, (3, 16))
     results = {}
     for loss in ("plain", "chunked", "auto"):  # auto on CPU: chunked, cache-sized chunks
-        model.set_ops(kernels.configure("torch", loss))
+        model.set_ops(kernel.configure("torch", loss))
         model.zero_grad()
         value = model(x, x)
         value.backward()
@@ -154,30 +154,30 @@ def test_model_loss_is_the_same_with_every_loss_kernel():
     assert_close(results["chunked"], results["plain"], 1e-5)
     assert_close(results["auto"], results["plain"], 1e-5)
     # the logits path (eval, sampling) is the plain lm_head
-    model.set_ops(kernels.configure("torch", "plain"))
+    model.set_ops(kernel.configure("torch", "plain"))
     logits = model(x)
     assert logits.shape == (3, 16, cfg.padded_vocab_size)
 
 
 def test_configure_names_the_choice_and_refuses_what_cannot_run_here():
-    assert kernels.configure("auto", "auto", "cpu", torch.float32).names == {
+    assert kernel.configure("auto", "auto", "cpu", torch.float32).names == {
         "attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "chunked (cache-sized)",
         "grouped_mm": "torch grouped_mm"}
-    assert kernels.configure("auto", "chunked", "cpu", torch.bfloat16).names["loss"] == "chunked"
-    assert kernels.configure("torch", "plain").names["loss"] == "plain"
+    assert kernel.configure("auto", "chunked", "cpu", torch.bfloat16).names["loss"] == "chunked"
+    assert kernel.configure("torch", "plain").names["loss"] == "plain"
     for name in ("flash", "liger"):
-        with pytest.raises(kernels.KernelError, match="needs a CUDA device"):
-            kernels.configure(name, "auto", "cpu", torch.bfloat16)
+        with pytest.raises(kernel.KernelError, match="needs a CUDA device"):
+            kernel.configure(name, "auto", "cpu", torch.bfloat16)
     if importlib.util.find_spec("flash_attn") is None:
-        with pytest.raises(kernels.KernelError, match="pip install flash-attn"):
-            kernels._import("flash_attn")
-    assert "compute capability >= 8.9" in kernels.float8_supported(torch.device("cpu"))
+        with pytest.raises(kernel.KernelError, match="pip install flash-attn"):
+            kernel._import("flash_attn")
+    assert "compute capability >= 8.9" in kernel.float8_supported(torch.device("cpu"))
 
 
 def test_auto_never_takes_liger_even_when_installed(monkeypatch):
     """liger failed to compile under torch.compile on the GPU's torch: auto keeps torch's kernels."""
-    monkeypatch.setattr(kernels, "_installed", lambda name: name == "liger")
-    assert kernels.configure("auto", "auto", "cuda", torch.bfloat16).names == {
+    monkeypatch.setattr(kernel, "_installed", lambda name: name == "liger")
+    assert kernel.configure("auto", "auto", "cuda", torch.bfloat16).names == {
         "attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "chunked", "grouped_mm": "loop"}
 
 
@@ -185,17 +185,17 @@ def test_auto_never_takes_liger_even_when_installed(monkeypatch):
                                                  ({"flash_attn", "flash_attn_interface"}, "flash-attn 3")])
 def test_auto_takes_flash_attention_3_only(monkeypatch, installed, expected):
     """flash-attn 2 is the kernel SDPA has built in: auto takes the package only for FlashAttention-3."""
-    real = kernels._import
+    real = kernel._import
 
     def fake_import(name):
         if name.split(".")[0] in installed:
             return type(name, (), {"flash_attn_func": None})
         if name.split(".")[0] in ("flash_attn", "flash_attn_interface"):
-            raise kernels.KernelError(f"{name} is not installed")
+            raise kernel.KernelError(f"{name} is not installed")
         return real(name)
-    monkeypatch.setattr(kernels, "_import", fake_import)
-    assert kernels.configure("auto", "auto", "cuda", torch.bfloat16).names["attention"] == expected
-    assert kernels.configure("flash", "auto", "cuda", torch.bfloat16).names["attention"] != "torch"  # taken
+    monkeypatch.setattr(kernel, "_import", fake_import)
+    assert kernel.configure("auto", "auto", "cuda", torch.bfloat16).names["attention"] == expected
+    assert kernel.configure("flash", "auto", "cuda", torch.bfloat16).names["attention"] != "torch"  # taken
 
 
 def test_fp8_and_cuda_kernels_stop_before_training(corpus, tmp_path, capsys):
@@ -232,13 +232,13 @@ def test_liger_kernels_under_the_triton_interpreter():
 import torch, kernels
 from model import GPTConfig, rope_cache
 from test_kernels import assert_close, grads
-fn = kernels._import("liger_kernel.transformers.functional")
+fn = kernel._import("liger_kernel.transformers.functional")
 torch.manual_seed(0)
 table = rope_cache(GPTConfig(vocab_size=10, n_embd=64, n_head=4, block_size=16))
 q, k = torch.randn(2, 16, 4, 16), torch.randn(2, 16, 2, 16)
 def both(rope):
     return grads(lambda q, k: torch.cat([t.flatten() for t in rope(q, k, table)]), q, k)
-assert_close(both(kernels._liger_rope(fn)), both(kernels.torch_rope_qk), 1e-5)
+assert_close(both(kernel._liger_rope(fn)), both(kernel.torch_rope_qk), 1e-5)
 # q, k as the model makes them: views of a projection's output
 x = torch.randn(2, 16, 64, requires_grad=True); W = torch.randn(64 + 32, 64) * 0.1
 def proj(rope):
@@ -249,15 +249,15 @@ def proj(rope):
     out = (a.sum(-1) ** 2).sum() + (b.sum(-1) ** 2).sum()
     out.backward()
     return out.detach(), x.grad.clone()
-o1, g1 = proj(kernels._liger_rope(fn)); o2, g2 = proj(kernels.torch_rope_qk)
+o1, g1 = proj(kernel._liger_rope(fn)); o2, g2 = proj(kernel.torch_rope_qk)
 torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5); torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
 h, W, t = torch.randn(32, 64), torch.randn(128, 64) * 0.1, torch.randint(0, 128, (32,))
 t[::5] = -1
-assert_close(grads(lambda h, W: kernels._liger_loss(fn)(h, W, t), h, W),
-             grads(lambda h, W: kernels.plain_loss(h, W, t), h, W), 1e-5)
+assert_close(grads(lambda h, W: kernel._liger_loss(fn)(h, W, t), h, W),
+             grads(lambda h, W: kernel.plain_loss(h, W, t), h, W), 1e-5)
 with torch.autocast("cpu", dtype=torch.bfloat16):
-    a = grads(lambda h, W: kernels._liger_loss(fn)(h, W, t), h, W)
-    b = grads(lambda h, W: kernels.plain_loss(h, W, t), h, W)
+    a = grads(lambda h, W: kernel._liger_loss(fn)(h, W, t), h, W)
+    b = grads(lambda h, W: kernel.plain_loss(h, W, t), h, W)
 assert_close(a, b, 2e-2)
 print("ok")
 """
@@ -270,14 +270,14 @@ print("ok")
 def test_loss_auto_compiles_the_plain_loss_when_the_logits_fit():
     """train.loss auto: a compiled step whose plan holds the full logits takes the compiled plain loss; an eager step
     or logits that do not fit keep the chunked one. The fallback is torch's kernels with the chunked loss."""
-    ops = kernels.configure("auto", "auto", "cpu", torch.bfloat16, compiled=True, logits_fit=True)
-    assert ops.names["loss"] == "plain, compiled" and ops.loss is kernels.compiled_loss
+    ops = kernel.configure("auto", "auto", "cpu", torch.bfloat16, compiled=True, logits_fit=True)
+    assert ops.names["loss"] == "plain, compiled" and ops.loss is kernel.compiled_loss
     for compiled, fit in ((True, False), (False, True)):
-        ops = kernels.configure("auto", "auto", "cuda", torch.bfloat16, compiled=compiled, logits_fit=fit)
-        assert ops.names["loss"] == "chunked" and ops.loss is kernels.chunked_loss and ops.fallback is None
-    assert kernels.configure("torch", "chunked", "cpu", compiled=True, logits_fit=True).names["loss"] == "chunked"
-    ops = kernels.configure("auto", "compiled", "cpu", torch.bfloat16)
-    assert ops.replaced() == {"loss": "chunked (cache-sized)"} and ops.fallback.loss is kernels.cpu_chunked_loss
+        ops = kernel.configure("auto", "auto", "cuda", torch.bfloat16, compiled=compiled, logits_fit=fit)
+        assert ops.names["loss"] == "chunked" and ops.loss is kernel.chunked_loss and ops.fallback is None
+    assert kernel.configure("torch", "chunked", "cpu", compiled=True, logits_fit=True).names["loss"] == "chunked"
+    ops = kernel.configure("auto", "compiled", "cpu", torch.bfloat16)
+    assert ops.replaced() == {"loss": "chunked (cache-sized)"} and ops.fallback.loss is kernel.cpu_chunked_loss
     assert ops.fallback.fallback is None and ops.fallback.replaced() == {}  # nothing left: first_step re-raises
 
 

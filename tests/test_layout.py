@@ -1,15 +1,16 @@
 """The layout the code promises (shared design): no module imports train.py, the modules' imports form no cycle,
-a loaded config is read-only, and choosing kernels writes no module state."""
+no module hides an installed package, a loaded config is read-only, and choosing kernels writes no module state."""
 import ast
 import dataclasses
 import glob
+import importlib.metadata
 import os
 
 import pytest
 import torch
 
 import config
-import kernels
+import kernel
 from conftest import ROOT
 
 CORE = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")))
@@ -25,6 +26,14 @@ def imports(path: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module.split(".")[0])
     return found & (set(CORE) | {"data"})
+
+
+def test_no_module_hides_an_installed_package():
+    """The scripts run from the checkout, whose folder comes first on sys.path: a module named like a package that
+    something imports replaces it there. (transformers 5.25 imports Hugging Face's `kernels` package when it is
+    installed, as it requires it; our kernels.py stood in its place and every transformers model failed to load.)"""
+    installed = {name: set(dists) - {"gptrain"} for name, dists in importlib.metadata.packages_distributions().items()}
+    assert not {name: installed[name] for name in CORE + ["data", "tests", "scripts"] if installed.get(name)}
 
 
 def graph() -> dict[str, set[str]]:
@@ -64,8 +73,8 @@ def test_a_loaded_config_is_read_only():
 
 
 def test_choosing_kernels_writes_no_module_state():
-    before = {k: id(v) for k, v in vars(kernels).items()}
-    ops = kernels.configure("auto", "compiled", "cpu", torch.bfloat16, compiled=True, logits_fit=True)
-    assert ops.loss is kernels.compiled_loss and ops.fallback.loss is kernels.cpu_chunked_loss
-    assert {k: id(v) for k, v in vars(kernels).items()} == before
-    assert kernels.REFERENCE.loss is kernels.chunked_loss  # the default every model starts from
+    before = {k: id(v) for k, v in vars(kernel).items()}
+    ops = kernel.configure("auto", "compiled", "cpu", torch.bfloat16, compiled=True, logits_fit=True)
+    assert ops.loss is kernel.compiled_loss and ops.fallback.loss is kernel.cpu_chunked_loss
+    assert {k: id(v) for k, v in vars(kernel).items()} == before
+    assert kernel.REFERENCE.loss is kernel.chunked_loss  # the default every model starts from

@@ -150,12 +150,12 @@ def test_plan_counts_a_frozen_base_and_adapter_state_and_bad_keys_stop():
 
 
 def test_chunked_loss_under_a_frozen_head_skips_dw_and_keeps_dh():
-    import kernels
+    import kernel
     gen = torch.Generator().manual_seed(0)
     h, w = torch.randn(40, 16, generator=gen), torch.randn(96, 16, generator=gen)
     targets = torch.randint(0, 96, (40,), generator=gen)
     grads = []
-    for loss in (kernels.plain_loss, lambda a, b, c: kernels.chunked_loss(a, b, c, chunk=7)):
+    for loss in (kernel.plain_loss, lambda a, b, c: kernel.chunked_loss(a, b, c, chunk=7)):
         x = h.clone().requires_grad_()
         loss(x, w, targets).backward()  # w is frozen
         grads.append(x.grad)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import config
 import export
-import kernels
+import kernel
 import step
 import train
 from conftest import run
@@ -43,7 +43,7 @@ def test_grouped_mm_matches_the_per_expert_loop(dtype, tol):
     w = torch.randn(4, 48, 64, generator=gen).to(dtype)
     grad = torch.randn(len(x), 48, generator=gen).to(dtype)
     out = {}
-    for name, fn in [("loop", kernels.loop_grouped_mm), ("grouped", kernels.torch_grouped_mm)]:
+    for name, fn in [("loop", kernel.loop_grouped_mm), ("grouped", kernel.torch_grouped_mm)]:
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = fn(xi, wi, counts)
         y.backward(grad)
@@ -51,7 +51,7 @@ def test_grouped_mm_matches_the_per_expert_loop(dtype, tol):
     for a, b in zip(out["loop"], out["grouped"]):
         assert a.shape == b.shape and ((a - b).abs().max() / a.abs().max()).item() < tol
     xs = x.clone().requires_grad_()  # a gradient with zero strides (from .sum()) is made contiguous for it
-    kernels.torch_grouped_mm(xs, w, counts).float().sum().backward()
+    kernel.torch_grouped_mm(xs, w, counts).float().sum().backward()
 
 
 @pytest.mark.parametrize("moe", [dict(router="softmax", renormalize=False),
@@ -75,7 +75,7 @@ def test_the_layer_is_its_per_token_definition(moe):
                 ref[b, t] += wt * (e.down_proj[i] @ (F.silu(e.gate_proj[i] @ x[b, t]) * (e.up_proj[i] @ x[b, t])))
             if moe.get("shared_experts"):
                 ref[b, t] += layer.shared_experts(x[b, t])
-    for ops in (kernels.REFERENCE, kernels.configure("auto", "auto", "cpu")):
+    for ops in (kernel.REFERENCE, kernel.configure("auto", "auto", "cpu")):
         layer.ops = ops
         assert (layer(x) - ref).abs().max().item() < 1e-5
 

@@ -9,7 +9,7 @@ WITHOUT_POSIX = """
 import sys
 sys.modules["fcntl"] = sys.modules["resource"] = None
 import sample, eval
-import checkpoint, hardware, kernels, tokenizer  # what their main() imports
+import checkpoint, hardware, kernel, tokenizer  # what their main() imports
 assert "train" not in sys.modules, "sample.py or eval.py imports train.py"
 import train
 print("imported")

@@ -236,14 +236,14 @@ def test_fp16_overflow_is_one_skip_and_one_backoff(fused):
     """The scaler's found-inf and the non-finite-step skip are one decision: an overflowing step leaves weights
     and AdamW state untouched and halves the scale; a good step updates and keeps the scale."""
     import config
-    import kernels
+    import kernel
     import optim
     from model import GPT, GPTConfig
     from step import train_step
     cfg = config.Config(model=GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, block_size=16),
                         train=config.TrainConfig(fused_optimizer=fused, precision="fp16", batch_size=2))
     run = make_run(cfg)
-    m = GPT(cfg.model, kernels.configure("torch", "plain"))
+    m = GPT(cfg.model, kernel.configure("torch", "plain"))
     opt = optim.build(m, run.cfg.train, torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x = torch.randint(0, 64, (2, 16))

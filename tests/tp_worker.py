@@ -23,7 +23,7 @@ from torch.distributed.tensor import distribute_tensor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import config  # noqa: E402
-import kernels  # noqa: E402
+import kernel  # noqa: E402
 import optim  # noqa: E402
 import parallel  # noqa: E402
 import plan  # noqa: E402
@@ -61,7 +61,7 @@ def batch(run, seed: int = 0):
 def compare(dataset: str, extra: list[str]) -> dict:
     """Largest absolute differences between the model split over the 2 ranks and the same model in one process."""
     run, model, train_model = setup(dataset, extra, tp=2)
-    ref = GPT(run.cfg.model, kernels.configure("torch", "plain"))  # the unsplit plain loss: the reference
+    ref = GPT(run.cfg.model, kernel.configure("torch", "plain"))  # the unsplit plain loss: the reference
     ref.init_weights(run.cfg.train.seed)
     x, y = batch(run)
     loss = train_model(x, y)
