@@ -45,6 +45,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 import xxhash
 
+import lora
+
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 # Frozen parameters (a LoRA run's base) are rebuilt, not saved: a checkpoint holds what trains and its optimizer state
 TRAINED = StateDictOptions(ignore_frozen_params=True)
@@ -579,7 +581,7 @@ def load_base(path: str, model: torch.nn.Module) -> None:
     """The weights of checkpoint `path` (a run of ours, verified here) into `model`'s parameters of the same names,
     in place and resharded as `model` is; parameters the checkpoint lacks (LoRA adapters) are left alone."""
     verify_files(path)
-    model_sd = {k: v for k, v in get_model_state_dict(model).items() if ".lora_" not in k}
+    model_sd = {k: v for k, v in get_model_state_dict(model).items() if not lora.is_adapter(k)}
     _load(path, {"model": model_sd})
     set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
 
@@ -610,7 +612,6 @@ def load_model(path: str, device) -> tuple:
     state = read_state(path)
     cfg = config.build(state["config"], {k: f"{path}/{STATE_FILE}" for k in config._all_keys()})
     if cfg.train.lora:  # the base as the run built it, then its adapters
-        import lora
         import parallel
         from model import GPT
         lora.check_base(state, cfg.train, path)

@@ -374,10 +374,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError("train.lora with train.precision=fp8: the frozen base is not converted to FP8; use bf16")
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty")
-    experts = cfg.model.moe.num_experts
-    if t.ep > 1 and (not experts or experts % t.ep or t.parallel == "ddp"):
-        raise ConfigError(f"train.ep={t.ep} needs model.moe.num_experts a multiple of it (got {experts}) and "
-                          f"train.parallel fsdp or auto (got {t.parallel})")
+    experts = cfg.model.moe.num_experts  # 0 here may still be an MoE from train.init_from: plan.resolve checks it
+    if t.ep > 1 and (experts % t.ep or t.parallel == "ddp" or cfg.eval.interval):
+        raise ConfigError(f"train.ep={t.ep} needs model.moe.num_experts a multiple of it (got {experts}), "
+                          f"train.parallel fsdp or auto (got {t.parallel}) and eval.interval 0 (got "
+                          f"{cfg.eval.interval}: a sample's experts would need all-to-alls that ranks of different "
+                          f"lengths do not all join)")
     w = cfg.data.weights
     if w is not None and (len(w) != len(cfg.data.datasets) or min(w) < 0 or sum(w) <= 0):
         raise ConfigError(f"data.weights needs one non-negative weight per dataset ({len(cfg.data.datasets)}), "

@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+import lora
 from model import GPT, GPTConfig, MoEConfig
 
 LLAMA_HF_KEYS = ("model.", "lm_head.weight")  # every Llama key: ours with a "model." prefix, except the head
@@ -216,7 +217,7 @@ def config_from_init(path: str, ours: GPTConfig) -> GPTConfig:
 def to_hf(model: GPT) -> dict[str, torch.Tensor]:
     """Our state dict -> transformers' names and layouts (contiguous FP32 CPU tensors; a tied head once)."""
     cfg = model.cfg  # LoRA adapters are left out: `export_adapter` writes them
-    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if ".lora_" not in k}
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if not lora.is_adapter(k)}
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight")  # transformers re-ties it from the embedding
     if cfg.arch == "llama":
@@ -316,7 +317,7 @@ def load_weights(model: GPT, path: str, assign=None) -> None:
     full_value)` stores a full tensor into a parameter (a sharded trainer passes one that keeps its shard)."""
     _, sd = read_hf(path)
     ours, assign = from_hf(sd, model.cfg), assign or (lambda p, value: p.copy_(value))
-    params = {n: p for n, p in model.named_parameters() if ".lora_" not in n}  # LoRA adapters start apart
+    params = {n: p for n, p in model.named_parameters() if not lora.is_adapter(n)}  # LoRA adapters start apart
     biases = {k: b for k, b in model.named_buffers() if k.endswith("e_score_correction_bias")}  # optional
     missing = sorted(set(params) - set(ours) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set()))
     for name in set(ours) & set(biases):
@@ -394,7 +395,6 @@ def export_hf(model: GPT, dst: str, tokenizer_dir: str | None = None) -> None:
 def export_adapter(model: GPT, t, dst: str, base: str) -> None:
     """Write a LoRA run's adapters to `dst` as PEFT writes them (adapter_config.json, adapter_model.safetensors),
     for `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), dst)`."""
-    import lora
     conf, tensors = lora.peft_files(model, t, base)
     os.makedirs(dst, exist_ok=True)
     with open(os.path.join(dst, "adapter_config.json"), "w") as f:
@@ -411,7 +411,6 @@ def main(argv: list[str]) -> int:
                    "into its weights, instead of the base in DST and PEFT's adapter files in DST/adapter")
     args = p.parse_args(argv)
     import checkpoint
-    import lora
     try:
         model, cfg, path = checkpoint.load_model(args.out_dir, torch.device("cpu"))
         adapted = cfg.train.lora and not args.merge

@@ -401,9 +401,10 @@ class GPT(nn.Module):
         do not), of an MoE layer's experts only the top_k a token is routed to; 12*L*d*T is attention's QK^T and
         AV, forward and backward, over the full (non-causal) T x T square."""
         cfg = self.cfg
-        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        n_matmul += self.active_expert_params()
-        return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        linears = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
+        frozen = sum(w.numel() for w in linears if not w.requires_grad)  # a LoRA base: no weight gradient, 4 per token
+        n_matmul = sum(w.numel() for w in linears) + self.active_expert_params()
+        return 6 * n_matmul - 2 * frozen + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def active_expert_params(self) -> int:
         """Routed-expert parameters one token uses (top_k of each MoE layer's experts): the MoE's active count,

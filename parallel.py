@@ -164,7 +164,8 @@ def parallelize(model: GPT, run: config.Run) -> nn.Module:
     wrapped = model
     if run.mode == "ddp":
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                      gradient_as_bucket_view=True)  # gradients live in the buckets: no second copy
+                      gradient_as_bucket_view=True,  # gradients live in the buckets: no second copy
+                      broadcast_buffers=False)  # the RoPE table and routing biases agree on every rank already
     return torch.compile(wrapped) if t.compile else wrapped
 
 
@@ -218,10 +219,10 @@ def _dispatch(moe: MoE, group, xs: torch.Tensor, counts: torch.Tensor) -> torch.
         got = torch.empty_like(counts)
         dist.all_to_all_single(got, counts, group=group)  # got[r * mine + e]: rows rank r sends to my expert e
         got = got.view(world, mine)
-        send, recv = counts.view(world, mine).sum(dim=1).tolist(), got.sum(dim=1).tolist()
+        send, recv = torch.stack([counts.view(world, mine).sum(dim=1), got.sum(dim=1)]).tolist()  # one host read
     xr = all_to_all(xs.contiguous(), recv, send, group)
     # arrived by (source rank, my expert): group the rows by my expert for the grouped GEMMs, then put them back
-    expert = torch.arange(mine, device=xs.device).repeat(world).repeat_interleave(got.flatten())
+    expert = torch.arange(mine, device=xs.device).repeat(world).repeat_interleave(got.flatten(), output_size=sum(recv))
     order = expert.argsort(stable=True)
     w = [_ScaleGrad.apply(p.to_local(), 1.0 / world) for p in (moe.experts.gate_proj, moe.experts.up_proj,
                                                                 moe.experts.down_proj)]

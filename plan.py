@@ -169,11 +169,15 @@ def resolve(cfg: config.Config, model: GPTConfig, device: torch.device, precisio
     with torch.device("meta"):
         n = GPT(model).num_params()
     mode = parallel_mode(t.parallel, world, n, mem, device.type == "cuda", t.tp)
+    experts = model.moe.num_experts  # of the model built (train.init_from's config.json may set it)
     if t.ep > 1:  # expert parallel runs beside FSDP2, over all ranks
-        if t.ep != world:
-            raise config.ConfigError(f"train.ep={t.ep} must equal the world size ({world}): the experts are sharded "
-                                     f"over every rank")
+        if t.ep != world or not experts or experts % t.ep:
+            raise config.ConfigError(f"train.ep={t.ep} must equal the world size ({world}) and divide "
+                                     f"model.moe.num_experts ({experts}): each rank keeps whole experts")
         mode = "fsdp"
+    if t.lora and experts:
+        raise config.ConfigError("train.lora with an MoE model (model.moe): adapters on the experts are not "
+                                 "supported, and the frozen base's routing biases would still move")
     return config.Run(cfg, device, precision, ops, mode, rank, config.derive(cfg, world))
 
 

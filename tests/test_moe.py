@@ -22,7 +22,7 @@ import export
 import kernel
 import step
 import train
-from conftest import run
+from conftest import make_run, run
 from model import GPTConfig, MoE, MoEConfig, build
 from test_distributed import DIST, ok, torchrun
 from test_train import rows, train_args
@@ -96,6 +96,7 @@ def test_active_flops_kv_cache_config_and_the_bias_step():
     assert config.build(config.to_dict(cfg)).model == cfg.model  # as a checkpoint keeps it
     for args, words in [(["model.moe.num_expert=8"], "did you mean 'model.moe.num_experts'"),
                         (["model.moe.num_experts=6", "train.ep=4"], "train.ep=4 needs model.moe.num_experts a"),
+                        (["model.moe.num_experts=4", "train.ep=2", "eval.interval=5"], "and eval.interval 0"),
                         (["model.moe.num_experts=4", "model.moe.top_k=5"], "model.moe.top_k must be in [1"),
                         (["model.moe.router=relu"], "softmax, sigmoid"),
                         (["model.moe.num_experts=4", "model.moe.top_k=1"], "set model.moe.renormalize=false"),
@@ -104,6 +105,11 @@ def test_active_flops_kv_cache_config_and_the_bias_step():
                         (["model.moe.num_experts=4", "model.arch=gpt2"], "model.moe needs arch llama")]:
         with pytest.raises(config.ConfigError, match=re.escape(words)):
             config.load(args)
+    # what is known only once the model is built (train.init_from may make it an MoE): checked in plan.resolve
+    for args, words in [(["train.ep=2"], "divide model.moe.num_experts (0)"),
+                        (["model.moe.num_experts=4", "train.lora=true"], "train.lora with an MoE model")]:
+        with pytest.raises(config.ConfigError, match=re.escape(words)):
+            make_run(config.load(["model.vocab_size=300", *args]), world=2 if "train.ep=2" in args else 1)
     # the balancing step: under-loaded experts' biases rise, over-loaded ones fall; a skipped step moves nothing
     layer = moe.layers[0].mlp
     bias = layer.gate.e_score_correction_bias
