@@ -8,7 +8,7 @@
     torchrun --standalone --nproc_per_node=8 bench.py configs/500m.yaml
     python bench.py configs/125m.yaml --checkpoint DIR   # checkpoint save/load time, checksums on and off
 
-The step is train.py's own (`plan.resolve`, `parallel.parallelize`, `optim.build`, `step.train_step`: the same parallel
+The step is train.py's own (`plan.resolve`, `build.build_model`, `parallel.parallelize`, `optim.build`, `step.train_step`: the same parallel
 wrap, compile, kernels and precision); only the data is synthetic (uniform random token ids made once on the device, as
 in Pax's synthetic configs), so the numbers measure the model and not the disk. Timing starts after the warm-up steps
 (compilation, allocator growth) and ends with a device sync. MFU uses PaLM's FLOPs per token and the dense peak of the
@@ -31,8 +31,7 @@ import kernel
 import optim
 import parallel
 import plan
-from model import GPT
-from services import memory_gb
+from build import build_model
 from step import first_step, sync_grads, train_step
 
 
@@ -68,9 +67,8 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     torch.backends.cuda.matmul.allow_tf32 = True
-    with torch.device("meta"):
-        model = GPT(run.cfg.model, run.ops)
-    train_model = parallel.parallelize(model, run)
+    model = build_model(run.cfg, device, run.ops, parallelize=lambda m: parallel.parallelize(m, run))
+    train_model = parallel.wrap(model, run)
     optimizer = optim.build(model, t, device)
     scaler = torch.amp.GradScaler(device.type) if precision.scaled else None
     gen = torch.Generator(device).manual_seed(t.seed + run.dp_rank)  # a tensor-parallel group shares its batches
@@ -118,9 +116,9 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
         return train_step(adapted, adapted_train, adapted_optimizer, batches, adapted_run, scaler)[0]
     if lora:  # the same model with LoRA adapters on (train.lora_* keys), built and initialised as train.py does
         adapted_run = replace(run, cfg=replace(run.cfg, train=replace(t, lora=True)))
-        with torch.device("meta"):
-            adapted = GPT(adapted_run.cfg.model, chosen)
-        adapted_train = parallel.parallelize(adapted, adapted_run)
+        adapted = build_model(adapted_run.cfg, device, chosen,
+                              parallelize=lambda m: parallel.parallelize(m, adapted_run))
+        adapted_train = parallel.wrap(adapted, adapted_run)
         adapted_optimizer = optim.build(adapted, adapted_run.cfg.train, device)
         adapted.train()
 
@@ -138,7 +136,7 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
                     torch.cuda.reset_peak_memory_stats(device)
             elapsed, final_loss = timed(steps, step)
             # memory from the first round only: later rounds would also see the other variant's peak
-            mem = memory_gb(device) if round_ == 0 else best[name][2]
+            mem = hardware.peak_memory_gb(device) if round_ == 0 else best[name][2]
             best[name] = min(best.get(name, (float("inf"),)), (elapsed, final_loss, mem))
     model.set_ops(chosen)
     elapsed, final_loss, mem = best["chosen"]
@@ -178,8 +176,7 @@ def bench_checkpoint(cfg: config.Config, folder: str, rounds: int = 2) -> dict:
     best of `rounds`, alternating. The folder is emptied before and after."""
     import shutil
     import checkpoint
-    from model import build
-    model = build(cfg.model, "cpu")
+    model = build_model(cfg, torch.device("cpu"))
     optimizer = optim.build(model, cfg.train, torch.device("cpu"))
     for p in model.parameters():  # one step, so that the AdamW moments exist
         p.grad = torch.randn_like(p) * 1e-3

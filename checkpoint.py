@@ -29,7 +29,6 @@ import pickle
 import platform
 import re
 import shutil
-import sys
 import threading
 import time
 import warnings
@@ -45,7 +44,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 import xxhash
 
-import lora
+from config import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no POSIX record locks (see _lock)
+    fcntl = None
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 # Frozen parameters (a LoRA run's base) are rebuilt, not saved: a checkpoint holds what trains and its optimizer state
@@ -577,11 +581,11 @@ def load(path: str, model: torch.nn.Module, optimizer=None, verified: bool = Fal
     return read_state(path)
 
 
-def load_base(path: str, model: torch.nn.Module) -> None:
+def load_base(path: str, model: torch.nn.Module, skip=lambda name: False) -> None:
     """The weights of checkpoint `path` (a run of ours, verified here) into `model`'s parameters of the same names,
-    in place and resharded as `model` is; parameters the checkpoint lacks (LoRA adapters) are left alone."""
+    in place and resharded as `model` is; parameters named by `skip` (LoRA adapters) are left alone."""
     verify_files(path)
-    model_sd = {k: v for k, v in get_model_state_dict(model).items() if not lora.is_adapter(k)}
+    model_sd = {k: v for k, v in get_model_state_dict(model).items() if not skip(k)}
     _load(path, {"model": model_sd})
     set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
 
@@ -604,38 +608,53 @@ def tokenizer_dir(path: str, cfg) -> str:
     return os.path.join(cfg.train.out_dir if is_remote(path) else os.path.dirname(path), "tokenizer")
 
 
-def load_model(path: str, device) -> tuple:
-    """A run folder or checkpoint folder -> (model in eval mode, its Config, the checkpoint folder)."""
-    import config
-    from model import build
-    path = resolve(path)
-    state = read_state(path)
-    cfg = config.build(state["config"], {k: f"{path}/{STATE_FILE}" for k in config._all_keys()})
-    if cfg.train.lora:  # the base as the run built it, then its adapters
-        import parallel
-        from model import GPT
-        lora.check_base(state, cfg.train, path)
-        with torch.device("meta"):
-            model = GPT(cfg.model)
-        lora.apply(model, cfg.train)
-        model.to_empty(device=device)
-        parallel.initialise(model, cfg.train)
-    else:
-        model = build(cfg.model, device)
-    load(path, model)
-    return model.eval(), cfg, path
+def lock_run(t) -> tuple:
+    """Take the run's folders (rank 0, before anything is written): the lock of out_dir, a check that a local
+    ckpt_dir is writable and not another run's out_dir, and the lease of a remote one. Returns (the lock file,
+    the lease or None) for the caller to release at the end."""
+    lock, lease = _lock(t.out_dir), None
+    try:
+        if t.ckpt_dir and not is_remote(t.ckpt_dir) and \
+                os.path.realpath(t.ckpt_dir) != os.path.realpath(t.out_dir):
+            _lock(t.ckpt_dir).close()  # closing drops the lock
+        if t.ckpt_dir and is_remote(t.ckpt_dir):  # an object store has no locks: a lease
+            lease = Lease(t.ckpt_dir, t.lease_minutes)
+            lease.acquire()
+    except BaseException:
+        lock.close()
+        raise
+    return lock, lease
 
 
-def load_for_inference(path: str, device: str = "auto", precision: str = "auto") -> tuple:
-    """`load_model` with train.py's rules for this machine (device, precision, kernels), for sampling and eval:
-    (model, its Config, the checkpoint folder, the Precision); prints the precision's warning. Raises
-    FileNotFoundError or ValueError."""
-    import hardware
-    import kernel
-    device = hardware.pick_device(device)
-    model, cfg, path = load_model(path, device)
-    p = hardware.resolve_precision(precision, device, cfg.model.n_embd)
-    if p.warning:
-        print(f"warning: {p.warning}", file=sys.stderr)
-    model.set_ops(kernel.configure("auto", "auto", device, p.dtype))
-    return model, cfg, path, p
+def _lock(out_dir: str):
+    """Create out_dir, check that it is writable and take its lock, so that a second run on the same folder stops
+    before it writes anything. The lock is a POSIX record lock on `out_dir/.lock` (honoured over NFS); the kernel
+    drops it when the process ends, kill -9 included, so it never goes stale. Returns the open lock file."""
+    path = os.path.join(out_dir, ".lock")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        raise ConfigError(f"train.out_dir {out_dir} is not writable ({e.strerror or e})") from None
+    try:
+        if fcntl is not None:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # Windows: a byte-range lock, also dropped by the OS when the process ends
+            import msvcrt
+            f.seek(2**30)  # far past the text: such locks are mandatory, and the holder line must stay readable
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its name yet"
+        f.close()
+        raise ConfigError(f"train.out_dir {out_dir} is in use by another run ({holder}); wait for it to "
+                                 f"end or choose another train.out_dir") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+    except OSError as e:
+        f.close()
+        raise ConfigError(f"train.out_dir {out_dir} is not writable ({e.strerror or e})") from None
+    return f

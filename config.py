@@ -9,6 +9,8 @@ and the data decide lives in a `Run` (plan.resolve).
 """
 import argparse
 import difflib
+import importlib.util
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
@@ -24,6 +26,11 @@ from model import GPTConfig
 
 class ConfigError(ValueError):
     """A configuration mistake, with a message meant for the user."""
+
+
+# train.lora_targets: the short names and the modules they adapt (lora.py)
+LORA_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj", "lm_head": "lm_head"}
 
 
 @dataclass(frozen=True)
@@ -330,10 +337,6 @@ def load(args: list[str]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express (the vocab may still be unknown: it can come from the data)."""
-    try:
-        replace(cfg.model, vocab_size=cfg.model.vocab_size or 2).validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     t = cfg.train
     positive = {"train.batch_size": t.batch_size,
                 "train.micro_batch_size": 1 if t.micro_batch_size == "auto" else t.micro_batch_size,
@@ -356,37 +359,67 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.muon_momentum must be in [0, 1) (got {t.muon_momentum})")
     if not 0 <= t.min_lr_ratio <= 1 or not 0 <= t.decay_frac <= 1:
         raise ConfigError("train.min_lr_ratio and train.decay_frac must be in [0, 1]")
-    if t.tp > 1:
-        check_tp(cfg)
     e = cfg.eval
     if e.interval < 0 or e.max_new_tokens < 1 or (e.num_fewshot or 0) < 0 or (e.limit is not None and e.limit <= 0):
         raise ConfigError(f"eval.interval must be >= 0, eval.max_new_tokens >= 1, eval.num_fewshot >= 0 and "
                           f"eval.limit > 0 (got {e.interval}, {e.max_new_tokens}, {e.num_fewshot}, {e.limit})")
     if t.lora:
-        from lora import TARGETS
         if t.lora_rank < 1 or t.lora_alpha <= 0 or not 0 <= t.lora_dropout < 1:
             raise ConfigError(f"train.lora_rank must be >= 1, train.lora_alpha > 0 and train.lora_dropout in [0, 1) "
                               f"(got {t.lora_rank}, {t.lora_alpha}, {t.lora_dropout})")
-        bad = [k for k in t.lora_targets if k not in TARGETS]
+        bad = [k for k in t.lora_targets if k not in LORA_TARGETS]
         if bad or not t.lora_targets:
-            raise ConfigError(f"train.lora_targets: {bad or 'empty'}; choose from {', '.join(TARGETS)}")
+            raise ConfigError(f"train.lora_targets: {bad or 'empty'}; choose from {', '.join(LORA_TARGETS)}")
         if t.precision == "fp8":
             raise ConfigError("train.lora with train.precision=fp8: the frozen base is not converted to FP8; use bf16")
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty")
-    experts = cfg.model.moe.num_experts  # 0 here may still be an MoE from train.init_from: plan.resolve checks it
+    experts = cfg.model.moe.num_experts  # 0 here may still be an MoE from train.init_from: check_model tells
     if t.ep > 1 and (experts % t.ep or t.parallel == "ddp" or cfg.eval.interval):
         raise ConfigError(f"train.ep={t.ep} needs model.moe.num_experts a multiple of it (got {experts}), "
                           f"train.parallel fsdp or auto (got {t.parallel}) and eval.interval 0 (got "
                           f"{cfg.eval.interval}: a sample's experts would need all-to-alls that ranks of different "
                           f"lengths do not all join)")
+    for option in ("wandb", "tensorboard"):  # the option's name is its package's name
+        if getattr(cfg.log, option) and importlib.util.find_spec(option) is None:
+            raise ConfigError(f"log.{option} is on but the {option} package is not installed: pip install {option}")
+    if e.interval and e.tasks:
+        if e.include_path and not os.path.isdir(e.include_path):
+            raise ConfigError(f"eval.include_path {e.include_path} is not a folder")
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("eval.tasks needs EleutherAI's lm-evaluation-harness: pip install \".[eval]\" "
+                              "(or pip install lm-eval)")
+    if not (t.init_from or cfg.model.vocab_size is None):  # else the model is known only at start-up (train.py)
+        check_model(cfg)
+    elif not t.init_from:  # its shape, before the data tells the vocab
+        check_model(replace(cfg, model=replace(cfg.model, vocab_size=2)), vocab_known=False)
+
+
+def check_model(cfg: Config, world: int | None = None, vocab_known: bool = True) -> None:
+    """The rules that need the model as it trains (train.init_from's shape, the data's vocab) and the world size
+    (None: not known yet): the model's own (GPTConfig.validate), tensor parallel's splits, expert parallel's experts,
+    LoRA on an MoE. Raises ConfigError."""
+    m, t = cfg.model, cfg.train
+    try:
+        m.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if t.tp > 1:
+        check_tp(cfg, vocab_known=vocab_known)
+    experts = m.moe.num_experts
+    if t.ep > 1 and world is not None and (t.ep != world or not experts or experts % t.ep):
+        raise ConfigError(f"train.ep={t.ep} must equal the world size ({world}) and divide "
+                          f"model.moe.num_experts ({experts}): each rank keeps whole experts")
+    if t.lora and experts:
+        raise ConfigError("train.lora with an MoE model (model.moe): adapters on the experts are not "
+                          "supported, and the frozen base's routing biases would still move")
     w = cfg.data.weights
     if w is not None and (len(w) != len(cfg.data.datasets) or min(w) < 0 or sum(w) <= 0):
         raise ConfigError(f"data.weights needs one non-negative weight per dataset ({len(cfg.data.datasets)}), "
                           f"not all zero; got {w}")
 
 
-def check_tp(cfg: Config, tp: int | None = None) -> None:
+def check_tp(cfg: Config, tp: int | None = None, vocab_known: bool = True) -> None:
     """Raise ConfigError, naming the numbers, when the model or the run cannot be split `tp` ways (default
     train.tp): whole attention heads (query and key/value) and MLP columns per rank, the sequence (sequence
     parallel splits block_size) and the padded vocab (embedding and head) in equal parts, FSDP2 (not DDP) across
@@ -395,7 +428,7 @@ def check_tp(cfg: Config, tp: int | None = None) -> None:
     m, t, tp = cfg.model, cfg.train, tp or cfg.train.tp
     splits = {"model.n_head": m.n_head, "model.n_kv_head": m.kv_heads, "model.block_size": m.block_size,
               "the MLP width (model.intermediate_size)": m.ffn_dim}
-    if m.vocab_size:
+    if vocab_known:
         splits["the padded vocab (model.vocab_size rounded up to 128)"] = m.padded_vocab_size
     for name, n in splits.items():
         if n % tp:

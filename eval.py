@@ -19,8 +19,12 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+import build
+import checkpoint
 from config import ConfigError, at_least
-from loader import eval_batches, token_bytes
+from loader import DataError, eval_batches, same_tokenizer, token_bytes
+from parallel import print0, whole_model
+from step import finite
 
 
 @torch.no_grad()
@@ -157,18 +161,17 @@ def run_tasks(lm, tasks: list[str], num_fewshot: int | None = None, limit: float
 
 # ----------------------------------------------------------------------------- while training (train.py)
 
-def run_eval(model, run, step: int, tokens: int, metrics) -> float:
+def run_eval(model, run, step: int, tokens: int, log) -> float:
     """Validation loss and bits per byte on the first eval_batches micro-batches of each val split, with the
-    uncompiled model (eval mode and a logits-only graph would each cost a recompile); returns the seconds taken."""
-    from parallel import print0
-    from services import finite
+    uncompiled model (eval mode and a logits-only graph would each cost a recompile); `log(row)` writes the
+    metrics row; returns the seconds taken."""
     cfg, t0 = run.cfg, time.perf_counter()
     t = cfg.train
     res = evaluate(model, cfg.data.datasets, cfg.model.block_size, cfg.model.vocab_size, t.micro_batch_size,
                    run.device, max_tokens=t.eval_batches * t.micro_batch_size * cfg.model.block_size,
                    autocast=run.precision.autocast(run.device), rank=run.dp_rank, world=run.dp)
     model.train()
-    metrics.log({"step": step, "tokens": tokens, "val_loss": finite(res["loss"]), "val_bpb": finite(res["bpb"])})
+    log({"step": step, "tokens": tokens, "val_loss": finite(res["loss"]), "val_bpb": finite(res["bpb"])})
     print0(f"step {step:>6} | val loss {res['loss']:.4f} | val bpb {res['bpb']:.4f} "
         f"({res['tokens']:,} tokens, {time.perf_counter() - t0:.1f} s)", flush=True)
     return time.perf_counter() - t0
@@ -202,10 +205,9 @@ class LiveEval:
                                          + (f" (nor {e.include_path})" if e.include_path else ""))
             self.lm = harness_lm(model, self.tok, run.device, cfg.train.micro_batch_size, self.autocast)
 
-    def run(self, step: int, tokens: int, metrics) -> float:
-        """Evaluate and log at `step`; returns the seconds taken (kept out of the throughput)."""
-        from parallel import print0, whole_model
-        from services import finite
+    def run(self, step: int, tokens: int, log) -> float:
+        """Evaluate at `step` and write the row through `log(row)`; returns the seconds taken (kept out of the
+        throughput)."""
         if self.tok is None:
             return 0.0
         e, t0, row = self.cfg.eval, time.perf_counter(), {"step": step, "tokens": tokens}
@@ -223,7 +225,7 @@ class LiveEval:
             if e.prompt is not None:
                 row["sample"] = self.sample(e.prompt)
             self.model.train()
-        metrics.log(row)
+        log(row)
         scores = " | ".join(f"{k} {v:.4f}" for k, v in row.items() if "/" in k and v is not None)
         print0(f"step {step:>6} | {scores + ' | ' if scores else ''}{time.perf_counter() - t0:.1f} s"
             + (f" | sample {row['sample']!r}" if "sample" in row else ""), flush=True)
@@ -263,10 +265,8 @@ def main(argv: list[str]) -> int:
             print("error: --tasks needs EleutherAI's lm-evaluation-harness: pip install \".[eval]\"", file=sys.stderr)
             return 2
 
-    import checkpoint
-    from loader import DataError, same_tokenizer
     try:
-        model, cfg, path, precision = checkpoint.load_for_inference(args.out_dir, args.device, args.precision)
+        model, cfg, path, precision = build.load_for_inference(args.out_dir, args.device, args.precision)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,11 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+
+try:
+    import resource
+except ImportError:  # Windows: no getrusage (see peak_memory_gb)
+    resource = None
 from dataclasses import dataclass
 
 import torch
@@ -263,3 +268,13 @@ def resolve_compile(requested, device: torch.device) -> bool:
     """train.compile: True/False as configured; auto compiles on CUDA only. On CPUs a cold compile of even the
     tiny model costs more than it wins back per step in a short run (BENCHMARKS.md); long CPU runs can ask for it."""
     return device.type == "cuda" if requested == "auto" else bool(requested)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory in GB: allocated on CUDA, the process's peak RSS on a CPU (NaN on Windows: no getrusage)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if resource is None:
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)

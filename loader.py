@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -23,6 +24,9 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: data/prepare.py's
     import torch   # module for DataError and the shard checks, and need no torch (BENCHMARKS.md: its memory)
 
 MASK64 = (1 << 64) - 1
+
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # a tokenizer's files
 
 
 class DataError(ValueError):
@@ -62,6 +66,15 @@ def permute(idx: np.ndarray, n: int, key: int) -> np.ndarray:
     while (bad := out >= n).any():  # cycle-walk back into range; the domain is < 4n, so this ends fast
         out[bad] = feistel(out[bad])
     return out
+
+
+def copy_tokenizer(data_dir: str, dst: str, names=("meta.json", "token_bytes.npy", *HF_TOKENIZER_FILES)) -> None:
+    """Copy those of `names` that exist in `data_dir` into `dst`: by default what load_tokenizer needs from a dataset
+    (a run folder keeps its tokenizer)."""
+    os.makedirs(dst, exist_ok=True)
+    for name in names:
+        if os.path.exists(os.path.join(data_dir, name)):
+            shutil.copy(os.path.join(data_dir, name), os.path.join(dst, name))
 
 
 def read_meta(path: str) -> dict:

@@ -4,7 +4,7 @@ projections a trainable low-rank update, y = W x + b + (alpha / r) * B A dropout
     train.lora: true   train.lora_rank: 8   train.lora_alpha: 16   train.lora_dropout: 0.0
     train.lora_targets: [q, k, v, o, gate, up, down]      (lm_head may be added)
 
-`apply` swaps the targets for `LoRALinear` on a model built on the meta device, before parallel.py wraps it; the
+`apply` swaps the targets for `LoRALinear` on a model built on the meta device, before parallel.py shards it (build.py); the
 base keeps its parameter names (`layers.0.self_attn.q_proj.weight`) and the adapters sit beside them
 (`...q_proj.lora_A.weight`), as PEFT names them once its adapter name is dropped. Only the adapters require
 gradients, so the optimizer holds only them and checkpoints (DCP with frozen parameters left out) hold only them
@@ -16,13 +16,15 @@ import json
 import math
 import os
 import zlib
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj", "lm_head": "lm_head"}
+import checkpoint
+from config import LORA_TARGETS as TARGETS, ConfigError
+from model import build
 
 
 class LoRALinear(nn.Linear):
@@ -53,7 +55,6 @@ def apply(model: nn.Module, t) -> list[str]:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
              and any(n == TARGETS[k] or n.endswith("." + TARGETS[k]) for k in t.lora_targets)]
     if not names:
-        from config import ConfigError
         raise ConfigError(f"train.lora_targets {t.lora_targets} match no module of this model")
     for name in names:
         parent, _, child = name.rpartition(".")
@@ -103,8 +104,6 @@ def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def merged(model: nn.Module) -> nn.Module:
     """A plain GPT (no adapters) on the CPU computing what `model` computes; a tied head that got its own adapter
     comes out untied."""
-    from dataclasses import replace
-    from model import build
     sd, cfg = merged_state(model), model.cfg
     if cfg.tie_embeddings and not torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]):
         cfg = replace(cfg, tie_embeddings=False)
@@ -139,7 +138,6 @@ def fingerprint(init_from: str | None, seed: int) -> dict:
     seed of a randomly initialised base."""
     if not init_from:
         return {"seed": seed}
-    import checkpoint
     if not os.path.exists(os.path.join(init_from, "config.json")):  # a run or checkpoint of ours
         folder = checkpoint.resolve(init_from)
         files = [checkpoint.SUMS_FILE] if os.path.exists(os.path.join(folder, checkpoint.SUMS_FILE)) else \
@@ -157,14 +155,12 @@ def _digest(path: str) -> str:
 
 @functools.cache
 def _digest_of(path: str, size: int, mtime_ns: int) -> str:  # each save hashes a large base once, not again
-    import checkpoint
     return checkpoint.file_digest(path)
 
 
 def check_base(saved: dict, t, where: str) -> None:
     """Raise checkpoint.CheckpointError when the base a LoRA checkpoint was trained on (its train_state's
     `lora_base`) is not the one train.init_from (or train.seed) gives now."""
-    import checkpoint
     now = fingerprint(t.init_from, t.seed)
     if "lora_base" in saved and _digests(saved["lora_base"]) != _digests(now):
         raise checkpoint.CheckpointError(

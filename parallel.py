@@ -1,5 +1,6 @@
-"""Processes and model wrapping, in the manner of torchtitan's parallelize.py: the model stays single-device code,
-and `parallelize` applies tensor parallel, FP8, activation checkpointing, torch.compile and FSDP2 or DDP to it.
+"""Processes and model wrapping, in the manner of torchtitan's parallelize.py: the model stays single-device code;
+`parallelize` shards it on the meta device (tensor parallel, FP8, activation checkpointing, compile per block,
+FSDP2, expert parallel) while build.py builds it, and `wrap` puts DDP or torch.compile around it once allocated.
 
     one process: nothing to wrap        DDP: replicas, gradients all-reduced once per step
     FSDP2: `fully_shard` per block and at the root, BF16 compute, FP32 (or BF16) gradient reduce-scatter
@@ -19,16 +20,14 @@ import torch.nn as nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd as all_to_all
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint as recompute
 
 import config
-import export
 import kernel
-import lora
 from model import GPT, MoE, swiglu_experts
 
 
@@ -105,21 +104,15 @@ def device_mesh(run: config.Run) -> DeviceMesh | None:
     return init_device_mesh(run.device.type, (run.dp, run.tp), mesh_dim_names=("dp", "tp"))
 
 
-def parallelize(model: GPT, run: config.Run) -> nn.Module:
-    """Apply the run's tensor parallel, FP8, activation checkpointing, compile and FSDP2/DDP to `model`, built on the
-    meta device, then materialise and initialise it (from train.seed, then train.init_from's weights); returns the
-    module the training step calls. `model` itself stays the uncompiled, unwrapped-by-DDP module for evaluation and
-    checkpoints (under FSDP2 it is the sharded root).
-
-    Under FSDP2 each rank allocates only its shards; the initial values do not depend on the sharding, so 1 process, DDP
-    and FSDP start from the same weights. `torch.compile` applies per block under FSDP2 (in place, so the state-dict
-    names stay; the gathers stay outside the graphs), else to the whole model, head and loss included.
+def parallelize(model: GPT, run: config.Run) -> None:
+    """Shard `model`, built on the meta device, for the run, in place (build.py then allocates and initialises it):
+    tensor parallel, FP8, activation checkpointing, torch.compile per block under FSDP2, FSDP2, expert parallel.
+    `wrap` then gives the module the training step calls.
 
     With train.tp > 1 (run.mode is then fsdp): `tensor_parallel` first splits the model over the tp dimension of the
-    (dp, tp) mesh, and FSDP2 shards over the dp dimension (even a single one); initial values stay the same."""
+    (dp, tp) mesh, and FSDP2 shards over the dp dimension (even a single one). Under FSDP2 `torch.compile` applies
+    per block (in place, so the state-dict names stay; the gathers stay outside the graphs)."""
     t, device, fsdp = run.cfg.train, run.device, run.mode == "fsdp"
-    if t.lora:  # before any wrapping: FSDP2 and DDP see the frozen base and the adapters as they will train
-        lora.apply(model, t)
     mesh = device_mesh(run)
     if mesh is not None:  # first, as torchtitan: checkpointing, compile and FSDP2 then see the split modules
         tensor_parallel(model, mesh["tp"])
@@ -153,31 +146,23 @@ def parallelize(model: GPT, run: config.Run) -> nn.Module:
         for block in model.layers:
             fully_shard(block, **shard)
         fully_shard(model, **shard)
-        model.to_empty(device=device)
 
-        def assign(p, full):  # every rank draws the same full tensor (one parameter at a time), keeps its shard
-            p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
-        initialise(model, t, assign)
+
+def wrap(model: GPT, run: config.Run) -> nn.Module:
+    """The module the training step calls, once `model` holds its weights: DDP for a DDP run, torch.compile of the
+    whole model (head and loss included) unless FSDP2 compiled it per block. `model` itself stays the uncompiled
+    module, not wrapped by DDP, for evaluation and checkpoints (under FSDP2 it is the sharded root)."""
+    if run.mode == "fsdp":
         return model
-    model.to_empty(device=device)
-    initialise(model, t)
     wrapped = model
     if run.mode == "ddp":
+        device = run.device
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       gradient_as_bucket_view=True,  # gradients live in the buckets: no second copy
                       broadcast_buffers=False)  # the RoPE table and routing biases agree on every rank already
-    return torch.compile(wrapped) if t.compile else wrapped
+    return torch.compile(wrapped) if run.cfg.train.compile else wrapped
 
 
-def initialise(model: GPT, t: config.TrainConfig, assign=None) -> None:
-    """Give `model` (allocated, maybe sharded) its starting values: train.seed's init, then train.init_from's
-    weights (a Hugging Face folder or a run of ours), then LoRA's adapters. `assign(param, full_value)` stores a
-    full value into a sharded parameter."""
-    model.init_weights(t.seed, assign=assign)
-    if t.init_from:
-        export.load_init(model, t.init_from, assign)
-    if t.lora:
-        lora.init_adapters(model, t.seed, assign)
 def expert_parallel(model: GPT, mesh) -> set[nn.Parameter]:
     """Shard every MoE layer's experts over `mesh` (on the meta device, before materialising): each expert stack
     becomes a DTensor of whole experts (Shard(0)), so that initialisation and checkpoints see the global tensor

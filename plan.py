@@ -152,32 +152,23 @@ def resolve(cfg: config.Config, model: GPTConfig, device: torch.device, precisio
     """The Run of `cfg` for this process: `model` is the model's resolved shape (train.init_from's, the data's
     vocab), device, precision and compile come from hardware.resolve; here the micro batch (auto: the largest
     that fits the device's memory by this plan), the parallel mode and the kernels (the loss by whether the
-    full logits fit) are decided, by the smallest memory of any rank, so that every rank decides alike. Raises
-    ConfigError or KernelError."""
+    full logits fit) are decided, by the smallest memory of any rank, so that every rank decides alike. The
+    config was checked before (config.check_model); raises ConfigError only where the batch does not divide over
+    the world (config.derive), KernelError for a kernel that cannot run here."""
     mem = hardware.memory_gib(device)
     if dist.is_initialized():
         mems = [None] * dist.get_world_size()
         dist.all_gather_object(mems, mem)
         mem = min(mems)
     cfg = replace(cfg, model=model, train=replace(cfg.train, precision=precision.name, compile=compiled))
-    if cfg.train.tp > 1:
-        config.check_tp(cfg)  # again: the vocab (from the data) and the precision are known now
     cfg = with_micro(cfg, micro_batch(cfg, world, mem))
     t = cfg.train
     fit = t.loss == "auto" and compiled and full_logits(cfg, world, mem)
     ops = kernel.configure(t.kernels, t.loss, device, precision.dtype, compiled=compiled, logits_fit=fit, tp=t.tp)
     with torch.device("meta"):
         n = GPT(model).num_params()
-    mode = parallel_mode(t.parallel, world, n, mem, device.type == "cuda", t.tp)
-    experts = model.moe.num_experts  # of the model built (train.init_from's config.json may set it)
-    if t.ep > 1:  # expert parallel runs beside FSDP2, over all ranks
-        if t.ep != world or not experts or experts % t.ep:
-            raise config.ConfigError(f"train.ep={t.ep} must equal the world size ({world}) and divide "
-                                     f"model.moe.num_experts ({experts}): each rank keeps whole experts")
-        mode = "fsdp"
-    if t.lora and experts:
-        raise config.ConfigError("train.lora with an MoE model (model.moe): adapters on the experts are not "
-                                 "supported, and the frozen base's routing biases would still move")
+    # expert parallel runs beside FSDP2, over all ranks
+    mode = "fsdp" if t.ep > 1 else parallel_mode(t.parallel, world, n, mem, device.type == "cuda", t.tp)
     return config.Run(cfg, device, precision, ops, mode, rank, config.derive(cfg, world))
 
 

@@ -8,7 +8,10 @@ import sys
 
 import torch
 
+import build
+import checkpoint
 from config import at_least
+from tokenizer import load_tokenizer
 
 
 def main(argv: list[str]) -> int:
@@ -28,10 +31,8 @@ def main(argv: list[str]) -> int:
                    help="auto (default): train.py's rule for this machine (hardware.py)")
     args = p.parse_args(argv)
 
-    import checkpoint
-    from tokenizer import load_tokenizer
     try:
-        model, cfg, path, precision = checkpoint.load_for_inference(args.out_dir, args.device, args.precision)
+        model, cfg, path, precision = build.load_for_inference(args.out_dir, args.device, args.precision)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,11 @@
 """One optimizer step, as train.py and bench.py both take it: micro-batches with gradient accumulation (gradients
 synchronised once per step), clip, the non-finite skip decided on the device, the optimizer step. `first_step`
 wraps a run's first step: the compile watch, and the fall-back to torch's kernels when a faster one fails there.
+`Log` keeps the books of the steps (the log line, metrics.jsonl, skipped steps); `fit_budget` turns
+train.max_minutes into max_steps.
 """
+import collections
+import json
 import math
 import os
 import sys
@@ -13,10 +17,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import checkpoint
 import config
+import hardware
 import kernel
 from model import GPT, MoE
-from parallel import any_rank
+from parallel import any_rank, print0
 
 
 def sync_grads(train_model: nn.Module, mode: str, last_micro: bool, defer_fsdp: bool):
@@ -166,3 +172,155 @@ def compiling(run: config.Run):
         yield
     finally:
         done.set()
+
+
+class Log:
+    """The books of the loop, written by rank 0: metrics.jsonl rows (mirrored to wandb / TensorBoard), the mean loss
+    and throughput since the last log line, and the skipped steps. Losses add up on the device, so a log line costs
+    one host sync; time spent in evals and saves (`pause`) is left out of the throughput, and the time the loop
+    waited for batches (`data.waited`) is logged as data_wait_s and data_wait_frac. Each step's (skip flag, loss,
+    grad norm) is read on the host `lag` steps late: on CUDA through a pinned copy and an event one step behind, so
+    that checking never waits for the step just queued; elsewhere at once. On resume the rows a killed run logged
+    after its last checkpoint, and a line cut short by the kill, are dropped first."""
+
+    def __init__(self, run: config.Run, model: GPT, data, resumed_step: int, skipped: int):
+        cfg = run.cfg
+        self.run, self.data, self.active = run, data, run.rank == 0
+        self.path, self.tracker = os.path.join(cfg.train.out_dir, "metrics.jsonl"), None
+        if self.active and os.path.exists(self.path):
+            kept = []
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= resumed_step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except ValueError:
+                        pass
+            checkpoint.write_atomic(self.path, "".join(kept))
+        if self.active and (cfg.log.wandb or cfg.log.tensorboard):
+            import tracking  # wandb, TensorBoard
+            self.tracker = tracking.Tracker(cfg, resumed_step=resumed_step)
+        self.flops, self.peak = model.flops_per_token(), hardware.peak_flops(run.device, run.precision.dtype)
+        self.experts = [m for m in model.modules() if isinstance(m, MoE)]
+        self.loss_sum, self.good = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
+        self.steps, self.t0, self.waited = 0, time.perf_counter(), data.waited
+        self.queue, self.skipped, self.streak = collections.deque(), skipped, 0
+        self.lag = 1 if run.device.type == "cuda" else 0
+
+    def row(self, row: dict) -> None:
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(row)
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, bad: torch.Tensor) -> None:
+        """A step's result, still on the device; skipped steps do not count towards the mean loss."""
+        self.loss_sum += torch.where(bad > 0, 0.0, loss)
+        self.good += 1 - bad
+        self.steps += 1
+        values = torch.stack([bad, loss.float() / self.run.grad_accum, grad_norm.float()])
+        event = None
+        if values.device.type == "cuda":
+            values, event = values.to("cpu", non_blocking=True), torch.cuda.Event()
+            event.record()
+        self.queue.append((step, values, event))
+
+    def skips(self, now: bool = False) -> bool:
+        """Print and log the skipped steps read so far (all but the newest `lag`, none left when `now`); True once
+        train.max_consecutive_skips are in a row: the run stops."""
+        limit = self.run.cfg.train.max_consecutive_skips
+        while len(self.queue) > (0 if now else self.lag):
+            step, values, event = self.queue.popleft()
+            if event is not None:
+                event.synchronize()
+            flag, loss, norm = values.tolist()
+            self.streak = self.streak + 1 if flag else 0
+            if flag:
+                self.skipped += 1
+                what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
+                print0(f"step {step:>6} | {what} is not finite: update skipped ({self.streak} in a row, {self.skipped} "
+                       f"in total; the run stops at {limit} in a row)", flush=True)
+                self.row({"step": step, "skipped": True, "skipped_steps": self.skipped})
+        return self.streak >= limit
+
+    def pause(self, seconds: float) -> None:
+        self.t0 += seconds
+
+    def line(self, step: int, lr: float, grad_norm: torch.Tensor, tokens: int, max_steps: int, elapsed: float):
+        """Print the log line and write its row; starts a new window."""
+        run, world = self.run, self.run.world_size
+        if world > 1:
+            dist.all_reduce(self.loss_sum)
+        loss_sum, good = torch.stack([self.loss_sum, self.good]).tolist()  # the one host sync per log line
+        loss = loss_sum / (good * run.grad_accum * world) if good else float("nan")
+        now = time.perf_counter()
+        step_s, wait_s = (now - self.t0) / self.steps, (self.data.waited - self.waited) / self.steps
+        self.loss_sum.zero_()
+        self.good.zero_()
+        self.steps, self.t0, self.waited = 0, now, self.data.waited
+        tok_s, norm = run.batch.batch_tokens / step_s, grad_norm.item()
+        mfu = tok_s / world * self.flops / self.peak if self.peak else None
+        row = {"step": step, "loss": finite(loss), "lr": lr, "grad_norm": finite(norm), "tokens": tokens,
+               "tokens_per_s": tok_s, "mfu": mfu, "mem_gb": hardware.peak_memory_gb(run.device), "elapsed_s": elapsed,
+               "skipped_steps": self.skipped, "data_wait_s": wait_s, "data_wait_frac": wait_s / step_s}
+        moe = expert_balance(self.experts) if self.experts else {}
+        row.update(moe)
+        self.row(row)
+        print0(f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | {tok_s:,.0f} tok/s"
+               + (f" | mfu {mfu:.1%}" if mfu else "")
+               + (f" | experts max/mean {moe['moe_load_max']:.2f}, bias spread {moe['moe_bias_spread_max']:.4f}"
+                  + (f", aux {moe['moe_aux_loss']:.4f}" if moe["moe_aux_loss"] is not None else "") if moe else "")
+               + f" | data wait {wait_s / step_s:.1%} | mem {row['mem_gb']:.2f} GB | "
+               f"eta {(max_steps - step) * step_s / 60:.1f} min", flush=True)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+def expert_balance(experts: list[MoE]) -> dict:
+    """The MoE layers at the last step: tokens of the busiest expert over the mean (1.0 is perfect balance) and the
+    spread (max - min) of the routing biases, per layer and the worst, and the balance loss (model.moe.aux_loss_coef:
+    rank 0's last micro-batch, summed over layers; None when off)."""
+    if experts[0].last_load is None:
+        return {}
+    load = torch.stack([m.last_load for m in experts])
+    bias = torch.stack([m.gate.e_score_correction_bias.float() for m in experts])
+    ratio = (load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).tolist()
+    spread = (bias.max(dim=1).values - bias.min(dim=1).values).tolist()
+    aux = [m.aux_loss for m in experts if m.aux_loss is not None]
+    return {"moe_load": ratio, "moe_load_max": max(ratio), "moe_bias_spread": spread,
+            "moe_bias_spread_max": max(spread), "moe_aux_loss": float(sum(aux).detach()) if aux else None}
+
+
+def finite(x: float) -> float | None:
+    """metrics.jsonl stays strict JSON: a non-finite value is written as null."""
+    return x if math.isfinite(x) else None
+
+
+# train.max_minutes: the first BUDGET_WARMUP steps of a start are not timed (compilation, allocator growth), the next
+# BUDGET_PROBE steps are; then max_steps is fixed
+BUDGET_WARMUP, BUDGET_PROBE = 2, 5
+
+
+def budget_probe(t: config.TrainConfig, start_step: int) -> int:
+    """The step after which the time budget's BUDGET_PROBE timed steps begin: BUDGET_WARMUP steps into this start,
+    and after train.profile's traced steps (they run slower, and the step after them writes the trace)."""
+    return start_step + BUDGET_WARMUP + (t.profile + 1 if t.profile else 0)
+
+
+def fit_budget(run: config.Run, step: int, max_steps: int, step_s: float, seconds_left: float,
+               group) -> tuple[int, float]:
+    """(max_steps, seconds a step): the max_steps that fit in `seconds_left` of the time budget at `step`, measured at `step_s` seconds a step,
+    counting the periodic and the final eval (a forward is about a third of a training step), never more than
+    `max_steps`. The slowest rank decides, so that every rank stops at the same step."""
+    t = run.cfg.train
+    timing = torch.tensor([step_s, -seconds_left])
+    if group is not None:
+        dist.all_reduce(timing, op=dist.ReduceOp.MAX, group=group)
+    step_s, late = timing.tolist()
+    # an eval scores eval_batches micro-batches over the data-parallel ranks; a step trains grad_accum on each
+    evals = t.eval_batches / run.dp / (3 * run.grad_accum) * step_s if t.eval_interval else 0.0  # seconds per eval
+    per_step = step_s + (evals / t.eval_interval if t.eval_interval else 0.0)
+    return max(step, min(max_steps, step + int((-late - evals) / per_step))), step_s

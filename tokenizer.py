@@ -7,11 +7,10 @@ import shutil
 
 import numpy as np
 
-from loader import DataError, read_meta
+from loader import HF_TOKENIZER_FILES, DataError, copy_tokenizer, read_meta
 
 EOT = "<|endoftext|>"
 EOS_NAMES = (EOT, "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")  # end-of-text tokens by their usual names
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 HUB_TIMEOUT_S = 10
 # sha256 of GPT-2's BPE files, as tiktoken checks them
 GPT2_FILES = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -219,12 +218,3 @@ def check_hub(kind: str, name: str) -> None:
 def load_tokenizer(path: str) -> Tokenizer:
     """The tokenizer of a prepared dataset (or of a run folder's `tokenizer/` copy)."""
     return Tokenizer(read_meta(path)["tokenizer"], path)
-
-
-def copy_tokenizer(data_dir: str, dst: str, names=("meta.json", "token_bytes.npy", *HF_TOKENIZER_FILES)) -> None:
-    """Copy those of `names` that exist in `data_dir` into `dst`: by default what load_tokenizer needs from a dataset
-    (a run folder keeps its tokenizer)."""
-    os.makedirs(dst, exist_ok=True)
-    for name in names:
-        if os.path.exists(os.path.join(data_dir, name)):
-            shutil.copy(os.path.join(data_dir, name), os.path.join(dst, name))

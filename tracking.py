@@ -1,6 +1,6 @@
 """Experiment tracking: mirror the rows of `metrics.jsonl` to Weights & Biases and/or TensorBoard (rank 0).
 
-Both are optional packages: `check()` names a missing one before training starts, and with both options off
+Both are optional packages: config.validate names a missing one before training starts, and with both options off
 nothing is imported. wandb honours its own environment (WANDB_MODE=offline|disabled, WANDB_DIR, WANDB_API_KEY).
 
 A resumed run (the same out_dir, train.resume) continues what the trackers show, as metrics.jsonl does, where the
@@ -12,26 +12,10 @@ losses; only their timings are the first attempt's. A resume with a changed conf
 first attempt's rows up to the last step it logged; use another out_dir, or train.resume=false, for a new run.
 """
 import html
-import importlib.util
 import json
 import os
 
-from config import Config, ConfigError, dump, to_dict
-
-
-def check(cfg: Config) -> None:
-    """Raise ConfigError when an option needs a package that is not installed (log.wandb, log.tensorboard,
-    eval.tasks) or names a folder that does not exist (eval.include_path), before anything is written."""
-    for option in ("wandb", "tensorboard"):  # the option's name is its package's name
-        if getattr(cfg.log, option) and importlib.util.find_spec(option) is None:
-            raise ConfigError(f"log.{option} is on but the {option} package is not installed: pip install {option}")
-    e = cfg.eval
-    if e.interval and e.tasks:
-        if e.include_path and not os.path.isdir(e.include_path):
-            raise ConfigError(f"eval.include_path {e.include_path} is not a folder")
-        if importlib.util.find_spec("lm_eval") is None:
-            raise ConfigError("eval.tasks needs EleutherAI's lm-evaluation-harness: pip install \".[eval]\" "
-                              "(or pip install lm-eval)")
+from config import Config, dump, to_dict
 
 
 class Tracker:

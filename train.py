@@ -3,20 +3,21 @@
     python train.py configs/tiny.yaml [more.yaml ...] [section.key=value ...]
     torchrun --standalone --nproc_per_node=8 train.py configs/500m.yaml
 
-Setup: config (frozen once loaded) -> process group -> device, precision and compile by what this machine does
-(hardware.py) -> the run's lock, data prepared on first use, the checkpoint to resume from (rank 0) -> the Run:
-every `auto` decided once (plan.resolve) -> model built on the meta device with its kernels, then FP8,
-activation checkpointing, compile and FSDP2 or DDP (parallel.py) -> optimizer -> resume.
-The loop: step (step.py), log, eval, save, stop. SIGTERM/SIGUSR1 (what SLURM sends before a preemption or the
-time limit) and SIGINT finish the current step on every rank, write a checkpoint and exit. services.py holds what
-the loop leans on; RELIABILITY.md lists what a run survives.
+Setup (`main`): config (validated, frozen) -> process group -> device, precision and compile by what this machine
+does (hardware.py) -> the run's lock, data prepared on first use, the checkpoint to resume from (rank 0) -> the
+Run: every `auto` decided once (plan.resolve) -> the model built and sharded (build.py, parallel.py) -> optimizer
+-> resume. The loop (`train`): step (step.py), log, eval, save, stop. SIGTERM/SIGUSR1 (what SLURM sends before a
+preemption or the time limit) and SIGINT finish the current step on every rank, write a checkpoint and exit.
+RELIABILITY.md lists what a run survives.
 """
-import filecmp
+import json
 import os
+import platform
 import signal
+import subprocess
 import sys
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import replace
 
 import torch
@@ -24,48 +25,17 @@ import torch.distributed as dist
 
 import checkpoint
 import config
-import diagnose
-import export
 import hardware
 import kernel
 import optim
 import parallel
 import plan
-import services
-import tracking
-from data.prepare import ensure_prepared
-from eval import LiveEval, run_eval
-from loader import DataError, Prefetcher, TrainLoader, read_meta
-from model import GPT, GPTConfig
-from parallel import print0
-from services import LogWindow, Metrics, Saver, SkipCounter, TimeBudget
-from step import first_step, train_step
-
-
-def data_vocab(cfg: config.Config, model: GPTConfig) -> GPTConfig:
-    """Prepare missing named corpora; `model` with its vocab_size from the data (or checked to be big enough)."""
-    vocab = max(ensure_prepared(p)["vocab_size"] for p in cfg.data.datasets)
-    if model.vocab_size is not None and model.vocab_size < vocab:
-        raise config.ConfigError(f"model.vocab_size ({model.vocab_size}) is smaller than the data's vocab "
-                                 f"({vocab}, {cfg.data.datasets[0]}/meta.json)")
-    model = replace(model, vocab_size=model.vocab_size or vocab)
-    try:
-        model.validate()
-    except ValueError as e:
-        raise config.ConfigError(str(e)) from None
-    return model
-
-
-def check_init_tokenizer(cfg: config.Config) -> list[str]:
-    """Warnings for datasets not tokenized with the tokenizer that train.init_from's folder brings (a model
-    continues pretraining well only on the ids it was trained with: prepare with --tokenizer hf:FOLDER)."""
-    theirs = cfg.train.init_from and os.path.join(cfg.train.init_from, "tokenizer.json")
-    if not theirs or not os.path.exists(theirs):
-        return []
-    return [f"{d} was not tokenized with the tokenizer of {cfg.train.init_from}; prepare it with python "
-            f"data/prepare.py ... --tokenizer hf:{cfg.train.init_from}" for d in cfg.data.datasets
-            if (spec := read_meta(d)["tokenizer"])["type"] not in ("hf", "bpe")  # bpe: ours, exported as tokenizer.json
-            or not filecmp.cmp(theirs, os.path.join(d, spec["file"]), shallow=False)]
+from build import build_model, find_resume
+from eval import run_eval
+from loader import DataError, Prefetcher, TrainLoader, copy_tokenizer, read_meta
+from model import GPTConfig
+from parallel import any_rank, print0
+from step import BUDGET_PROBE, Log, budget_probe, first_step, fit_budget, train_step
 
 
 def main(argv: list[str]) -> int:
@@ -75,41 +45,33 @@ def main(argv: list[str]) -> int:
     rank, lock, lease, run = 0, None, None, None
     try:
         cfg = config.load(argv)
-        tracking.check(cfg)
         t = cfg.train
-        # the model's shape: train.init_from's config.json (block_size stays ours), the vocab from the data below
-        model_cfg = export.config_from_init(t.init_from, cfg.model) if t.init_from else cfg.model
         rank, local_rank, world = parallel.init_distributed(t.device, t.dist_timeout_s)
+        # rank 0 prepares missing data, then takes the run's lock and finds the checkpoint to resume from; the others
+        # wait and then see the same outcome
+        model_cfg = on_rank0(lambda: model_shape(cfg, world), rank, world)
+        if rank != 0:
+            model_cfg = model_shape(cfg, world)
         device, precision, compiled = hardware.resolve(t, local_rank, model_cfg.n_embd)
         if precision.warning and rank == 0:
             print(f"warning: {precision.warning}", file=sys.stderr, flush=True)
-        kernel.configure(t.kernels, t.loss, device, precision.dtype)  # a missing or unfit kernel stops here
-        # rank 0 takes the run's lock and prepares missing data; the others wait and then see the same outcome
-        error, resume_from = None, None
-        if rank == 0:
+        latest = t.resume and checkpoint.find_latest(t.ckpt_dir or t.out_dir)
+        if latest and t.precision == "auto" and device.type == "cpu":  # a timed decision: a resume keeps it
             try:
-                lock, lease = services.lock_run(t)
-                for name in checkpoint.clean(t.ckpt_dir or t.out_dir):
-                    print(f"removed {name}, an unfinished save or deletion of a killed run")
-                model_cfg = data_vocab(cfg, model_cfg)
-                for warning in check_init_tokenizer(cfg):
-                    print(f"warning: {warning}", file=sys.stderr, flush=True)
-                resume_from = services.find_resume(replace(cfg, model=model_cfg))
-            except (config.ConfigError, DataError, checkpoint.CheckpointError) as e:
-                error = str(e)
-        if world > 1:
-            shared = [error, resume_from]
-            dist.broadcast_object_list(shared, src=0)
-            error, resume_from = shared
-            if error is None and rank != 0:
-                model_cfg = data_vocab(cfg, model_cfg)
-        if error is not None:
-            raise config.ConfigError(error)
-        if resume_from and t.precision == "auto" and device.type == "cpu":  # a timed decision: a resume keeps it
-            started = checkpoint.read_state(resume_from)["config"]["train"]["precision"]
+                started = checkpoint.read_state(latest)["config"]["train"]["precision"]
+            except checkpoint.CheckpointError:  # damaged: find_resume sets it aside below
+                started = precision.name
             if started != precision.name:
                 precision = hardware.Precision(started, f"as when the run started (here now: {precision.reason})")
         run = plan.resolve(cfg, model_cfg, device, precision, compiled, rank, world)
+
+        def take_run():
+            nonlocal lock, lease
+            lock, lease = checkpoint.lock_run(t)
+            for name in checkpoint.clean(t.ckpt_dir or t.out_dir):
+                print(f"removed {name}, an unfinished save or deletion of a killed run")
+            return find_resume(replace(cfg, model=model_cfg))
+        resume_from = on_rank0(take_run, rank, world)
         # the ranks of one tensor-parallel group read the same batches
         loader = TrainLoader(cfg.data.datasets, cfg.data.weights, model_cfg.block_size, run.cfg.train.micro_batch_size,
                              run.grad_accum, t.seed, run.dp_rank, run.dp, model_cfg.vocab_size)
@@ -122,7 +84,8 @@ def main(argv: list[str]) -> int:
     except torch.OutOfMemoryError as e:  # setting up (the loop's own are reported in train())
         if run is None:
             raise
-        return diagnose.out_of_memory(e, run, None, services.memory_gb(run.device))
+        import diagnose
+        return diagnose.out_of_memory(e, run, None, hardware.peak_memory_gb(run.device))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -130,6 +93,46 @@ def main(argv: list[str]) -> int:
             lease.release()
         if lock is not None:
             lock.close()
+
+
+def on_rank0(fn, rank: int, world: int):
+    """fn() on rank 0, its result (or its error: ConfigError, DataError, CheckpointError) shared with every rank."""
+    shared = [None, None]
+    if rank == 0:
+        try:
+            shared[0] = fn()
+        except (config.ConfigError, DataError, checkpoint.CheckpointError) as e:
+            shared[1] = str(e)
+    if world > 1:
+        dist.broadcast_object_list(shared, src=0)
+    if shared[1] is not None:
+        raise config.ConfigError(shared[1])
+    return shared[0]
+
+
+def model_shape(cfg: config.Config, world: int) -> GPTConfig:
+    """The model section as it trains, checked with the rest of the config (config.check_model): train.init_from's
+    shape (block_size stays ours), and the vocab from the data, whose missing named corpora are prepared here."""
+    model = cfg.model
+    if cfg.train.init_from:
+        import hf  # Hugging Face formats: safetensors
+        model = hf.config_from_init(cfg.train.init_from, model)
+    metas = []
+    for path in cfg.data.datasets:
+        if not os.path.exists(os.path.join(path, "meta.json")):
+            from data.prepare import ensure_prepared  # a named corpus is prepared on first use
+            ensure_prepared(path)
+        metas.append(read_meta(path))
+    if cfg.train.init_from:
+        for warning in hf.check_init_tokenizer(cfg):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+    vocab = max(m["vocab_size"] for m in metas)
+    if model.vocab_size is not None and model.vocab_size < vocab:
+        raise config.ConfigError(f"model.vocab_size ({model.vocab_size}) is smaller than the data's vocab "
+                                 f"({vocab}, {cfg.data.datasets[0]}/meta.json)")
+    model = replace(model, vocab_size=model.vocab_size or vocab)
+    config.check_model(replace(cfg, model=model), world)
+    return model
 
 
 def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
@@ -140,61 +143,84 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if run.rank == 0:
-        services.write_run_files(run)
+        write_run_files(run)
     print0(config.dump(cfg), end="")
     print0(run.batch.banner(cfg))
 
-    with torch.device("meta"):
-        model = GPT(cfg.model, run.ops)
-    train_model = parallel.parallelize(model, run)  # the model itself stays unwrapped, for eval and checkpoints
+    # built on the meta device, sharded there when distributed, then allocated and initialised; `model` stays the
+    # unwrapped module (for eval and checkpoints), `train_model` is what the step calls (DDP, compiled)
+    model = build_model(cfg, device, run.ops, parallelize=lambda m: parallel.parallelize(m, run))
+    train_model = parallel.wrap(model, run)
     optimizer = optim.build(model, t, device)
     scaler = torch.amp.GradScaler(device.type) if run.precision.scaled else None
-    print0(services.banner(run, model, optimizer, scaler))
+    print0(banner(run, model, optimizer, scaler))
     # Stop requests go over a CPU group, so they never wait on the GPU's stream; async checkpoints get a group
     # of their own, since their collectives run in a background thread (two threads must not share one group).
     cpu_group = dist.new_group(backend="gloo") if run.world_size > 1 else None
     ckpt_group = dist.new_group(backend="gloo") if run.world_size > 1 and t.async_checkpoint else None
 
-    step, tokens, skips, budget_steps = 0, 0, SkipCounter(), None
-    while resume_from:
-        try:
-            step, tokens, skips.total, budget_steps = services.restore(resume_from, model, optimizer, scaler)
-            break
-        except checkpoint.CorruptCheckpoint as e:  # verified (or too old to have checksums), yet unreadable
-            resume_from = services.fall_back(run, resume_from, e, cpu_group)
+    step, tokens, skipped, budget_steps = resume(run, resume_from, model, optimizer, scaler, cpu_group)
     max_steps = t.max_steps if budget_steps is None else min(t.max_steps, budget_steps)
     if budget_steps is not None:
         print0(f"train.max_minutes: max_steps {max_steps}, as decided when the run started")
-    budget = TimeBudget.for_run(t, run.batch, t_start, step) if t.max_minutes and budget_steps is None else None
-    live_eval = LiveEval(run, model)  # eval.*: lm-eval tasks, a sample
-    metrics = Metrics(cfg, run.rank, step)
-    saver = Saver(t, model, optimizer, ckpt_group)
+    budget, probe_from = t.max_minutes and budget_steps is None, budget_probe(t, step)  # train.max_minutes
     if step >= max_steps:
         print0(f"nothing to do: the checkpoint is at step {step} and train.max_steps is {max_steps}")
-    batches_ahead = Prefetcher(loader, step, run.grad_accum, device)
-    lag = 1 if device.type == "cuda" else 0  # how many steps late skip flags are read (see SkipCounter)
-    window = LogWindow(device, run.batch, model.flops_per_token(), hardware.peak_flops(device, run.precision.dtype),
-                       batches_ahead, model)
-    profiler = diagnose.StepProfiler(t, device, run.rank, step)  # train.profile; on CUDA, allocation history
-    diverged, first = False, True
+    batches = Prefetcher(loader, step, run.grad_accum, device)
+    log = Log(run, model, batches, step, skipped)
+    live_eval = None
+    if cfg.eval.interval:  # lm-eval tasks, a sample
+        from eval import LiveEval
+        live_eval = LiveEval(run, model)
+    profiler = None
+    if t.profile or device.type == "cuda":  # train.profile; on CUDA the allocator's history
+        import diagnose
+        profiler = diagnose.StepProfiler(t, device, run.rank, step)
+    pending, owed, diverged, first = None, False, False, True
     if t.compile and step < max_steps:
         print0("compiling the model during the first step (about a minute on a fresh machine, seconds with a warm "
                "cache) ...", flush=True)
 
-    with services.stop_requests() as stop, closing(batches_ahead), closing(metrics), profiler:
+    def save(step: int) -> float:
+        """Write step's checkpoint (after publishing the one still being written); returns the seconds taken."""
+        nonlocal pending
+        t0 = time.perf_counter()
+        finish_save()
+        state = {"tokens": tokens, "config": config.to_dict(replace(cfg, train=replace(t, max_steps=max_steps))),
+                 "world_size": run.world_size, "tp": run.tp, "skipped_steps": log.skipped}
+        if scaler is not None:
+            state["grad_scaler"] = scaler.state_dict()
+        if budget_steps is not None:
+            state["budget_max_steps"] = budget_steps
+        if t.lora:  # the adapters are only good on the base they were trained on
+            import lora
+            state["lora_base"] = lora.fingerprint(t.init_from, t.seed)
+        pending = checkpoint.save(t.ckpt_dir or t.out_dir, step, model, optimizer, state, t.keep_last,
+                                  async_group=ckpt_group if t.async_checkpoint else False)
+        if not t.async_checkpoint:
+            finish_save()
+        return time.perf_counter() - t0
+
+    def finish_save() -> None:
+        nonlocal pending
+        if pending is not None:
+            done, pending = pending, None
+            print0(f"saved {done.wait()}")
+
+    with stop_requests() as stop, closing(batches), closing(log), profiler or nullcontext():
         model.train()
         try:
             while step < max_steps:
-                window.pause(profiler.step())  # train.profile: trace a few steps (the time writing it is not counted)
+                if profiler:  # train.profile: trace a few steps (the time writing it is not counted)
+                    log.pause(profiler.step())
                 lr = optim.set_lr(optimizer, step, t, max_steps)
-                batches = (batches_ahead.get() for _ in range(run.grad_accum))
-                if first:  # kept, in case the step runs twice (first_step)
-                    batches = list(batches)
+                micro = [batches.get() for _ in range(run.grad_accum)] if first else \
+                    (batches.get() for _ in range(run.grad_accum))  # the first step keeps them: it may run twice
 
-                def one_step(batches=batches, seed=t.seed * 1_000_003 + step * 1009 + run.rank):
+                def one_step(micro=micro, seed=t.seed * 1_000_003 + step * 1009 + run.rank):
                     # Dropout randomness is a function of (seed, step, rank): a resumed run repeats it exactly
                     torch.manual_seed(seed)
-                    return train_step(model, train_model, optimizer, batches, run, scaler)
+                    return train_step(model, train_model, optimizer, micro, run, scaler)
                 if first:  # the compile watch; a kernel that fails here falls back to torch's (step.py)
                     (loss, grad_norm, bad), _ = first_step(one_step, model, optimizer, run, cpu_group)
                     first = False
@@ -202,39 +228,48 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
                     loss, grad_norm, bad = one_step()
                 step += 1
                 tokens += run.batch.batch_tokens
-                window.add(loss, bad)
-                skips.push(step, torch.stack([bad, loss.float() / run.grad_accum, grad_norm.float()]))
-                saver.poll()
-                if budget and (decided := budget.decide(step, max_steps, cpu_group)):
-                    max_steps = budget_steps = decided[0]
-                    metrics.log({"step": step, "max_steps": max_steps, "budget_step_s": decided[1]})
-                    print0(f"train.max_minutes={t.max_minutes:g}: {decided[1]:.2f} s/step measured over steps "
-                           f"{step - TimeBudget.PROBE + 1}-{step}, so max_steps = {max_steps}", flush=True)
+                log.add(step, loss, grad_norm, bad)
+                if pending is not None and pending.done():
+                    finish_save()
+                if budget and step == probe_from:
+                    t_probe = time.perf_counter()
+                if budget and step == probe_from + BUDGET_PROBE:  # train.max_minutes fixes max_steps
+                    step_s = (time.perf_counter() - t_probe) / BUDGET_PROBE
+                    left = t_start + 60 * t.max_minutes - time.perf_counter()
+                    max_steps, step_s = fit_budget(run, step, max_steps, step_s, left, cpu_group)
+                    budget_steps = max_steps
+                    log.row({"step": step, "max_steps": max_steps, "budget_step_s": step_s})
+                    print0(f"train.max_minutes={t.max_minutes:g}: {step_s:.2f} s/step measured over steps "
+                           f"{step - BUDGET_PROBE + 1}-{step}, so max_steps = {max_steps}", flush=True)
                 last = step == max_steps
                 log_now = step % cfg.log.interval == 0 or last
-                # skipped steps are read `lag` steps late; up to this one before a log line or a save
-                if diverged := skips.report(0 if log_now else lag, t.max_consecutive_skips, metrics.log):
+                if diverged := log.skips(now=log_now):  # skip flags are read late; all of them before a log line
                     break
 
                 if log_now:  # log
-                    metrics.log(window.close(step, lr, grad_norm, tokens, max_steps, time.perf_counter() - t_start,
-                                             skips.total))
+                    log.line(step, lr, grad_norm, tokens, max_steps, time.perf_counter() - t_start)
                 if t.eval_interval and (step % t.eval_interval == 0 or last):  # eval
-                    window.pause(run_eval(model, run, step, tokens, metrics))
-                if cfg.eval.interval and (step % cfg.eval.interval == 0 or last):  # lm-eval tasks, a sample
-                    window.pause(live_eval.run(step, tokens, metrics))
-                stopping = parallel.any_rank(stop["signal"] is not None, cpu_group)  # all ranks stop at one step
-                if saver.due(step, stopping, last):  # save
-                    if diverged := skips.report(0, t.max_consecutive_skips, metrics.log):
+                    log.pause(run_eval(model, run, step, tokens, log.row))
+                if live_eval and (step % cfg.eval.interval == 0 or last):  # lm-eval tasks, a sample
+                    log.pause(live_eval.run(step, tokens, log.row))
+                stopping = any_rank(stop["signal"] is not None, cpu_group)  # all ranks stop at one step
+                owed = owed or step % t.ckpt_interval == 0 or last
+                if owed or stopping:  # save
+                    if diverged := log.skips(now=True):
                         break
-                    state = services.run_state(run, tokens, max_steps, skips, scaler, budget_steps)
-                    window.pause(saver.save(step, state, skips.streak, now=stopping or last))
+                    # a periodic save waits for a step that was not skipped (a stop or the last step saves at once)
+                    if log.streak and not (stopping or last):
+                        if step % t.ckpt_interval == 0:
+                            print0(f"step {step:>6} | checkpoint postponed: the last {log.streak} step(s) were skipped")
+                    else:
+                        log.pause(save(step))
+                        owed = False
                 if stopping:  # stop
                     break
-            saver.finish()
+            finish_save()
             if diverged:
                 if run.rank == 0:
-                    print(f"error: {skips.streak} steps in a row had a non-finite loss or gradient norm "
+                    print(f"error: {log.streak} steps in a row had a non-finite loss or gradient norm "
                           f"(train.max_consecutive_skips={t.max_consecutive_skips}); stopping without saving. The "
                           f"last checkpoint, {checkpoint.find_latest(t.ckpt_dir or t.out_dir) or 'none'}, is from "
                           f"before them: resume from it with a lower train.lr or other data.", file=sys.stderr)
@@ -245,9 +280,101 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
                       f"from it.", file=sys.stderr)
             return 1
         except torch.OutOfMemoryError as e:  # this step's state is half done: nothing of it is saved
-            saver.finish()  # an asynchronous save begun before it holds good state
-            return diagnose.out_of_memory(e, run, step, services.memory_gb(device), model.ops)
+            finish_save()  # an asynchronous save begun before it holds good state
+            import diagnose
+            return diagnose.out_of_memory(e, run, step, hardware.peak_memory_gb(device), model.ops)
     return 130 if stop["signal"] == signal.SIGINT else 0
+
+
+def resume(run: config.Run, path: str | None, model, optimizer, scaler, group) -> tuple[int, int, int, int | None]:
+    """Load checkpoint `path` (verified by find_resume) into model, optimizer and scaler: (step, tokens, skipped
+    steps, the max_steps the time budget decided or None: that decision applies again, so the LR schedule is the
+    same); (0, 0, 0, None) without one. A checkpoint that verified yet fails to load on some rank (DCP gathers
+    every rank's error, so all ranks are here) is set aside by rank 0 and the newest one before it that verifies is
+    tried; the next load overwrites every tensor the failed one may have half written. None left: CheckpointError
+    (a fresh start would need a fresh model)."""
+    while path:
+        try:
+            state = checkpoint.load(path, model, optimizer, verified=True)
+            if scaler is not None and "grad_scaler" in state:
+                scaler.load_state_dict(state["grad_scaler"])
+            print0(f"resumed from {path} at step {state['step']} (saved by {state.get('world_size', 1)} process(es))")
+            return state["step"], state["tokens"], state.get("skipped_steps", 0), state.get("budget_max_steps")
+        except checkpoint.CorruptCheckpoint as e:
+            shared = [None]
+            if run.rank == 0:
+                print(f"warning: {e}. Moved it aside to {checkpoint.set_aside(path)}; trying the checkpoint before it.",
+                      file=sys.stderr, flush=True)
+                shared = [find_resume(run.cfg) or ""]
+            if group is not None:
+                dist.broadcast_object_list(shared, src=0, group=group)
+            if not shared[0]:
+                raise checkpoint.CheckpointError(f"{e}, and no older checkpoint verifies; start over with "
+                                                 f"train.resume=false or another train.out_dir") from None
+            path = shared[0]
+    return 0, 0, 0, None
+
+
+@contextmanager
+def stop_requests():
+    """Turn SIGINT/SIGTERM/SIGUSR1 into a request to stop after the current step; the old handlers come back
+    after. Repeated signals (torchrun forwards the one SLURM also sends each worker) change nothing."""
+    stop = {"signal": None}
+
+    def request(signum, frame):
+        if stop["signal"] is None:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint", flush=True)
+        stop["signal"] = signum
+    sigs = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])  # not on Windows
+    previous = {sig: signal.signal(sig, request) for sig in sigs}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def write_run_files(run: config.Run) -> None:
+    """config.yaml (resolved), run_info.json (what produced the run: git revision, package versions, hardware,
+    command line, what was resolved) and the tokenizer, into out_dir."""
+    t, device, here = run.cfg.train, run.device, os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    import numpy
+    info = {"git": rev or None, "argv": sys.argv, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "device": str(device), "cpus": os.cpu_count(), "host": platform.node(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, **run.info()}
+    with open(os.path.join(t.out_dir, "config.yaml"), "w") as f:
+        f.write(config.dump(run.cfg))
+    with open(os.path.join(t.out_dir, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    copy_tokenizer(run.cfg.data.datasets[0], os.path.join(t.out_dir, "tokenizer"))
+
+
+def banner(run: config.Run, model, optimizer, scaler) -> str:
+    """The start-up lines after the config: model size, layout, precision and why, kernels, optimizer."""
+    t, world = run.cfg.train, run.world_size
+    muon = sum(p.numel() for g in optimizer.param_groups if g.get("muon") for p in g["params"])
+    if muon:  # under FSDP2 the counts are global: the parameters are DTensors of the full shape
+        opt = (f"optimizer: Muon for {muon / 1e6:.2f}M parameters of the blocks' matrices (lr {t.muon_lr or t.lr:g}, "
+               f"Newton-Schulz in {next(g for g in optimizer.param_groups if g.get('muon'))['ns_dtype']}), AdamW for "
+               f"the rest (lr {t.lr:g})")
+    else:
+        opt = f"optimizer: AdamW (lr {t.lr:g}{', fused' if optimizer.param_groups[0].get('fused') else ''})"
+    if t.lora:
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        opt += (f"\nLoRA: rank {t.lora_rank}, alpha {t.lora_alpha:g} on {', '.join(t.lora_targets)}: "
+                f"{trained / 1e6:.3f}M trainable parameters, the rest frozen")
+    return (f"model: {run.cfg.model.arch}, {model.num_params() / 1e6:.2f}M parameters "
+            f"({model.num_params(embeddings=False) / 1e6:.2f}M without embeddings), "
+            f"{model.flops_per_token() / 1e6:.1f} MFLOPs/token; device {run.device}, parallel {run.mode} x {world}"
+            + (f" (data parallel {run.dp} x tensor parallel {run.tp})" if run.tp > 1 else "")
+            + (", activation checkpointing" if t.activation_checkpointing else "") + f", compile {t.compile}\n"
+            + hardware.describe(run.precision) + (" (loss scaling: torch.amp.GradScaler)" if scaler else "") + "\n"
+            + "kernels: " + run.ops.describe() + "\n" + opt)
 
 
 if __name__ == "__main__":

@@ -474,7 +474,7 @@ def test_read_only_out_dir(corpus, tmp_path, capsys):
 
 def test_second_run_on_the_same_out_dir_is_refused(corpus, tmp_path, capsys):
     out = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", f"import services, time; f = services._lock({out!r}); "
+    holder = subprocess.Popen([sys.executable, "-c", f"import checkpoint, time; f = checkpoint._lock({out!r}); "
                                "print('locked', flush=True); time.sleep(120)"], cwd=ROOT, stdout=subprocess.PIPE,
                               text=True)
     try:

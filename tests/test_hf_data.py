@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data.prepare as prep
+import hf
 from conftest import ROOT, TINY, run
 from data.prepare import is_val, prepare
 from loader import DataError, same_tokenizer
@@ -278,7 +279,7 @@ def test_continued_pretraining_from_a_hf_llama_with_its_tokenizer(hub_layout, tm
     import config
     import train
     cfg = config.load(["configs/tiny.yaml", f"train.init_from={base}", f"data.datasets=[{data},{root / 'gpt2_data'}]"])
-    assert train.check_init_tokenizer(cfg) == [  # data tokenized otherwise is named, with the fix
+    assert hf.check_init_tokenizer(cfg) == [  # data tokenized otherwise is named, with the fix
         f"{root / 'gpt2_data'} was not tokenized with the tokenizer of {base}; prepare it with python "
         f"data/prepare.py ... --tokenizer hf:{base}"]
     r = run("sample.py", out, "--prompt", "def f", "--max_new_tokens", "5", "--precision", "fp32")

@@ -15,7 +15,7 @@ import torch
 
 import checkpoint
 import config
-import services
+import step
 import train
 from conftest import ROOT, TINY, make_run, run
 
@@ -144,10 +144,8 @@ def test_profile_traces_steps_and_training_goes_on(corpus, tmp_path, capsys):
     waits = [r["data_wait_frac"] for r in rows(out) if "loss" in r]
     assert len(waits) == 6 and all(0 <= w < 1 for w in waits)
     cfg = config.load(train_args(corpus, out, "train.max_minutes=5"))
-    plan = config.derive(cfg, 1)
     for profile, first_timed in [(0, 10 + 2), (2, 10 + 2 + 3)]:  # a time budget times the steps after the trace
-        t = replace(cfg.train, profile=profile)
-        assert services.TimeBudget.for_run(t, plan, 0.0, 10).probe_from == first_timed
+        assert step.budget_probe(replace(cfg.train, profile=profile), 10) == first_timed
 
 
 def test_sample_and_eval_cli(trained, corpus):
@@ -272,7 +270,7 @@ def test_time_budget_fixes_max_steps_and_a_resume_keeps_it(corpus, tmp_path):
               "train.eval_interval=0"]
     assert train.main(train_args(corpus, full, *common)) == 0
     decided = [r for r in rows(full) if "max_steps" in r]
-    probe_end = services.TimeBudget.WARMUP + services.TimeBudget.PROBE
+    probe_end = step.BUDGET_WARMUP + step.BUDGET_PROBE
     assert len(decided) == 1 and decided[0]["step"] == probe_end and decided[0]["budget_step_s"] > 0
     n = decided[0]["max_steps"]
     assert 10 < n < 100000, n

@@ -1,0 +1,100 @@
+"""The model of a run, built in one place for train.py, bench.py, eval.py, sample.py and export.py: on the meta
+device (no memory touched), LoRA's adapters applied, sharded there by parallel.py when the run is distributed,
+then allocated and given its starting values: train.seed's init, train.init_from's weights (a Hugging Face
+folder or a run of ours), LoRA's adapters. The same values whatever the sharding, so 1 process, DDP and FSDP2
+start alike. Also: a finished run's model back from its checkpoint, and the checkpoint a run resumes from.
+"""
+import sys
+from dataclasses import replace
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+import checkpoint
+import config
+import hardware
+import kernel
+from model import GPT
+
+
+def build_model(cfg: config.Config, device: torch.device, ops: kernel.Ops = kernel.REFERENCE,
+                parallelize=None) -> GPT:
+    """cfg's model on `device`, initialised (see the module docstring). `parallelize(model)` runs on the meta
+    model, in place (parallel.parallelize: tensor parallel, FP8, activation checkpointing, FSDP2, expert parallel),
+    so that each rank allocates only its shards."""
+    t = cfg.train
+    with torch.device("meta"):
+        model = GPT(cfg.model, ops)
+    if t.lora:  # before any wrapping: FSDP2 and DDP see the frozen base and the adapters as they will train
+        import lora
+        lora.apply(model, t)
+    if parallelize is not None:
+        parallelize(model)
+    model.to_empty(device=device)
+    # a sharded parameter: every rank draws the same full tensor (one parameter at a time) and keeps its shard
+    assign = _assign if any(isinstance(p, DTensor) for p in model.parameters()) else None
+    model.init_weights(t.seed, assign=assign)
+    if t.init_from:
+        import hf  # Hugging Face formats: safetensors
+        hf.load_init(model, t.init_from, assign)
+    if t.lora:
+        lora.init_adapters(model, t.seed, assign)
+    return model
+
+
+def _assign(p: torch.Tensor, full: torch.Tensor) -> None:
+    p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None) if isinstance(p, DTensor)
+            else full)
+
+
+def load_model(path: str, device) -> tuple:
+    """A run folder or checkpoint folder -> (model in eval mode, its Config, the checkpoint folder). A LoRA run's
+    base is rebuilt as the run built it (train.init_from or train.seed, checked by its fingerprint)."""
+    path = checkpoint.resolve(path)
+    state = checkpoint.read_state(path)
+    cfg = config.build(state["config"], {k: f"{path}/{checkpoint.STATE_FILE}" for k in config._all_keys()})
+    if cfg.train.lora:
+        import lora
+        lora.check_base(state, cfg.train, path)
+        model = build_model(cfg, device)
+    else:  # every weight comes from the checkpoint: train.init_from is not read again
+        model = build_model(replace(cfg, train=replace(cfg.train, init_from=None)), device)
+    checkpoint.load(path, model)
+    return model.eval(), cfg, path
+
+
+def load_for_inference(path: str, device: str = "auto", precision: str = "auto") -> tuple:
+    """`load_model` with train.py's rules for this machine (device, precision, kernels), for sampling and eval:
+    (model, its Config, the checkpoint folder, the Precision); prints the precision's warning. Raises
+    FileNotFoundError or ValueError."""
+    device = hardware.pick_device(device)
+    model, cfg, path = load_model(path, device)
+    p = hardware.resolve_precision(precision, device, cfg.model.n_embd)
+    if p.warning:
+        print(f"warning: {p.warning}", file=sys.stderr)
+    model.set_ops(kernel.configure("auto", "auto", device, p.dtype))
+    return model, cfg, path, p
+
+
+def find_resume(cfg: config.Config) -> str | None:
+    """The checkpoint to resume from (rank 0): the newest one in the run that verifies (train_state.json, the
+    tensor index against this model, every file's checksum); damaged newer ones are set aside, loudly."""
+    t = cfg.train
+    if not t.resume:
+        return None
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    if t.lora:
+        import lora
+        lora.apply(model, t)
+
+    def check(state, path):
+        ours = config.to_dict(cfg)["model"]  # nested sections (model.moe) as dicts, as the checkpoint keeps them
+        if diff := {k: (v, ours.get(k)) for k, v in state["config"]["model"].items() if ours.get(k) != v}:
+            lines = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+            raise config.ConfigError(f"checkpoint {path} was trained with a different model ({lines}); "
+                                     f"use another train.out_dir or train.resume=false")
+        if t.lora:
+            lora.check_base(state, t, path)
+    return checkpoint.find_resumable(t.ckpt_dir or t.out_dir, model,
+                                     lambda msg: print(msg, file=sys.stderr, flush=True), check=check)
