@@ -20,7 +20,6 @@ from torch.distributed.tensor import DTensor
 import config
 import hardware
 import kernel
-import lora
 from model import GPT, GPTConfig, MoE
 
 GPUS = {name: (g.memory_gib, g.peak_tflops) for name, g in hardware.GPUS.items()}  # one table: hardware.py
@@ -61,6 +60,7 @@ def lora_activation_bytes(model: GPT, t, tokens: int, precision: str, checkpoint
     """What LoRA adapters add to `activation_bytes` in one forward: each adapter keeps its r-wide A output (the B
     input) and, with lora_dropout, the dropped input and its mask (the undropped input is the base matmul's, already
     counted); a frozen base saves no more than a trained one. Activation checkpointing keeps one block's worth."""
+    import lora
     a = 4 if precision == "fp32" else 2
     adapted = [m for m in model.modules() if isinstance(m, lora.LoRALinear)]
     per_token = sum(a * t.lora_rank + ((a + 1) * m.in_features if t.lora_dropout else 0) for m in adapted)
@@ -114,7 +114,7 @@ def loss_kind(cfg: config.Config, gpus: int, mem_gib: float) -> str:
     if t.loss != "auto" or t.kernels == "liger" or t.compile is False or t.tp > 1:  # TP: vocab-parallel, chunked
         return "chunked"
     compiled = replace(cfg, train=replace(t, loss="compiled"))
-    return "compiled" if next(r for r in plan(compiled, gpus, (mem_gib, 0.0)) if r["configured"])["fits"] else "chunked"
+    return "compiled" if layout_rows(compiled, gpus, mem_gib, configured_only=True)[0]["fits"] else "chunked"
 
 
 def micro_batch(cfg: config.Config, gpus: int, mem_gib: float) -> int:
@@ -125,7 +125,7 @@ def micro_batch(cfg: config.Config, gpus: int, mem_gib: float) -> int:
         return t.micro_batch_size
     per_gpu = config.derive(cfg, gpus).micro_batch  # auto without memory: a rank's whole batch
     for m in (d for d in range(per_gpu, 0, -1) if per_gpu % d == 0):
-        if next(r for r in plan(with_micro(cfg, m), gpus, (mem_gib, 0.0)) if r["configured"])["fits"]:
+        if layout_rows(with_micro(cfg, m), gpus, mem_gib, configured_only=True)[0]["fits"]:
             return m
     return 1
 
@@ -246,14 +246,27 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
     (memory GiB, peak TFLOP/s)."""
     mem_gib, peak_tflops = GPUS[gpu] if isinstance(gpu, str) else gpu
     cfg = with_micro(cfg, micro_batch(cfg, gpus, mem_gib))
+    rows = layout_rows(cfg, gpus, mem_gib)
+    with torch.device("meta"):
+        flops_tok = GPT(cfg.model).flops_per_token()
+    step_flops = flops_tok * config.derive(cfg, gpus).batch_tokens
+    for r in rows:
+        r.update(step_tflops=step_flops / 1e12, **{
+            f"tok_s_per_gpu_at_{p}": p / 100 * peak_tflops * 1e12 / flops_tok for p in (40, 50)})
+    return rows
+
+
+def layout_rows(cfg: config.Config, gpus: int, mem_gib: float, configured_only: bool = False) -> list[dict]:
+    """`plan`'s rows without the throughput columns; `configured_only`: just the configured layout's memory (what
+    picking a micro batch needs), no bytes sent."""
     with torch.device("meta"):
         model = GPT(cfg.model)
     t, m = cfg.train, cfg.model
     if t.lora:
+        import lora
         lora.apply(model, t)
     n = model.num_params()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # a LoRA run: the adapters only
-    flops_tok = model.flops_per_token()
     experts = [sum(p.numel() for p in layer.mlp.experts.parameters()) if isinstance(layer.mlp, MoE) else 0
                for layer in model.layers]
     kept = experts if t.ep > 1 else [0] * m.n_layer  # expert parallel: a rank's experts are never gathered
@@ -262,8 +275,11 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
     # one GPU is planned as DDP's replica; expert parallel runs beside FSDP2
     mode_of_run = "fsdp" if t.ep > 1 else parallel_mode(t.parallel, max(gpus, 2), n, mem_gib, tp=t.tp)
     n_muon = muon_cost(model, gpus)["params"] if t.optimizer == "muon" else 0
-    layouts = [("ddp", False, 1), ("fsdp", False, 1), ("fsdp", True, 1)]
-    layouts += [("fsdp", ac, tp) for tp in tp_options(cfg, gpus) if tp > 1 for ac in (False, True)]
+    if configured_only:
+        layouts = [(mode_of_run, t.activation_checkpointing, t.tp)]
+    else:
+        layouts = [("ddp", False, 1), ("fsdp", False, 1), ("fsdp", True, 1)]
+        layouts += [("fsdp", ac, tp) for tp in tp_options(cfg, gpus) if tp > 1 for ac in (False, True)]
     rows = []
     for mode, ac, tp in layouts:
         dp = gpus // tp
@@ -296,16 +312,15 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
         if t.lora:
             act += lora_activation_bytes(model, t, tokens, t.precision, checkpointing=ac)
         total = params + grads + optim + working + act + RESERVED_GIB * GIB
-        comm = comm_bytes(row_cfg, model, dp, tp, mode, ac)
-        rows.append({"mode": mode + (f" x tp {tp}" if tp > 1 else "") + (" + AC" if ac else ""), "tp": tp, "dp": dp,
-                     "ac": ac, "params": params / GIB, "grads": grads / GIB, "optim": optim / GIB,
-                     "working": working / GIB, "activations": act / GIB, "total": total / GIB,
-                     "fits": total / GIB <= mem_gib, "comm": comm["total"] / GIB, "comm_tp": comm["tp"] / GIB,
-                     "configured": (mode, ac, tp) == (mode_of_run, t.activation_checkpointing, t.tp)})
-    step_flops = flops_tok * config.derive(cfg, gpus).batch_tokens
-    for r in rows:
-        r.update(step_tflops=step_flops / 1e12, **{
-            f"tok_s_per_gpu_at_{p}": p / 100 * peak_tflops * 1e12 / flops_tok for p in (40, 50)})
+        row = {"mode": mode + (f" x tp {tp}" if tp > 1 else "") + (" + AC" if ac else ""), "tp": tp, "dp": dp,
+               "ac": ac, "params": params / GIB, "grads": grads / GIB, "optim": optim / GIB,
+               "working": working / GIB, "activations": act / GIB, "total": total / GIB,
+               "fits": total / GIB <= mem_gib,
+               "configured": (mode, ac, tp) == (mode_of_run, t.activation_checkpointing, t.tp)}
+        if not configured_only:
+            comm = comm_bytes(row_cfg, model, dp, tp, mode, ac)
+            row.update(comm=comm["total"] / GIB, comm_tp=comm["tp"] / GIB)
+        rows.append(row)
     return rows
 
 
@@ -324,6 +339,7 @@ def print_plan(cfg: config.Config, gpus: int, gpu: str, show_fit: bool = False) 
     with torch.device("meta"):
         model = GPT(cfg.model)
     if cfg.train.lora:
+        import lora
         lora.apply(model, cfg.train)
     f = model.flops_per_token()
     experts, active = sum(p.numel() for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters()), ""
