@@ -25,6 +25,7 @@ from dataclasses import replace
 
 import torch
 
+import checkpoint
 import config
 import hardware
 import kernel
@@ -175,7 +176,6 @@ def bench_checkpoint(cfg: config.Config, folder: str, rounds: int = 2) -> dict:
     (hash before publishing, read-back verify, hash check on load) and without (DCP's plain writer, no checks);
     best of `rounds`, alternating. The folder is emptied before and after."""
     import shutil
-    import checkpoint
     model = build_model(cfg, torch.device("cpu"))
     optimizer = optim.build(model, cfg.train, torch.device("cpu"))
     for p in model.parameters():  # one step, so that the AdamW moments exist

@@ -25,6 +25,7 @@ from config import ConfigError, at_least
 from loader import DataError, eval_batches, same_tokenizer, token_bytes
 from parallel import print0, whole_model
 from step import finite
+from tokenizer import load_tokenizer
 
 
 @torch.no_grad()
@@ -195,7 +196,6 @@ class LiveEval:
         if not e.interval or not (e.tasks or e.prompt is not None):
             return
         # out_dir/tokenizer is a copy of this one, written by rank 0 alone (maybe on another node)
-        from tokenizer import load_tokenizer
         self.tok = load_tokenizer(cfg.data.datasets[0])
         if e.tasks:
             from lm_eval.tasks import TaskManager
@@ -273,7 +273,6 @@ def main(argv: list[str]) -> int:
     device = next(model.parameters()).device
     autocast = precision.autocast(device)
     if args.tasks:
-        from tokenizer import load_tokenizer
         tok = load_tokenizer(checkpoint.tokenizer_dir(path, cfg))
         lm = harness_lm(model, tok, device, args.batch_size, autocast)
         res = run_tasks(lm, args.tasks.split(","), args.num_fewshot, args.limit, args.include_path)

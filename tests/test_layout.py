@@ -1,5 +1,7 @@
-"""The layout the code promises (shared design): no module imports train.py, the modules' imports form no cycle,
-no module hides an installed package, a loaded config is read-only, and choosing kernels writes no module state."""
+"""The layout the code promises (shared design): no module imports train.py, the modules' imports form no cycle
+(imports inside functions included), a module imports another of ours inside a function only when that module
+serves an optional feature, no module hides an installed package, a loaded config is read-only, and choosing
+kernels writes no module state."""
 import ast
 import dataclasses
 import glob
@@ -16,16 +18,31 @@ from conftest import ROOT
 CORE = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")))
 
 
-def imports(path: str) -> set[str]:
-    """The repo modules `path` imports at its top level (imports inside functions are deliberate: lazy)."""
+# Our modules that others may import inside a function: each serves a feature the default run leaves off, so that
+# a reader of that run never meets it (a lazy import is never there to hide an import circle: see the test below).
+FEATURES = {
+    "data": "preparing a named corpus on first use (tokenizers, datasets)",
+    "diagnose": "train.profile, and the out-of-memory report",
+    "hf": "train.init_from and export (safetensors)",
+    "lora": "train.lora",
+    "tracking": "log.wandb and log.tensorboard",
+    "eval": "eval.interval's lm-eval tasks and samples (train.py)",
+}
+# checkpoint brings torch, which data/prepare.py's tokenizer workers (and loader.py, which they use) need not hold
+HEAVY = {("data", "checkpoint"), ("loader", "checkpoint")}
+
+
+def imports(path: str, top_only: bool = False, ours: set[str] | None = None) -> set[str]:
+    """The repo modules (or `ours`) `path` imports: at its top level only, or (default) anywhere, inside functions
+    too."""
     tree = ast.parse(open(path).read())
     found = set()
-    for node in tree.body:
+    for node in (tree.body if top_only else ast.walk(tree)):
         if isinstance(node, ast.Import):
             found |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module.split(".")[0])
-    return found & (set(CORE) | {"data"})
+    return found & (ours or set(CORE) | {"data"})
 
 
 def test_no_module_hides_an_installed_package():
@@ -36,10 +53,18 @@ def test_no_module_hides_an_installed_package():
     assert not {name: installed[name] for name in CORE + ["data", "tests", "scripts"] if installed.get(name)}
 
 
-def graph() -> dict[str, set[str]]:
-    g = {name: imports(os.path.join(ROOT, f"{name}.py")) for name in CORE}
-    g["data"] = imports(os.path.join(ROOT, "data", "prepare.py"))
-    return g
+def path_of(name: str) -> str:
+    return os.path.join(ROOT, "data", "prepare.py") if name == "data" else os.path.join(ROOT, f"{name}.py")
+
+
+def graph(top_only: bool = False) -> dict[str, set[str]]:
+    return {name: imports(path_of(name), top_only) for name in CORE + ["data"]}
+
+
+def test_a_module_imports_ours_inside_a_function_only_for_a_feature():
+    lazy = {n: sorted(m for m in deps - imports(path_of(n), top_only=True) if m not in FEATURES and (n, m) not in HEAVY)
+            for n, deps in graph().items()}
+    assert {n: deps for n, deps in lazy.items() if deps} == {}
 
 
 def test_no_module_imports_train():
@@ -49,7 +74,21 @@ def test_no_module_imports_train():
 
 
 def test_the_imports_have_no_cycle():
-    g, done, path = graph(), set(), []
+    find_cycle(graph())  # every import, those inside functions too
+
+
+def test_a_cycle_of_imports_inside_functions_is_found(tmp_path):
+    """The check itself: three modules that import each other only inside functions make a cycle."""
+    for name, other in (("a", "b"), ("b", "c"), ("c", "a")):
+        (tmp_path / f"{name}.py").write_text(f"import os\n\n\ndef f():\n    import {other}\n    from {other} import x\n")
+    g = {n: imports(str(tmp_path / f"{n}.py"), ours={"a", "b", "c"}) for n in "abc"}
+    assert all(not imports(str(tmp_path / f"{n}.py"), top_only=True, ours={"a", "b", "c"}) for n in "abc")
+    with pytest.raises(AssertionError, match="a -> b -> c -> a"):
+        find_cycle(g)
+
+
+def find_cycle(g: dict[str, set[str]]) -> None:
+    done, path = set(), []
 
     def visit(n):
         if n in path:
