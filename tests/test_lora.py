@@ -83,7 +83,7 @@ def test_lora_trains_only_adapters_resumes_exactly_and_exports_for_peft(corpus, 
         peft_diff = (ours - hf(input_ids=idx).logits).abs().max().item()
         merge_diff = (ours - whole(idx).logits).abs().max().item()
         moved = (ours - base.eval()(idx)).abs().max().item()
-    with capsys.disabled():  # the figures README.md quotes (pytest -s shows them)
+    with capsys.disabled():  # the figures docs/finetuning.md quotes (pytest -s shows them)
         print(f"LoRA parity: peft {peft_diff:.2e}, merged {merge_diff:.2e}; the adapters moved logits by {moved:.2e}")
     assert peft_diff < 1e-5 and merge_diff < 1e-5 and moved > 1e-3
     # sample.py and eval.py run the LoRA run as it is

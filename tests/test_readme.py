@@ -1,6 +1,8 @@
-"""Every command in README.md runs as written: each launch's config divides its batch over its world size (at the
-world size the command asks for), every data/prepare.py line parses, and the quick start and the 2-process gloo
-line run for real on tiny settings."""
+"""Every command in README.md and in the topic pages it links to (docs/*.md) runs as written: each launch's config
+divides its batch over its world size (at the world size the command asks for), every data/prepare.py line parses,
+and the quick start and the 2-process gloo line run for real on tiny settings. Every relative link of those pages
+leads to a file (and heading) that exists, and the README links every topic page."""
+import glob
 import os
 import re
 import shlex
@@ -13,10 +15,12 @@ import plan
 from conftest import ROOT, TINY, run
 from test_distributed import ok, torchrun
 
+PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 
-def readme_commands() -> list[list[str]]:
-    """The shell commands of README.md's bash blocks, continuation lines joined and comments dropped."""
-    text = open(os.path.join(ROOT, "README.md")).read()
+
+def page_commands(page: str) -> list[list[str]]:
+    """The shell commands of one page's bash blocks, continuation lines joined and comments dropped."""
+    text = open(os.path.join(ROOT, page)).read()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -26,28 +30,70 @@ def readme_commands() -> list[list[str]]:
     return commands
 
 
+def readme_commands() -> list[list[str]]:
+    """The commands of README.md, then of each docs/*.md page in name order (so the quick start's come first)."""
+    return [words for page in PAGES for words in page_commands(page)]
+
+
 def launches() -> list[tuple[str, int, list[str]]]:
-    """(the command, its world size, its train.py arguments) for each training launch in the README."""
-    found = []
-    for words in readme_commands():
-        line = shlex.join(words)
-        if words[:2] == ["python", "train.py"]:
-            found.append((line, 1, words[2:]))
-        elif words[0] == "torchrun":
-            opts = dict(w.removeprefix("--").split("=", 1) for w in words if w.startswith("--") and "=" in w)
-            world = int(opts.get("nnodes", 1)) * int(opts["nproc_per_node"])
-            found.append((line, world, words[words.index("train.py") + 1:]))
-        elif words[0] == "sbatch":  # scripts/slurm.sh: one torchrun of 8 GPUs per node
-            nodes = int(next(w for w in words if w.startswith("--nodes=")).split("=")[1])
-            found.append((line, 8 * nodes, words[words.index("scripts/slurm.sh") + 1:]))
+    """(the page and command, its world size, its train.py arguments) for each distinct training launch."""
+    found, seen = [], set()
+    for page in PAGES:
+        for words in page_commands(page):
+            line = shlex.join(words)
+            if line in seen:
+                continue
+            seen.add(line)
+            if words[:2] == ["python", "train.py"]:
+                found.append((f"{page}: {line}", 1, words[2:]))
+            elif words[0] == "torchrun":
+                opts = dict(w.removeprefix("--").split("=", 1) for w in words if w.startswith("--") and "=" in w)
+                world = int(opts.get("nnodes", 1)) * int(opts["nproc_per_node"])
+                found.append((f"{page}: {line}", world, words[words.index("train.py") + 1:]))
+            elif words[0] == "sbatch":  # scripts/slurm.sh: one torchrun of 8 GPUs per node
+                nodes = int(next(w for w in words if w.startswith("--nodes=")).split("=")[1])
+                found.append((f"{page}: {line}", 8 * nodes, words[words.index("scripts/slurm.sh") + 1:]))
     return found
 
 
 def test_the_readme_has_the_commands_this_test_checks():
-    lines = [shlex.join(w) for w in readme_commands()]
+    readme = [shlex.join(w) for w in page_commands("README.md")]
+    assert readme[:2] == ["pip install .", "python train.py configs/tiny.yaml"]  # the quick start, first
+    lines = [shlex.join(w) for w in readme_commands()]  # README.md's and every docs/*.md page's
     assert "python train.py configs/tiny.yaml" in lines
     assert "torchrun --standalone --nproc_per_node=2 train.py configs/tiny.yaml train.parallel=fsdp" in lines
     assert {world for _, world, _ in launches()} >= {1, 2, 8, 32}
+
+
+def test_the_readme_states_the_test_command():
+    """.ci/run and other tooling take the test command from the README."""
+    assert "`python -m pytest -q tests`" in open(os.path.join(ROOT, "README.md")).read()
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_leads_somewhere():
+    for page in PAGES:
+        text = re.sub(r"```.*?```", "", open(os.path.join(ROOT, page)).read(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # https://...
+            path, _, anchor = target.partition("#")
+            file = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path)) if path else os.path.join(ROOT, page)
+            assert os.path.exists(file), f"{page}: {target}"
+            if anchor:
+                headings = re.findall(r"^#+ (.*)$", re.sub(r"```.*?```", "", open(file).read(), flags=re.S), re.M)
+                assert anchor in {slug(h) for h in headings}, f"{page}: {target}"
+
+
+def test_the_readme_links_every_topic_page():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert len(PAGES) > 1
+    for page in PAGES[1:]:
+        assert f"]({page})" in readme, page
 
 
 @pytest.mark.parametrize("line,world,args", launches(), ids=[line for line, _, _ in launches()])
