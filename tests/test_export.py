@@ -7,7 +7,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import checkpoint
+from build import load_model
+from hf import load_weights, model_config
 import export
 import train
 from conftest import ROOT, TINY, run
@@ -61,10 +62,10 @@ def test_round_trip_is_exact(arch, tmp_path):
     a = build(cfg, "cpu", seed=1)
     export.export_hf(a, str(tmp_path))
     with open(tmp_path / "config.json") as f:
-        back_cfg = export.model_config(json.load(f))
+        back_cfg = model_config(json.load(f))
     assert asdict(back_cfg) == {**asdict(cfg), "vocab_size": cfg.padded_vocab_size}
     b = build(cfg, "cpu", seed=2)
-    export.load_weights(b, str(tmp_path))
+    load_weights(b, str(tmp_path))
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -82,7 +83,7 @@ def test_import_rejects_a_mismatched_model(tmp_path):
     export.export_hf(build(tiny("llama"), "cpu"), str(tmp_path))
     other = build(GPTConfig(**{**asdict(tiny("llama")), "n_layer": 3}), "cpu")
     with pytest.raises(ValueError, match="does not match"):
-        export.load_weights(other, str(tmp_path))
+        load_weights(other, str(tmp_path))
 
 
 def test_export_cli_writes_a_tokenizer_transformers_reads(trained, tmp_path):
@@ -94,7 +95,7 @@ def test_export_cli_writes_a_tokenizer_transformers_reads(trained, tmp_path):
     text = "def add(a, b):\n    return a + b\n"
     assert theirs(text)["input_ids"] == ours.encode(text)
     assert theirs.eos_token_id == ours.eot_id
-    model, _, _ = checkpoint.load_model(trained, "cpu")
+    model, _, _ = load_model(trained, "cpu")
     hf = transformers.AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
     ids = torch.tensor([ours.encode(text)])
     with torch.no_grad():
@@ -124,7 +125,7 @@ def test_training_starts_from_a_hf_checkpoint(corpus, tmp_path, monkeypatch, par
         assert train.main(argv) == 0
     else:
         ok(torchrun(*argv, "train.parallel=fsdp", "train.micro_batch_size=2"))
-    model, cfg, _ = checkpoint.load_model(out, "cpu")
+    model, cfg, _ = load_model(out, "cpu")
     m = cfg.model
     assert (m.n_layer, m.n_kv_head, m.rope_theta, m.tie_embeddings, m.vocab_size) == (2, 2, 5e5, False, 520)
     for (k, a), b in zip(src.state_dict().items(), model.state_dict().values()):

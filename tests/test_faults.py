@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from build import load_model
 import checkpoint
 import train
 from conftest import ROOT, TINY, children, kill_tree, make_run
@@ -46,8 +47,8 @@ def faulty(fault: str, *args, timeout=300) -> subprocess.CompletedProcess:
 
 
 def same_weights(a: str, b: str) -> None:
-    ma, _, pa = checkpoint.load_model(a, "cpu")
-    mb, _, pb = checkpoint.load_model(b, "cpu")
+    ma, _, pa = load_model(a, "cpu")
+    mb, _, pb = load_model(b, "cpu")
     assert os.path.basename(pa) == os.path.basename(pb)
     for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
         assert torch.equal(va, vb), k
@@ -83,7 +84,7 @@ def test_kill_at_every_stage_of_a_save_resumes_bit_exact(corpus, ref1, tmp_path)
         assert r.returncode == -signal.SIGKILL, f"{point} #{n} was never reached\n{r.stdout[-2000:]}{r.stderr[-2000:]}"
         latest = checkpoint.find_latest(out)
         if latest:  # whatever the kill hit, a complete checkpoint is what the next start sees
-            checkpoint.load_model(out, "cpu")
+            load_model(out, "cpu")
         if i == 0:  # a kill while a metrics line is half written
             with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                 f.write('{"step": 4, "loss": 3.')
@@ -249,7 +250,7 @@ def test_too_many_nonfinite_steps_stop_with_the_last_good_checkpoint(corpus, tmp
     assert "3 steps in a row had a non-finite loss or gradient norm" in r.stderr
     assert f"{out}/step_000004" in r.stderr
     assert checkpoint.find_latest(out).endswith("step_000004") and skipped(out) == [6, 7, 8]
-    model, _, _ = checkpoint.load_model(out, "cpu")
+    model, _, _ = load_model(out, "cpu")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -319,7 +320,7 @@ def test_out_of_memory_says_what_to_lower_and_keeps_the_last_checkpoint(corpus, 
     assert "micro batch 2 x grad accum 4" in capsys.readouterr().out
     assert checkpoint.find_latest(out).endswith("step_000004") and max(losses(out)) == 4
     assert not any(n.startswith(".tmp") for n in os.listdir(out))
-    checkpoint.load_model(out, "cpu")
+    load_model(out, "cpu")
 
 
 def test_out_of_memory_while_setting_up_is_reported_too(corpus, tmp_path, monkeypatch, capsys):
@@ -512,7 +513,7 @@ def test_pickle_bombs_in_a_checkpoint_are_refused(corpus, trained, tmp_path):
     value_bomb = str(tmp_path / "value_bomb")
     shutil.copytree(trained, value_bomb)
     path = checkpoint.find_latest(value_bomb)
-    model, cfg, _ = checkpoint.load_model(trained, "cpu")
+    model, cfg, _ = load_model(trained, "cpu")
     model.train()
     opt = train.optim.build(model, cfg.train, torch.device("cpu"))
     x = torch.randint(0, cfg.model.vocab_size, (1, 8))

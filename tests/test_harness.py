@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import checkpoint
+from build import load_model
 from conftest import local_task, run
 from eval import HarnessLM
 from tokenizer import load_tokenizer
@@ -17,7 +17,7 @@ TEXT = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    def __init__(sel
 
 @pytest.fixture(scope="module")
 def lm(trained):
-    model, _, _ = checkpoint.load_model(trained, "cpu")
+    model, _, _ = load_model(trained, "cpu")
     return HarnessLM(model, load_tokenizer(os.path.join(trained, "tokenizer")), "cpu", batch_size=3)
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import data.prepare as prep
-import hf
+from hf import check_init_tokenizer
+from build import load_model
 from conftest import ROOT, TINY, run
 from data.prepare import is_val, prepare
 from loader import DataError, same_tokenizer
@@ -271,15 +272,13 @@ def test_continued_pretraining_from_a_hf_llama_with_its_tokenizer(hub_layout, tm
     assert (theirs.bos_token_id, theirs.eos_token_id) == (1, 2)
     hf = transformers.AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
     assert (hf.config.bos_token_id, hf.config.eos_token_id) == (1, 2)
-    import checkpoint
-    model, _, _ = checkpoint.load_model(out, "cpu")
+    model, _, _ = load_model(out, "cpu")
     ids = torch.tensor([theirs(text)["input_ids"][:64]])
     with torch.no_grad():
         assert torch.allclose(model(ids)[..., :len(fast)], hf(ids).logits[..., :len(fast)], atol=1e-4)
     import config
-    import train
     cfg = config.load(["configs/tiny.yaml", f"train.init_from={base}", f"data.datasets=[{data},{root / 'gpt2_data'}]"])
-    assert hf.check_init_tokenizer(cfg) == [  # data tokenized otherwise is named, with the fix
+    assert check_init_tokenizer(cfg) == [  # data tokenized otherwise is named, with the fix
         f"{root / 'gpt2_data'} was not tokenized with the tokenizer of {base}; prepare it with python "
         f"data/prepare.py ... --tokenizer hf:{base}"]
     r = run("sample.py", out, "--prompt", "def f", "--max_new_tokens", "5", "--precision", "fp32")

@@ -8,6 +8,8 @@ import shutil
 import pytest
 import torch
 
+from build import load_model
+from hf import load_weights
 import checkpoint
 import eval as evaluate
 import export
@@ -56,9 +58,9 @@ def test_lora_trains_only_adapters_resumes_exactly_and_exports_for_peft(corpus, 
     assert len(keys) == 2 * (7 * 2 + 1)  # A and B on 7 projections x 2 layers, and the head
     assert all(".lora_A." in k or ".lora_B." in k for k in keys + moments) and len(moments) == 3 * len(keys)
     # the base is frozen: the run's model still has the imported weights under its adapters
-    model, cfg, _ = checkpoint.load_model(out, "cpu")
+    model, cfg, _ = load_model(out, "cpu")
     base = build(cfg.model, "cpu")
-    export.load_weights(base, hf_base)
+    load_weights(base, hf_base)
     trained = dict(model.named_parameters())
     for name, p in base.named_parameters():
         assert torch.equal(trained[name], p), name
@@ -102,7 +104,7 @@ def test_a_changed_base_stops_the_resume(corpus, hf_base, tmp_path):
     export.export_hf(model, moved)  # other weights under the same path
     assert train.main(train_args(corpus, out, *args, "train.max_steps=4")) == 2
     with pytest.raises(checkpoint.CheckpointError, match="base that is not the one"):
-        checkpoint.load_model(out, "cpu")
+        load_model(out, "cpu")
 
 
 def test_lora_from_our_run_with_muon_under_ddp_and_fsdp_matches_one_process(corpus, trained, tmp_path):

@@ -17,12 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf import load_weights, model_config
 import config
 import export
 import kernel
 import step
 import train
-from conftest import make_run, run
+from conftest import run
 from model import GPTConfig, MoE, MoEConfig, build
 from test_distributed import DIST, ok, torchrun
 from test_train import rows, train_args
@@ -105,11 +106,12 @@ def test_active_flops_kv_cache_config_and_the_bias_step():
                         (["model.moe.num_experts=4", "model.arch=gpt2"], "model.moe needs arch llama")]:
         with pytest.raises(config.ConfigError, match=re.escape(words)):
             config.load(args)
-    # what is known only once the model is built (train.init_from may make it an MoE): checked in plan.resolve
-    for args, words in [(["train.ep=2"], "divide model.moe.num_experts (0)"),
-                        (["model.moe.num_experts=4", "train.lora=true"], "train.lora with an MoE model")]:
-        with pytest.raises(config.ConfigError, match=re.escape(words)):
-            make_run(config.load(["model.vocab_size=300", *args]), world=2 if "train.ep=2" in args else 1)
+    # what is known only once the model is built (train.init_from may make it an MoE) and the world size: checked
+    # by config.check_model, which train.py calls at start-up (a LoRA on an MoE already at load)
+    with pytest.raises(config.ConfigError, match=re.escape("divide model.moe.num_experts (0)")):
+        config.check_model(config.load(["model.vocab_size=300", "train.ep=2"]), world=2)
+    with pytest.raises(config.ConfigError, match=re.escape("train.lora with an MoE model")):
+        config.load(["model.vocab_size=300", "model.moe.num_experts=4", "train.lora=true"])
     # the balancing step: under-loaded experts' biases rise, over-loaded ones fall; a skipped step moves nothing
     layer = moe.layers[0].mlp
     bias = layer.gate.e_score_correction_bias
@@ -207,9 +209,9 @@ def test_exports_to_transformers_with_our_logits_and_imports_back(kind, moe, qk_
                          suppress_tokens=list(range(cfg.vocab_size, cfg.padded_vocab_size)))
     assert ours.generate(prompt, 16, temperature=0).tolist() == hf.tolist()
     with open(tmp_path / "config.json") as f:
-        assert export.model_config(json.load(f)) == replace(cfg, vocab_size=cfg.padded_vocab_size)
+        assert model_config(json.load(f)) == replace(cfg, vocab_size=cfg.padded_vocab_size)
     back = build(cfg, "cpu", seed=4)
-    export.load_weights(back, str(tmp_path))
+    load_weights(back, str(tmp_path))
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in ours.state_dict().items())
 
 

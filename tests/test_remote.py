@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 import torch
 
+from build import load_model
 import checkpoint
 import train
 from conftest import ROOT, TINY, run
@@ -107,8 +108,8 @@ def test_train_saves_and_resumes_through_s3(s3, corpus, tmp_path, monkeypatch):
                            "train.keep_last=1")) == 0
     a, b = losses(local), losses(remote_run)
     assert [b[s] for s in (7, 8)] == [a[s] for s in (7, 8)]
-    m_local, _, _ = checkpoint.load_model(local, "cpu")
-    m_remote, _, path = checkpoint.load_model(url, "cpu")
+    m_local, _, _ = load_model(local, "cpu")
+    m_remote, _, path = load_model(url, "cpu")
     assert path == f"{url}/step_000008"
     for (k, x), y in zip(m_local.state_dict().items(), m_remote.state_dict().values()):
         assert torch.equal(x, y), k

@@ -6,6 +6,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from hf import model_config
 import config
 import export
 from model import GPTConfig, build
@@ -36,7 +37,7 @@ def test_scaled_rope_matches_transformers_past_the_original_context(kind, tmp_pa
     export.export_hf(ours, str(tmp_path))
     hf = json.loads((tmp_path / "config.json").read_text())
     assert hf["rope_scaling"] == SCALINGS[kind] and hf["max_position_embeddings"] == 4 * ORIGINAL
-    back = export.model_config(hf)
+    back = model_config(hf)
     assert {**asdict(back), "init_std": 0.1} == {**asdict(cfg), "vocab_size": cfg.padded_vocab_size}
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     assert theirs.config.rope_parameters["rope_type"] == SCALINGS[kind]["rope_type"]
@@ -63,13 +64,13 @@ def test_import_reads_both_spellings_of_rope_settings():
                                      rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                    "original_max_position_embeddings": 32}).to_dict()
     for hf in (v4, v5, phi3, saved):
-        m = export.model_config(hf)
+        m = model_config(hf)
         assert (m.rope_theta, m.rope_scaling) == (5e5, {"rope_type": "yarn", "factor": 4.0,
                                                         "original_max_position_embeddings": 32}), hf
-    plain = export.model_config({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
+    plain = model_config({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
     assert plain.rope_scaling is None
     with pytest.raises(ValueError, match="rope_type must be one of"):
-        export.model_config({**base, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
+        model_config({**base, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
 
 
 @pytest.mark.parametrize("override,message", [

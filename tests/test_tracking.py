@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from build import load_model
 import checkpoint
 import config
 import tracking
@@ -122,7 +123,7 @@ def test_a_sample_while_training_is_greedy_and_leaves_the_training_alone(corpus,
     assert [r["step"] for r in rows] == [2, 4] and all(r["sample"].startswith("def add(a, b):") for r in rows)
 
     # the greedy continuation of the tokenizer's document start + the prompt, by the weights of that step
-    model, _, _ = checkpoint.load_model(out, "cpu")  # the step-4 checkpoint
+    model, _, _ = load_model(out, "cpu")  # the step-4 checkpoint
     tok = load_tokenizer(os.path.join(out, "tokenizer"))
     ids = tok.start_ids + tok.encode("def add(a, b):")
     new = model.generate(torch.tensor([ids]), 12, temperature=0, stop_token=tok.eot_id)[0, len(ids):].tolist()

@@ -13,6 +13,7 @@ import numpy
 import pytest
 import torch
 
+from build import load_model
 import checkpoint
 import config
 import step
@@ -64,8 +65,8 @@ def test_resume_is_bit_exact(corpus, tmp_path):
     a, b = losses(full), losses(resumed)
     assert sorted(b) == list(range(7, 13))
     assert all(a[s] == b[s] for s in b), (a, b)  # bitwise, not approximately
-    ma, _, _ = checkpoint.load_model(full, "cpu")
-    mb, _, _ = checkpoint.load_model(resumed, "cpu")
+    ma, _, _ = load_model(full, "cpu")
+    mb, _, _ = load_model(resumed, "cpu")
     for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
         assert torch.equal(va, vb), k
 
@@ -89,7 +90,7 @@ def test_killed_save_leaves_previous_checkpoint(corpus, tmp_path, monkeypatch):
     assert os.path.isdir(os.path.join(out, ".tmp_step_000006"))
     latest = checkpoint.find_latest(out)
     assert latest.endswith("step_000004")
-    model, cfg, _ = checkpoint.load_model(out, "cpu")  # still loads
+    model, cfg, _ = load_model(out, "cpu")  # still loads
     # the next start resumes from step 4 and cleans the partial folder up
     assert train.main(train_args(corpus, out, "train.max_steps=8", "train.ckpt_interval=2",
                                  "train.eval_interval=0")) == 0
@@ -206,7 +207,7 @@ def test_gpt2_arch_trains(corpus, tmp_path):
                                  "train.precision=fp32")) == 0
     ls = losses(out)
     assert ls[10] < ls[1]
-    model, cfg, _ = checkpoint.load_model(out, "cpu")
+    model, cfg, _ = load_model(out, "cpu")
     assert cfg.model.arch == "gpt2" and hasattr(model, "embed_positions")
 
 
