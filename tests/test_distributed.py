@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import checkpoint
+from build import build_model
 import config
 import train
 import parallel
@@ -170,10 +171,8 @@ def test_fsdp_blocks_get_the_fp32_rope_table(corpus, tmp_path, monkeypatch):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
         cfg = config.load(train_args(corpus, str(tmp_path / "run"), "train.parallel=fsdp", "train.precision=bf16"))
-        run = make_run(cfg, world=2, model=train.data_vocab(cfg, cfg.model))  # on a 1-rank mesh
-        with torch.device("meta"):
-            model = GPT(run.cfg.model, run.ops)
-        parallel.parallelize(model, run)
+        run = make_run(cfg, world=2, model=train.model_shape(cfg, 1))  # on a 1-rank mesh
+        model = build_model(run.cfg, run.device, run.ops, parallelize=lambda m: parallel.parallelize(m, run))
         seen = []
         model.layers[0].register_forward_pre_hook(lambda mod, args: seen.append((args[0].dtype, args[1].dtype)))
         with torch.no_grad():

@@ -17,6 +17,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import config
+from build import build_model
 import hardware
 import kernel
 import optim
@@ -182,9 +183,8 @@ def setup(*overrides: str) -> Run:
     torch._dynamo.reset()  # a fresh cache: graphs of an earlier test's model would count as recompiles here
     r = make_run(config.load([f"train.precision={PRECISION}", *overrides, f"train.device={DEVICE}"]))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
-    with torch.device("meta"):
-        model = GPT(r.cfg.model, r.ops)
-    train_model = parallel.parallelize(model, r)
+    model = build_model(r.cfg, r.device, r.ops, parallelize=lambda m: parallel.parallelize(m, r))
+    train_model = parallel.wrap(model, r)
     optimizer = optim.build(model, r.cfg.train, r.device)
     model.train()
     return Run(r.cfg, r.device, model, train_model, r.mode, optimizer, r.precision.autocast(r.device), r.grad_accum,

@@ -5,6 +5,7 @@ matmul inputs are rounded to 8 bits of mantissa (2e-2). Fused CUDA backends (fla
 on CPU under TRITON_INTERPRET=1 where their Triton kernels run there, and skipped where the package is absent.
 """
 import importlib.util
+from build import build_model
 import json
 import os
 import subprocess
@@ -310,9 +311,8 @@ def test_a_compiled_step_has_no_graph_break_and_no_recompile(monkeypatch):
         cfg = config.load([*overrides, f"train.compile={str(compile_).lower()}"])
         run = make_run(cfg)
         assert run.ops.names["loss"] == ("plain, compiled" if compile_ else "chunked (cache-sized)")
-        with torch.device("meta"):
-            model = GPT(run.cfg.model, run.ops)
-        step_model = parallel.parallelize(model, run)
+        model = build_model(run.cfg, run.device, run.ops, parallelize=lambda m: parallel.parallelize(m, run))
+        step_model = parallel.wrap(model, run)
         optimizer = optim.build(model, run.cfg.train, run.device)
         torch._dynamo.reset()
         counters.clear()

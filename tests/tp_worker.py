@@ -11,6 +11,7 @@ tests/test_tp.py asserts on it:
           plan.comm_bytes, for dp 1 x tp 2 (tensor parallel) and dp 2 x tp 1 (FSDP2).
   saved:  the bytes autograd keeps for backward on a rank of dp 1 x tp 2, against plan.activation_bytes.
 """
+from build import build_model
 import json
 import os
 import sys
@@ -47,9 +48,8 @@ def setup(dataset: str, extra: list[str], tp: int, parallel_mode: str = "auto"):
                        f"train.tp={tp}", f"train.parallel={parallel_mode}", "train.optimizer=adamw",
                        "train.muon_lr=0.02", *extra])
     run = make_run(cfg, world=dist.get_world_size(), rank=dist.get_rank())
-    with torch.device("meta"):
-        model = GPT(run.cfg.model, run.ops)
-    return run, model, parallel.parallelize(model, run)
+    model = build_model(run.cfg, run.device, run.ops, parallelize=lambda m: parallel.parallelize(m, run))
+    return run, model, parallel.wrap(model, run)
 
 
 def batch(run, seed: int = 0):
