@@ -24,7 +24,7 @@ import optim
 import parallel
 import plan
 from conftest import ROOT, make_run
-from model import GPT, GPTConfig, rope_cache
+from model import GPTConfig, rope_cache
 from step import skips_on_device, train_step
 
 DEVICE = os.environ.get("GPU_TESTS_DEVICE", "cuda")
