@@ -395,11 +395,14 @@ def validate(cfg: Config) -> None:
         check_model(replace(cfg, model=replace(cfg.model, vocab_size=2)), vocab_known=False)
 
 
-def check_model(cfg: Config, world: int | None = None, vocab_known: bool = True) -> None:
-    """The rules that need the model as it trains (train.init_from's shape, the data's vocab) and the world size
-    (None: not known yet): the model's own (GPTConfig.validate), tensor parallel's splits, expert parallel's experts,
-    LoRA on an MoE. Raises ConfigError."""
+def check_model(cfg: Config, world: int | None = None, vocab_known: bool = True, data_vocab: int = 0) -> None:
+    """The rules that need the model as it trains (train.init_from's shape, the data's vocab: `data_vocab`, its
+    largest token id + 1) and the world size (None: not known yet): the model's own (GPTConfig.validate), a vocab
+    that holds the data's, tensor parallel's splits, expert parallel's experts, LoRA on an MoE. Raises ConfigError."""
     m, t = cfg.model, cfg.train
+    if m.vocab_size < data_vocab:
+        raise ConfigError(f"model.vocab_size ({m.vocab_size}) is smaller than the data's vocab ({data_vocab}, "
+                          f"{cfg.data.datasets[0]}/meta.json)")
     try:
         m.validate()
     except ValueError as e:

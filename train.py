@@ -127,11 +127,8 @@ def model_shape(cfg: config.Config, world: int) -> GPTConfig:
         for warning in hf.check_init_tokenizer(cfg):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
     vocab = max(m["vocab_size"] for m in metas)
-    if model.vocab_size is not None and model.vocab_size < vocab:
-        raise config.ConfigError(f"model.vocab_size ({model.vocab_size}) is smaller than the data's vocab "
-                                 f"({vocab}, {cfg.data.datasets[0]}/meta.json)")
     model = replace(model, vocab_size=model.vocab_size or vocab)
-    config.check_model(replace(cfg, model=model), world)
+    config.check_model(replace(cfg, model=model), world, data_vocab=vocab)
     return model
 
 
