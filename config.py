@@ -431,7 +431,7 @@ def check_tp(cfg: Config, tp: int | None = None, vocab_known: bool = True) -> No
     m, t, tp = cfg.model, cfg.train, tp or cfg.train.tp
     splits = {"model.n_head": m.n_head, "model.n_kv_head": m.kv_heads, "model.block_size": m.block_size,
               "the MLP width (model.intermediate_size)": m.ffn_dim}
-    if vocab_known:
+    if vocab_known and m.vocab_size:
         splits["the padded vocab (model.vocab_size rounded up to 128)"] = m.padded_vocab_size
     for name, n in splits.items():
         if n % tp:
