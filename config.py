@@ -389,6 +389,10 @@ def validate(cfg: Config) -> None:
         if importlib.util.find_spec("lm_eval") is None:
             raise ConfigError("eval.tasks needs EleutherAI's lm-evaluation-harness: pip install \".[eval]\" "
                               "(or pip install lm-eval)")
+    w = cfg.data.weights
+    if w is not None and (len(w) != len(cfg.data.datasets) or min(w) < 0 or sum(w) <= 0):
+        raise ConfigError(f"data.weights needs one non-negative weight per dataset ({len(cfg.data.datasets)}), "
+                          f"not all zero; got {w}")
     if not (t.init_from or cfg.model.vocab_size is None):  # else the model is known only at start-up (train.py)
         check_model(cfg)
     elif not t.init_from:  # its shape, before the data tells the vocab
@@ -416,10 +420,6 @@ def check_model(cfg: Config, world: int | None = None, vocab_known: bool = True,
     if t.lora and experts:
         raise ConfigError("train.lora with an MoE model (model.moe): adapters on the experts are not "
                           "supported, and the frozen base's routing biases would still move")
-    w = cfg.data.weights
-    if w is not None and (len(w) != len(cfg.data.datasets) or min(w) < 0 or sum(w) <= 0):
-        raise ConfigError(f"data.weights needs one non-negative weight per dataset ({len(cfg.data.datasets)}), "
-                          f"not all zero; got {w}")
 
 
 def check_tp(cfg: Config, tp: int | None = None, vocab_known: bool = True) -> None:
