@@ -167,7 +167,7 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
     log = Log(run, model, batches, step, skipped)
     live_eval = None
     if cfg.eval.interval:  # lm-eval tasks, a sample
-        from eval import LiveEval
+        from harness import LiveEval
         live_eval = LiveEval(run, model)
     profiler = None
     if t.profile or device.type == "cuda":  # train.profile; on CUDA the allocator's history

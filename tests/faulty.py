@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint  # noqa: E402
-import eval as eval_  # noqa: E402
+import harness  # noqa: E402
 import loader  # noqa: E402
 import model  # noqa: E402
 import optim  # noqa: E402
@@ -127,14 +127,14 @@ def main() -> int:
             plan.resolve = resolve
         elif kind == "skew":
             rank, extra = int(args[0]), int(args[1])
-            real_sample = eval_.LiveEval.sample
+            real_sample = harness.LiveEval.sample
 
             def sample(self, prompt, rank=rank, extra=extra, real_sample=real_sample):
                 if RANK == rank:
                     with self.autocast:
                         self.model.generate(torch.tensor([[0]], device=self.device), extra, temperature=0)
                 return real_sample(self, prompt)
-            eval_.LiveEval.sample = sample
+            harness.LiveEval.sample = sample
         else:
             raise SystemExit(f"faulty.py: unknown fault {fault!r}")
 

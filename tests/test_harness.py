@@ -9,7 +9,7 @@ import torch
 
 from build import load_model
 from conftest import local_task, run
-from eval import HarnessLM
+from harness import HarnessLM
 from tokenizer import load_tokenizer
 
 TEXT = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n"

@@ -26,7 +26,8 @@ FEATURES = {
     "hf": "train.init_from and export (safetensors)",
     "lora": "train.lora",
     "tracking": "log.wandb and log.tensorboard",
-    "eval": "eval.interval's lm-eval tasks and samples (train.py)",
+    "harness": "lm-eval tasks (eval.py --tasks, eval.tasks) and samples while training (eval.interval)",
+    "tokenizer": "text in and out: eval.py --tasks (training and the val loss read token ids)",
 }
 # checkpoint brings torch, which data/prepare.py's tokenizer workers (and loader.py, which they use) need not hold
 HEAVY = {("data", "checkpoint"), ("loader", "checkpoint")}
