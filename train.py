@@ -50,8 +50,6 @@ def main(argv: list[str]) -> int:
         # rank 0 prepares missing data, then takes the run's lock and finds the checkpoint to resume from; the others
         # wait and then see the same outcome
         model_cfg = on_rank0(lambda: model_shape(cfg, world), rank, world)
-        if rank != 0:
-            model_cfg = model_shape(cfg, world)
         device, precision, compiled = hardware.resolve(t, local_rank, model_cfg.n_embd)
         if precision.warning and rank == 0:
             print(f"warning: {precision.warning}", file=sys.stderr, flush=True)
