@@ -1,9 +1,7 @@
 """The model of a run, built in one place for train.py, bench.py, eval.py, sample.py and export.py: on the meta
-device (no memory touched), LoRA's adapters applied, sharded there by parallel.py when the run is distributed,
-then allocated and given its starting values: train.seed's init, train.init_from's weights (a Hugging Face
-folder or a run of ours), LoRA's adapters. The same values whatever the sharding, so 1 process, DDP and FSDP2
-start alike. Also: a finished run's model back from its checkpoint, and the checkpoint a run resumes from.
-"""
+device, LoRA applied, sharded there by parallel.py, then allocated and given train.seed's init, train.init_from's
+weights and LoRA's adapters: the same values whatever the sharding. Also: a run's model back from its checkpoint,
+and the checkpoint a run resumes from."""
 import sys
 from dataclasses import replace
 

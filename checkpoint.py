@@ -609,9 +609,8 @@ def tokenizer_dir(path: str, cfg) -> str:
 
 
 def lock_run(t) -> tuple:
-    """Take the run's folders (rank 0, before anything is written): the lock of out_dir, a check that a local
-    ckpt_dir is writable and not another run's out_dir, and the lease of a remote one. Returns (the lock file,
-    the lease or None) for the caller to release at the end."""
+    """Take the run's folders (rank 0): out_dir's lock, a local ckpt_dir checked writable and not another run's
+    out_dir, a remote one's lease. Returns (the lock file, the lease or None), for the caller to release."""
     lock, lease = _lock(t.out_dir), None
     try:
         if t.ckpt_dir and not is_remote(t.ckpt_dir) and \

@@ -393,26 +393,24 @@ def validate(cfg: Config) -> None:
     if w is not None and (len(w) != len(cfg.data.datasets) or min(w) < 0 or sum(w) <= 0):
         raise ConfigError(f"data.weights needs one non-negative weight per dataset ({len(cfg.data.datasets)}), "
                           f"not all zero; got {w}")
-    if not (t.init_from or cfg.model.vocab_size is None):  # else the model is known only at start-up (train.py)
+    if not t.init_from:  # else the model's shape is known only at start-up (train.py); the vocab may come from the data
         check_model(cfg)
-    elif not t.init_from:  # its shape, before the data tells the vocab
-        check_model(replace(cfg, model=replace(cfg.model, vocab_size=2)), vocab_known=False)
 
 
-def check_model(cfg: Config, world: int | None = None, vocab_known: bool = True, data_vocab: int = 0) -> None:
+def check_model(cfg: Config, world: int | None = None, data_vocab: int = 0) -> None:
     """The rules that need the model as it trains (train.init_from's shape, the data's vocab: `data_vocab`, its
     largest token id + 1) and the world size (None: not known yet): the model's own (GPTConfig.validate), a vocab
     that holds the data's, tensor parallel's splits, expert parallel's experts, LoRA on an MoE. Raises ConfigError."""
     m, t = cfg.model, cfg.train
-    if m.vocab_size < data_vocab:
+    if (m.vocab_size or 0) < data_vocab:
         raise ConfigError(f"model.vocab_size ({m.vocab_size}) is smaller than the data's vocab ({data_vocab}, "
                           f"{cfg.data.datasets[0]}/meta.json)")
     try:
-        m.validate()
+        replace(m, vocab_size=m.vocab_size or 2).validate()  # the vocab may be the data's, not known yet
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if t.tp > 1:
-        check_tp(cfg, vocab_known=vocab_known)
+        check_tp(cfg)
     experts = m.moe.num_experts
     if t.ep > 1 and world is not None and (t.ep != world or not experts or experts % t.ep):
         raise ConfigError(f"train.ep={t.ep} must equal the world size ({world}) and divide "
@@ -422,7 +420,7 @@ def check_model(cfg: Config, world: int | None = None, vocab_known: bool = True,
                           "supported, and the frozen base's routing biases would still move")
 
 
-def check_tp(cfg: Config, tp: int | None = None, vocab_known: bool = True) -> None:
+def check_tp(cfg: Config, tp: int | None = None) -> None:
     """Raise ConfigError, naming the numbers, when the model or the run cannot be split `tp` ways (default
     train.tp): whole attention heads (query and key/value) and MLP columns per rank, the sequence (sequence
     parallel splits block_size) and the padded vocab (embedding and head) in equal parts, FSDP2 (not DDP) across
@@ -431,7 +429,7 @@ def check_tp(cfg: Config, tp: int | None = None, vocab_known: bool = True) -> No
     m, t, tp = cfg.model, cfg.train, tp or cfg.train.tp
     splits = {"model.n_head": m.n_head, "model.n_kv_head": m.kv_heads, "model.block_size": m.block_size,
               "the MLP width (model.intermediate_size)": m.ffn_dim}
-    if vocab_known and m.vocab_size:
+    if m.vocab_size:
         splits["the padded vocab (model.vocab_size rounded up to 128)"] = m.padded_vocab_size
     for name, n in splits.items():
         if n % tp:

@@ -4,9 +4,7 @@
     python export.py LORA_RUN --to hf DIR      # the base in DIR, PEFT's adapter files in DIR/adapter
     python export.py LORA_RUN --to hf DIR --merge   # one model, the adapters merged into its weights
 
-Import is a training option: `train.init_from=HF_DIR` derives the model section from the folder's `config.json`
-and starts from its weights (Llama architecture: GQA, RoPE theta, tied or untied head all carry over).
-The key table and config mapping both ways live in hf.py.
+Import is a training option (`train.init_from=HF_DIR`); the formats both ways live in hf.py.
 """
 import argparse
 import json

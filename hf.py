@@ -1,10 +1,8 @@
-"""The Hugging Face `transformers` formats, both ways: config.json <-> GPTConfig, our state dict <-> theirs, and
-reading a folder's weights (`train.init_from`). export.py writes folders; build.py starts a run from one.
-
-Our modules already use Hugging Face Llama's names and its rotate-half RoPE layout, so Llama is a key table
-with no permutation; GPT-2 fuses q/k/v into one `c_attn` stored transposed (`Conv1D`), which the table undoes.
-The embedding and head keep their padded rows (vocab rounded up to 128), so ours -> HF -> ours is exact.
-"""
+"""The Hugging Face `transformers` formats both ways (config.json <-> GPTConfig, our state dict <-> theirs) and
+reading a folder's weights (`train.init_from`); export.py writes folders. Our modules use Hugging Face Llama's names
+and its rotate-half RoPE layout, so Llama is a key table with no permutation; GPT-2 fuses q/k/v into one `c_attn`
+stored transposed (`Conv1D`), which the table undoes. The embedding and head keep their padded rows (vocab rounded
+up to 128), so ours -> HF -> ours is exact."""
 import filecmp
 import json
 import os

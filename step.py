@@ -175,13 +175,11 @@ def compiling(run: config.Run):
 
 
 class Log:
-    """The books of the loop, written by rank 0: metrics.jsonl rows (mirrored to wandb / TensorBoard), the mean loss
-    and throughput since the last log line, and the skipped steps. Losses add up on the device, so a log line costs
-    one host sync; time spent in evals and saves (`pause`) is left out of the throughput, and the time the loop
-    waited for batches (`data.waited`) is logged as data_wait_s and data_wait_frac. Each step's (skip flag, loss,
-    grad norm) is read on the host `lag` steps late: on CUDA through a pinned copy and an event one step behind, so
-    that checking never waits for the step just queued; elsewhere at once. On resume the rows a killed run logged
-    after its last checkpoint, and a line cut short by the kill, are dropped first."""
+    """The books of the loop, written by rank 0: metrics.jsonl rows (mirrored to wandb / TensorBoard; on resume the
+    rows after the checkpoint, and a line cut short by a kill, dropped first), the mean loss and throughput since the
+    last log line (one host sync per line; evals and saves, `pause`, left out; the wait for batches logged as
+    data_wait_s and _frac), and the skipped steps: each step's (skip flag, loss, grad norm) is read `lag` steps late,
+    on CUDA through a pinned copy and an event, so that checking never waits for the step just queued."""
 
     def __init__(self, run: config.Run, model: GPT, data, resumed_step: int, skipped: int):
         cfg = run.cfg
@@ -280,9 +278,8 @@ class Log:
 
 
 def expert_balance(experts: list[MoE]) -> dict:
-    """The MoE layers at the last step: tokens of the busiest expert over the mean (1.0 is perfect balance) and the
-    spread (max - min) of the routing biases, per layer and the worst, and the balance loss (model.moe.aux_loss_coef:
-    rank 0's last micro-batch, summed over layers; None when off)."""
+    """The MoE layers at the last step: busiest expert's tokens over the mean (1.0: balanced) and the routing biases'
+    spread, per layer and the worst; the balance loss (rank 0's last micro-batch, summed over layers; None: off)."""
     if experts[0].last_load is None:
         return {}
     load = torch.stack([m.last_load for m in experts])
@@ -310,13 +307,11 @@ def budget_probe(t: config.TrainConfig, start_step: int) -> int:
     return start_step + BUDGET_WARMUP + (t.profile + 1 if t.profile else 0)
 
 
-def fit_budget(run: config.Run, step: int, max_steps: int, step_s: float, seconds_left: float,
-               group) -> tuple[int, float]:
-    """(max_steps, seconds a step): the max_steps that fit in `seconds_left` of the time budget at `step`, measured at `step_s` seconds a step,
-    counting the periodic and the final eval (a forward is about a third of a training step), never more than
-    `max_steps`. The slowest rank decides, so that every rank stops at the same step."""
+def fit_budget(run: config.Run, step: int, max_steps: int, step_s: float, left_s: float, group) -> tuple[int, float]:
+    """(max_steps, s/step): the steps that fit in the budget's `left_s` at `step_s` a step, counting the evals (a
+    forward is about a third of a step), at most `max_steps`; the slowest rank decides, so all stop at one step."""
     t = run.cfg.train
-    timing = torch.tensor([step_s, -seconds_left])
+    timing = torch.tensor([step_s, -left_s])
     if group is not None:
         dist.all_reduce(timing, op=dist.ReduceOp.MAX, group=group)
     step_s, late = timing.tolist()

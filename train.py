@@ -283,11 +283,9 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
 
 def resume(run: config.Run, path: str | None, model, optimizer, scaler, group) -> tuple[int, int, int, int | None]:
     """Load checkpoint `path` (verified by find_resume) into model, optimizer and scaler: (step, tokens, skipped
-    steps, the max_steps the time budget decided or None: that decision applies again, so the LR schedule is the
-    same); (0, 0, 0, None) without one. A checkpoint that verified yet fails to load on some rank (DCP gathers
-    every rank's error, so all ranks are here) is set aside by rank 0 and the newest one before it that verifies is
-    tried; the next load overwrites every tensor the failed one may have half written. None left: CheckpointError
-    (a fresh start would need a fresh model)."""
+    steps, the time budget's max_steps or None: it applies again, so the LR schedule is the same), or zeros. One that
+    fails to load on some rank (DCP gathers every rank's error) is set aside by rank 0 and the newest older one that
+    verifies is tried (it overwrites whatever the failed one half wrote); none left: CheckpointError."""
     while path:
         try:
             state = checkpoint.load(path, model, optimizer, verified=True)
