@@ -11,7 +11,6 @@ tests/test_tp.py asserts on it:
           plan.comm_bytes, for dp 1 x tp 2 (tensor parallel) and dp 2 x tp 1 (FSDP2).
   saved:  the bytes autograd keeps for backward on a rank of dp 1 x tp 2, against plan.activation_bytes.
 """
-from build import build_model
 import json
 import os
 import sys
@@ -24,6 +23,7 @@ from torch.distributed.tensor import distribute_tensor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import config  # noqa: E402
+from build import build_model  # noqa: E402
 import kernel  # noqa: E402
 import optim  # noqa: E402
 import parallel  # noqa: E402
