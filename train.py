@@ -181,15 +181,7 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
         nonlocal pending
         t0 = time.perf_counter()
         finish_save()
-        state = {"tokens": tokens, "config": config.to_dict(replace(cfg, train=replace(t, max_steps=max_steps))),
-                 "world_size": run.world_size, "tp": run.tp, "skipped_steps": log.skipped}
-        if scaler is not None:
-            state["grad_scaler"] = scaler.state_dict()
-        if budget_steps is not None:
-            state["budget_max_steps"] = budget_steps
-        if t.lora:  # the adapters are only good on the base they were trained on
-            import lora
-            state["lora_base"] = lora.fingerprint(t.init_from, t.seed)
+        state = train_state(run, tokens, max_steps, log.skipped, scaler, budget_steps)
         pending = checkpoint.save(t.ckpt_dir or t.out_dir, step, model, optimizer, state, t.keep_last,
                                   async_group=ckpt_group if t.async_checkpoint else False)
         if not t.async_checkpoint:
@@ -306,6 +298,22 @@ def resume(run: config.Run, path: str | None, model, optimizer, scaler, group) -
                                                  f"train.resume=false or another train.out_dir") from None
             path = shared[0]
     return 0, 0, 0, None
+
+
+def train_state(run: config.Run, tokens: int, max_steps: int, skipped: int, scaler, budget_steps) -> dict:
+    """What a checkpoint keeps beside the tensors (train_state.json): the config as it runs (max_steps as the time
+    budget decided it), tokens seen, skipped steps, the loss scaler, the LoRA base's fingerprint."""
+    t = run.cfg.train
+    state = {"tokens": tokens, "config": config.to_dict(replace(run.cfg, train=replace(t, max_steps=max_steps))),
+             "world_size": run.world_size, "tp": run.tp, "skipped_steps": skipped}
+    if scaler is not None:
+        state["grad_scaler"] = scaler.state_dict()
+    if budget_steps is not None:
+        state["budget_max_steps"] = budget_steps
+    if t.lora:  # the adapters are only good on the base they were trained on
+        import lora
+        state["lora_base"] = lora.fingerprint(t.init_from, t.seed)
+    return state
 
 
 @contextmanager
