@@ -9,11 +9,13 @@
     python bench.py configs/125m.yaml --checkpoint DIR   # checkpoint save/load time, checksums on and off
 
 The step is train.py's own (`plan.resolve`, `build.build_model`, `parallel.parallelize`, `optim.build`, `step.train_step`: the same parallel
-wrap, compile, kernels and precision); only the data is synthetic (uniform random token ids made once on the device, as
-in Pax's synthetic configs), so the numbers measure the model and not the disk. Timing starts after the warm-up steps
-(compilation, allocator growth) and ends with a device sync. MFU uses PaLM's FLOPs per token and the dense peak of the
-GPU at the run's matmul precision (hardware.GPUS: BF16/FP16, or TF32 for FP32 runs; `--peak-tflops` overrides, e.g. 756
-for PCIe cards; FP8 runs are still reported against the BF16 peak). The JSON line is the last line of stdout.
+wrap, compile, kernels and precision, compile auto decided for the run the config describes), and so is the model: its
+vocab is the data's when the data is prepared (`bench_vocab`; printed first, with where it came from); only the data is
+synthetic (uniform random token ids made once on the device, as in Pax's synthetic configs), so the numbers measure
+the model and not the disk. Timing starts after the warm-up steps (compilation, allocator growth) and ends with a
+device sync. MFU uses PaLM's FLOPs per token and the dense peak of the GPU at the run's matmul precision
+(hardware.GPUS: BF16/FP16, or TF32 for FP32 runs; `--peak-tflops` overrides, e.g. 756 for PCIe cards; FP8 runs are
+still reported against the BF16 peak). The JSON line is the last line of stdout.
 """
 import argparse
 import json
@@ -33,6 +35,7 @@ import optim
 import parallel
 import plan
 from build import build_model
+from loader import DataError, read_meta
 from step import first_step, sync_grads, train_step
 
 
@@ -56,13 +59,30 @@ BASELINE = kernel.Ops(naive_attention, naive_rms_norm, kernel.torch_rope_qk, ker
                               "loss": "plain (full FP32 logits)", "grouped_mm": "loop"})
 
 
+def bench_vocab(cfg: config.Config) -> tuple[int, str]:
+    """The vocab of the model train.py would train, and where it came from: model.vocab_size when set, else the
+    data's (the largest in data.datasets' meta.json, as train.data_vocab takes it). Unlike train.py this does not
+    prepare a missing corpus (a benchmark on synthetic tokens should not tokenize and write a dataset first, on
+    every rank under torchrun): GPT-2's 50,257 then, and the reason says so."""
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size, "model.vocab_size"
+    try:
+        vocab = max(read_meta(d)["vocab_size"] for d in cfg.data.datasets)
+    except DataError as e:
+        return 50257, (f"GPT-2's, not the data's as train.py would take it: {e}. Prepare the data first (train.py "
+                       f"prepares a named corpus on first use) or set model.vocab_size")
+    return vocab, f"the data's, from {cfg.data.datasets[0]}/meta.json, as train.py takes it"
+
+
 def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None, baseline: bool,
           bare: bool = False, lora: bool = False) -> dict:
     t = cfg.train
     rank, local_rank, world = parallel.init_distributed(t.device, t.dist_timeout_s)
-    device, precision, compiled = hardware.resolve(t, local_rank, cfg.model.n_embd)  # train.py's rules
+    device, precision, compiled = hardware.resolve(t, local_rank, cfg.model)  # train.py's rules
     if precision.warning:
         print(f"warning: {precision.warning}", file=sys.stderr)
+    if rank == 0:  # compile auto as train.py decides it, for the run the config describes (its max_steps, max_minutes)
+        print(hardware.describe(precision), file=sys.stderr)
     run = plan.resolve(cfg, cfg.model, device, precision, compiled, rank, world)
     t = run.cfg.train
     if device.type == "cpu":
@@ -104,14 +124,15 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
         optimizer.zero_grad(set_to_none=True)
         return loss * run.grad_accum
 
-    def timed(n: int, step) -> tuple[float, float]:
-        """Seconds for n steps (after a device sync), and the last step's mean loss."""
+    def timed(n: int, step) -> tuple[float, float, float]:
+        """Seconds for n steps (after a device sync), the last step's mean loss, and the CPU seconds this process
+        spent meanwhile (all its threads)."""
         sync()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             loss = step()
         loss = loss.item() / run.grad_accum  # a device sync
-        return time.perf_counter() - t0, loss
+        return time.perf_counter() - t0, loss, time.process_time() - cpu0
 
     def lora_step():
         return train_step(adapted, adapted_train, adapted_optimizer, batches, adapted_run, scaler)[0]
@@ -131,16 +152,16 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
     for round_ in range(2 if len(variants) > 1 else 1):
         for name, (ops, step) in variants.items():
             model.set_ops(ops)
-            if round_ == 0:
+            if round_ == 0 and warmup:  # (--warmup 0: the first step was first_step's)
                 timed(warmup, step)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-            elapsed, final_loss = timed(steps, step)
+            elapsed, final_loss, cpu = timed(steps, step)
             # memory from the first round only: later rounds would also see the other variant's peak
             mem = hardware.peak_memory_gb(device) if round_ == 0 else best[name][2]
-            best[name] = min(best.get(name, (float("inf"),)), (elapsed, final_loss, mem))
+            best[name] = min(best.get(name, (float("inf"),)), (elapsed, final_loss, mem, cpu))
     model.set_ops(chosen)
-    elapsed, final_loss, mem = best["chosen"]
+    elapsed, final_loss, mem, cpu = best["chosen"]
     tok_s = steps * run.batch.batch_tokens / elapsed
     peak = peak_tflops * 1e12 if peak_tflops else hardware.peak_flops(device, precision.dtype)
     flops = model.flops_per_token()
@@ -150,9 +171,13 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x {torch.get_num_threads()}",
         "world_size": world, "tp": run.tp, "parallel": run.mode, "precision": t.precision,
         "precision_reason": precision.reason,
-        "compile": t.compile, "activation_checkpointing": t.activation_checkpointing, "kernels": names,
+        "compile": t.compile, "compile_reason": precision.compile_reason,
+        "activation_checkpointing": t.activation_checkpointing, "kernels": names,
         "micro_batch_size": t.micro_batch_size, "grad_accum": run.grad_accum, "batch_tokens": run.batch.batch_tokens,
         "warmup_steps": warmup, "steps": steps, "step_time_s": elapsed / steps,
+        # on a shared CPU a one-thread run's (OMP_NUM_THREADS=1) CPU time is what a step costs, where wall time
+        # also counts the waits for the cores (and, with several threads, for the slowest of them)
+        "cpu_s_per_step": cpu / steps,
         "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / world, "flops_per_token": flops,
         "peak_tflops": peak / 1e12 if peak else None, "mfu": tok_s / world * flops / peak if peak else None,
         "peak_mem_gb": mem,  # CUDA: allocated; CPU: peak RSS of the process (run without --baseline to compare)
@@ -220,9 +245,11 @@ def main(argv: list[str]) -> int:
     a = p.parse_intermixed_args(argv)
     try:
         cfg = config.load(a.args)
-        if cfg.model.vocab_size is None:  # set by the data in training; synthetic data needs one
-            cfg = replace(cfg, model=replace(cfg.model, vocab_size=50257))
+        vocab, source = bench_vocab(cfg)  # train.py's model: the data's vocab unless the config sets one
+        cfg = replace(cfg, model=replace(cfg.model, vocab_size=vocab))
         cfg.model.validate()
+        if os.environ.get("RANK", "0") == "0":
+            print(f"vocab {vocab:,} ({source})", file=sys.stderr)
         if a.checkpoint:
             result = bench_checkpoint(cfg, a.checkpoint)
             print(f"save {result['save_s']:.2f} s vs {result['save_plain_s']:.2f} s without checksums "
@@ -240,7 +267,9 @@ def main(argv: list[str]) -> int:
             mfu += f", {result['speedup_vs_baseline']:.2f}x the nanoGPT-style baseline"
         if a.bare:
             mfu += f", {result['train_step_overhead']:+.1%} over nanoGPT's bare loop"
-        print(f"{result['tokens_per_s']:,.0f} tokens/s ({result['tokens_per_s_per_device']:,.0f} per device), "
+        print(f"vocab {result['vocab_size']:,}, {result['params'] / 1e6:.2f}M parameters, {result['precision']}, "
+              f"compile {result['compile']}: {result['tokens_per_s']:,.0f} tokens/s "
+              f"({result['tokens_per_s_per_device']:,.0f} per device), "
               f"{result['step_time_s'] * 1000:.0f} ms/step{mfu}, peak memory {result['peak_mem_gb']:.2f} GB",
               file=sys.stderr)
         print(json.dumps(result))

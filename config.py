@@ -75,7 +75,7 @@ class TrainConfig:
     eps: float = 1e-8
     fused_optimizer: Literal["auto", True, False] = "auto"  # fused AdamW; auto: where torch has it (CUDA, CPU, MPS)
     grad_clip: float = 1.0  # 0 disables
-    compile: Literal["auto", True, False] = "auto"  # torch.compile; auto: on CUDA only (see BENCHMARKS.md, CPU)
+    compile: Literal["auto", True, False] = "auto"  # torch.compile; auto: CUDA, and CPU runs long enough (hardware.py)
     # A compiled run's first step (where compilation happens, minutes for a large FP8 model) may take this long;
     # past it the run stops with an error that says so. 0: no limit
     compile_timeout_s: float = 1800.0

@@ -5,6 +5,12 @@ train.py, bench.py and plan.py share.
                      CPU   -> bf16 where the CPU has BF16 instructions (AMX, AVX512-BF16, Arm BF16) and a timed
                               matmul at the model's width runs BF16 at least 1.2x faster than FP32; else fp32
                      MPS   -> fp32
+    compile auto:    CUDA  -> on
+                     CPU   -> on where the run is long enough for the compiled steps to win back the compile:
+                              its eager length (train.max_minutes, or max_steps x a step time estimated from the
+                              model's FLOPs and the timed matmul rate) x the step time compile saves > the compile
+                              time, both measured per CPU kind, precision and threads (CPU_COMPILE)
+                     MPS   -> off
 Each choice comes with its reason, printed in the start-up banner (on a CPU, the measured ratio). An explicit
 choice is obeyed, with a warning where it is slower than FP32 here.
 """
@@ -16,17 +22,17 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-
-try:
-    import resource
-except ImportError:  # Windows: no getrusage (see peak_memory_gb)
-    resource = None
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
 import kernel
+
+try:
+    import resource
+except ImportError:  # Windows: no getrusage (see peak_memory_gb)
+    resource = None
 
 
 class HardwareError(ValueError):
@@ -136,24 +142,28 @@ def _best_time(fn, budget_s: float) -> float:
 
 
 @functools.cache
-def matmul_speedup(dtype: torch.dtype = torch.bfloat16, width: int = 256) -> float:
-    """How many times faster a CPU matmul runs in `dtype` than in FP32 here: (512, w) @ (w, w) with w the model's
-    width clamped to [256, 1024], the best of each within ~40 ms, once per process and shape, on one thread (on a
-    busy machine a multi-threaded kernel waits for its slowest thread: once that turned 4x into 0.5x). A CPU that
-    converts BF16 in software is far behind at w=256 already, so wider shapes are timed only where it is not."""
-    def ratio(w: int) -> float:
-        gen = torch.Generator().manual_seed(0)
-        a, b = torch.randn(512, w, generator=gen), torch.randn(w, w, generator=gen)
-        a_lo, b_lo = a.to(dtype), b.to(dtype)
-        return _best_time(lambda: a @ b, 0.04) / _best_time(lambda: a_lo @ b_lo, 0.04)
+def matmul_rate(dtype: torch.dtype, width: int) -> float:
+    """FLOP/s of a (512, w) @ (w, w) matmul in `dtype` here, w the model's width clamped to [256, 1024]: the best
+    within ~40 ms, once per process and shape, on one thread (on a busy machine a multi-threaded kernel waits for its
+    slowest thread: once that turned a 4x BF16 speed-up into 0.5x)."""
+    w = min(max(width, 256), 1024)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(512, w, generator=gen).to(dtype), torch.randn(w, w, generator=gen).to(dtype)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        r = ratio(256)
-        w = min(max(width, 256), 1024)
-        return r if r < 0.6 or w == 256 else ratio(w)
+        return 2 * 512 * w * w / _best_time(lambda: a @ b, 0.04)
     finally:
         torch.set_num_threads(threads)
+
+
+@functools.cache
+def matmul_speedup(dtype: torch.dtype = torch.bfloat16, width: int = 256) -> float:
+    """How many times faster a CPU matmul runs in `dtype` than in FP32 here (`matmul_rate` at the model's width). A
+    CPU that converts BF16 in software is far behind at w=256 already, so wider shapes are timed only where it is
+    not."""
+    r = matmul_rate(dtype, 256) / matmul_rate(torch.float32, 256)
+    return r if r < 0.6 or width <= 256 else matmul_rate(dtype, width) / matmul_rate(torch.float32, width)
 
 
 BF16_MIN_SPEEDUP = 1.2  # below this a CPU run stays FP32: BF16's rounding is not worth a small gain
@@ -186,6 +196,7 @@ class Precision:
     reason: str  # for the banner: why this one here
     warning: str | None = None  # an explicit choice that will run slowly here
     speedup: float | None = None  # CPU: BF16 (FP16 for fp16) matmul rate / FP32's, as measured at start-up
+    compile_reason: str = ""  # for the banner: train.compile as resolved and why (resolve, from resolve_compile)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -244,30 +255,98 @@ def resolve_precision(requested: str, device: torch.device, width: int = 256) ->
 
 
 def describe(p: Precision) -> str:
-    """One banner line: 'precision bf16: this CPU has native BF16 matmul (AMX)'."""
-    return f"precision {p.name}: {p.reason}"
+    """The banner's lines for what was decided here: 'precision bf16: BF16 matmul 2.30x FP32 here (AVX512-BF16)' and,
+    where resolve decided compile too, 'compile auto: off (...)'."""
+    return f"precision {p.name}: {p.reason}" + (f"\ncompile {p.compile_reason}" if p.compile_reason else "")
 
 
-def resolve(t, local_rank: int, width: int) -> tuple[torch.device, Precision, bool]:
-    """train.device, train.precision (for a model of hidden size `width`) and train.compile on this machine:
-    (device, Precision, compile). On CPUs under torchrun, rank 0's timed probe decides for every rank (ranks
-    sharing the cores would time differently). Raises HardwareError."""
+def resolve(t, local_rank: int, model) -> tuple[torch.device, Precision, bool]:
+    """train.device, train.precision and train.compile on this machine for `model` (a GPTConfig; its vocab_size may
+    still be None): (device, Precision, compile), the Precision carrying compile's reason for the banner. On CPUs
+    under torchrun, rank 0's timed probes decide for every rank (ranks sharing the cores would time differently).
+    Raises HardwareError."""
     device = pick_device(t.device, local_rank)
-    if device.type == "cpu" and dist.is_initialized():  # rank 0 times the probe while the others wait
-        shared = [resolve_precision(t.precision, device, width) if dist.get_rank() == 0 else None]
+
+    def decide() -> tuple[Precision, bool]:
+        precision = resolve_precision(t.precision, device, model.n_embd)
+        timed = device.type == "cpu" and t.compile == "auto"  # only there does the decision need the estimates
+        compiled, why = resolve_compile(t.compile, device, t.max_steps, 60 * t.max_minutes,
+                                        eager_step_s(model, t, precision.dtype) if timed else 0.0,
+                                        cpu_compile_gain(precision.name) if timed else None)
+        return replace(precision, compile_reason=why), compiled
+    if device.type == "cpu" and dist.is_initialized():  # rank 0 times the probes while the others wait
+        shared = [decide() if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(shared, src=0)
-        precision = shared[0]
+        precision, compiled = shared[0]
     else:
-        precision = resolve_precision(t.precision, device, width)
+        precision, compiled = decide()
     if precision.name == "fp8" and (why := kernel.float8_supported(device)):
         raise HardwareError(f"train.precision=fp8: {why}")
-    return device, precision, resolve_compile(t.compile, device)
+    return device, precision, compiled
 
 
-def resolve_compile(requested, device: torch.device) -> bool:
-    """train.compile: True/False as configured; auto compiles on CUDA only. On CPUs a cold compile of even the
-    tiny model costs more than it wins back per step in a short run (BENCHMARKS.md); long CPU runs can ask for it."""
-    return device.type == "cuda" if requested == "auto" else bool(requested)
+@dataclass(frozen=True)
+class CompileGain:
+    """What torch.compile does for a training step on one CPU kind, precision and thread count, as measured
+    (BENCHMARKS.md, "Compile on CPUs"): the tiny config's compiled and eager steps, and its first step with an empty
+    inductor cache (a larger model compiles longer, but its steps are longer too)."""
+    saved: float  # the fraction of an eager step's time a compiled step saves (1 - compiled / eager step time)
+    compile_s: float  # seconds the first compiled step takes beyond an eager one, cold (a warm cache: less)
+    source: str  # for the banner
+
+
+# (cpu_bf16_instructions label, precision, threads per process) -> CompileGain. Compile gains more with more threads
+# (an eager step's many small ops each wait for every thread; fused, there are fewer of them). A kind, precision or
+# thread count not measured gets CPU_COMPILE_UNMEASURED: the least gain and the most cost measured on any row, so that
+# it compiles only where every row would.
+CPU_COMPILE = {("AVX512-BF16", "bf16", 2): CompileGain(0.24, 45, "measured on AMD Zen 4, BF16, 2 threads"),
+               ("AVX512-BF16", "bf16", 1): CompileGain(0.11, 57, "measured on AMD Zen 4, BF16, 1 thread"),
+               ("AVX512-BF16", "fp32", 2): CompileGain(0.10, 45, "measured on AMD Zen 4, FP32, 2 threads"),
+               ("AVX512-BF16", "fp32", 1): CompileGain(0.02, 42, "measured on AMD Zen 4, FP32, 1 thread"),
+               ("AVX2 without BF16 instructions", "fp32", 2): CompileGain(0.09, 60, "measured on an AVX2 EPYC, FP32, "
+                                                                                    "2 threads")}
+CPU_COMPILE_UNMEASURED = CompileGain(0.02, 60, "not measured here: the least gain and most cost of any measured row")
+# An eager step's FLOP rate / (threads x matmul_rate at the model's width): 0.36-0.62 for the tiny config on AMD Zen 4
+# (BF16 and FP32, 1 and 2 threads); the largest is taken: a shorter estimated step, a shorter run, leaning to eager
+EAGER_STEP_EFFICIENCY = 0.6
+
+
+def cpu_compile_gain(precision: str) -> CompileGain:
+    """This CPU's row of CPU_COMPILE for a run at `precision` (fp32, bf16, ...) on this process's threads."""
+    return CPU_COMPILE.get((cpu_bf16_instructions()[1], precision, torch.get_num_threads()), CPU_COMPILE_UNMEASURED)
+
+
+def eager_step_s(model, t, dtype: torch.dtype) -> float:
+    """Seconds an eager CPU training step of `model` (a GPTConfig) with `t`'s batch is estimated to take here: its
+    FLOPs (Kaplan's 12 x n_layer x d^2 block weights, the head where the vocab is known: else left out, which again
+    leans towards eager; attention's 12 x n_layer x d x T) over the timed matmul rate x this process's threads x
+    EAGER_STEP_EFFICIENCY."""
+    d, n_layer = model.n_embd, model.n_layer
+    flops = 6 * (12 * n_layer * d * d + (model.vocab_size or 0) * d) + 12 * n_layer * d * model.block_size
+    tokens = t.batch_size * model.block_size / (dist.get_world_size() if dist.is_initialized() else 1)
+    return flops * tokens / (matmul_rate(dtype, d) * torch.get_num_threads() * EAGER_STEP_EFFICIENCY)
+
+
+def resolve_compile(requested, device: torch.device, max_steps: int, budget_s: float, step_s: float,
+                    gain: CompileGain | None) -> tuple[bool, str]:
+    """train.compile -> (compile, why). True/False as configured; auto: on CUDA, off on MPS (not measured), and on a
+    CPU on where the run is long enough to win the compile back: `max_steps` eager steps of `step_s` seconds (an
+    estimate, eager_step_s), cut to `budget_s` by a time budget (0: none), must spend more than gain.compile_s in the
+    share of step time compile saves (gain.saved). In a time budget this is also the rule that trains more steps
+    (compiled: (budget - compile_s) / ((1 - saved) x step_s)), and there it does not depend on the estimate."""
+    if requested != "auto":
+        return bool(requested), f"{'on' if requested else 'off'}: as configured"
+    if device.type != "cpu":
+        return device.type == "cuda", f"auto: {'on (CUDA)' if device.type == 'cuda' else 'off (not measured on MPS)'}"
+    budgeted = 0 < budget_s < max_steps * step_s  # the time budget ends the run before max_steps
+    eager_s = budget_s if budgeted else max_steps * step_s
+    on = eager_s * gain.saved > gain.compile_s
+    pays = gain.compile_s / gain.saved  # seconds of eager steps
+    run = (f"~{pays / 60:.1f} of this run's {budget_s / 60:g} minutes" if budgeted else
+           f"~{pays / step_s:.0f} steps of this run's {max_steps} (eager {step_s:.2f} s/step, estimated)")
+    return on, (f"auto: {'on' if on else 'off'} (about {gain.compile_s:.0f} s to compile, "
+                f"{'pays' if on else 'would pay'} back after {run}: compiled steps {gain.saved:.0%} shorter, "
+                f"{gain.source})")
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
         # rank 0 prepares missing data, then takes the run's lock and finds the checkpoint to resume from; the others
         # wait and then see the same outcome
         model_cfg = on_rank0(lambda: model_shape(cfg, world), rank, world)
-        device, precision, compiled = hardware.resolve(t, local_rank, model_cfg.n_embd)
+        device, precision, compiled = hardware.resolve(t, local_rank, model_cfg)
         if precision.warning and rank == 0:
             print(f"warning: {precision.warning}", file=sys.stderr, flush=True)
         latest = t.resume and checkpoint.find_latest(t.ckpt_dir or t.out_dir)

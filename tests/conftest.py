@@ -58,7 +58,7 @@ def make_run(cfg, world: int = 1, rank: int = 0, model=None):
     `world`; `model`: the model config with its vocab (default cfg.model)."""
     import hardware
     import plan
-    device, precision, compiled = hardware.resolve(cfg.train, 0, cfg.model.n_embd)
+    device, precision, compiled = hardware.resolve(cfg.train, 0, cfg.model)
     return plan.resolve(cfg, model or cfg.model, device, precision, compiled, rank, world)
 
 

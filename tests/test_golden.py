@@ -26,6 +26,7 @@ def test_the_tiny_recipe_gives_the_recorded_losses(corpus, tmp_path, monkeypatch
     assert train.main(["configs/tiny.yaml", f"data.datasets=[{corpus}]", f"train.out_dir={out}", "train.max_steps=20",
                        "train.max_minutes=0", "train.precision=fp32", "train.batch_size=4", "train.micro_batch_size=4",
                        "train.eval_interval=0", "log.interval=1", "train.ckpt_interval=1000"]) == 0
+    assert "compile: false" in open(os.path.join(out, "config.yaml")).read()  # compile auto: 20 steps stay eager
     with open(os.path.join(out, "metrics.jsonl")) as f:
         losses = [row["loss"] for row in map(json.loads, f) if "loss" in row]
     here = (torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability(),

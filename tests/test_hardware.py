@@ -1,6 +1,7 @@
 """The precision rule (hardware.py) with the hardware probes faked both ways, and how train.py reports it."""
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -105,12 +106,86 @@ def test_gpus_with_and_without_bf16(gpu):
     assert hardware.resolve_precision("fp32", CUDA).name == "fp32"
 
 
-def test_mps_and_compile_auto():
+def test_mps():
     assert hardware.resolve_precision("auto", MPS).name == "fp32"
     with pytest.raises(hardware.HardwareError):
         hardware.resolve_precision("fp8", MPS)
-    assert hardware.resolve_compile("auto", CUDA) and not hardware.resolve_compile("auto", CPU)
-    assert not hardware.resolve_compile("auto", MPS) and hardware.resolve_compile(True, CPU)
+
+
+GAIN = hardware.CompileGain(0.25, 50, "a test's")  # a compiled step saves 1/4 of an eager one; 50 s to compile
+
+
+def test_compile_auto_on_a_cpu_compiles_where_the_run_wins_the_compile_back():
+    """At 1 s an eager step, compiling saves 0.25 s a step: it pays back after 50 / 0.25 = 200 steps."""
+    on, why = hardware.resolve_compile("auto", CPU, 1000, 0, 1.0, GAIN)
+    assert why == ("auto: on (about 50 s to compile, pays back after ~200 steps of this run's 1000 (eager 1.00 s/step, "
+                   "estimated): compiled steps 25% shorter, a test's)") and on
+    on, why = hardware.resolve_compile("auto", CPU, 100, 0, 1.0, GAIN)  # a short run (the golden test's kind)
+    assert not on and why.startswith("auto: off (about 50 s to compile, would pay back after ~200 steps of this "
+                                     "run's 100")
+    assert not hardware.resolve_compile("auto", CPU, 1000, 0, 0.1, GAIN)[0]  # the same steps on a 10x faster CPU
+    # a time budget ends the run first: compile where budget x saved > the compile, whatever the estimated step
+    for step_s in (0.2, 1.0, 5.0):
+        on, why = hardware.resolve_compile("auto", CPU, 10**6, 9 * 60, step_s, GAIN)
+        assert on and "pays back after ~3.3 of this run's 9 minutes: compiled steps 25% shorter" in why
+        assert not hardware.resolve_compile("auto", CPU, 10**6, 3 * 60, step_s, GAIN)[0]  # 45 s saved < 50
+    assert not hardware.resolve_compile("auto", CPU, 150, 9 * 60, 1.0, GAIN)[0]  # max_steps ends it first
+
+
+def test_compile_as_configured_and_auto_off_cpus():
+    for device in (CPU, CUDA, MPS):
+        assert hardware.resolve_compile(True, device, 1, 0, 1.0, GAIN) == (True, "on: as configured")
+        assert hardware.resolve_compile(False, device, 10**6, 0, 1.0, GAIN) == (False, "off: as configured")
+    assert hardware.resolve_compile("auto", CUDA, 1, 0, 0.0, GAIN) == (True, "auto: on (CUDA)")
+    assert hardware.resolve_compile("auto", MPS, 10**6, 0, 0.0, GAIN) == (False, "auto: off (not measured on MPS)")
+
+
+def test_a_cpu_kind_never_measured_gets_the_least_gain_and_most_cost_seen(cpu_kind, monkeypatch):
+    rows = hardware.CPU_COMPILE.values()
+    unmeasured = hardware.CPU_COMPILE_UNMEASURED
+    assert unmeasured.saved <= min(g.saved for g in rows) and unmeasured.compile_s >= max(g.compile_s for g in rows)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cpu_kind(*KINDS["intel-amx"][:3])
+    assert hardware.cpu_compile_gain("bf16") is unmeasured
+    cpu_kind(*KINDS["amd-zen4"][:3])
+    assert hardware.cpu_compile_gain("bf16") is hardware.CPU_COMPILE[("AVX512-BF16", "bf16", 2)]
+    assert hardware.cpu_compile_gain("fp16") is unmeasured
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)  # a core count not measured
+    assert hardware.cpu_compile_gain("bf16") is unmeasured
+
+
+@pytest.mark.parametrize("kind, threads, overrides, compiled", [  # BENCHMARKS.md, "Compile on CPUs"
+    ("amd-zen4", 2, [], True),  # the quick start: 9 minutes of BF16 steps on the CPU kind where compile was measured
+    ("amd-zen4", 1, [], True),  # ... under torchrun (a thread per process: compile saves less, costs more)
+    ("amd-zen4", 2, ["train.precision=fp32"], True),
+    ("amd-avx2", 2, [], False),  # the quick start in FP32 on an AVX2 CPU: ~10 % faster steps, a minute to compile
+    ("intel-amx", 2, [], False),  # not measured: the conservative row
+    ("intel-amx", 2, ["train.max_minutes=60", "train.max_steps=100000"], True),  # ... which an hour still pays for
+    ("amd-zen4", 2, ["train.max_minutes=1.5"], False),  # test_train's shipped-config run
+    ("amd-zen4", 2, ["train.max_minutes=0", "train.max_steps=20", "train.precision=fp32"], False)])  # the golden run
+def test_resolve_decides_compile_for_the_run_the_config_describes(cpu_kind, monkeypatch, kind, threads, overrides,
+                                                                   compiled):
+    import config
+    cpu_kind(*KINDS[kind][:3])
+    monkeypatch.setattr(hardware, "matmul_rate", lambda dtype, width: 100e9)  # FLOP/s on one thread
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    cfg = config.load(["configs/tiny.yaml", *overrides])
+    device, precision, on = hardware.resolve(cfg.train, 0, cfg.model)
+    assert on == compiled and precision.compile_reason.startswith(f"auto: {'on' if compiled else 'off'} (about ")
+    assert hardware.describe(precision).splitlines()[1] == f"compile {precision.compile_reason}"
+
+
+def test_the_eager_step_estimate():
+    """Kaplan's FLOPs over the timed matmul rate, the threads and the measured efficiency; without a vocab (the
+    data's, not read yet) the head is left out, which makes the step shorter and the decision lean towards eager."""
+    import config
+    cfg = config.load(["configs/tiny.yaml"])
+    with_vocab = replace(cfg.model, vocab_size=8192)
+    rate = hardware.matmul_rate(torch.float32, 256)
+    s = hardware.eager_step_s(with_vocab, cfg.train, torch.float32)
+    flops = 16 * 256 * (6 * (12 * 6 * 256**2 + 8192 * 256) + 12 * 6 * 256 * 256)
+    assert s == pytest.approx(flops / (rate * torch.get_num_threads() * hardware.EAGER_STEP_EFFICIENCY))
+    assert hardware.eager_step_s(cfg.model, cfg.train, torch.float32) < s
 
 
 def test_one_gpu_table_for_train_bench_and_plan(gpu):
@@ -138,7 +213,7 @@ def test_the_banner_and_run_files_say_what_was_chosen_and_why(corpus, tmp_path, 
     assert train.main(train_args(corpus, out, "train.max_steps=2", "train.eval_interval=0")) == 0
     stdout = capsys.readouterr().out
     assert "precision fp32: BF16 matmul 0.02x FP32 here (AVX2 without BF16 instructions)" in stdout
-    assert "compile False" in stdout  # compile auto: eager on CPU
+    assert "compile False" in stdout and "\ncompile off: as configured\n" in stdout  # TINY's train.compile=false
     info = json.load(open(os.path.join(out, "run_info.json")))
     assert info["precision"] == "fp32" and "AVX2" in info["precision_reason"] and info["matmul_speedup"] == 0.02
     assert "precision: fp32" in open(os.path.join(out, "config.yaml")).read()  # the resolved value is recorded
