@@ -11,7 +11,7 @@ from build import load_model
 from hf import load_weights, model_config
 import export
 import train
-from conftest import ROOT, TINY, run
+from conftest import ROOT, TINY
 from model import GPTConfig, build
 
 transformers = pytest.importorskip("transformers")
@@ -88,7 +88,7 @@ def test_import_rejects_a_mismatched_model(tmp_path):
 
 def test_export_cli_writes_a_tokenizer_transformers_reads(trained, tmp_path):
     dst = str(tmp_path / "hf")
-    run("export.py", trained, "--to", "hf", dst)
+    assert export.main([trained, "--to", "hf", dst]) == 0  # the command line, in this process
     from tokenizer import load_tokenizer
     ours = load_tokenizer(os.path.join(trained, "tokenizer"))
     theirs = transformers.AutoTokenizer.from_pretrained(dst)

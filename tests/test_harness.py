@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from build import load_model
-from conftest import local_task, run
+from conftest import local_task
 from harness import HarnessLM
 from tokenizer import load_tokenizer
 
@@ -79,9 +79,12 @@ def test_generate_until_is_greedy_and_stops(lm):
     assert cut == text[:text.index(stop)]
 
 
-def test_eval_cli_runs_a_local_lm_eval_task(trained, tmp_path):
+def test_eval_cli_runs_a_local_lm_eval_task(trained, tmp_path, capsys):
+    """eval.py's command line through its main(), in this process (a second interpreter costs seconds)."""
     pytest.importorskip("lm_eval")
+    import eval as eval_
     tasks = local_task(tmp_path)
-    r = run("eval.py", trained, "--tasks", "pyqa", "--include_path", tasks, "--json")
-    res = json.loads(r.stdout.strip().splitlines()[-1])["results"]["pyqa"]
+    capsys.readouterr()
+    assert eval_.main([trained, "--tasks", "pyqa", "--include_path", tasks, "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]["pyqa"]
     assert 0.0 <= res["acc,none"] <= 1.0

@@ -245,10 +245,15 @@ def test_a_folder_without_tokenizer_json_is_refused(tmp_path):
         prepare([os.path.join(ROOT, "README.md")], str(tmp_path / "out"), f"hf:{tmp_path / 'slow'}", workers=1)
 
 
-def test_continued_pretraining_from_a_hf_llama_with_its_tokenizer(hub_layout, tmp_path):
+def test_continued_pretraining_from_a_hf_llama_with_its_tokenizer(hub_layout, tmp_path, monkeypatch, capsys):
     """The LLeMA-style path, whole: a Llama with its tokenizer -> data prepared with that tokenizer -> training
-    from its weights -> export -> transformers loads model and tokenizer and gives our logits; sample.py works."""
+    from its weights -> export -> transformers loads model and tokenizer and gives our logits; sample.py works.
+    Each command line through its main(), in this process (a second interpreter costs seconds a call)."""
     transformers = pytest.importorskip("transformers")
+    import export
+    import sample
+    import train
+    monkeypatch.chdir(ROOT)
     root, docs = hub_layout
     if not os.path.exists(root / "gpt2_data"):
         prepare([f"hf:{root / 'fwe'}"], str(root / "gpt2_data"), "gpt2", val_frac=0.0, workers=1)
@@ -260,11 +265,12 @@ def test_continued_pretraining_from_a_hf_llama_with_its_tokenizer(hub_layout, tm
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(conf).save_pretrained(str(base))
     data, out, dst = str(tmp_path / "data"), str(tmp_path / "run"), str(tmp_path / "export")
-    run("data/prepare.py", "--input", f"hf:{root / 'fwe'}", "--out", data, "--tokenizer", f"hf:{base}",
-        "--val_frac", "0.1", "--workers", "1")
-    run("train.py", "configs/tiny.yaml", *TINY, f"data.datasets=[{data}]", f"train.out_dir={out}",
-        f"train.init_from={base}", "train.max_steps=3", "train.eval_interval=3", "train.precision=fp32")
-    run("export.py", out, "--to", "hf", dst)
+    assert prep.main(["--input", f"hf:{root / 'fwe'}", "--out", data, "--tokenizer", f"hf:{base}", "--val_frac", "0.1",
+                      "--workers", "1"]) == 0
+    assert train.main(["configs/tiny.yaml", *TINY, f"data.datasets=[{data}]", f"train.out_dir={out}",
+                       f"train.init_from={base}", "train.max_steps=3", "train.eval_interval=3",
+                       "train.precision=fp32"]) == 0
+    assert export.main([out, "--to", "hf", dst]) == 0
     theirs = transformers.AutoTokenizer.from_pretrained(dst)
     ours = load_tokenizer(data)
     text = docs[5]
@@ -281,7 +287,8 @@ def test_continued_pretraining_from_a_hf_llama_with_its_tokenizer(hub_layout, tm
     assert check_init_tokenizer(cfg) == [  # data tokenized otherwise is named, with the fix
         f"{root / 'gpt2_data'} was not tokenized with the tokenizer of {base}; prepare it with python "
         f"data/prepare.py ... --tokenizer hf:{base}"]
-    r = run("sample.py", out, "--prompt", "def f", "--max_new_tokens", "5", "--precision", "fp32")
-    assert r.stdout.startswith("def f")
+    capsys.readouterr()
+    assert sample.main([out, "--prompt", "def f", "--max_new_tokens", "5", "--precision", "fp32"]) == 0
+    assert capsys.readouterr().out.startswith("def f")
     meta = json.load(open(os.path.join(out, "tokenizer", "meta.json")))
     assert meta["tokenizer"]["type"] == "hf" and meta["bos_id"] == 1

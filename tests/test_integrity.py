@@ -120,7 +120,9 @@ def test_a_changed_token_shard_stops_the_run_and_prepare_verify_names_it(corpus,
     meta = json.load(open(os.path.join(data, "meta.json")))
     shard = meta["splits"]["train"]["shards"][0]
     assert len(shard["xxh3"]) == 32
-    assert "every shard matches meta.json" in run("data/prepare.py", "--verify", data).stdout
+    import data.prepare as prep  # its command line, in this process; the failing one below as a program
+    assert prep.main(["--verify", data]) == 0
+    assert "every shard matches meta.json" in capsys.readouterr().out
     flip(os.path.join(data, shard["file"]))
     assert train.main(train_args(data, str(tmp_path / "run"), "train.max_steps=2")) == 2
     err = capsys.readouterr().err
@@ -140,10 +142,15 @@ def test_negative_or_zero_counts_are_refused(script, args, word):
     assert r.returncode == 2 and word in r.stderr and "is below" in r.stderr, r.stderr
 
 
-def test_bench_times_checkpoints_with_and_without_checksums(tmp_path):
+def test_bench_times_checkpoints_with_and_without_checksums(tmp_path, monkeypatch, capsys):
+    """bench.py --checkpoint through its main(), in this process (a second interpreter costs seconds)."""
     import json as js
-    r = run("bench.py", "configs/tiny.yaml", "model.n_layer=1", "model.vocab_size=256", "--checkpoint",
-            str(tmp_path / "ck"))
-    res = js.loads(r.stdout.strip().splitlines()[-1])
+    import bench
+    from conftest import ROOT
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+    assert bench.main(["configs/tiny.yaml", "model.n_layer=1", "model.vocab_size=256", "--checkpoint",
+                       str(tmp_path / "ck")]) == 0
+    res = js.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["save_s"] > 0 and res["load_plain_s"] > 0 and res["save_ratio"] > 0
     assert not os.path.exists(tmp_path / "ck")  # emptied after

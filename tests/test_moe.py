@@ -19,13 +19,13 @@ import torch.nn.functional as F
 
 from hf import load_weights, model_config
 import config
+import eval as eval_
 import export
 import kernel
 import step
 import train
-from conftest import run
 from model import GPTConfig, MoE, MoEConfig, build
-from test_distributed import DIST, ok, torchrun
+from test_distributed import DIST, Launch
 from test_train import rows, train_args
 
 MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.aux_loss_coef=0.01"]
@@ -146,7 +146,7 @@ def moe_run(corpus, tmp_path_factory):
     return out
 
 
-def test_training_logs_balance_resumes_bit_exactly_and_evaluates(corpus, moe_run, tmp_path):
+def test_training_logs_balance_resumes_bit_exactly_and_evaluates(corpus, moe_run, tmp_path, capsys):
     logged = [r for r in rows(moe_run) if "loss" in r]
     assert len(logged) == 6 and all(r["moe_load_max"] >= 1.0 and r["moe_aux_loss"] > 0 for r in logged)
     assert len(logged[-1]["moe_load"]) == 2 and logged[-1]["moe_bias_spread_max"] > 0
@@ -158,18 +158,23 @@ def test_training_logs_balance_resumes_bit_exactly_and_evaluates(corpus, moe_run
     assert [r["step"] for r in again] == [4, 5, 6]
     for a, b in zip(again, logged[3:]):  # bit-exact: the biases and Muon's 3-D momenta came back
         assert (a["loss"], a["grad_norm"], a["moe_load"]) == (b["loss"], b["grad_norm"], b["moe_load"])
-    r = run("eval.py", moe_run)
-    assert "bpb" in r.stdout or "bits" in r.stdout.lower()
+    # eval.py's command line, in this process (an interpreter costs seconds), on a few batches: its text report
+    assert eval_.main([moe_run, "--max_tokens", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "bpb" in out or "bits" in out.lower()
 
 
 def test_ddp_and_expert_parallel_match_one_process_and_reshard(corpus, moe_run, tmp_path):
     adamw = str(tmp_path / "adamw")
     assert train.main(train_args(corpus, adamw, *DIST, *MOE, "train.max_steps=4", "train.optimizer=adamw")) == 0
     ddp, ep = str(tmp_path / "ddp"), str(tmp_path / "ep")
-    ok(torchrun(*train_args(corpus, ddp, *DIST, *MOE, "train.max_steps=4", "train.optimizer=adamw",
-                            "train.parallel=ddp")))
-    # expert parallel: 2 experts per rank, tokens by all-to-all, FSDP2 for the rest, Muon on the local experts
-    ok(torchrun(*train_args(corpus, ep, *DIST, *MOE, "train.max_steps=6", "train.ep=2", "train.loss=chunked")))
+    launch = Launch({  # both in one launch
+        "ddp": (ddp, train_args(corpus, ddp, *DIST, *MOE, "train.max_steps=4", "train.optimizer=adamw",
+                                "train.parallel=ddp")),
+        # expert parallel: 2 experts per rank, tokens by all-to-all, FSDP2 for the rest, Muon on the local experts
+        "ep": (ep, train_args(corpus, ep, *DIST, *MOE, "train.max_steps=6", "train.ep=2", "train.loss=chunked"))})
+    for name in ("ddp", "ep"):
+        launch.finished(name)
     for one, two, steps in [(adamw, ddp, 4), (moe_run, ep, 6)]:
         a, b = [r for r in rows(one) if "loss" in r], [r for r in rows(two) if "loss" in r]
         assert len(a) == len(b) == steps

@@ -17,7 +17,7 @@ import torch
 from build import load_model
 import checkpoint
 import train
-from conftest import ROOT, TINY, run
+from conftest import ROOT, TINY
 
 pytest.importorskip("s3fs")
 BUCKET = "ckpt"
@@ -93,7 +93,7 @@ def losses(out):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def test_train_saves_and_resumes_through_s3(s3, corpus, tmp_path, monkeypatch):
+def test_train_saves_and_resumes_through_s3(s3, corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     local, remote_run = str(tmp_path / "local"), str(tmp_path / "remote")
     url = f"{s3}/run1"
@@ -113,10 +113,14 @@ def test_train_saves_and_resumes_through_s3(s3, corpus, tmp_path, monkeypatch):
     assert path == f"{url}/step_000008"
     for (k, x), y in zip(m_local.state_dict().items(), m_remote.state_dict().values()):
         assert torch.equal(x, y), k
-    # the tools take the URL; the tokenizer comes from the run's local folder
-    r = run("sample.py", url, "--prompt", "def ", "--max_new_tokens", "8", "--temperature", "0")
-    assert r.stdout.startswith("def ") and f"{url}/step_000008" in r.stderr
-    run("export.py", url, "--to", "hf", str(tmp_path / "hf"))
+    # the tools take the URL; the tokenizer comes from the run's local folder (their command lines in this process)
+    import export
+    import sample
+    capsys.readouterr()
+    assert sample.main([url, "--prompt", "def ", "--max_new_tokens", "8", "--temperature", "0"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith("def ") and f"{url}/step_000008" in printed.err
+    assert export.main([url, "--to", "hf", str(tmp_path / "hf")]) == 0
     assert os.path.isfile(tmp_path / "hf" / "tokenizer.json")
 
 

@@ -26,7 +26,7 @@ import train
 from safetensors.torch import load_file
 
 from conftest import ROOT, TINY, children, kill_tree
-from test_distributed import ok, torchrun
+from test_distributed import Launch, ok, torchrun
 from test_train import losses, rows, train_args
 
 # The reference model: Llama with GQA and tied embeddings (configs/tiny.yaml), Muon, checkpoints every 3 steps
@@ -86,9 +86,14 @@ def test_tp_trains_as_one_process_and_checkpoints_move_between_meshes(corpus, tm
     ac = "train.activation_checkpointing=true"
     assert train.main(train_args(corpus, single, *TP)) == 0
     ref = losses(single)
-    launch(corpus, tp2, *TP, "train.tp=2", ac)
-    launch(corpus, dp2, *TP, "train.parallel=fsdp", resume_from=os.path.join(tp2, "step_000003"))
-    launch(corpus, back, *TP, "train.tp=2", ac, resume_from=os.path.join(dp2, "step_000006"))
+    two = Launch({  # one launch, each resume after the run that wrote its checkpoint
+        "tp2": (tp2, train_args(corpus, tp2, *TP, "train.tp=2", ac)),
+        "copy": (None, ["--copy", os.path.join(tp2, "step_000003"), os.path.join(dp2, "step_000003")]),
+        "dp2": (dp2, train_args(corpus, dp2, *TP, "train.parallel=fsdp")),
+        "copy_back": (None, ["--copy", os.path.join(dp2, "step_000006"), os.path.join(back, "step_000006")]),
+        "back": (back, train_args(corpus, back, *TP, "train.tp=2", ac))})
+    for name in ("tp2", "dp2", "back"):
+        two.finished(name)
     stopped = four_ranks_stopped_by_one(corpus, four, os.path.join(dp2, "step_000006"))
     worst = {"tp2": close(losses(tp2), ref, range(1, 11), 1e-4), "dp2": close(losses(dp2), ref, range(4, 11), 1e-4),
              "back": close(losses(back), ref, range(7, 11), 1e-4),

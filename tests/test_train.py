@@ -149,18 +149,26 @@ def test_profile_traces_steps_and_training_goes_on(corpus, tmp_path, capsys):
         assert step.budget_probe(replace(cfg.train, profile=profile), 10) == first_timed
 
 
-def test_sample_and_eval_cli(trained, corpus):
-    r = run("sample.py", trained, "--prompt", "def ", "--max_new_tokens", "20", "--seed", "1")
-    assert r.stdout.startswith("def ") and len(r.stdout) > 10
-    again = run("sample.py", trained, "--prompt", "def ", "--max_new_tokens", "20", "--seed", "1")
-    assert again.stdout == r.stdout  # seeded
-    r = run("sample.py", trained, "--prompt", "x", "--max_new_tokens", "5", "--num_samples", "2",
-            "--temperature", "0")
-    assert r.stdout.count("--- sample") == 2
-    r = run("eval.py", trained, "--max_tokens", "20000")
-    assert "bits/byte" in r.stdout
-    r = run("eval.py", trained, "--json")
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+def test_sample_and_eval_cli(trained, corpus, capsys):
+    """sample.py's and eval.py's command lines, through their main() in this process (a second interpreter and its
+    torch import cost seconds a call; tests/test_readme.py runs both as programs); the refusal as a program, by its
+    exit status."""
+    import eval as eval_
+    import sample
+
+    def cli(main, *args: str) -> str:
+        assert main(list(args)) == 0, capsys.readouterr().err[-3000:]
+        return capsys.readouterr().out
+    capsys.readouterr()
+    text = cli(sample.main, trained, "--prompt", "def ", "--max_new_tokens", "20", "--seed", "1")
+    assert text.startswith("def ") and len(text) > 10
+    again = cli(sample.main, trained, "--prompt", "def ", "--max_new_tokens", "20", "--seed", "1")
+    assert again == text  # seeded
+    text = cli(sample.main, trained, "--prompt", "x", "--max_new_tokens", "5", "--num_samples", "2", "--temperature",
+               "0")
+    assert text.count("--- sample") == 2
+    assert "bits/byte" in cli(eval_.main, trained, "--max_tokens", "2000")  # the text report: a few batches
+    res = json.loads(cli(eval_.main, trained, "--json").strip().splitlines()[-1])
     meta = json.load(open(os.path.join(corpus, "meta.json")))
     # the whole split, every token once, except each shard's first, which has no context to predict it from
     tb = numpy.load(os.path.join(corpus, "token_bytes.npy"))
@@ -182,13 +190,16 @@ def test_eval_refuses_data_of_another_tokenizer(trained, tmp_path):
     assert r.returncode == 2 and "tokenized differently" in r.stderr
 
 
-def test_shipped_tiny_config_end_to_end(tmp_path):
-    """The README's main job with its shipped precision (auto) and compile (auto), its time budget cut to 1.5
-    minutes: prepares the offline pycode corpus, decides max_steps from the measured step time, trains, evaluates;
-    then the sample and eval command lines. The slowest test, and the one a new user runs: the same few minutes
-    on a CPU with native BF16 (more steps) and on one without (FP32, fewer steps)."""
+def test_shipped_tiny_config_end_to_end(tmp_path, capsys):
+    """The README's main job with its shipped precision (auto) and compile (auto), its time budget cut to 1 minute:
+    prepares the offline pycode corpus, decides max_steps from the measured step time, trains, evaluates; then the
+    sample and eval command lines (their main(), in this process: tests/test_readme.py runs them as programs). The
+    slowest test, and the one a new user runs: the same budget on a CPU with native BF16 (more steps) and on one
+    without (FP32, fewer steps)."""
+    import eval as eval_
+    import sample
     data, out = str(tmp_path / "pycode"), str(tmp_path / "run")
-    r = run("train.py", "configs/tiny.yaml", "train.max_minutes=1.5", "log.interval=5", f"train.out_dir={out}",
+    r = run("train.py", "configs/tiny.yaml", "train.max_minutes=1", "log.interval=5", f"train.out_dir={out}",
             f"data.datasets=[{data}]", timeout=600)
     assert re.search(r"precision (bf16|fp32): BF16 matmul \d+\.\d\dx FP32 here \(", r.stdout), r.stdout[:3000]
     meta = json.load(open(os.path.join(data, "meta.json")))
@@ -197,8 +208,11 @@ def test_shipped_tiny_config_end_to_end(tmp_path):
     ls = losses(out)
     assert max(ls) == decided and decided >= 10 and ls[decided] < ls[5] - 0.5, ls
     assert [x["step"] for x in rows(out) if "val_bpb" in x][-1] == decided
-    assert run("sample.py", out, "--prompt", "def ", "--max_new_tokens", "20").stdout.startswith("def ")
-    assert "bits/byte" in run("eval.py", out, "--max_tokens", "20000").stdout
+    capsys.readouterr()
+    assert sample.main([out, "--prompt", "def ", "--max_new_tokens", "20"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    assert eval_.main([out, "--max_tokens", "4000"]) == 0  # the text report: two batches of the shipped model
+    assert "bits/byte" in capsys.readouterr().out
 
 
 def test_gpt2_arch_trains(corpus, tmp_path):
