@@ -8,14 +8,11 @@
     torchrun --standalone --nproc_per_node=8 bench.py configs/500m.yaml
     python bench.py configs/125m.yaml --checkpoint DIR   # checkpoint save/load time, checksums on and off
 
-The step is train.py's own (`plan.resolve`, `build.build_model`, `parallel.parallelize`, `optim.build`, `step.train_step`: the same parallel
-wrap, compile, kernels and precision, compile auto decided for the run the config describes), and so is the model: its
-vocab is the data's when the data is prepared (`bench_vocab`; printed first, with where it came from); only the data is
-synthetic (uniform random token ids made once on the device, as in Pax's synthetic configs), so the numbers measure
-the model and not the disk. Timing starts after the warm-up steps (compilation, allocator growth) and ends with a
-device sync. MFU uses PaLM's FLOPs per token and the dense peak of the GPU at the run's matmul precision
-(hardware.GPUS: BF16/FP16, or TF32 for FP32 runs; `--peak-tflops` overrides, e.g. 756 for PCIe cards; FP8 runs are
-still reported against the BF16 peak). The JSON line is the last line of stdout.
+The step and the model are train.py's (plan.resolve, build.build_model, parallel, optim.build, step.train_step; the
+vocab the data's where it is prepared: `bench_vocab`); the data is synthetic (random ids made once on the device), so
+the numbers measure the model, not the disk. Timing starts after the warm-up steps and ends with a device sync. MFU:
+PaLM's FLOPs per token over the GPU's dense peak at the run's matmul precision (hardware.GPUS, or `--peak-tflops`;
+FP8 against the BF16 peak). The JSON line is the last line of stdout.
 """
 import argparse
 import json
@@ -60,10 +57,8 @@ BASELINE = kernel.Ops(naive_attention, naive_rms_norm, kernel.torch_rope_qk, ker
 
 
 def bench_vocab(cfg: config.Config) -> tuple[int, str]:
-    """The vocab of the model train.py would train, and where it came from: model.vocab_size when set, else the
-    data's (the largest in data.datasets' meta.json, as train.data_vocab takes it). Unlike train.py this does not
-    prepare a missing corpus (a benchmark on synthetic tokens should not tokenize and write a dataset first, on
-    every rank under torchrun): GPT-2's 50,257 then, and the reason says so."""
+    """(the vocab train.py would train, where it came from): model.vocab_size, else the data's as train.model_shape
+    takes it; a missing corpus is not prepared here (GPT-2's 50,257 then, and the reason says so)."""
     if cfg.model.vocab_size is not None:
         return cfg.model.vocab_size, "model.vocab_size"
     try:

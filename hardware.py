@@ -5,12 +5,7 @@ train.py, bench.py and plan.py share.
                      CPU   -> bf16 where the CPU has BF16 instructions (AMX, AVX512-BF16, Arm BF16) and a timed
                               matmul at the model's width runs BF16 at least 1.2x faster than FP32; else fp32
                      MPS   -> fp32
-    compile auto:    CUDA  -> on
-                     CPU   -> on where the run is long enough for the compiled steps to win back the compile:
-                              its eager length (train.max_minutes, or max_steps x a step time estimated from the
-                              model's FLOPs and the timed matmul rate) x the step time compile saves > the compile
-                              time, both measured per CPU kind, precision and threads (CPU_COMPILE)
-                     MPS   -> off
+    compile auto:    CUDA on, MPS off; CPU on where the run wins the compile back (resolve_compile)
 Each choice comes with its reason, printed in the start-up banner (on a CPU, the measured ratio). An explicit
 choice is obeyed, with a warning where it is slower than FP32 here.
 """
@@ -287,18 +282,15 @@ def resolve(t, local_rank: int, model) -> tuple[torch.device, Precision, bool]:
 
 @dataclass(frozen=True)
 class CompileGain:
-    """What torch.compile does for a training step on one CPU kind, precision and thread count, as measured
-    (BENCHMARKS.md, "Compile on CPUs"): the tiny config's compiled and eager steps, and its first step with an empty
-    inductor cache (a larger model compiles longer, but its steps are longer too)."""
-    saved: float  # the fraction of an eager step's time a compiled step saves (1 - compiled / eager step time)
-    compile_s: float  # seconds the first compiled step takes beyond an eager one, cold (a warm cache: less)
+    """torch.compile on one CPU kind, precision and thread count, as measured on the tiny config (BENCHMARKS.md,
+    "Compile on CPUs"): the share of an eager step's time a compiled step saves, the cold first compile's seconds."""
+    saved: float
+    compile_s: float
     source: str  # for the banner
 
 
-# (cpu_bf16_instructions label, precision, threads per process) -> CompileGain. Compile gains more with more threads
-# (an eager step's many small ops each wait for every thread; fused, there are fewer of them). A kind, precision or
-# thread count not measured gets CPU_COMPILE_UNMEASURED: the least gain and the most cost measured on any row, so that
-# it compiles only where every row would.
+# (cpu_bf16_instructions label, precision, threads per process) -> CompileGain; what was not measured gets the least
+# gain and the most cost of any row, so that it compiles only where every row would
 CPU_COMPILE = {("AVX512-BF16", "bf16", 2): CompileGain(0.24, 45, "measured on AMD Zen 4, BF16, 2 threads"),
                ("AVX512-BF16", "bf16", 1): CompileGain(0.11, 57, "measured on AMD Zen 4, BF16, 1 thread"),
                ("AVX512-BF16", "fp32", 2): CompileGain(0.10, 45, "measured on AMD Zen 4, FP32, 2 threads"),
@@ -306,8 +298,8 @@ CPU_COMPILE = {("AVX512-BF16", "bf16", 2): CompileGain(0.24, 45, "measured on AM
                ("AVX2 without BF16 instructions", "fp32", 2): CompileGain(0.09, 60, "measured on an AVX2 EPYC, FP32, "
                                                                                     "2 threads")}
 CPU_COMPILE_UNMEASURED = CompileGain(0.02, 60, "not measured here: the least gain and most cost of any measured row")
-# An eager step's FLOP rate / (threads x matmul_rate at the model's width): 0.36-0.62 for the tiny config on AMD Zen 4
-# (BF16 and FP32, 1 and 2 threads); the largest is taken: a shorter estimated step, a shorter run, leaning to eager
+# An eager step's FLOP rate / (threads x matmul_rate): 0.36-0.62 on the tiny config (AMD Zen 4); the largest: a
+# shorter estimated run, leaning to eager
 EAGER_STEP_EFFICIENCY = 0.6
 
 
@@ -317,10 +309,8 @@ def cpu_compile_gain(precision: str) -> CompileGain:
 
 
 def eager_step_s(model, t, dtype: torch.dtype) -> float:
-    """Seconds an eager CPU training step of `model` (a GPTConfig) with `t`'s batch is estimated to take here: its
-    FLOPs (Kaplan's 12 x n_layer x d^2 block weights, the head where the vocab is known: else left out, which again
-    leans towards eager; attention's 12 x n_layer x d x T) over the timed matmul rate x this process's threads x
-    EAGER_STEP_EFFICIENCY."""
+    """An eager CPU step's estimated seconds for `model` (a GPTConfig) and `t`'s batch: its FLOPs (the head only where
+    the vocab is known) over the timed matmul rate x threads x EAGER_STEP_EFFICIENCY."""
     d, n_layer = model.n_embd, model.n_layer
     flops = 6 * (12 * n_layer * d * d + (model.vocab_size or 0) * d) + 12 * n_layer * d * model.block_size
     tokens = t.batch_size * model.block_size / (dist.get_world_size() if dist.is_initialized() else 1)
@@ -329,11 +319,9 @@ def eager_step_s(model, t, dtype: torch.dtype) -> float:
 
 def resolve_compile(requested, device: torch.device, max_steps: int, budget_s: float, step_s: float,
                     gain: CompileGain | None) -> tuple[bool, str]:
-    """train.compile -> (compile, why). True/False as configured; auto: on CUDA, off on MPS (not measured), and on a
-    CPU on where the run is long enough to win the compile back: `max_steps` eager steps of `step_s` seconds (an
-    estimate, eager_step_s), cut to `budget_s` by a time budget (0: none), must spend more than gain.compile_s in the
-    share of step time compile saves (gain.saved). In a time budget this is also the rule that trains more steps
-    (compiled: (budget - compile_s) / ((1 - saved) x step_s)), and there it does not depend on the estimate."""
+    """train.compile -> (compile, why). auto on a CPU: on where the run's eager length (`max_steps` x `step_s`, cut to
+    a time budget's `budget_s`) x gain.saved exceeds gain.compile_s; under a budget that is also what trains more
+    steps, whatever the estimate."""
     if requested != "auto":
         return bool(requested), f"{'on' if requested else 'off'}: as configured"
     if device.type != "cpu":
@@ -342,11 +330,10 @@ def resolve_compile(requested, device: torch.device, max_steps: int, budget_s: f
     eager_s = budget_s if budgeted else max_steps * step_s
     on = eager_s * gain.saved > gain.compile_s
     pays = gain.compile_s / gain.saved  # seconds of eager steps
-    run = (f"~{pays / 60:.1f} of this run's {budget_s / 60:g} minutes" if budgeted else
-           f"~{pays / step_s:.0f} steps of this run's {max_steps} (eager {step_s:.2f} s/step, estimated)")
-    return on, (f"auto: {'on' if on else 'off'} (about {gain.compile_s:.0f} s to compile, "
-                f"{'pays' if on else 'would pay'} back after {run}: compiled steps {gain.saved:.0%} shorter, "
-                f"{gain.source})")
+    run = f"~{pays / 60:.1f} of this run's {budget_s / 60:g} minutes" if budgeted else \
+        f"~{pays / step_s:.0f} steps of this run's {max_steps} (eager {step_s:.2f} s/step, estimated)"
+    return on, f"auto: {'on' if on else 'off'} (about {gain.compile_s:.0f} s to compile, {'pays' if on else 'would pay'}" \
+        f" back after {run}: compiled steps {gain.saved:.0%} shorter, {gain.source})"
 
 
 def peak_memory_gb(device: torch.device) -> float:

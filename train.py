@@ -3,12 +3,11 @@
     python train.py configs/tiny.yaml [more.yaml ...] [section.key=value ...]
     torchrun --standalone --nproc_per_node=8 train.py configs/500m.yaml
 
-Setup (`main`): config (validated, frozen) -> process group -> device, precision and compile by what this machine
-does (hardware.py) -> the run's lock, data prepared on first use, the checkpoint to resume from (rank 0) -> the
-Run: every `auto` decided once (plan.resolve) -> the model built and sharded (build.py, parallel.py) -> optimizer
--> resume. The loop (`train`): step (step.py), log, eval, save, stop. SIGTERM/SIGUSR1 (what SLURM sends before a
-preemption or the time limit) and SIGINT finish the current step on every rank, write a checkpoint and exit.
-RELIABILITY.md lists what a run survives.
+Setup (`main`): config -> process group -> the model's shape (data prepared on first use) -> device, precision and
+compile (hardware.py) -> the Run, every `auto` decided once (plan.resolve) -> the run's lock and the checkpoint to
+resume from -> the model built and sharded (build.py, parallel.py) -> optimizer -> resume. The loop (`train`): step
+(step.py), log, eval, save, stop. SIGTERM/SIGUSR1 (SLURM's notice) and SIGINT finish the step on every rank, write a
+checkpoint and exit. RELIABILITY.md lists what a run survives.
 """
 import json
 import os
