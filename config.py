@@ -543,7 +543,8 @@ class Run:
         t = self.cfg.train
         return {"world_size": self.world_size, "tp": self.tp, "precision": t.precision,
                 "precision_reason": self.precision.reason,
-                "matmul_speedup": self.precision.speedup, "compile": t.compile, "parallel": self.mode,
+                "matmul_speedup": self.precision.speedup, "compile": t.compile,
+                "compile_reason": self.precision.compile_reason, "parallel": self.mode,
                 "micro_batch_size": t.micro_batch_size, "grad_accum": self.grad_accum,
                 "vocab_size": self.cfg.model.vocab_size, "kernels": dict(self.ops.names)}
 

@@ -59,7 +59,8 @@ def main(argv: list[str]) -> int:
             except checkpoint.CheckpointError:  # damaged: find_resume sets it aside below
                 started = precision.name
             if started != precision.name:
-                precision = hardware.Precision(started, f"as when the run started (here now: {precision.reason})")
+                precision = hardware.Precision(started, f"as when the run started (here now: {precision.reason})",
+                                               compile_reason=precision.compile_reason)
         run = plan.resolve(cfg, model_cfg, device, precision, compiled, rank, world)
 
         def take_run():
