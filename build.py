@@ -2,6 +2,7 @@
 device, LoRA applied, sharded there by parallel.py, then allocated and given train.seed's init, train.init_from's
 weights and LoRA's adapters: the same values whatever the sharding. Also: a run's model back from its checkpoint,
 and the checkpoint a run resumes from."""
+import os
 import sys
 from dataclasses import replace
 
@@ -48,6 +49,9 @@ def _assign(p: torch.Tensor, full: torch.Tensor) -> None:
 def load_model(path: str, device) -> tuple:
     """A run folder or checkpoint folder -> (model in eval mode, its Config, the checkpoint folder). A LoRA run's
     base is rebuilt as the run built it (train.init_from or train.seed, checked by its fingerprint)."""
+    if not checkpoint.is_remote(path) and not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} does not exist" if not os.path.exists(path) else
+                                f"{path} is a file; name a run folder or one of its step_NNNNNN folders")
     path = checkpoint.resolve(path)
     state = checkpoint.read_state(path)
     cfg = config.build(state["config"], {k: f"{path}/{checkpoint.STATE_FILE}" for k in config._all_keys()})

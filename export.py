@@ -87,8 +87,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--merge", action="store_true", help="a LoRA run: write one model with the adapters merged "
                    "into its weights, instead of the base in DST and PEFT's adapter files in DST/adapter")
     args = p.parse_args(argv)
+    if os.path.exists(args.dst) and not os.path.isdir(args.dst):
+        p.error(f"argument dst: {args.dst} is a file; name a folder to write")
     try:
         model, cfg, path = build.load_model(args.out_dir, torch.device("cpu"))
+        if args.merge and not cfg.train.lora:
+            raise ValueError(f"--merge: {path} is not a LoRA run (train.lora is off), so there are no adapters to "
+                             f"merge; export it without --merge")
         adapted = cfg.train.lora and not args.merge
         if adapted:
             lora.peft_files(model, cfg.train, args.dst)  # refuses what PEFT cannot load before anything is written
@@ -96,10 +101,10 @@ def main(argv: list[str]) -> int:
                   checkpoint.tokenizer_dir(path, cfg))
         if adapted:
             export_adapter(model, cfg.train, os.path.join(args.dst, "adapter"), os.path.abspath(args.dst))
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    what = " merged" if args.merge and cfg.train.lora else " (the base; the LoRA adapters in adapter/)" if adapted else ""
+    what = " merged" if args.merge else " (the base; the LoRA adapters in adapter/)" if adapted else ""
     print(f"exported {path} ({cfg.model.arch}, {model.num_params() / 1e6:.2f}M parameters){what} to {args.dst}")
     return 0
 

@@ -17,8 +17,8 @@ from tokenizer import load_tokenizer
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", help="run folder (uses its latest checkpoint) or a step_NNNNNN folder")
-    p.add_argument("--prompt", default="\n", help="text to continue")
-    p.add_argument("--prompt_file", help="read the prompt from this file instead")
+    p.add_argument("--prompt", help="text to continue (default: a new line)")
+    p.add_argument("--prompt_file", help="read the prompt from this file (UTF-8) instead")
     p.add_argument("--max_new_tokens", type=at_least(1), default=200)
     p.add_argument("--temperature", type=at_least(0, float), default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=at_least(1), default=200)
@@ -30,16 +30,26 @@ def main(argv: list[str]) -> int:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto (default): train.py's rule for this machine (hardware.py)")
     args = p.parse_args(argv)
-
+    if not 0 < args.top_p <= 1:
+        p.error(f"argument --top_p: {args.top_p:g} is not in (0, 1]: it keeps the smallest set of tokens whose "
+                f"probabilities sum to top_p (1: all of them)")
+    if args.prompt is not None and args.prompt_file:
+        p.error("give --prompt or --prompt_file, not both")
+    try:
+        if args.prompt_file:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                args.prompt = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        why = f"not UTF-8 text ({e.reason} at byte {e.start})" if isinstance(e, UnicodeDecodeError) else e.strerror
+        print(f"error: --prompt_file {args.prompt_file}: {why}", file=sys.stderr)
+        return 2
     try:
         model, cfg, path, precision = build.load_for_inference(args.out_dir, args.device, args.precision)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    args.prompt = "\n" if args.prompt is None else args.prompt
     tok = load_tokenizer(checkpoint.tokenizer_dir(path, cfg))
-    if args.prompt_file:
-        with open(args.prompt_file) as f:
-            args.prompt = f.read()
     ids = tok.start_ids + tok.encode(args.prompt)  # a document start, as in training (BOS or the last EOT)
     if len(ids) >= cfg.model.block_size:
         ids = ids[-(cfg.model.block_size - 1):]

@@ -323,6 +323,14 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bpe", vocab_size: int
     An interrupted preparation of the same inputs and settings continues where it was (unless `fresh`); the
     result is the same as an uninterrupted one, whatever the number of workers."""
     from tqdm import tqdm
+    if not 0 <= val_frac < 1:
+        raise DataError(f"--val_frac {val_frac:g} is not in [0, 1): it is the share of documents held out for val")
+    if tokenizer == "bpe" and vocab_size < 258:
+        raise DataError(f"--vocab_size {vocab_size} is too small for a byte-level BPE: its 256 bytes and the "
+                        f"end-of-text token leave no room for a merge (at least 258; 8192 is the default)")
+    if os.path.exists(os.path.join(out, "meta.json")) and not fresh:
+        raise DataError(f"{out} already holds a prepared dataset (meta.json); runs trained on it would resume on "
+                        f"other tokens. Choose another --out, or pass --fresh to replace it")
     t0 = time.time()
     settings = {"inputs": inputs, "tokenizer": tokenizer, "vocab_size": vocab_size, "text_field": text_field,
                 "val_frac": val_frac, "shard_tokens": shard_tokens, "subset": subset, "split": split,
@@ -407,8 +415,9 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bpe", vocab_size: int
     print(f"prepared {out} in {time.time() - t0:.1f} s: train {tr['docs']:,} docs / {tr['tokens']:,} tokens / "
           f"{tr['bytes']:,} bytes, val {va['docs']:,} docs / {va['tokens']:,} tokens / {va['bytes']:,} bytes; "
           f"{docs.stats['skipped_files']} files skipped (not UTF-8), {docs.stats['skipped_docs']} rows without text")
-    if va["docs"] == 0:
-        print("warning: the val split is empty; raise --val_frac", file=sys.stderr)
+    for split, fix in (("train", "lower --val_frac or add documents"), ("val", "raise --val_frac")):
+        if splits[split]["docs"] == 0:
+            print(f"warning: the {split} split is empty; {fix}", file=sys.stderr)
     return meta
 
 
@@ -469,7 +478,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", help="output folder (default for --corpus: data/NAME)")
     p.add_argument("--tokenizer", default="bpe",
                    help="gpt2, cl100k_base, o200k_base, ... (tiktoken), bpe (trained here), or hf:FOLDER_OR_ID")
-    p.add_argument("--vocab_size", type=int, default=8192, help="for --tokenizer bpe")
+    p.add_argument("--vocab_size", type=int, help="for --tokenizer bpe (default 8192)")
     p.add_argument("--text_field", default="text", help="field of .jsonl / column of .parquet and hf: datasets")
     p.add_argument("--subset", help="hf: datasets: the subset (configuration), e.g. sample-10BT")
     p.add_argument("--split", default="train", help="hf: datasets: the split to read (default train)")
@@ -477,9 +486,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--val_frac", type=float, default=0.005)
     p.add_argument("--workers", type=count, default=None)
     p.add_argument("--shard_tokens", type=count, default=100_000_000)
-    p.add_argument("--fresh", action="store_true", help="start over instead of continuing an interrupted run")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over instead of continuing an interrupted run; replace a prepared dataset at --out")
     p.add_argument("--verify", metavar="DIR", help="check every shard of a prepared dataset against its meta.json")
     args = p.parse_args(argv)
+    if args.vocab_size is not None and args.tokenizer != "bpe":
+        p.error(f"--vocab_size is for --tokenizer bpe; {args.tokenizer} has a vocab of its own")
     try:
         if args.verify:
             for line in verify_dataset(args.verify):
@@ -489,9 +501,10 @@ def main(argv: list[str]) -> int:
             out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), args.corpus)
             CORPORA[args.corpus](out, args.workers)
         elif args.input and args.out:
-            prepare(args.input, args.out, args.tokenizer, args.vocab_size, args.text_field, args.val_frac,
-                    args.workers, args.shard_tokens, subset=args.subset, split=args.split,
-                    max_tokens=args.max_tokens, fresh=args.fresh)
+            vocab = 8192 if args.vocab_size is None else args.vocab_size
+            prepare(args.input, args.out, args.tokenizer, vocab, args.text_field, args.val_frac, args.workers,
+                    args.shard_tokens, subset=args.subset, split=args.split, max_tokens=args.max_tokens,
+                    fresh=args.fresh)
         else:
             p.error("give --input and --out, or --corpus")
     except DataError as e:

@@ -117,7 +117,9 @@ def test_prepare_gpt2_and_bad_inputs(sources, tmp_path):
     (tmp_path / "g" / "notes.npy").write_bytes(b"the user's own file")
     meta = prepare([str(root / "docs.jsonl")], str(tmp_path / "g"), "gpt2", val_frac=0.0, workers=1)
     assert meta["vocab_size"] == 50257 and meta["eot_id"] == 50256 and meta["dtype"] == "uint16"
-    meta = prepare([str(root / "docs.jsonl")], str(tmp_path / "g"), "gpt2", val_frac=0.0, workers=1)  # again
+    with pytest.raises(DataError, match="already holds a prepared dataset"):  # never replaced silently
+        prepare([str(root / "docs.jsonl")], str(tmp_path / "g"), "gpt2", val_frac=0.0, workers=1)
+    meta = prepare([str(root / "docs.jsonl")], str(tmp_path / "g"), "gpt2", val_frac=0.0, workers=1, fresh=True)
     assert (tmp_path / "g" / "notes.npy").read_bytes() == b"the user's own file"  # only its own files replaced
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')

@@ -133,6 +133,12 @@ def test_an_interrupted_preparation_continues_to_the_same_result(hub_layout, tmp
         encoded.clear()
         prepare(inputs, out, **kw)
         assert len(encoded) == len(docs)
+    with pytest.raises(DataError, match="already holds a prepared dataset"):  # never replaced without --fresh
+        prepare(inputs, out, **{**kw, "val_frac": 0.2})
+    monkeypatch.setattr(prep.ShardWriter, "_write", write)
+    with pytest.raises(Interrupt):
+        prepare(inputs, out, **kw, fresh=True)
+    monkeypatch.setattr(prep.ShardWriter, "_write", real_write)
     # other settings start over instead of mixing with the interrupted run's shards
     again = prepare(inputs, out, **{**kw, "val_frac": 0.2})
     assert again["val_frac"] == 0.2 and not os.path.exists(os.path.join(out, prep.PROGRESS))
