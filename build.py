@@ -13,6 +13,7 @@ import checkpoint
 import config
 import hardware
 import kernel
+from loader import read_meta
 from model import GPT
 
 
@@ -91,6 +92,10 @@ def find_resume(cfg: config.Config) -> str | None:
         lora.apply(model, t)
 
     def check(state, path):
+        if "data" in state and not cfg.data.allow_change and (changes := data_changes(state["data"], cfg)):
+            raise config.ConfigError(f"the data changed since checkpoint {path} was saved ({'; '.join(changes)}), "
+                                     f"so the run would resume on other tokens; restore the data, use another "
+                                     f"train.out_dir, or set data.allow_change=true to go on with the new data")
         ours = config.to_dict(cfg)["model"]  # nested sections (model.moe) as dicts, as the checkpoint keeps them
         if diff := {k: (v, ours.get(k)) for k, v in state["config"]["model"].items() if ours.get(k) != v}:
             lines = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
@@ -98,5 +103,44 @@ def find_resume(cfg: config.Config) -> str | None:
                                      f"use another train.out_dir or train.resume=false")
         if t.lora:
             lora.check_base(state, t, path)
-    return checkpoint.find_resumable(t.ckpt_dir or t.out_dir, model,
-                                     lambda msg: print(msg, file=sys.stderr, flush=True), check=check)
+    set_aside = []
+
+    def warn(message):
+        set_aside.append(message)
+        print(message, file=sys.stderr, flush=True)
+    path = checkpoint.find_resumable(t.ckpt_dir or t.out_dir, model, warn, check=check)
+    if path is None and set_aside:  # every checkpoint was damaged: a new start, whose rows must not mix with the old
+        metrics, kept = os.path.join(t.out_dir, "metrics.jsonl"), ""
+        if os.path.exists(metrics):
+            os.replace(metrics, f"{metrics}.before_restart")
+            kept = f"; the old metrics.jsonl rows are kept in {metrics}.before_restart"
+        print(f"warning: no checkpoint left that verifies, so training starts again from step 0{kept}",
+              file=sys.stderr, flush=True)
+    return path
+
+
+def data_identity(paths: list[str]) -> dict:
+    """What a checkpoint records of the run's data, so that a dataset replaced under a run is noticed on resume: per
+    folder, the digest of its meta.json (which holds every shard's checksum) and of its tokenizer file, and what a
+    message can name (tokenizer, vocab, tokens per split)."""
+    found = {}
+    for path in paths:
+        meta = read_meta(path)
+        files = ["meta.json"] + ([meta["tokenizer"]["file"]] if "file" in meta["tokenizer"] else [])
+        found[path] = {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"],
+                       **{f"{split}_tokens": s["tokens"] for split, s in meta["splits"].items()},
+                       **{f"{name}_xxh3": checkpoint.file_digest(os.path.join(path, name)) for name in files}}
+    return found
+
+
+def data_changes(saved: dict, cfg: config.Config) -> list[str]:
+    """How the configured datasets differ from the identity a checkpoint `saved` (data_identity); [] when alike."""
+    if list(saved) != cfg.data.datasets:
+        return [f"data.datasets: checkpoint {list(saved)} vs config {cfg.data.datasets}"]
+    now, changes = data_identity(cfg.data.datasets), []
+    for path in saved:
+        for key, was in saved[path].items():
+            if (new := now[path].get(key)) != was:  # a digest: which file; else the values
+                changes.append(f"{path}: " + (f"{key.removesuffix('_xxh3')} changed" if key.endswith("_xxh3") else
+                                              f"{key} {was!r} -> {new!r}"))
+    return changes

@@ -37,6 +37,9 @@ LORA_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_att
 class DataConfig:
     datasets: list[str] = field(default_factory=lambda: ["data/pycode"])  # prepared dataset folders (meta.json)
     weights: list[float] | None = None  # mixture weights, one per dataset; None: equal
+    # A resume checks that each dataset is the one the checkpoint was trained on (its meta.json and tokenizer) and
+    # stops, naming the change, when it is not; true: go on with the data as it is now
+    allow_change: bool = False
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import kernel
 import optim
 import parallel
 import plan
-from build import build_model, find_resume
+from build import build_model, data_identity, find_resume
 from eval import run_eval
 from loader import DataError, Prefetcher, TrainLoader, copy_tokenizer, read_meta
 from model import GPTConfig
@@ -155,6 +155,7 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
     ckpt_group = dist.new_group(backend="gloo") if run.world_size > 1 and t.async_checkpoint else None
 
     step, tokens, skipped, budget_steps = resume(run, resume_from, model, optimizer, scaler, cpu_group)
+    data = data_identity(cfg.data.datasets)  # into each checkpoint: a resume on other data stops (build.find_resume)
     max_steps = t.max_steps if budget_steps is None else min(t.max_steps, budget_steps)
     if budget_steps is not None:
         print0(f"train.max_minutes: max_steps {max_steps}, as decided when the run started")
@@ -181,7 +182,7 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
         nonlocal pending
         t0 = time.perf_counter()
         finish_save()
-        state = train_state(run, tokens, max_steps, log.skipped, scaler, budget_steps)
+        state = train_state(run, tokens, max_steps, log.skipped, scaler, budget_steps, data)
         pending = checkpoint.save(t.ckpt_dir or t.out_dir, step, model, optimizer, state, t.keep_last,
                                   async_group=ckpt_group if t.async_checkpoint else False)
         if not t.async_checkpoint:
@@ -300,12 +301,13 @@ def resume(run: config.Run, path: str | None, model, optimizer, scaler, group) -
     return 0, 0, 0, None
 
 
-def train_state(run: config.Run, tokens: int, max_steps: int, skipped: int, scaler, budget_steps) -> dict:
+def train_state(run: config.Run, tokens: int, max_steps: int, skipped: int, scaler, budget_steps, data) -> dict:
     """What a checkpoint keeps beside the tensors (train_state.json): the config as it runs (max_steps as the time
-    budget decided it), tokens seen, skipped steps, the loss scaler, the LoRA base's fingerprint."""
+    budget decided it), tokens seen, skipped steps, the data's identity, the loss scaler, the LoRA base's
+    fingerprint."""
     t = run.cfg.train
     state = {"tokens": tokens, "config": config.to_dict(replace(run.cfg, train=replace(t, max_steps=max_steps))),
-             "world_size": run.world_size, "tp": run.tp, "skipped_steps": skipped}
+             "world_size": run.world_size, "tp": run.tp, "skipped_steps": skipped, "data": data}
     if scaler is not None:
         state["grad_scaler"] = scaler.state_dict()
     if budget_steps is not None:

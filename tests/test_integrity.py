@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +155,50 @@ def test_bench_times_checkpoints_with_and_without_checksums(tmp_path, monkeypatc
     res = js.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["save_s"] > 0 and res["load_plain_s"] > 0 and res["save_ratio"] > 0
     assert not os.path.exists(tmp_path / "ck")  # emptied after
+
+
+def shrink_train_split(data: str) -> None:
+    """Replace a dataset's first train shard by its first half, meta.json updated to match: a valid dataset, but
+    not the one a run trained on."""
+    meta = json.load(open(os.path.join(data, "meta.json")))
+    shard = meta["splits"]["train"]["shards"][0]
+    path = os.path.join(data, shard["file"])
+    np.save(path, np.load(path)[:shard["tokens"] // 2])
+    shard["tokens"], shard["xxh3"] = shard["tokens"] // 2, checkpoint.file_digest(path)
+    meta["splits"]["train"]["tokens"] = sum(s["tokens"] for s in meta["splits"]["train"]["shards"])
+    open(os.path.join(data, "meta.json"), "w").write(json.dumps(meta, indent=1))
+
+
+def test_a_resume_on_changed_data_stops_and_names_the_change(corpus, tmp_path, capsys):
+    data, out = str(tmp_path / "data"), str(tmp_path / "run")
+    shutil.copytree(corpus, data)
+    assert train.main(train_args(data, out, "train.max_steps=2", "train.ckpt_interval=2")) == 0
+    state = checkpoint.read_state(checkpoint.find_latest(out))
+    assert state["data"][data]["meta.json_xxh3"] == checkpoint.file_digest(os.path.join(data, "meta.json"))
+    tokens = state["data"][data]["train_tokens"]
+    shrink_train_split(data)
+    capsys.readouterr()
+    assert train.main(train_args(data, out, "train.max_steps=4", "train.ckpt_interval=2")) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: train_tokens {tokens} -> {tokens - tokens // 2}" in err and "data.allow_change=true" in err, err
+    assert f"{data}: meta.json changed" in err
+    assert checkpoint.find_latest(out).endswith("step_000002")  # nothing trained, nothing written
+    assert train.main(train_args(data, out, "train.max_steps=4", "train.ckpt_interval=2",
+                                 "data.allow_change=true")) == 0  # on purpose: it goes on with the new data
+    assert "resumed from" in capsys.readouterr().out and checkpoint.find_latest(out).endswith("step_000004")
+
+
+def test_when_no_checkpoint_verifies_the_run_says_it_starts_over_and_keeps_the_old_rows(runs, tmp_path, capsys):
+    six, _ = runs
+    out = str(tmp_path / "run")
+    shutil.copytree(six, out)
+    old_rows = open(os.path.join(out, "metrics.jsonl")).read()
+    for step in (2, 4, 6):
+        folder = os.path.join(out, f"step_{step:06d}")
+        flip(os.path.join(folder, [n for n in os.listdir(folder) if n.endswith(".distcp")][0]))
+    assert train.main(train_args(corpus_of(six), out, *COMMON, "train.max_steps=2")) == 0
+    err = capsys.readouterr().err
+    assert "no checkpoint left that verifies, so training starts again from step 0" in err, err
+    assert open(os.path.join(out, "metrics.jsonl.before_restart")).read() == old_rows
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))
+            if "loss" in json.loads(line)] == [1, 2]
