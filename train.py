@@ -69,10 +69,10 @@ def main(argv: list[str]) -> int:
             for name in checkpoint.clean(t.ckpt_dir or t.out_dir):
                 print(f"removed {name}, an unfinished save or deletion of a killed run")
             return find_resume(replace(cfg, model=model_cfg))
-        resume_from = on_rank0(take_run, rank, world)
-        # the ranks of one tensor-parallel group read the same batches
+        # the shards checked before the run's folder is touched; the ranks of one tensor-parallel group read alike
         loader = TrainLoader(cfg.data.datasets, cfg.data.weights, model_cfg.block_size, run.cfg.train.micro_batch_size,
                              run.grad_accum, t.seed, run.dp_rank, run.dp, model_cfg.vocab_size)
+        resume_from = on_rank0(take_run, rank, world)
         return train(run, loader, resume_from)
     except (config.ConfigError, hardware.HardwareError, DataError, kernel.KernelError,
             checkpoint.CheckpointError) as e:
