@@ -120,11 +120,11 @@ def cpu_bf16_instructions() -> tuple[bool, str]:
 
 @functools.cache
 def matmul_rate(dtype: torch.dtype, width: int) -> float:
-    """FLOP/s of a (512, w) @ (w, w) matmul in `dtype` here, w the model's width clamped to [256, 1024], once per process
-    and shape, on one thread (on a busy machine a multi-threaded kernel waits for its slowest thread: once that turned
-    a 4x BF16 speed-up into 0.5x). The shortest of the calls within ~40 ms after one that builds oneDNN's kernel (a
-    first call over the budget is its own measurement): the minimum, not the mean, so that another busy process on
-    the machine cannot make either dtype look slow."""
+    """FLOP/s of a (512, w) @ (w, w) matmul in `dtype` here, w the model's width clamped to [256, 1024], once per
+    process and shape, on one thread (on a busy machine a multi-threaded kernel waits for its slowest thread: once
+    that turned a 4x BF16 speed-up into 0.5x). The shortest call within ~40 ms after one that builds oneDNN's kernel
+    (a first call over the budget is its own measurement): the minimum, not the mean, so that another busy process
+    on the machine cannot make either dtype look slow."""
     w = min(max(width, 256), 1024)
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(512, w, generator=gen).to(dtype), torch.randn(w, w, generator=gen).to(dtype)
