@@ -63,10 +63,9 @@ def run_eval(model, run, step: int, tokens: int, log) -> float:
     """Validation loss and bits per byte on the first eval_batches micro-batches of each val split, with the
     uncompiled model (eval mode and a logits-only graph would each cost a recompile); `log(row)` writes the
     metrics row; returns the seconds taken."""
-    cfg, t0 = run.cfg, time.perf_counter()
-    t = cfg.train
-    res = evaluate(model, cfg.data.datasets, cfg.model.block_size, cfg.model.vocab_size, t.micro_batch_size,
-                   run.device, max_tokens=t.eval_batches * t.micro_batch_size * cfg.model.block_size,
+    t, model_cfg, t0 = run.cfg.train, run.cfg.model, time.perf_counter()
+    res = evaluate(model, run.cfg.data.datasets, model_cfg.block_size, model_cfg.vocab_size, t.micro_batch_size,
+                   run.device, max_tokens=t.eval_batches * t.micro_batch_size * model_cfg.block_size,
                    autocast=run.precision.autocast(run.device), rank=run.dp_rank, world=run.dp)
     model.train()
     log({"step": step, "tokens": tokens, "val_loss": finite(res["loss"]), "val_bpb": finite(res["bpb"])})

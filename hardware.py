@@ -118,36 +118,29 @@ def cpu_bf16_instructions() -> tuple[bool, str]:
     return False, f"{platform.machine() or 'this CPU'} without BF16 instructions"
 
 
-def _best_time(fn, budget_s: float) -> float:
-    """The shortest of repeated calls of fn within budget_s (after one untimed call that builds oneDNN's kernel);
-    the minimum, not the mean, so that another busy process on the machine cannot make either dtype look slow.
-    A single call that already takes longer than the budget is its own measurement."""
-    t0 = time.perf_counter()
-    fn()
-    best, deadline = time.perf_counter() - t0, time.perf_counter() + budget_s
-    if best > budget_s:
-        return best
-    best = math.inf
-    while True:
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-        if t0 >= deadline:
-            return best
-
-
 @functools.cache
 def matmul_rate(dtype: torch.dtype, width: int) -> float:
-    """FLOP/s of a (512, w) @ (w, w) matmul in `dtype` here, w the model's width clamped to [256, 1024]: the best
-    within ~40 ms, once per process and shape, on one thread (on a busy machine a multi-threaded kernel waits for its
-    slowest thread: once that turned a 4x BF16 speed-up into 0.5x)."""
+    """FLOP/s of a (512, w) @ (w, w) matmul in `dtype` here, w the model's width clamped to [256, 1024], once per
+    process and shape, on one thread (on a busy machine a multi-threaded kernel waits for its slowest thread: once
+    that turned a 4x BF16 speed-up into 0.5x). The shortest call within ~40 ms after one that builds oneDNN's kernel
+    (a first call over the budget is its own measurement): the minimum, not the mean, so that another busy process
+    on the machine cannot make either dtype look slow."""
     w = min(max(width, 256), 1024)
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(512, w, generator=gen).to(dtype), torch.randn(w, w, generator=gen).to(dtype)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return 2 * 512 * w * w / _best_time(lambda: a @ b, 0.04)
+        t0 = time.perf_counter()
+        a @ b
+        best, deadline = time.perf_counter() - t0, time.perf_counter() + 0.04
+        if best <= 0.04:
+            best = math.inf
+            while t0 < deadline:
+                t0 = time.perf_counter()
+                a @ b
+                best = min(best, time.perf_counter() - t0)
+        return 2 * 512 * w * w / best
     finally:
         torch.set_num_threads(threads)
 
@@ -180,10 +173,6 @@ def memory_gib(device: torch.device) -> float:
     return ram / int(os.environ.get("LOCAL_WORLD_SIZE", "1")) / 2**30
 
 
-def cuda_capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
 @dataclass(frozen=True)
 class Precision:
     """The precision a run uses: fp32, bf16, fp16 or fp8 (BF16 autocast plus FP8 Linear layers)."""
@@ -213,7 +202,7 @@ def resolve_precision(requested: str, device: torch.device, width: int = 256) ->
     both hold: the CPU has BF16 instructions (`cpu_bf16_instructions`) and a timed matmul at the model's width runs
     at least BF16_MIN_SPEEDUP times FP32's rate (`matmul_speedup`)."""
     if device.type == "cuda":
-        cap = cuda_capability(device)
+        cap = torch.cuda.get_device_capability(device)
         gpu = f"{torch.cuda.get_device_name(device)}, compute capability {cap[0]}.{cap[1]}"
         bf16 = cap >= (8, 0)
         if requested == "auto":
@@ -280,30 +269,22 @@ def resolve(t, local_rank: int, model) -> tuple[torch.device, Precision, bool]:
     return device, precision, compiled
 
 
-@dataclass(frozen=True)
-class CompileGain:
-    """torch.compile on one CPU kind, precision and thread count, as measured on the tiny config (BENCHMARKS.md,
-    "Compile on CPUs"): the share of an eager step's time a compiled step saves, the cold first compile's seconds."""
-    saved: float
-    compile_s: float
-    source: str  # for the banner
-
-
-# (cpu_bf16_instructions label, precision, threads per process) -> CompileGain; what was not measured gets the least
-# gain and the most cost of any row, so that it compiles only where every row would
-CPU_COMPILE = {("AVX512-BF16", "bf16", 2): CompileGain(0.24, 45, "measured on AMD Zen 4, BF16, 2 threads"),
-               ("AVX512-BF16", "bf16", 1): CompileGain(0.11, 57, "measured on AMD Zen 4, BF16, 1 thread"),
-               ("AVX512-BF16", "fp32", 2): CompileGain(0.10, 45, "measured on AMD Zen 4, FP32, 2 threads"),
-               ("AVX512-BF16", "fp32", 1): CompileGain(0.02, 42, "measured on AMD Zen 4, FP32, 1 thread"),
-               ("AVX2 without BF16 instructions", "fp32", 2): CompileGain(0.09, 60, "measured on an AVX2 EPYC, FP32, "
-                                                                                    "2 threads")}
-CPU_COMPILE_UNMEASURED = CompileGain(0.02, 60, "not measured here: the least gain and most cost of any measured row")
+# torch.compile on one CPU kind, precision and thread count, as measured on the tiny config (BENCHMARKS.md, "Compile on
+# CPUs"): (cpu_bf16_instructions label, precision, threads per process) -> (the share of an eager step's time a compiled
+# step saves, the cold first compile's seconds, the source for the banner); what was not measured gets the least gain
+# and the most cost of any row, so that it compiles only where every row would
+CPU_COMPILE = {("AVX512-BF16", "bf16", 2): (0.24, 45, "measured on AMD Zen 4, BF16, 2 threads"),
+               ("AVX512-BF16", "bf16", 1): (0.11, 57, "measured on AMD Zen 4, BF16, 1 thread"),
+               ("AVX512-BF16", "fp32", 2): (0.10, 45, "measured on AMD Zen 4, FP32, 2 threads"),
+               ("AVX512-BF16", "fp32", 1): (0.02, 42, "measured on AMD Zen 4, FP32, 1 thread"),
+               ("AVX2 without BF16 instructions", "fp32", 2): (0.09, 60, "measured on an AVX2 EPYC, FP32, 2 threads")}
+CPU_COMPILE_UNMEASURED = (0.02, 60, "not measured here: the least gain and most cost of any measured row")
 # An eager step's FLOP rate / (threads x matmul_rate): 0.36-0.62 on the tiny config (AMD Zen 4); the largest: a
 # shorter estimated run, leaning to eager
 EAGER_STEP_EFFICIENCY = 0.6
 
 
-def cpu_compile_gain(precision: str) -> CompileGain:
+def cpu_compile_gain(precision: str) -> tuple[float, float, str]:
     """This CPU's row of CPU_COMPILE for a run at `precision` (fp32, bf16, ...) on this process's threads."""
     return CPU_COMPILE.get((cpu_bf16_instructions()[1], precision, torch.get_num_threads()), CPU_COMPILE_UNMEASURED)
 
@@ -318,22 +299,23 @@ def eager_step_s(model, t, dtype: torch.dtype) -> float:
 
 
 def resolve_compile(requested, device: torch.device, max_steps: int, budget_s: float, step_s: float,
-                    gain: CompileGain | None) -> tuple[bool, str]:
+                    gain: tuple[float, float, str] | None) -> tuple[bool, str]:
     """train.compile -> (compile, why). auto on a CPU: on where the run's eager length (`max_steps` x `step_s`, cut to
-    a time budget's `budget_s`) x gain.saved exceeds gain.compile_s; under a budget that is also what trains more
-    steps, whatever the estimate."""
+    a time budget's `budget_s`) x the share a compiled step saves exceeds the compile's seconds (`gain`: a row of
+    CPU_COMPILE); under a budget that is also what trains more steps, whatever the estimate."""
     if requested != "auto":
         return bool(requested), f"{'on' if requested else 'off'}: as configured"
     if device.type != "cpu":
         return device.type == "cuda", f"auto: {'on (CUDA)' if device.type == 'cuda' else 'off (not measured on MPS)'}"
     budgeted = 0 < budget_s < max_steps * step_s  # the time budget ends the run before max_steps
     eager_s = budget_s if budgeted else max_steps * step_s
-    on = eager_s * gain.saved > gain.compile_s
-    pays = gain.compile_s / gain.saved  # seconds of eager steps
+    saved, compile_s, source = gain
+    on = eager_s * saved > compile_s
+    pays = compile_s / saved  # seconds of eager steps
     run = f"~{pays / 60:.1f} of this run's {budget_s / 60:g} minutes" if budgeted else \
         f"~{pays / step_s:.0f} steps of this run's {max_steps} (eager {step_s:.2f} s/step, estimated)"
-    return on, f"auto: {'on' if on else 'off'} (about {gain.compile_s:.0f} s to compile, {'pays' if on else 'would pay'}" \
-        f" back after {run}: compiled steps {gain.saved:.0%} shorter, {gain.source})"
+    return on, f"auto: {'on' if on else 'off'} (about {compile_s:.0f} s to compile, {'pays' if on else 'would pay'}" \
+        f" back after {run}: compiled steps {saved:.0%} shorter, {source})"
 
 
 def peak_memory_gb(device: torch.device) -> float:

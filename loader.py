@@ -10,6 +10,7 @@ dataset of any size costs memory in proportion to the batch, not the corpus.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
@@ -22,9 +23,6 @@ import numpy as np
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: data/prepare.py's tokenizer workers import this
     import torch   # module for DataError and the shard checks, and need no torch (BENCHMARKS.md: its memory)
-
-MASK64 = (1 << 64) - 1
-
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # a tokenizer's files
 
@@ -45,7 +43,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def _key(*parts: int) -> int:
     h = np.array([0], dtype=np.uint64)
     for p in parts:
-        h = _mix64(h ^ np.uint64(int(p) & MASK64))
+        h = _mix64(h ^ np.uint64(int(p) % 2**64))
     return int(h[0])
 
 
@@ -154,7 +152,6 @@ class TokenSplit:
         self.vocab_size = vocab_size
         self.shards = [_open_shard(os.path.join(path, s["file"]), s["tokens"], self.meta["dtype"], s.get("xxh3"))
                        for s in self.meta["splits"][split]["shards"]]
-        self.tokens = sum(len(s) for s in self.shards)
 
     def check_range(self, rows: np.ndarray, where: str) -> None:
         if self.vocab_size is not None and rows.size and int(rows.max()) >= self.vocab_size:
@@ -177,28 +174,22 @@ class TrainLoader:
         for s in self.splits:
             counts = [max(0, (len(a) - 1) // block_size) for a in s.shards]
             if sum(counts) == 0:
-                raise DataError(f"{s.path}: the train split ({s.tokens} tokens) is shorter than one window of "
-                                f"block_size + 1 = {block_size + 1} tokens")
+                raise DataError(f"{s.path}: the train split ({sum(map(len, s.shards))} tokens) is shorter than one "
+                                f"window of block_size + 1 = {block_size + 1} tokens")
             self.starts.append(np.cumsum([0] + counts))
         w = np.ones(len(paths)) if weights is None else np.asarray(weights, dtype=np.float64)
         self.cum_weights = np.cumsum(w / w.sum())
 
-    def sample_ids(self, step: int, micro_step: int) -> np.ndarray:
-        """Global sample indices of this rank's micro-batch; over ranks and micro-steps, the same set for every
-        world size with the same global batch."""
-        global_batch = self.mb * self.accum * self.world
-        first = step * global_batch + (micro_step * self.world + self.rank) * self.mb
-        return np.arange(first, first + self.mb, dtype=np.uint64)
-
     def batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) int64 CPU tensors of shape (micro_batch_size, block_size); y is x shifted by one."""
         import torch
-        ids = self.sample_ids(step, micro_step)
-        if len(self.splits) == 1:
-            which = np.zeros(len(ids), dtype=np.int64)
-        else:
-            u = _mix64(ids ^ np.uint64(_key(self.seed, 0x6D6978))).astype(np.float64) / 2.0**64
-            which = np.minimum(np.searchsorted(self.cum_weights, u, side="right"), len(self.splits) - 1)
+        # global sample ids of this rank's micro-batch: over ranks and micro-steps, the same set for every world size
+        # with the same global batch
+        first = (step * self.accum * self.world + micro_step * self.world + self.rank) * self.mb
+        ids = np.arange(first, first + self.mb, dtype=np.uint64)
+        # each sample's dataset by the weights (one dataset: always 0; the minimum: a u that rounded up to 1.0)
+        u = _mix64(ids ^ np.uint64(_key(self.seed, 0x6D6978))).astype(np.float64) / 2.0**64
+        which = np.minimum(np.searchsorted(self.cum_weights, u, side="right"), len(self.splits) - 1)
         rows = np.empty((len(ids), self.T + 1), dtype=np.int64)
         for d in np.unique(which):
             split, starts = self.splits[d], self.starts[d]
@@ -224,8 +215,7 @@ def eval_batches(path: str, split: str, block_size: int, batch_size: int, max_to
     Batch i goes to rank i % world_size; a rank left one short gets an all-padding batch, so every rank runs the
     same number of forwards (FSDP's gathers need all ranks)."""
     import torch
-    data = TokenSplit(path, split, vocab_size)
-    T = block_size
+    data, T = TokenSplit(path, split, vocab_size), block_size
 
     def windows():
         covered = 0
@@ -238,22 +228,19 @@ def eval_batches(path: str, split: str, block_size: int, batch_size: int, max_to
                 data.check_range(chunk, f"shard {sh}, offset {start}")
                 yield chunk
 
-    x = np.zeros((batch_size, T), dtype=np.int64)
-    y = np.full((batch_size, T), -1, dtype=np.int64)
-    i, n = 0, 0
-    for chunk in windows():
-        x[n, :len(chunk) - 1], y[n, :len(chunk) - 1] = chunk[:-1], chunk[1:]
-        n += 1
-        if n == batch_size:
-            if i % world_size == rank:
-                yield torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
-            x[:], y[:], n, i = 0, -1, 0, i + 1
-    if n:
+    def padded(chunks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = np.zeros((batch_size, T), dtype=np.int64), np.full((batch_size, T), -1, dtype=np.int64)
+        for n, chunk in enumerate(chunks):
+            x[n, :len(chunk) - 1], y[n, :len(chunk) - 1] = chunk[:-1], chunk[1:]
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    chunks, i = windows(), 0  # every rank reads every window: a bad token id stops all ranks alike
+    while batch := list(itertools.islice(chunks, batch_size)):
         if i % world_size == rank:
-            yield torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
+            yield padded(batch)
         i += 1
     if rank >= i % world_size > 0:  # ranks i % world .. world-1 got one batch fewer than the others
-        yield torch.zeros((batch_size, T), dtype=torch.int64), torch.full((batch_size, T), -1, dtype=torch.int64)
+        yield padded([])
 
 
 def token_bytes(path: str) -> np.ndarray:

@@ -87,7 +87,7 @@ def test_the_probe_measures_this_cpu_once():
 def gpu(monkeypatch):
     """Pretend the CUDA device is a named GPU of a given compute capability."""
     def fake(name: str, cap: tuple[int, int]):
-        monkeypatch.setattr(hardware, "cuda_capability", lambda device: cap)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     return fake
 
@@ -112,7 +112,7 @@ def test_mps():
         hardware.resolve_precision("fp8", MPS)
 
 
-GAIN = hardware.CompileGain(0.25, 50, "a test's")  # a compiled step saves 1/4 of an eager one; 50 s to compile
+GAIN = (0.25, 50, "a test's")  # a compiled step saves 1/4 of an eager one; 50 s to compile
 
 
 def test_compile_auto_on_a_cpu_compiles_where_the_run_wins_the_compile_back():
@@ -143,7 +143,7 @@ def test_compile_as_configured_and_auto_off_cpus():
 def test_a_cpu_kind_never_measured_gets_the_least_gain_and_most_cost_seen(cpu_kind, monkeypatch):
     rows = hardware.CPU_COMPILE.values()
     unmeasured = hardware.CPU_COMPILE_UNMEASURED
-    assert unmeasured.saved <= min(g.saved for g in rows) and unmeasured.compile_s >= max(g.compile_s for g in rows)
+    assert unmeasured[0] <= min(g[0] for g in rows) and unmeasured[1] >= max(g[1] for g in rows)  # saved, compile_s
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     cpu_kind(*KINDS["intel-amx"][:3])
     assert hardware.cpu_compile_gain("bf16") is unmeasured
