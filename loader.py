@@ -86,10 +86,11 @@ def read_meta(path: str) -> dict:
         raise DataError(f"{path}/meta.json is not valid JSON ({e})") from None
 
 
-def _open_shard(file: str, tokens: int, dtype: str, digest: str | None = None) -> np.ndarray:
-    """Memory-map a .npy shard after checking its header and size against meta.json, and its content hash when
-    meta.json has one (datasets prepared before hashes existed have none): a changed byte stops here, not in a
-    silently different training run. Hashing reads the shard once."""
+def _open_shard(file: str, tokens: int, dtype: str, digest: str | None, vocab: int) -> np.ndarray:
+    """Memory-map a .npy shard after checking its header and size against meta.json, its content hash when
+    meta.json has one (datasets prepared before hashes existed have none) and its token ids against meta.json's
+    vocab: a changed byte stops here, before training, not in a silently different run. Each check reads the shard
+    once (from the page cache after the first)."""
     try:
         with open(file, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -113,17 +114,21 @@ def _open_shard(file: str, tokens: int, dtype: str, digest: str | None = None) -
         raise DataError(f"shard {file} does not match the checksum in meta.json: its bytes changed after it was "
                         f"prepared; prepare the dataset again (python data/prepare.py --verify "
                         f"{os.path.dirname(file)} checks every shard)")
-    return np.load(file, mmap_mode="r")
+    ids = np.load(file, mmap_mode="r")
+    if tokens and (top := int(ids.max())) >= vocab:
+        raise DataError(f"shard {file} holds token id {top} (first at position {int(np.argmax(ids >= vocab))}), "
+                        f"outside the vocab of {vocab} in meta.json: the shard does not match its tokenizer")
+    return ids
 
 
 def verify_dataset(path: str) -> list[str]:
-    """Check every shard of a prepared dataset against meta.json (header, size, hash); returns what it checked,
-    or raises DataError naming the first shard that fails."""
+    """Check every shard of a prepared dataset as training does (header, dtype, size, hash, token ids within the
+    vocab); returns what it checked, or raises DataError naming the first shard that fails."""
     meta, checked = read_meta(path), []
     for split, info in meta.get("splits", {}).items():
         for s in info["shards"]:
-            _open_shard(os.path.join(path, s["file"]), s["tokens"], meta["dtype"], s.get("xxh3"))
-            checked.append(f"{split}/{s['file']}: {s['tokens']:,} tokens"
+            _open_shard(os.path.join(path, s["file"]), s["tokens"], meta["dtype"], s.get("xxh3"), meta["vocab_size"])
+            checked.append(f"{split}/{s['file']}: {s['tokens']:,} tokens, ids below {meta['vocab_size']}"
                            + (", hash ok" if "xxh3" in s else ", no hash in meta.json"))
     return checked
 
@@ -149,14 +154,8 @@ class TokenSplit:
             raise DataError(f"{path} has no '{split}' split (has: {', '.join(self.meta.get('splits', {}))})")
         if vocab_size is not None and self.meta["vocab_size"] > vocab_size:
             raise DataError(f"{path}: data vocab {self.meta['vocab_size']} exceeds the model's vocab {vocab_size}")
-        self.vocab_size = vocab_size
-        self.shards = [_open_shard(os.path.join(path, s["file"]), s["tokens"], self.meta["dtype"], s.get("xxh3"))
-                       for s in self.meta["splits"][split]["shards"]]
-
-    def check_range(self, rows: np.ndarray, where: str) -> None:
-        if self.vocab_size is not None and rows.size and int(rows.max()) >= self.vocab_size:
-            raise DataError(f"{self.path} ({self.split}, {where}) holds token id {int(rows.max())}, "
-                            f"outside the model's vocab of {self.vocab_size}: the shards do not match meta.json")
+        self.shards = [_open_shard(os.path.join(path, s["file"]), s["tokens"], self.meta["dtype"], s.get("xxh3"),
+                                   self.meta["vocab_size"]) for s in self.meta["splits"][split]["shards"]]
 
 
 class TrainLoader:
@@ -203,7 +202,6 @@ class TrainLoader:
                 for j, w, sh in zip(sel[here], windows, shard):
                     begin = (int(w) - int(starts[sh])) * self.T
                     rows[j] = split.shards[sh][begin:begin + self.T + 1]
-            split.check_range(rows[sel], f"step {step}, micro-step {micro_step}")
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
 
 
@@ -219,13 +217,12 @@ def eval_batches(path: str, split: str, block_size: int, batch_size: int, max_to
 
     def windows():
         covered = 0
-        for sh, arr in enumerate(data.shards):
+        for arr in data.shards:
             for start in range(0, len(arr) - 1, T):
                 if max_tokens is not None and covered >= max_tokens:
                     return
                 chunk = np.asarray(arr[start:start + T + 1], dtype=np.int64)
                 covered += len(chunk) - 1
-                data.check_range(chunk, f"shard {sh}, offset {start}")
                 yield chunk
 
     def padded(chunks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +231,7 @@ def eval_batches(path: str, split: str, block_size: int, batch_size: int, max_to
             x[n, :len(chunk) - 1], y[n, :len(chunk) - 1] = chunk[:-1], chunk[1:]
         return torch.from_numpy(x), torch.from_numpy(y)
 
-    chunks, i = windows(), 0  # every rank reads every window: a bad token id stops all ranks alike
+    chunks, i = windows(), 0
     while batch := list(itertools.islice(chunks, batch_size)):
         if i % world_size == rank:
             yield padded(batch)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data.prepare import ensure_prepared, is_val, prepare
-from loader import DataError, TokenSplit, TrainLoader, eval_batches, permute, token_bytes
+from loader import DataError, TokenSplit, TrainLoader, eval_batches, permute, token_bytes, verify_dataset
 from tokenizer import EOT, Tokenizer, load_tokenizer, tiktoken_encoding
 
 
@@ -243,10 +243,10 @@ def test_corrupt_or_mismatched_data_is_rejected(dataset, tmp_path):
     arr[:] = 400  # ids past the vocab meta.json declares, in a dataset whose hashes match (made this way)
     np.save(shard, arr)
     rehash(path)
-    with pytest.raises(DataError, match="token id 400, outside the model's vocab of 300"):
-        L = TrainLoader([path], None, 16, 64, 1, seed=0, vocab_size=300)
-        for step in range(10):
-            L.batch(step, 0)
+    with pytest.raises(DataError, match="holds token id 400 .first at position 0., outside the vocab of 300"):
+        TrainLoader([path], None, 16, 64, 1, seed=0, vocab_size=300)  # at once, before any batch
+    with pytest.raises(DataError, match="token id 400"):
+        verify_dataset(path)  # --verify checks what training checks
 
     path, _ = corrupt_copy(dataset, tmp_path, "nometa")
     os.remove(os.path.join(path, "meta.json"))
