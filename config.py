@@ -319,7 +319,7 @@ def load(args: list[str]) -> Config:
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express (the vocab may still be unknown: it can come from the data)."""
     t, e = cfg.train, cfg.eval
-    lowest = {1: {"train.batch_size": t.batch_size,
+    lowest = {1: {"train.batch_size": t.batch_size,  # the lowest value each key may take
                   "train.micro_batch_size": 1 if t.micro_batch_size == "auto" else t.micro_batch_size,
                   "train.max_steps": t.max_steps, "train.keep_last": t.keep_last, "log.interval": cfg.log.interval,
                   "train.ckpt_interval": t.ckpt_interval, "train.eval_batches": t.eval_batches,
