@@ -176,27 +176,50 @@ def at_least(low: float, kind=int):
     return parse
 
 
-def _keys(cls, prefix: str) -> list[str]:
-    """Every dotted key under a dataclass; a field that is itself a dataclass (model.moe) is a subsection."""
-    return [k for f in fields(cls) for k in (_keys(f.type, f"{prefix}.{f.name}") if is_dataclass(f.type)
-                                             else [f"{prefix}.{f.name}"])]
-
-
-def _all_keys() -> list[str]:
-    return [k for s, cls in SECTIONS.items() for k in _keys(cls, s)]
-
-
-def _type_of(section: str, key: str):
-    """The annotation of `section.key` (key may be dotted into a subsection); str when there is no such key."""
-    tp = SECTIONS.get(section)
-    for part in key.split("."):
-        tp = {f.name: f.type for f in fields(tp)}.get(part) if is_dataclass(tp) else None
-    return tp or str
+def _all_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every dotted key (model.n_layer); a field that is itself a dataclass (model.moe) is a subsection."""
+    return [k for f in fields(cls) for k in (_all_keys(f.type, f"{prefix}{f.name}.") if is_dataclass(f.type)
+                                             else [f"{prefix}{f.name}"])]
 
 
 def _suggest(key: str, options: list[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
     return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def _annotation(section: str, key: str, source: str):
+    """The annotation of `section.key` (key dotted into subsections: model.moe.top_k). An unknown section or key
+    stops with the closest valid one, or the section that has it."""
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section '{section}' ({source}){_suggest(section, list(SECTIONS))}"
+                          f" (sections: {', '.join(SECTIONS)})")
+    tp, path = SECTIONS[section], section
+    for part in key.split("."):
+        known = {f.name: f.type for f in fields(tp)} if is_dataclass(tp) else {}
+        if part not in known:
+            elsewhere = [k for k in _all_keys() if k.endswith(f".{part}")] if path == section else []
+            hint = f"; did you mean '{elsewhere[0]}'?" if elsewhere else _suggest(part, list(known), f"{path}.")
+            raise ConfigError(f"unknown key '{path}.{part}' ({source}){hint}")
+        tp, path = known[part], f"{path}.{part}"
+    return tp
+
+
+def _set(tree: dict, sources: dict, section: str, key: str, value, source: str) -> None:
+    """Store `section.key` in the nested `tree` and where it came from in `sources`; a mapping given for a
+    subsection sets each of its keys."""
+    if is_dataclass(_annotation(section, key, source)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{section}.{key} ({source}) is a section: give its keys ({section}.{key}.KEY=VALUE "
+                              f"or a mapping)")
+        for k, v in value.items():
+            _set(tree, sources, section, f"{key}.{k}", v, source)
+        return
+    node = tree.setdefault(section, {})
+    *parents, name = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[name] = value
+    sources[f"{section}.{key}"] = source
 
 
 def _coerce(value, tp, where: str):
@@ -205,8 +228,8 @@ def _coerce(value, tp, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        options, errors = [a for a in args if a is not type(None)], []
-        for option in options:  # int | Literal["auto"]: the first that takes the value
+        errors = []
+        for option in (a for a in args if a is not type(None)):  # int | Literal["auto"]: the first that takes it
             try:
                 return _coerce(value, option, where)
             except ConfigError as e:
@@ -218,29 +241,37 @@ def _coerce(value, tp, where: str):
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(names)}")
         return value
     if origin is list:
-        items = value if isinstance(value, list) else [value]
-        return [_coerce(v, args[0], where) for v in items]
+        return [_coerce(v, args[0], where) for v in (value if isinstance(value, list) else [value])]
     if tp in (bool, str, dict) and isinstance(value, tp):
         return value
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        try:  # YAML 1.1 reads 1e6 as a string
-            f = float(value) if isinstance(value, (str, float)) else None
-            if f is not None and f.is_integer():
-                return int(f)
-        except ValueError:
+    if tp in (int, float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 1e6 and 3e-4 as strings; an int must be a whole number
+            number = value if type(value) is tp else float(value)
+            if tp is float or number == int(number):
+                return tp(number)
+        except (ValueError, OverflowError):
             pass
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads 3e-4 as a string
-                return float(value)
-            except ValueError:
-                pass
-    name = getattr(tp, "__name__", str(tp))
-    raise ConfigError(f"{where}: expected {name}, got {value!r}")
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _make(cls, values: dict, prefix: str, sources: dict):
+    """A dataclass from its (nested) dict of values, each checked against its annotation."""
+    made = {}
+    for f in fields(cls):
+        if f.name in values:
+            key = f"{prefix}{f.name}"
+            if is_dataclass(f.type):
+                made[f.name] = _make(f.type, values[f.name] or {}, f"{key}.", sources)
+            else:
+                made[f.name] = _coerce(values[f.name], f.type, f"{key} ({sources.get(key, 'config')})")
+    return cls(**made)
+
+
+def build(tree: dict, sources: dict | None = None) -> Config:
+    """Nested dict -> validated Config; `sources` maps 'section.key' to where the value came from."""
+    cfg = _make(Config, tree, "", sources or {})
+    validate(cfg)
+    return cfg
 
 
 def _read_yaml(path: str) -> dict:
@@ -253,59 +284,9 @@ def _read_yaml(path: str) -> dict:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}:{at} YAML syntax error: {getattr(e, 'problem', e)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, dict | None):
         raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, log)")
-    return data
-
-
-def _set(tree: dict, sources: dict, section, key, value, source: str) -> None:
-    """Store `section.key` (key dotted into subsections: model.moe.top_k); a mapping given for a subsection sets
-    each of its keys. Unknown keys stop with the closest valid one."""
-    if section not in SECTIONS:
-        raise ConfigError(f"unknown section '{section}' ({source}){_suggest(section, list(SECTIONS))}"
-                          f" (sections: {', '.join(SECTIONS)})")
-    cls, node, path, parts = SECTIONS[section], tree.setdefault(section, {}), section, key.split(".")
-    for i, part in enumerate(parts):
-        names = [f.name for f in fields(cls)] if is_dataclass(cls) else []
-        if part not in names:
-            wrong = f"{path}.{part}"
-            elsewhere = [k for k in _all_keys() if k.endswith(f".{part}")] if path == section else []
-            hint = f"; did you mean '{elsewhere[0]}'?" if elsewhere else _suggest(part, names, f"{path}.")
-            raise ConfigError(f"unknown key '{wrong}' ({source}){hint}")
-        path, tp = f"{path}.{part}", {f.name: f.type for f in fields(cls)}[part]
-        if i < len(parts) - 1:
-            cls, node = tp, node.setdefault(part, {})
-        elif is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path} ({source}) is a section: give its keys ({path}.KEY=VALUE or a mapping)")
-            for k, v in value.items():
-                _set(tree, sources, section, f"{key}.{k}", v, source)
-        else:
-            node[part] = value
-            sources[path] = source
-
-
-def _make(cls, values: dict, prefix: str, sources: dict):
-    """A dataclass from its (nested) dict of values, each checked against its annotation."""
-    made = {}
-    for f in fields(cls):
-        if f.name in values:
-            key = f"{prefix}.{f.name}"
-            if is_dataclass(f.type):
-                made[f.name] = _make(f.type, values[f.name] or {}, key, sources)
-            else:
-                made[f.name] = _coerce(values[f.name], f.type, f"{key} ({sources.get(key, 'config')})")
-    return cls(**made)
-
-
-def build(tree: dict, sources: dict | None = None) -> Config:
-    """Nested dict -> validated Config; `sources` maps 'section.key' to where the value came from."""
-    sources = sources or {}
-    cfg = Config(**{name: _make(cls, tree.get(name, {}), name, sources) for name, cls in SECTIONS.items()})
-    validate(cfg)
-    return cfg
+    return data or {}
 
 
 def load(args: list[str]) -> Config:
@@ -317,11 +298,11 @@ def load(args: list[str]) -> Config:
             section, _, key = dotted.partition(".")
             if not key:
                 raise ConfigError(f"override '{arg}' must look like section.key=value")
-            value = raw  # an unknown key stays as given, for _set to name it
-            tp = _type_of(section, key)
-            if tp == str | None:  # strings stay verbatim (eval.prompt="def f(x):" is no YAML mapping)
-                value = None if raw in ("null", "~") else raw
-            elif tp is not str:  # everything else is read as YAML (numbers, lists, null)
+            tp = _annotation(section, key, "command line")
+            value = raw  # strings stay verbatim (eval.prompt="def f(x):" is no YAML mapping)
+            if tp == str | None and raw in ("null", "~"):
+                value = None
+            elif tp not in (str, str | None):  # everything else is read as YAML (numbers, lists, null)
                 try:
                     value = yaml.safe_load(raw)
                 except yaml.YAMLError:
@@ -340,29 +321,27 @@ def load(args: list[str]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express (the vocab may still be unknown: it can come from the data)."""
-    t = cfg.train
-    positive = {"train.batch_size": t.batch_size,
-                "train.micro_batch_size": 1 if t.micro_batch_size == "auto" else t.micro_batch_size,
-                "train.max_steps": t.max_steps, "train.keep_last": t.keep_last, "log.interval": cfg.log.interval,
-                "train.ckpt_interval": t.ckpt_interval, "train.eval_batches": t.eval_batches,
-                "train.dist_timeout_s": t.dist_timeout_s, "train.max_consecutive_skips": t.max_consecutive_skips,
-                "train.tp": t.tp, "train.ep": t.ep}
-    for key, v in positive.items():
-        if v < 1:
-            raise ConfigError(f"{key} must be >= 1 (got {v})")
-    for key, v in {"train.warmup_steps": t.warmup_steps, "train.eval_interval": t.eval_interval,
-                   "train.lr": t.lr, "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
-                   "train.max_minutes": t.max_minutes, "train.muon_lr": t.muon_lr or 0,
-                   "train.profile": t.profile, "train.compile_timeout_s": t.compile_timeout_s}.items():
-        if v < 0:
-            raise ConfigError(f"{key} must be >= 0 (got {v})")
+    t, e = cfg.train, cfg.eval
+    lowest = {1: {"train.batch_size": t.batch_size,  # the lowest value each key may take
+                  "train.micro_batch_size": 1 if t.micro_batch_size == "auto" else t.micro_batch_size,
+                  "train.max_steps": t.max_steps, "train.keep_last": t.keep_last, "log.interval": cfg.log.interval,
+                  "train.ckpt_interval": t.ckpt_interval, "train.eval_batches": t.eval_batches,
+                  "train.dist_timeout_s": t.dist_timeout_s, "train.max_consecutive_skips": t.max_consecutive_skips,
+                  "train.tp": t.tp, "train.ep": t.ep},
+              0: {"train.warmup_steps": t.warmup_steps, "train.eval_interval": t.eval_interval,
+                  "train.lr": t.lr, "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
+                  "train.max_minutes": t.max_minutes, "train.muon_lr": t.muon_lr or 0,
+                  "train.profile": t.profile, "train.compile_timeout_s": t.compile_timeout_s}}
+    for low, values in lowest.items():
+        for key, v in values.items():
+            if v < low:
+                raise ConfigError(f"{key} must be >= {low} (got {v})")
     if t.lease_minutes <= 0:
         raise ConfigError(f"train.lease_minutes must be > 0 (got {t.lease_minutes})")
     if not 0 <= t.muon_momentum < 1:
         raise ConfigError(f"train.muon_momentum must be in [0, 1) (got {t.muon_momentum})")
     if not 0 <= t.min_lr_ratio <= 1 or not 0 <= t.decay_frac <= 1:
         raise ConfigError("train.min_lr_ratio and train.decay_frac must be in [0, 1]")
-    e = cfg.eval
     if e.interval < 0 or e.max_new_tokens < 1 or (e.num_fewshot or 0) < 0 or (e.limit is not None and e.limit <= 0):
         raise ConfigError(f"eval.interval must be >= 0, eval.max_new_tokens >= 1, eval.num_fewshot >= 0 and "
                           f"eval.limit > 0 (got {e.interval}, {e.max_new_tokens}, {e.num_fewshot}, {e.limit})")
@@ -378,10 +357,10 @@ def validate(cfg: Config) -> None:
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty")
     experts = cfg.model.moe.num_experts  # 0 here may still be an MoE from train.init_from: check_model tells
-    if t.ep > 1 and (experts % t.ep or t.parallel == "ddp" or cfg.eval.interval):
+    if t.ep > 1 and (experts % t.ep or t.parallel == "ddp" or e.interval):
         raise ConfigError(f"train.ep={t.ep} needs model.moe.num_experts a multiple of it (got {experts}), "
                           f"train.parallel fsdp or auto (got {t.parallel}) and eval.interval 0 (got "
-                          f"{cfg.eval.interval}: a sample's experts would need all-to-alls that ranks of different "
+                          f"{e.interval}: a sample's experts would need all-to-alls that ranks of different "
                           f"lengths do not all join)")
     for option in ("wandb", "tensorboard"):  # the option's name is its package's name
         if getattr(cfg.log, option) and importlib.util.find_spec(option) is None:
@@ -467,12 +446,8 @@ class Derived:
     micro_batch: int
     grad_accum: int
     batch_tokens: int
-    tp: int = 1  # tensor-parallel degree: the ranks of one group share each batch
-
-    @property
-    def dp(self) -> int:
-        """Data-parallel ranks: the number of different batches each micro-step."""
-        return self.world_size // self.tp
+    tp: int  # tensor-parallel degree: the ranks of one group share each batch
+    dp: int  # data-parallel ranks: the number of different batches each micro-step (world_size / tp)
 
     def banner(self, cfg: Config) -> str:
         t = cfg.train
@@ -502,7 +477,7 @@ def derive(cfg: Config, world_size: int = 1, micro: int | None = None) -> Derive
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
                           f"({micro}) x {ranks} ({dp})"
                           + ("" if t.micro_batch_size != "auto" else " (auto chose it)"))
-    return Derived(world_size, micro, t.batch_size // per_step, t.batch_size * cfg.model.block_size, t.tp)
+    return Derived(world_size, micro, t.batch_size // per_step, t.batch_size * cfg.model.block_size, t.tp, dp)
 
 
 @dataclass(frozen=True)
