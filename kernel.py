@@ -360,10 +360,9 @@ def _flash_attention_module():
         return _import("flash_attn"), "flash-attn 2"
 
 
-def _installed(backend: str) -> bool:
-    """flash3: FlashAttention-3 (Hopper); liger: liger-kernel."""
+def _installed(name: str) -> bool:
     try:
-        _import("flash_attn_interface") if backend == "flash3" else _import("liger_kernel")
+        _import(name)
         return True
     except KernelError:
         return False
@@ -400,24 +399,24 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
     if kernels == "flash" and not half:
         raise KernelError("train.kernels=flash needs BF16 or FP16 (train.precision=bf16)")
 
-    # auto takes FlashAttention-3 only: flash-attn 2 is the kernel SDPA already has built in (and on Hopper SDPA can
-    # take cuDNN's, which is faster than FA2's), so it would add nothing
-    use_flash = kernels == "flash" or (kernels == "auto" and cuda and half and _installed("flash3"))
-    if use_flash:
-        mod, label = _flash_attention_module()
-        chosen["attention"], names["attention"] = _flash_attention(mod), label
-        if kernels == "flash":
-            chosen["rms_norm"] = _flash_rms_norm(_import("flash_attn.ops.triton.layer_norm"))
-            chosen["rope"] = _flash_rope(_import("flash_attn.layers.rotary"))
-            names["rms_norm"] = names["rope"] = "flash-attn triton"
-    # auto never takes liger: on torch 2.11 its fused loss and Triton kernels failed to compile inside
-    # torch.compile, so installing it turned a working run into a crash; train.kernels=liger asks for it
-    if kernels == "liger":
-        fn = _import("liger_kernel.transformers.functional")
-        chosen["rms_norm"], chosen["rope"] = _liger_rms_norm(fn), _liger_rope(fn)
-        names["rms_norm"] = names["rope"] = "liger"
-        if loss == "auto":
-            loss = "liger"  # (under tensor parallel the loss was decided above)
+    if cuda:  # the optional fused kernels (asked for on another device: refused above)
+        # auto takes FlashAttention-3 only: flash-attn 2 is the kernel SDPA already has built in (and on Hopper SDPA
+        # can take cuDNN's, which is faster than FA2's), so it would add nothing
+        if kernels == "flash" or (kernels == "auto" and half and _installed("flash_attn_interface")):
+            mod, label = _flash_attention_module()
+            chosen["attention"], names["attention"] = _flash_attention(mod), label
+            if kernels == "flash":
+                chosen["rms_norm"] = _flash_rms_norm(_import("flash_attn.ops.triton.layer_norm"))
+                chosen["rope"] = _flash_rope(_import("flash_attn.layers.rotary"))
+                names["rms_norm"] = names["rope"] = "flash-attn triton"
+        # auto never takes liger: on torch 2.11 its fused loss and Triton kernels failed to compile inside
+        # torch.compile, so installing it turned a working run into a crash; train.kernels=liger asks for it
+        if kernels == "liger":
+            fn = _import("liger_kernel.transformers.functional")
+            chosen["rms_norm"], chosen["rope"] = _liger_rms_norm(fn), _liger_rope(fn)
+            names["rms_norm"] = names["rope"] = "liger"
+            if loss == "auto":
+                loss = "liger"  # (under tensor parallel the loss was decided above)
     if loss == "auto" and compiled and logits_fit:
         loss = "compiled"
     fixed = {"plain": (plain_loss, "plain"), "compiled": (compiled_loss, "plain, compiled"),

@@ -40,16 +40,15 @@ def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: b
     plain, the FP32 log-probabilities (4 bytes per vocab entry); compiled, the logits in the matmul dtype (a); chunked,
     none of them. Activation checkpointing keeps each block's input and recomputes one block at a time.
 
-    Tensor parallel over `tp` ranks (sequence parallel between the blocks) divides every term by tp except the
-    norm outputs, which the column-parallel matmuls keep gathered whole (q/k/v, gate/up, the head) instead of the
-    rank's part."""
+    Tensor parallel over `tp` ranks (sequence parallel between the blocks) divides every term by tp except the norm
+    outputs, which the column-parallel matmuls keep gathered whole (q/k/v, gate/up, the head)."""
     d, kv, f, V = cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim, cfg.padded_vocab_size
     a = 4 if precision == "fp32" else 2
     r = 2 if bf16_params else 4
     casts_attn, casts_mlp = (3, 2) if precision != "fp32" and not bf16_params else (1, 1)
 
     def norm(casts):  # FP32 input and normalised input, the output as the matmuls see it (under TP: gathered whole)
-        return 8 * d / tp + a * d * casts * (1 if tp > 1 else 1 / tp)
+        return 8 * d / tp + a * d * casts
     layer = norm(casts_attn) + norm(casts_mlp) + (a * (d + 2 * kv) + a * d + 4 * cfg.n_head + 4 * a * f) / tp
     head = norm(1) + {"plain": 4 * V, "compiled": a * V, "chunked": 0}[loss] / tp
     per_token = (r * d * cfg.n_layer / tp + layer if checkpointing else layer * cfg.n_layer) + head
@@ -106,26 +105,24 @@ def muon_cost(model: GPT, gpus: int) -> dict:
 def loss_kind(cfg: config.Config, gpus: int, mem_gib: float) -> str:
     """How the loss holds a micro-batch's (tokens, vocab) logits, as kernel.configure will choose it: "plain"
     (eager, all of them in FP32), "compiled" (all of them, fused by inductor) or "chunked" (one chunk at a time;
-    liger's too). train.loss auto takes "compiled" when the step is compiled and the configured parallel mode fits
+    liger's too). train.loss auto takes "compiled" when the step is compiled and the configured layout fits
     in mem_gib with it; else "chunked"."""
     t = cfg.train
     if t.loss in ("plain", "compiled"):
         return t.loss
     if t.loss != "auto" or t.kernels == "liger" or t.compile is False or t.tp > 1:  # TP: vocab-parallel, chunked
         return "chunked"
-    compiled = replace(cfg, train=replace(t, loss="compiled"))
-    return "compiled" if layout_rows(compiled, gpus, mem_gib, configured_only=True)[0]["fits"] else "chunked"
+    return "compiled" if fits(cfg, gpus, mem_gib, "compiled") else "chunked"
 
 
 def micro_batch(cfg: config.Config, gpus: int, mem_gib: float) -> int:
     """train.micro_batch_size, or under auto the largest micro batch that divides the batch per GPU and whose
-    configured plan fits mem_gib (1 when none does: out-of-memory then says what else to lower)."""
-    t = cfg.train
-    if t.micro_batch_size != "auto":
-        return t.micro_batch_size
+    configured layout fits mem_gib (1 when none does: out-of-memory then says what else to lower)."""
+    if cfg.train.micro_batch_size != "auto":
+        return cfg.train.micro_batch_size
     per_gpu = config.derive(cfg, gpus).micro_batch  # auto without memory: a rank's whole batch
     for m in (d for d in range(per_gpu, 0, -1) if per_gpu % d == 0):
-        if layout_rows(with_micro(cfg, m), gpus, mem_gib, configured_only=True)[0]["fits"]:
+        if fits(with_micro(cfg, m), gpus, mem_gib):
             return m
     return 1
 
@@ -134,16 +131,23 @@ def with_micro(cfg: config.Config, micro: int) -> config.Config:
     return replace(cfg, train=replace(cfg.train, micro_batch_size=micro))
 
 
-def parallel_mode(parallel: str, world: int, n_params: int, mem_gib: float, cuda: bool = True, tp: int = 1) -> str:
-    """'none' on one process; FSDP2 with tensor parallel (tp > 1, over the data-parallel ranks, even just one);
-    else train.parallel, where auto picks DDP while the FP32 model, its gradients and AdamW's two moments (16 bytes
-    a parameter) take under 40 % of one device's memory (on CPUs always), else FSDP."""
-    if tp > 1:
+def fits(cfg: config.Config, gpus: int, mem_gib: float, loss: str | None = None) -> bool:
+    """Whether the configured layout of `cfg` (one GPU planned as DDP's replica) fits mem_gib by `layout_memory`,
+    the loss holding its logits as `loss` (None: as `loss_kind` decides)."""
+    model = meta_model(cfg)
+    mode = parallel_mode(cfg.train, model.num_params(), mem_gib)
+    loss = loss or loss_kind(cfg, gpus, mem_gib)
+    return layout_memory(cfg, model, gpus, mode, cfg.train.activation_checkpointing, loss)["total"] <= mem_gib
+
+
+def parallel_mode(t: config.TrainConfig, n_params: int, mem_gib: float, cuda: bool = True) -> str:
+    """How a run over several processes is wrapped: FSDP2 with expert or tensor parallel (train.ep or train.tp above 1);
+    else train.parallel, where auto picks DDP while the FP32 model, its gradients and AdamW's two moments (16 bytes a
+    parameter) take under 40 % of one device's memory (on CPUs always), else FSDP."""
+    if t.ep > 1 or t.tp > 1:
         return "fsdp"
-    if world == 1:
-        return "none"
-    if parallel != "auto":
-        return parallel
+    if t.parallel != "auto":
+        return t.parallel
     return "ddp" if not cuda or 16 * n_params < 0.4 * mem_gib * GIB else "fsdp"
 
 
@@ -163,18 +167,23 @@ def resolve(cfg: config.Config, model: GPTConfig, device: torch.device, precisio
     cfg = replace(cfg, model=model, train=replace(cfg.train, precision=precision.name, compile=compiled))
     cfg = with_micro(cfg, micro_batch(cfg, world, mem))
     t = cfg.train
-    fit = t.loss == "auto" and compiled and full_logits(cfg, world, mem)
+    fit = t.loss == "auto" and compiled and loss_kind(cfg, world, mem) == "compiled"
     ops = kernel.configure(t.kernels, t.loss, device, precision.dtype, compiled=compiled, logits_fit=fit, tp=t.tp)
-    with torch.device("meta"):
-        n = GPT(model).num_params()
-    # expert parallel runs beside FSDP2, over all ranks
-    mode = "fsdp" if t.ep > 1 else parallel_mode(t.parallel, world, n, mem, device.type == "cuda", t.tp)
+    mode = "none"  # one process: nothing to wrap (a train.tp above 1 fails config.derive below)
+    if world > 1 or t.ep > 1:
+        with torch.device("meta"):
+            mode = parallel_mode(t, GPT(model).num_params(), mem, device.type == "cuda")
     return config.Run(cfg, device, precision, ops, mode, rank, config.derive(cfg, world))
 
 
-def full_logits(cfg: config.Config, gpus: int, mem_gib: float) -> bool:
-    """Whether the loss holds a micro-batch's full logits (`loss_kind` is plain or compiled)."""
-    return loss_kind(cfg, gpus, mem_gib) != "chunked"
+def meta_model(cfg: config.Config) -> GPT:
+    """`cfg`'s model on the meta device, with its LoRA adapters: the parameters a plan counts."""
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    if cfg.train.lora:
+        import lora
+        lora.apply(model, cfg.train)
+    return model
 
 
 def tp_params(module: torch.nn.Module, tp: int) -> float:
@@ -185,14 +194,13 @@ def tp_params(module: torch.nn.Module, tp: int) -> float:
 
 
 def comm_bytes(cfg: config.Config, model: GPT, dp: int, tp: int, mode: str, ac: bool) -> dict:
-    """Bytes each GPU sends per optimizer step of `cfg` (whose train.tp is `tp`), by ring algorithms (an all-gather
-    or reduce-scatter of S bytes over n ranks moves S (n - 1) / n per rank, an all-reduce twice that), by kind:
-    `tp`, the tensor-parallel collectives
-    (per block and micro-batch, forward: the all-gather of the input of attention and of the MLP and the
-    reduce-scatter of their outputs, backward the same again, and once more in the recomputed forward with
-    activation checkpointing; the embedding's reduce-scatter and the final norm's all-gather, and their backwards;
-    the loss's three all-reduces of one FP32 number per token); `dp`, FSDP2's parameter all-gathers (again in backward
-    with reshard_after_forward) and gradient reduce-scatters per micro-batch, or DDP's one all-reduce of FP32 gradients;
+    """Bytes each GPU sends per optimizer step of `cfg` (whose train.tp is `tp`), by ring algorithms (an all-gather or
+    reduce-scatter of S bytes over n ranks moves S (n - 1) / n per rank, an all-reduce twice that), by kind: `tp`, the
+    tensor-parallel collectives (per block and micro-batch, forward: the all-gather of the input of attention and of the
+    MLP and the reduce-scatter of their outputs, backward the same again, and once more in the recomputed forward with
+    activation checkpointing; the embedding's reduce-scatter and the final norm's all-gather, and their backwards; the
+    loss's three all-reduces of one FP32 number per token); `dp`, FSDP2's parameter all-gathers (again in backward with
+    reshard_after_forward) and gradient reduce-scatters per micro-batch, or DDP's one all-reduce of FP32 gradients;
     `muon`, Muon's matrices to their owners and back. Scalars (the gradient norm, the skip flag) are left out."""
     t, m = cfg.train, cfg.model
     d = config.derive(cfg, dp * tp)
@@ -256,30 +264,14 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
     return rows
 
 
-def layout_rows(cfg: config.Config, gpus: int, mem_gib: float, configured_only: bool = False) -> list[dict]:
-    """`plan`'s rows without the throughput columns; `configured_only`: just the configured layout's memory (what
-    picking a micro batch needs), no bytes sent."""
-    with torch.device("meta"):
-        model = GPT(cfg.model)
-    t, m = cfg.train, cfg.model
-    if t.lora:
-        import lora
-        lora.apply(model, t)
-    n = model.num_params()
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # a LoRA run: the adapters only
-    experts = [sum(p.numel() for p in layer.mlp.experts.parameters()) if isinstance(layer.mlp, MoE) else 0
-               for layer in model.layers]
-    kept = experts if t.ep > 1 else [0] * m.n_layer  # expert parallel: a rank's experts are never gathered
-    bf16 = t.precision != "fp32"
+def layout_rows(cfg: config.Config, gpus: int, mem_gib: float) -> list[dict]:
+    """`plan`'s rows without the throughput columns: each layout's `layout_memory`, whether it fits, `comm_bytes`."""
+    model = meta_model(cfg)
+    t = cfg.train
     loss = loss_kind(cfg, gpus, mem_gib)
-    # one GPU is planned as DDP's replica; expert parallel runs beside FSDP2
-    mode_of_run = "fsdp" if t.ep > 1 else parallel_mode(t.parallel, max(gpus, 2), n, mem_gib, tp=t.tp)
-    n_muon = muon_cost(model, gpus)["params"] if t.optimizer == "muon" else 0
-    if configured_only:
-        layouts = [(mode_of_run, t.activation_checkpointing, t.tp)]
-    else:
-        layouts = [("ddp", False, 1), ("fsdp", False, 1), ("fsdp", True, 1)]
-        layouts += [("fsdp", ac, tp) for tp in tp_options(cfg, gpus) if tp > 1 for ac in (False, True)]
+    configured = (parallel_mode(t, model.num_params(), mem_gib), t.activation_checkpointing, t.tp)
+    layouts = [("ddp", False, 1), ("fsdp", False, 1), ("fsdp", True, 1)]
+    layouts += [("fsdp", ac, tp) for tp in tp_options(cfg, gpus) if tp > 1 for ac in (False, True)]
     rows = []
     for mode, ac, tp in layouts:
         dp = gpus // tp
@@ -289,39 +281,51 @@ def layout_rows(cfg: config.Config, gpus: int, mem_gib: float, configured_only: 
             config.derive(row_cfg, gpus)
         except config.ConfigError:  # the batch does not divide over this layout
             continue
-        tokens = row_cfg.train.micro_batch_size * m.block_size
-        shards = dp if mode == "fsdp" else 1
-        whole, blocks = tp_params(model, tp), [tp_params(layer, tp) for layer in model.layers]  # a rank's part
-        root = whole - sum(blocks)  # embeddings, head, final norm
-        block = max(b - k for b, k in zip(blocks, kept))  # the largest gathered (an MoE block holds its experts)
-        trained = whole * n_train / n  # what trains (a LoRA run, never split by tp: its adapters only)
-        params, grads = 4 * whole / shards, 4 * trained / shards  # FP32 master weights; gradients of what trains
-        optim = (8 * (trained - n_muon / tp) + 4 * n_muon / tp) / shards  # AdamW: 2 FP32 moments; Muon: 1 FP32 momentum
-        if mode == "ddp":  # autocast's cached BF16 weight copies live through forward and backward
-            working = 2 * n if bf16 else 0
-        elif t.reshard_after_forward:  # gathered BF16 blocks (current + prefetched), their FP32 grads, the root
-            working = (2 if bf16 else 4) * (2 * block + root) + 2 * 4 * block
-        else:  # every block stays gathered from its forward to its backward
-            working = (2 if bf16 else 4) * (whole - sum(kept)) + 2 * 4 * block
-        row_loss = "chunked" if tp > 1 else loss  # the vocab-parallel loss holds one chunk of logits
-        working += loss_transient_bytes(m, tokens, row_loss, t.precision, tp=tp)
-        if n_muon:  # BF16 matrices in flight during Muon's step (received shards to orthogonalise; results)
-            working += 2 * 2 * n_muon / gpus if mode == "fsdp" else 2 * n_muon
-        act = activation_bytes(m, tokens, t.precision, bf16_params=mode == "fsdp" and bf16, checkpointing=ac,
-                               loss=row_loss, tp=tp)
-        if t.lora:
-            act += lora_activation_bytes(model, t, tokens, t.precision, checkpointing=ac)
-        total = params + grads + optim + working + act + RESERVED_GIB * GIB
-        row = {"mode": mode + (f" x tp {tp}" if tp > 1 else "") + (" + AC" if ac else ""), "tp": tp, "dp": dp,
-               "ac": ac, "params": params / GIB, "grads": grads / GIB, "optim": optim / GIB,
-               "working": working / GIB, "activations": act / GIB, "total": total / GIB,
-               "fits": total / GIB <= mem_gib,
-               "configured": (mode, ac, tp) == (mode_of_run, t.activation_checkpointing, t.tp)}
-        if not configured_only:
-            comm = comm_bytes(row_cfg, model, dp, tp, mode, ac)
-            row.update(comm=comm["total"] / GIB, comm_tp=comm["tp"] / GIB)
-        rows.append(row)
+        mem = layout_memory(row_cfg, model, gpus, mode, ac, loss)
+        comm = comm_bytes(row_cfg, model, dp, tp, mode, ac)
+        rows.append({"mode": mode + (f" x tp {tp}" if tp > 1 else "") + (" + AC" if ac else ""), "tp": tp, "dp": dp,
+                     "ac": ac, **mem, "fits": mem["total"] <= mem_gib, "configured": (mode, ac, tp) == configured,
+                     "comm": comm["total"] / GIB, "comm_tp": comm["tp"] / GIB})
     return rows
+
+
+def layout_memory(cfg: config.Config, model: GPT, gpus: int, mode: str, ac: bool, loss: str) -> dict:
+    """GiB per GPU of `cfg` (its train.tp and micro batch; `model` its `meta_model`) on `gpus` GPUs under `mode` (ddp |
+    fsdp), with activation checkpointing `ac` and the loss holding its logits as `loss`, by term (params, grads, optim,
+    working: gathered or cast weights and the loss's transients, activations) and in total with RESERVED_GIB."""
+    t, m = cfg.train, cfg.model
+    tp, bf16 = t.tp, t.precision != "fp32"
+    tokens = t.micro_batch_size * m.block_size
+    shards = gpus // tp if mode == "fsdp" else 1
+    n = model.num_params()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # a LoRA run: the adapters only
+    n_muon = muon_cost(model, gpus)["params"] if t.optimizer == "muon" else 0
+    # expert parallel: a rank's experts are never gathered
+    kept = [sum(p.numel() for p in layer.mlp.experts.parameters()) if t.ep > 1 and isinstance(layer.mlp, MoE) else 0
+            for layer in model.layers]
+    whole, blocks = tp_params(model, tp), [tp_params(layer, tp) for layer in model.layers]  # a rank's part
+    root = whole - sum(blocks)  # embeddings, head, final norm
+    block = max(b - k for b, k in zip(blocks, kept))  # the largest gathered (an MoE block holds its experts)
+    trained = whole * n_train / n  # what trains (a LoRA run, never split by tp: its adapters only)
+    params, grads = 4 * whole / shards, 4 * trained / shards  # FP32 master weights; gradients of what trains
+    optim = (8 * (trained - n_muon / tp) + 4 * n_muon / tp) / shards  # AdamW: 2 FP32 moments; Muon: 1 FP32 momentum
+    if mode == "ddp":  # autocast's cached BF16 weight copies live through forward and backward
+        working = 2 * n if bf16 else 0
+    elif t.reshard_after_forward:  # gathered BF16 blocks (current + prefetched), their FP32 grads, the root
+        working = (2 if bf16 else 4) * (2 * block + root) + 2 * 4 * block
+    else:  # every block stays gathered from its forward to its backward
+        working = (2 if bf16 else 4) * (whole - sum(kept)) + 2 * 4 * block
+    loss = "chunked" if tp > 1 else loss  # the vocab-parallel loss holds one chunk of logits
+    working += loss_transient_bytes(m, tokens, loss, t.precision, tp=tp)
+    if n_muon:  # BF16 matrices in flight during Muon's step (received shards to orthogonalise; results)
+        working += 2 * 2 * n_muon / gpus if mode == "fsdp" else 2 * n_muon
+    act = activation_bytes(m, tokens, t.precision, bf16_params=mode == "fsdp" and bf16, checkpointing=ac, loss=loss,
+                           tp=tp)
+    if t.lora:
+        act += lora_activation_bytes(model, t, tokens, t.precision, checkpointing=ac)
+    total = params + grads + optim + working + act + RESERVED_GIB * GIB
+    return {"params": params / GIB, "grads": grads / GIB, "optim": optim / GIB, "working": working / GIB,
+            "activations": act / GIB, "total": total / GIB}
 
 
 def fit(rows: list[dict]) -> dict | None:
@@ -336,11 +340,7 @@ def print_plan(cfg: config.Config, gpus: int, gpu: str, show_fit: bool = False) 
     cfg = with_micro(cfg, micro_batch(cfg, gpus, mem_gib))
     rows = plan(cfg, gpus, gpu)
     d = config.derive(cfg, gpus)
-    with torch.device("meta"):
-        model = GPT(cfg.model)
-    if cfg.train.lora:
-        import lora
-        lora.apply(model, cfg.train)
+    model = meta_model(cfg)
     f = model.flops_per_token()
     experts, active = sum(p.numel() for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters()), ""
     if experts:  # an MoE: the parameters a token uses, which the FLOPs count

@@ -177,7 +177,7 @@ def test_configure_names_the_choice_and_refuses_what_cannot_run_here():
 
 def test_auto_never_takes_liger_even_when_installed(monkeypatch):
     """liger failed to compile under torch.compile on the GPU's torch: auto keeps torch's kernels."""
-    monkeypatch.setattr(kernel, "_installed", lambda name: name == "liger")
+    monkeypatch.setattr(kernel, "_installed", lambda name: name == "liger_kernel")
     assert kernel.configure("auto", "auto", "cuda", torch.bfloat16).names == {
         "attention": "torch", "rms_norm": "torch", "rope": "torch", "loss": "chunked", "grouped_mm": "loop"}
 
@@ -283,16 +283,16 @@ def test_loss_auto_compiles_the_plain_loss_when_the_logits_fit():
 
 
 def test_plan_decides_whether_the_full_logits_fit():
-    """plan.full_logits, which train.py and bench.py ask: the 125m config's logits (32 x 1024 x 50k) fit an 80 GiB
-    GPU, not a 24 GiB one; an eager step, a chunked or liger loss never hold them; plain and compiled always do."""
+    """plan.loss_kind, which plan.resolve asks: the 125m config's logits (32 x 1024 x 50k) fit an 80 GiB GPU
+    compiled, not a 24 GiB one; an eager step, a chunked or liger loss never hold them; plain and compiled always do."""
     import config
     import plan
     cfg = config.load(["configs/125m.yaml", "train.compile=true"])
-    assert plan.full_logits(cfg, 8, 80) and not plan.full_logits(cfg, 8, 24)
+    assert plan.loss_kind(cfg, 8, 80) == "compiled" and plan.loss_kind(cfg, 8, 24) == "chunked"
     for override in ("train.compile=false", "train.loss=chunked", "train.kernels=liger"):
-        assert not plan.full_logits(config.load(["configs/125m.yaml", override]), 8, 80), override
+        assert plan.loss_kind(config.load(["configs/125m.yaml", override]), 8, 80) == "chunked", override
     for loss in ("plain", "compiled"):
-        assert plan.full_logits(config.load(["configs/125m.yaml", f"train.loss={loss}"]), 8, 1)
+        assert plan.loss_kind(config.load(["configs/125m.yaml", f"train.loss={loss}"]), 8, 1) == loss
 
 
 def test_a_compiled_step_has_no_graph_break_and_no_recompile(monkeypatch):
