@@ -387,10 +387,7 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
         if half and kernels in ("auto", "torch"):  # explicit score matrices at short context (see matmul_attention)
             chosen["attention"] = _short_context_matmul_attention
             names["attention"] = f"matmul up to T={CPU_MATMUL_ATTENTION_MAX_T}, then SDPA"
-    if tp > 1:
-        if loss != "auto":
-            raise KernelError(f"train.loss={loss} does not split over a tensor-parallel group (train.tp={tp}); "
-                              f"use train.loss=auto (the vocab-parallel loss)")
+    if tp > 1:  # config.check_tp allows only train.loss=auto here
         chosen["loss"], names["loss"], loss = vocab_parallel_loss, "vocab-parallel (loss_parallel)", "tensor parallel"
     fallback = Ops(**chosen, names=dict(names))
     if kernels in ("flash", "liger") and not cuda:

@@ -423,10 +423,28 @@ def corrupt_dataset(corpus: str, tmp_path, how: str) -> str:
     elif how == "vocab":
         meta["vocab_size"] = 100_000
         json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
+    elif how == "checksum":  # one token changed after preparation
+        ids = np.load(shard)
+        ids[len(ids) // 2] ^= 1
+        np.save(shard, ids)
+    elif how == "range":  # ids past meta.json's vocab, with a checksum that matches (made this way)
+        ids = np.load(shard)
+        ids[-3] = meta["vocab_size"] + 7
+        np.save(shard, ids)
+        meta["splits"]["train"]["shards"][0]["xxh3"] = checkpoint.file_digest(shard)
+        json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
+    elif how == "nometa":
+        os.remove(os.path.join(path, "meta.json"))
+    elif how == "short":  # a train split shorter than one window
+        for s in meta["splits"]["train"]["shards"]:
+            np.save(os.path.join(path, s["file"]), np.load(os.path.join(path, s["file"]))[:10])
+            s["tokens"], s["xxh3"] = 10, checkpoint.file_digest(os.path.join(path, s["file"]))
+        json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
     return path
 
 
-@pytest.mark.parametrize("case", ["yaml", "vocab", "dtype", "truncated", "shape", "not_writable"])
+@pytest.mark.parametrize("case", ["yaml", "vocab", "dtype", "truncated", "checksum", "range", "nometa", "short",
+                                  "tp", "lora_moe", "shape", "not_writable"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(case, corpus, trained, tmp_path, capsys):
     out, data, extra = str(tmp_path / "run"), corpus, []
     if case == "yaml":
@@ -440,6 +458,14 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, corpus, trained, tm
         data, want = corrupt_dataset(corpus, tmp_path, "dtype"), "holds int32 but meta.json says uint16"
     elif case == "truncated":
         data, want = corrupt_dataset(corpus, tmp_path, "truncated"), "is truncated or padded"
+    elif case in ("checksum", "range", "nometa", "short"):
+        data = corrupt_dataset(corpus, tmp_path, case)
+        want = {"checksum": "does not match the checksum in meta.json", "range": "outside the vocab of 512",
+                "nometa": "is not a prepared dataset (no meta.json)", "short": "shorter than one window"}[case]
+    elif case == "tp":  # tensor parallel on one process
+        extra, want = ["train.tp=2"], "must be a multiple of train.tp (2)"
+    elif case == "lora_moe":
+        extra, want = ["train.lora=true", "model.moe.num_experts=4"], "train.lora with an MoE model"
     elif case == "shape":  # a checkpoint whose config says 3 layers but which holds 2
         os.makedirs(out)
         shutil.copytree(checkpoint.find_latest(trained), os.path.join(out, "step_000030"))
@@ -458,10 +484,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, corpus, trained, tm
     assert train.main([*train_args(data, out, "train.max_steps=5"), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and want in err, err
-    if case != "shape":
-        assert not os.path.exists(os.path.join(out, "config.yaml"))  # stopped before writing the run
-    else:
-        assert sorted(os.listdir(out)) == sorted(before + [".lock"])
+    assert (sorted(os.listdir(out)) if os.path.isdir(out) else None) == before  # nothing written, not even a lock
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
