@@ -46,11 +46,6 @@ import xxhash
 
 from config import ConfigError
 
-try:
-    import fcntl
-except ImportError:  # Windows: no POSIX record locks (see _lock)
-    fcntl = None
-
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 # Frozen parameters (a LoRA run's base) are rebuilt, not saved: a checkpoint holds what trains and its optimizer state
 TRAINED = StateDictOptions(ignore_frozen_params=True)
@@ -81,17 +76,6 @@ def _first_failure(e: BaseException) -> BaseException:
         first = next(iter(e.failures.values()))
         return first[0] if isinstance(first, tuple) else first
     return e
-
-
-def _save_failed(out_dir: str, step: int, e: BaseException) -> SaveError:
-    """Drop the unfinished save of `step` and describe the failure (DCP wraps each rank's error)."""
-    e = _first_failure(e)
-    try:
-        discard(out_dir, step)
-    except OSError:
-        pass
-    return SaveError(f"writing checkpoint step_{step:06d} failed ({type(e).__name__}: {e}); the previous "
-                     f"checkpoint ({find_latest(out_dir) or 'none yet'}) is intact")
 
 
 # Every global a DCP `.metadata` pickle names (torch 2.13; checked by tests/test_faults.py on real checkpoints).
@@ -128,10 +112,6 @@ class _SafeIndex:
             metadata.storage_meta = dcp_metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
-
-
-class _SafeReader(_SafeIndex, FileSystemReader):
-    pass
 
 
 class _SafePlanner(DefaultLoadPlanner):
@@ -183,15 +163,12 @@ class _Checksummed:
             f.write(json.dumps(sums, indent=1).encode())
 
 
-class _ChecksummedWriter(_Checksummed, FileSystemWriter):
-    pass
-
-
 def _writer(path: str, checksums: bool = True):
-    if not is_remote(path):
-        return (_ChecksummedWriter if checksums else FileSystemWriter)(path)
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-    return (type("_ChecksummedFsspecWriter", (_Checksummed, FsspecWriter), {}) if checksums else FsspecWriter)(path)
+    """DCP's writer for a folder or an fsspec URL, hashing the files into checksums.json unless told not to."""
+    base = FileSystemWriter
+    if is_remote(path):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter as base
+    return type("_ChecksummedWriter", (_Checksummed, base), {})(path) if checksums else base(path)
 
 
 def verify_files(path: str) -> None:
@@ -216,10 +193,11 @@ def verify_files(path: str) -> None:
 
 
 def _reader(path: str):
-    if not is_remote(path):
-        return _SafeReader(path)
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-    return type("_SafeFsspecReader", (_SafeIndex, FsspecReader), {})(path)
+    """DCP's reader for a folder or an fsspec URL, reading the index through the allow-listing unpickler."""
+    base = FileSystemReader
+    if is_remote(path):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader as base
+    return type("_SafeReader", (_SafeIndex, base), {})(path)
 
 
 def _rank() -> int:
@@ -250,10 +228,6 @@ def _join(folder: str, name: str) -> str:
     return f"{folder.rstrip('/')}/{name}" if is_remote(folder) else os.path.join(folder, name)
 
 
-def _exists(path: str) -> bool:
-    return _fs(path).exists(path) if is_remote(path) else os.path.exists(path)
-
-
 def _rmtree(path: str) -> None:
     """Delete a checkpoint folder. Locally it is first renamed to `.trash_*` (atomic), so a run killed while
     deleting never leaves a half-deleted folder under a name that looks complete."""
@@ -280,13 +254,10 @@ def clean(out_dir: str) -> list[str]:
     return left
 
 
-def discard(out_dir: str, step: int) -> None:
-    """Remove the unfinished save of `step` after a failed write (rank 0); published checkpoints stay."""
-    if _rank() == 0:
-        name = f"step_{step:06d}"
-        tmp = _join(out_dir, name if is_remote(out_dir) else f".tmp_{name}")
-        if not is_remote(out_dir) or not is_complete(tmp):
-            _rmtree(tmp)
+def discard(tmp: str) -> None:
+    """Remove the folder of a save whose write failed (rank 0); a complete one in an object store stays."""
+    if _rank() == 0 and not (is_remote(tmp) and is_complete(tmp)):
+        _rmtree(tmp)
 
 
 def _read_text(path: str) -> str:
@@ -297,7 +268,7 @@ def _read_text(path: str) -> str:
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Replace the file `path` with `text`: a reader (or a run killed meanwhile) sees the old or the new one."""
+    """Replace the file `path` with `text` durably: a reader (or a run killed meanwhile) sees the old or the new one."""
     if is_remote(path):
         _fs(path).pipe_file(path, text.encode())  # one PUT: readers see the old object or the new one
         return
@@ -307,11 +278,8 @@ def write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _fsync_dir(path: str) -> None:
-    if os.name != "nt":  # Windows opens no folder as a file; NTFS journals the rename itself
-        fd = os.open(path, os.O_RDONLY)
+    if os.name != "nt":  # the rename reaches the disk with its folder (Windows opens no folder; NTFS journals it)
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -360,12 +328,14 @@ def resolve(path: str) -> str:
 
 
 class Pending:
-    """A checkpoint being written. `wait()` blocks until this rank's part is on disk, then (rank 0) publishes
-    it: rename to its final name, point `latest` at it, drop old ones. Returns the final folder."""
+    """A checkpoint being written to `tmp`: `.tmp_step_N` locally, renamed when complete; its final name in an
+    object store (see the module docstring). `wait()` blocks until this rank's part is written, then (rank 0)
+    publishes it: read back, renamed, `latest` pointed at it, old ones dropped. Returns the final folder."""
 
-    def __init__(self, out_dir: str, name: str, keep_last: int, future=None, checksums: bool = True):
-        self.out_dir, self.name, self.keep_last, self.future = out_dir, name, keep_last, future
-        self.checksums = checksums
+    def __init__(self, out_dir: str, name: str, keep_last: int, checksums: bool):
+        self.out_dir, self.name, self.keep_last, self.checksums = out_dir, name, keep_last, checksums
+        self.tmp = _join(out_dir, name if is_remote(out_dir) else f".tmp_{name}")
+        self.future = None  # an asynchronous save's write
 
     def done(self) -> bool:
         return self.future is None or self.future.done()
@@ -378,7 +348,7 @@ class Pending:
                 future.result()  # re-raises a failed write
                 self._publish()
             except (OSError, CheckpointException, CheckpointError) as e:
-                raise _save_failed(self.out_dir, int(self.name.split("_")[1]), e) from None
+                raise self._failed(e) from None
         return _join(self.out_dir, self.name)
 
     def _publish(self) -> None:
@@ -386,16 +356,24 @@ class Pending:
             return
         # read back before anything older can be dropped: keep_last never trades a good checkpoint for a bad one
         if self.checksums:
-            verify_files(_join(self.out_dir, self.name if is_remote(self.out_dir) else f".tmp_{self.name}"))
+            verify_files(self.tmp)
         if not is_remote(self.out_dir):  # remote checkpoints were written under their final name
-            final, tmp = os.path.join(self.out_dir, self.name), os.path.join(self.out_dir, f".tmp_{self.name}")
+            final = os.path.join(self.out_dir, self.name)
             _rmtree(final)  # the same step saved again (e.g. after a resume): replace it
-            os.rename(tmp, final)
-        write_atomic(_join(self.out_dir, "latest"), self.name + "\n")
-        if not is_remote(self.out_dir):
-            _fsync_dir(self.out_dir)
+            os.rename(self.tmp, final)
+        write_atomic(_join(self.out_dir, "latest"), self.name + "\n")  # makes the rename durable too
         for old in list_checkpoints(self.out_dir)[:-self.keep_last]:
             _rmtree(old)
+
+    def _failed(self, e: BaseException) -> SaveError:
+        """Drop the unfinished save and describe the failure (DCP wraps each rank's error)."""
+        e = _first_failure(e)
+        try:
+            discard(self.tmp)
+        except OSError:
+            pass
+        return SaveError(f"writing checkpoint {self.name} failed ({type(e).__name__}: {e}); the previous "
+                         f"checkpoint ({find_latest(self.out_dir) or 'none yet'}) is intact")
 
 
 def save(out_dir: str, step: int, model: torch.nn.Module, optimizer, train_state: dict, keep_last: int,
@@ -405,13 +383,11 @@ def save(out_dir: str, step: int, model: torch.nn.Module, optimizer, train_state
     host memory and written by a background thread; `Pending.wait()` publishes it. A failed write (a full
     disk) raises SaveError from here or from `wait()`, with the partial folder removed. `checksums=False`
     (bench.py's comparison only) writes no checksums.json and skips the read-back."""
-    name = f"step_{step:06d}"
-    # remote: the final name at once (see the module docstring); an older save of this step is dropped first
-    tmp = _join(out_dir, name if is_remote(out_dir) else f".tmp_{name}")
+    pending = Pending(out_dir, f"step_{step:06d}", keep_last, checksums)
+    tmp = pending.tmp
     try:
         if _rank() == 0:
-            if _exists(tmp):
-                _rmtree(tmp)  # left by a run killed mid-save
+            _rmtree(tmp)  # an older save of this step (a run killed mid-save), if any
             if not is_remote(tmp):
                 os.makedirs(tmp)
             write_atomic(_join(tmp, STATE_FILE), json.dumps({**train_state, "step": step}, indent=1))
@@ -419,13 +395,13 @@ def save(out_dir: str, step: int, model: torch.nn.Module, optimizer, train_state
         model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED)
         state = {"model": model_sd, "optim": optim_sd}
         if async_group is not False:
-            return Pending(out_dir, name, keep_last, dcp.async_save(state, checkpoint_id=tmp, process_group=async_group,
-                                                                    storage_writer=_writer(tmp, checksums)), checksums)
+            pending.future = dcp.async_save(state, checkpoint_id=tmp, process_group=async_group,
+                                            storage_writer=_writer(tmp, checksums))
+            return pending
         dcp.save(state, checkpoint_id=tmp, storage_writer=_writer(tmp, checksums))
-        pending = Pending(out_dir, name, keep_last, checksums=checksums)
         pending._publish()
     except (OSError, CheckpointException, CheckpointError) as e:
-        raise _save_failed(out_dir, step, e) from None
+        raise pending._failed(e) from None
     _barrier()  # no rank starts the next save before this one is published
     return pending
 
@@ -445,8 +421,9 @@ def read_state(path: str) -> dict:
 def set_aside(path: str) -> str:
     """Move a corrupt checkpoint aside as `corrupt_step_N`, kept but never loaded or counted again; returns its name."""
     head, name = path.rstrip("/").rsplit("/", 1) if is_remote(path) else os.path.split(path.rstrip("/"))
+    exists = _fs(path).exists if is_remote(path) else os.path.exists
     n, dest = 0, _join(head, f"corrupt_{name}")
-    while _exists(dest):
+    while exists(dest):
         n += 1
         dest = _join(head, f"corrupt_{name}.{n}")
     if is_remote(path):
@@ -570,13 +547,12 @@ def load(path: str, model: torch.nn.Module, optimizer=None, verified: bool = Fal
     if not verified:
         verify_files(path)
     if optimizer is None:
-        model_sd, optim_sd = get_model_state_dict(model, options=TRAINED), None
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED)
-    _load(path, {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd})
-    if optimizer is None:
+        model_sd = get_model_state_dict(model, options=TRAINED)
+        _load(path, {"model": model_sd})
         set_model_state_dict(model, model_sd, options=TRAINED_LOAD)
     else:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED)
+        _load(path, {"model": model_sd, "optim": optim_sd})
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=TRAINED_LOAD)
     return read_state(path)
 
@@ -611,37 +587,39 @@ def tokenizer_dir(path: str, cfg) -> str:
 def lock_run(t) -> tuple:
     """Take the run's folders (rank 0): out_dir's lock, a local ckpt_dir checked writable and not another run's
     out_dir, a remote one's lease. Returns (the lock file, the lease or None), for the caller to release."""
-    lock, lease = _lock(t.out_dir), None
+    lock = _lock(t.out_dir)
+    if not t.ckpt_dir:
+        return lock, None
     try:
-        if t.ckpt_dir and not is_remote(t.ckpt_dir) and \
-                os.path.realpath(t.ckpt_dir) != os.path.realpath(t.out_dir):
-            _lock(t.ckpt_dir).close()  # closing drops the lock
-        if t.ckpt_dir and is_remote(t.ckpt_dir):  # an object store has no locks: a lease
+        if is_remote(t.ckpt_dir):  # an object store has no locks: a lease
             lease = Lease(t.ckpt_dir, t.lease_minutes)
             lease.acquire()
+            return lock, lease
+        if os.path.realpath(t.ckpt_dir) != os.path.realpath(t.out_dir):
+            _lock(t.ckpt_dir).close()  # closing drops the lock
     except BaseException:
         lock.close()
         raise
-    return lock, lease
+    return lock, None
 
 
 def _lock(out_dir: str):
     """Create out_dir, check that it is writable and take its lock, so that a second run on the same folder stops
     before it writes anything. The lock is a POSIX record lock on `out_dir/.lock` (honoured over NFS); the kernel
     drops it when the process ends, kill -9 included, so it never goes stale. Returns the open lock file."""
-    path = os.path.join(out_dir, ".lock")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        f = open(path, "a+")
+        f = open(os.path.join(out_dir, ".lock"), "a+")
     except OSError as e:
         raise ConfigError(f"train.out_dir {out_dir} is not writable ({e.strerror or e})") from None
     try:
-        if fcntl is not None:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        else:  # Windows: a byte-range lock, also dropped by the OS when the process ends
+        if os.name == "nt":  # no POSIX record locks: a byte-range lock, also dropped by the OS when the process ends
             import msvcrt
             f.seek(2**30)  # far past the text: such locks are mandatory, and the holder line must stay readable
             msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.seek(0)
         holder = f.read().strip() or "a process that has not written its name yet"
