@@ -65,10 +65,23 @@ def main(argv: list[str]) -> int:
 
         def take_run():
             nonlocal lock, lease
+            made = [path for folder in dict.fromkeys([t.out_dir, t.ckpt_dir or t.out_dir])
+                    if not checkpoint.is_remote(folder)
+                    for path in (folder, os.path.join(folder, ".lock")) if not os.path.exists(path)]
             lock, lease = checkpoint.lock_run(t)
-            for name in checkpoint.clean(t.ckpt_dir or t.out_dir):
-                print(f"removed {name}, an unfinished save or deletion of a killed run")
-            return find_resume(replace(cfg, model=model_cfg))
+            try:
+                for name in checkpoint.clean(t.ckpt_dir or t.out_dir):
+                    print(f"removed {name}, an unfinished save or deletion of a killed run")
+                return find_resume(replace(cfg, model=model_cfg))
+            except (config.ConfigError, checkpoint.CheckpointError):  # refused: the attempt leaves nothing behind
+                lock.close()
+                lock = None
+                for path in reversed(made):  # the lock files, then the folders made for them
+                    if os.path.isdir(path):
+                        os.rmdir(path)
+                    else:
+                        os.remove(path)
+                raise
         # the shards checked before the run's folder is touched; the ranks of one tensor-parallel group read alike
         loader = TrainLoader(cfg.data.datasets, cfg.data.weights, model_cfg.block_size, run.cfg.train.micro_batch_size,
                              run.grad_accum, t.seed, run.dp_rank, run.dp, model_cfg.vocab_size)
