@@ -181,16 +181,13 @@ class Attention(nn.Module):
         if cache is None and not (self.training and cfg.dropout):  # the training path: the chosen kernel
             return self.o_proj(self.ops.attention(q, k, v).reshape(B, T, -1))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        start = 0
+        start = cache.pos if cache is not None else 0
         if cache is not None:
-            start = cache.pos
             k, v = cache.update(self.layer_idx, k, v)
-        mask, causal = None, True
-        if start > 0:  # queries sit at positions start..start+T-1 and see every cached key up to their own
-            causal = False
-            if T > 1:
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+        mask = None
+        if start > 0 and T > 1:  # queries sit at positions start..start+T-1 and see every cached key up to their own
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0 and T > 1,
                                            dropout_p=cfg.dropout if self.training else 0.0,
                                            enable_gqa=k.size(1) != q.size(1))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
