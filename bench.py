@@ -2,8 +2,7 @@
 
     python bench.py configs/tiny.yaml [section.key=value ...] [--warmup 3] [--steps 10] [--peak-tflops 989]
     python bench.py configs/tiny.yaml --baseline     # + the same shape with nanoGPT-style attention and loss
-    python bench.py configs/tiny.yaml --bare         # + nanoGPT's bare loop around the same model: what
-                                                     #   train_step's non-finite check and skip cost
+    python bench.py configs/tiny.yaml --bare         # + nanoGPT's bare loop: what train_step's checks cost
     python bench.py configs/tiny.yaml --lora         # + the same model with LoRA adapters, alternating with it
     torchrun --standalone --nproc_per_node=8 bench.py configs/500m.yaml
     python bench.py configs/125m.yaml --checkpoint DIR   # checkpoint save/load time, checksums on and off
@@ -165,8 +164,7 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
         "n_embd": cfg.model.n_embd, "block_size": cfg.model.block_size, "vocab_size": cfg.model.vocab_size,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x {torch.get_num_threads()}",
         "world_size": world, "tp": run.tp, "parallel": run.mode, "precision": t.precision,
-        "precision_reason": precision.reason,
-        "compile": t.compile, "compile_reason": precision.compile_reason,
+        "precision_reason": precision.reason, "compile": t.compile, "compile_reason": precision.compile_reason,
         "activation_checkpointing": t.activation_checkpointing, "kernels": names,
         "micro_batch_size": t.micro_batch_size, "grad_accum": run.grad_accum, "batch_tokens": run.batch.batch_tokens,
         "warmup_steps": warmup, "steps": steps, "step_time_s": elapsed / steps,

@@ -18,7 +18,7 @@ import time
 import traceback
 
 import torch
-from torch.profiler import ProfilerAction, ProfilerActivity
+from torch.profiler import ProfilerActivity
 
 import checkpoint
 import config
@@ -32,15 +32,13 @@ HISTORY_ENTRIES = 100_000  # the allocator keeps the last this many alloc/free e
 
 
 class StepProfiler:
-    """train.profile=N: a torch.profiler trace of N training steps on each rank, and on CUDA the allocator's
-    memory history, written when the N steps are done; training then goes on, its schedule and checkpoints as
-    without it (only those steps run slower). The first SKIP steps of each start are not traced: the first compiles
-    and allocates everything once, and in the next the profiler warms up (its start-up cost is not traced). On CUDA
-    the allocator also records its history (each alloc/free with its Python stack, no C++ frames: cheap) from the
-    start of the loop for the first HISTORY_STEPS steps, where most out-of-memory errors happen (optimizer state,
-    the largest activations and the logits are first allocated there), so that the snapshot of one
-    (`out_of_memory`) shows which line allocated what. `step()` goes at the top of each iteration; with
-    train.profile=0 and off CUDA it returns at its first test."""
+    """train.profile=N: a torch.profiler trace of N training steps on each rank, written when they are done;
+    training then goes on as without it (only those steps run slower). The first SKIP steps of each start are not
+    traced: the first compiles and allocates everything, in the next the profiler warms up. On CUDA the allocator
+    also records its history (each alloc/free with its Python stack, no C++ frames: cheap) for the first
+    HISTORY_STEPS steps of the loop, where most out-of-memory errors happen (optimizer state, the largest
+    activations and the logits are first allocated there), so that `out_of_memory`'s snapshot shows which line
+    allocated what. `step()` goes at the top of each iteration; with train.profile=0 off CUDA it returns at once."""
     SKIP = 2
 
     def __init__(self, t: config.TrainConfig, device: torch.device, rank: int, start_step: int):
@@ -53,19 +51,12 @@ class StepProfiler:
         self.prof = None
         if t.profile:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.on_cuda else [])
-            self.prof = torch.profiler.profile(activities=activities, schedule=self._action, record_shapes=True,
+            # nothing before the step ahead of the first traced one, which warms the profiler up
+            schedule = torch.profiler.schedule(wait=self.first - 1, warmup=1, active=t.profile, repeat=1)
+            self.prof = torch.profiler.profile(activities=activities, schedule=schedule, record_shapes=True,
                                                profile_memory=True, on_trace_ready=self._export)
             self.prof.step_num = start_step  # ProfilerStep#k in the trace is the log's step k
         self.idle = self.prof is None and not self.recording
-
-    def _action(self, step: int) -> ProfilerAction:
-        if step < self.first - 1:
-            return ProfilerAction.NONE
-        if step == self.first - 1:
-            return ProfilerAction.WARMUP
-        if step < self.first + self.steps - 1:
-            return ProfilerAction.RECORD
-        return ProfilerAction.RECORD_AND_SAVE if step == self.first + self.steps - 1 else ProfilerAction.NONE
 
     def __enter__(self) -> "StepProfiler":
         if self.recording:
@@ -135,10 +126,11 @@ SETUP = {"parallelize": "the model", "build": "the optimizer", "restore": "the r
 def out_of_memory(error: torch.OutOfMemoryError, run: config.Run, step: int | None, peak_gb: float,
                   ops: kernel.Ops | None = None) -> int:
     """After `error` on this rank in step `step` + 1, in the eval or save after step `step`, or (`step` None) while
-    building the model, its optimizer or resuming: on CUDA write the allocator's snapshot to out_dir/oom_rankR.pickle, then
-    print on stderr, without a traceback, the memory in use, what to lower and the plan.py command that checks it
-    (`peak_gb`: train.py's memory figure, the peak RSS on a CPU; `ops`: the model's, run.ops unless it fell back).
-    Nothing is saved (the step's state is half done); returns the exit code, 1. Every rank that runs out prints."""
+    building the model, its optimizer or resuming: on CUDA write the allocator's snapshot to
+    out_dir/oom_rankR.pickle, then print on stderr, without a traceback, the memory in use, what to lower and the
+    plan.py command that checks it (`peak_gb`: train.py's memory figure, the peak RSS on a CPU; `ops`: the model's,
+    run.ops unless it fell back). Nothing is saved (the step's state is half done); returns the exit code, 1. Every
+    rank that runs out prints."""
     cfg, device, rank, world, mode = run.cfg, run.device, run.rank, run.world_size, run.mode
     t, ops, micro = cfg.train, ops or run.ops, cfg.train.micro_batch_size
     who = f"rank {rank} " if world > 1 else ""

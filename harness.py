@@ -116,10 +116,9 @@ def run_tasks(lm, tasks: list[str], num_fewshot: int | None = None, limit: float
 
 class LiveEval:
     """eval.*: lm-eval tasks (eval.py's adapter) and a greedy sample from eval.prompt, logged as one row: numbers
-    as `task/metric`, the text as `sample`. Every rank does the same work and rank 0 logs it, so the ranks come
-    back together (none waits in a collective for a rank-0-only eval, which could pass train.dist_timeout_s);
-    under FSDP2 the model is first gathered whole on each rank (`whole_model`), so the forwards inside make no
-    collective calls and ranks that generate different numbers of tokens cannot hang each other."""
+    as `task/metric`, the text as `sample`. Every rank does the same work and rank 0 logs it, so no rank waits in a
+    collective for a rank-0-only eval (past train.dist_timeout_s); under FSDP2 the model is first gathered whole on
+    each rank (`whole_model`), so ranks that generate different numbers of tokens cannot hang each other."""
 
     def __init__(self, run, model):
         """Load the tokenizer and, for eval.tasks, lm-eval's task index (seconds); raises ConfigError for a task

@@ -320,17 +320,13 @@ def load_weights(model: GPT, path: str, assign=None) -> None:
         p = params[name]
         if value.shape != p.shape:
             if name in ("embed_tokens.weight", "lm_head.weight") and value.shape[0] <= p.shape[0]:
-                value = torch.cat([value, _full(p)[value.shape[0]:].to(value)])  # keep the padded rows' init
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p  # gathered when a sharded DTensor
+                value = torch.cat([value, full[value.shape[0]:].to(value)])  # keep the padded rows' init
             elif name == "embed_positions.weight" and value.shape[0] >= p.shape[0]:
                 value = value[:p.shape[0]]  # a shorter context than the checkpoint's
             else:
                 raise ValueError(f"{name}: {path} has shape {tuple(value.shape)}, the model {tuple(p.shape)}")
         assign(p, value.to(device=p.device, dtype=p.dtype))
-
-
-def _full(p: torch.Tensor) -> torch.Tensor:
-    """The whole value of a parameter, gathered when it is a sharded DTensor."""
-    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def check_init_tokenizer(cfg: config.Config) -> list[str]:

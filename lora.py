@@ -4,12 +4,12 @@ projections a trainable low-rank update, y = W x + b + (alpha / r) * B A dropout
     train.lora: true   train.lora_rank: 8   train.lora_alpha: 16   train.lora_dropout: 0.0
     train.lora_targets: [q, k, v, o, gate, up, down]      (lm_head may be added)
 
-`apply` swaps the targets for `LoRALinear` on a model built on the meta device, before parallel.py shards it (build.py); the
-base keeps its parameter names (`layers.0.self_attn.q_proj.weight`) and the adapters sit beside them
-(`...q_proj.lora_A.weight`), as PEFT names them once its adapter name is dropped. Only the adapters require
-gradients, so the optimizer holds only them and checkpoints (DCP with frozen parameters left out) hold only them
-and their optimizer state; the base is rebuilt from train.init_from (or train.seed) and checked against the
-fingerprint the checkpoint keeps (`fingerprint`). A = kaiming-uniform as PEFT draws it, B = 0: step 0 is the base.
+`apply` swaps the targets for `LoRALinear` on a model built on the meta device, before parallel.py shards it
+(build.py); the base keeps its parameter names (`layers.0.self_attn.q_proj.weight`) and the adapters sit beside
+them (`...q_proj.lora_A.weight`), as PEFT names them once its adapter name is dropped. Only the adapters require
+gradients, so the optimizer and the checkpoints (DCP with frozen parameters left out) hold only them and their
+optimizer state; the base is rebuilt from train.init_from (or train.seed) and checked against the fingerprint the
+checkpoint keeps (`fingerprint`). A = kaiming-uniform as PEFT draws it, B = 0: step 0 is the base.
 """
 import functools
 import json
@@ -91,20 +91,13 @@ def init_adapters(model: nn.Module, seed: int, assign=None) -> None:
 
 
 @torch.no_grad()
-def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of the plain model that computes what `model` (unsharded, adapters on) computes:
-    W + scaling * B A for every adapted weight, no adapter keys."""
-    sd = {k: v for k, v in model.state_dict().items() if not is_adapter(k)}
+def merged(model: nn.Module) -> nn.Module:
+    """A plain GPT (no adapters) on the CPU computing what `model` (unsharded, adapters on) computes: W + scaling * B A
+    for every adapted weight; a tied head that got its own adapter comes out untied."""
+    sd, cfg = {k: v for k, v in model.state_dict().items() if not is_adapter(k)}, model.cfg
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             sd[f"{name}.weight"] = m.effective_weight().detach()
-    return sd
-
-
-def merged(model: nn.Module) -> nn.Module:
-    """A plain GPT (no adapters) on the CPU computing what `model` computes; a tied head that got its own adapter
-    comes out untied."""
-    sd, cfg = merged_state(model), model.cfg
     if cfg.tie_embeddings and not torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]):
         cfg = replace(cfg, tie_embeddings=False)
     plain = build(cfg, "cpu")

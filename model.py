@@ -54,10 +54,8 @@ class GPTConfig:
     # Recipe options (BENCHMARKS.md, "Time to quality", has what each is worth)
     mlp: Literal["swiglu", "relu2", "gelu"] | None = None  # None: swiglu (llama), gelu (gpt2); relu2 = ReLU(x)^2
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (as Qwen3, OLMo 2)
-    # RoPE scaling to run past the context the model was trained at, in config.json's `rope_scaling` form (rope_theta
-    # stays above): {rope_type: linear, factor}, {rope_type: llama3, factor, low_freq_factor, high_freq_factor,
-    # original_max_position_embeddings} or {rope_type: yarn, factor, original_max_position_embeddings, and optional
-    # beta_fast, beta_slow, attention_factor, mscale, mscale_all_dim, truncate}. None: plain RoPE
+    # RoPE scaling past the trained context, config.json's `rope_scaling` (rope_theta stays above): rope_type linear,
+    # llama3 or yarn with its keys (rope.ROPE_SCALING_KEYS). None: plain RoPE
     rope_scaling: dict | None = None
     moe: MoEConfig = field(default_factory=MoEConfig)  # Mixture-of-Experts MLPs; off by default
 
@@ -138,9 +136,6 @@ class GPTConfig:
                                  f"be multiples of 8 (the grouped GEMM's 16-byte aligned strides)")
 
 
-apply_rope = kernel.torch_rope  # the reference RoPE, for code that wants it by this name
-
-
 class KVCache:
     """Preallocated keys/values for all layers: (n_layer, B, n_kv_head, max_len, head_dim) each."""
 
@@ -186,16 +181,13 @@ class Attention(nn.Module):
         if cache is None and not (self.training and cfg.dropout):  # the training path: the chosen kernel
             return self.o_proj(self.ops.attention(q, k, v).reshape(B, T, -1))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        start = 0
+        start = cache.pos if cache is not None else 0
         if cache is not None:
-            start = cache.pos
             k, v = cache.update(self.layer_idx, k, v)
-        mask, causal = None, True
-        if start > 0:  # queries sit at positions start..start+T-1 and see every cached key up to their own
-            causal = False
-            if T > 1:
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+        mask = None
+        if start > 0 and T > 1:  # queries sit at positions start..start+T-1 and see every cached key up to their own
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0 and T > 1,
                                            dropout_p=cfg.dropout if self.training else 0.0,
                                            enable_gqa=k.size(1) != q.size(1))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -407,8 +399,7 @@ class GPT(nn.Module):
         return 6 * n_matmul - 2 * frozen + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def active_expert_params(self) -> int:
-        """Routed-expert parameters one token uses (top_k of each MoE layer's experts): the MoE's active count,
-        which with the Linear weights (router and shared experts included) gives the FLOPs per token."""
+        """Routed-expert parameters one token uses (top_k of each MoE layer's experts): its active count."""
         moe = [m.experts for m in self.modules() if isinstance(m, MoE)]
         return sum(self.cfg.moe.top_k * p[0].numel() for e in moe for p in e.parameters())
 

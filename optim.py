@@ -9,16 +9,12 @@ Muon's step size follows Moonlight's rule (Liu et al. 2025, "Muon is Scalable fo
 a (A, B) matrix is scaled by 0.2 * sqrt(max(A, B)), so that its RMS matches AdamW's and Muon can use AdamW's
 learning rate and weight decay (`train.muon_lr` unset).
 
-The Newton-Schulz iteration needs whole matrices. With one process or DDP every rank has them (DDP averaged the
-gradients); under FSDP2 each rank holds a shard, and with tensor parallel a piece split over a (dp, tp) mesh. Either
-way the matrices are dealt out round-robin: the owner of a matrix gathers it (FSDP2: one shard from each rank; TP:
-DTensor's all-gather), orthogonalises it and sends back what each rank needs (FSDP2: its shard; DDP: the whole
-result; TP: the whole result, of which each rank keeps its piece), so the iteration runs once per matrix, not once
-per rank, and each rank's momentum buffer keeps the same sharding as its parameter (checkpoints and resharded resumes
-as for AdamW).
+The Newton-Schulz iteration needs whole matrices: under DDP every rank has them, under FSDP2 each rank a shard,
+under tensor parallel a piece of a (dp, tp) mesh. The matrices are dealt out round-robin: the owner of one gathers
+it, orthogonalises it and sends back what each rank needs, so the iteration runs once per matrix, not once per rank,
+and each momentum buffer keeps its parameter's sharding (checkpoints and resharded resumes as for AdamW).
 torch.optim.Muon has the same update for one process (tests/test_optim.py compares them) but orthogonalises
-whatever tensor it is given, a shard included, and always in BF16, which is far slower than FP32 on a CPU without
-native BF16 (BENCHMARKS.md): hence the few lines below.
+whatever it is given, a shard included, and always in BF16, far slower than FP32 on a CPU without native BF16.
 """
 import math
 
@@ -49,22 +45,16 @@ def orthogonalize(g: torch.Tensor, dtype: torch.dtype = torch.bfloat16, steps: i
     return x.mT if tall else x
 
 
-def muon_scale(shape: torch.Size) -> float:
-    """Moonlight's step-size factor for a (A, B) matrix (the last two dimensions): 0.2 * sqrt(max(A, B))."""
-    return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
-
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
 class Muon(torch.optim.AdamW):
     """AdamW for the groups without `muon: True`, Muon for those with it (2-D weights, and 3-D expert stacks
-    orthogonalised per expert), in one optimizer, so
-    that checkpoints, the skip of a non-finite step and the LR schedule treat it like AdamW. A Muon group holds
-    `momentum` (0.95), `nesterov` (True) and `ns_dtype` (the Newton-Schulz matmul dtype by name, "bfloat16" where
-    the hardware has it, else "float32"); its `lr` and `weight_decay` are in AdamW's units (see the module doc).
-    With a process group the matrices are dealt out over all its ranks."""
+    orthogonalised per expert), in one optimizer, so that checkpoints, the skip of a non-finite step and the LR
+    schedule treat it like AdamW. A Muon group holds `momentum` (0.95), `nesterov` (True) and `ns_dtype` (the
+    Newton-Schulz matmul dtype by name); its `lr` and `weight_decay` are in AdamW's units, and with a process group
+    its matrices are dealt out over all the ranks (see the module doc)."""
 
     def __init__(self, param_groups: list[dict], **adamw):
         for g in param_groups:
@@ -104,7 +94,7 @@ class Muon(torch.optim.AdamW):
         for p, o in zip(params, self._orthogonalize(params, updates, getattr(torch, g["ns_dtype"]))):
             local = _local(p)
             local.mul_(1 - g["lr"] * g["weight_decay"])
-            local.add_(o, alpha=-g["lr"] * muon_scale(p.shape))
+            local.add_(o, alpha=-g["lr"] * (0.2 * math.sqrt(max(p.shape[-2:]))))  # Moonlight's scale
 
     def _orthogonalize(self, params: list[torch.Tensor], updates: list[torch.Tensor], dtype) -> list[torch.Tensor]:
         """Orthogonalised updates, each the shape of its local update; each matrix computed by one rank. A sharded 3-D
@@ -115,8 +105,7 @@ class Muon(torch.optim.AdamW):
             return [orthogonalize(u, dtype) for u in updates]
         done = {j: orthogonalize(u, dtype) for j, u in enumerate(updates) if local[j]}
         others = [j for j in range(len(params)) if not local[j]]
-        for j, o in zip(others, self._deal_out([params[j] for j in others], [updates[j] for j in others], dtype)):
-            done[j] = o
+        done.update(zip(others, self._deal_out([params[j] for j in others], [updates[j] for j in others], dtype)))
         return [done[j] for j in range(len(params))]
 
     def _deal_out(self, params: list[torch.Tensor], updates: list[torch.Tensor], dtype) -> list[torch.Tensor]:

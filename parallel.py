@@ -105,13 +105,11 @@ def device_mesh(run: config.Run) -> DeviceMesh | None:
 
 
 def parallelize(model: GPT, run: config.Run) -> None:
-    """Shard `model`, built on the meta device, for the run, in place (build.py then allocates and initialises it):
-    tensor parallel, FP8, activation checkpointing, torch.compile per block under FSDP2, FSDP2, expert parallel.
-    `wrap` then gives the module the training step calls.
-
-    With train.tp > 1 (run.mode is then fsdp): `tensor_parallel` first splits the model over the tp dimension of the
-    (dp, tp) mesh, and FSDP2 shards over the dp dimension (even a single one). Under FSDP2 `torch.compile` applies
-    per block (in place, so the state-dict names stay; the gathers stay outside the graphs)."""
+    """Shard `model` (on the meta device; build.py then allocates and initialises it) for the run, in place: tensor
+    parallel, FP8, activation checkpointing, compile, FSDP2 and expert parallel. With train.tp > 1 (run.mode is then
+    fsdp) `tensor_parallel` splits it over the tp dimension of the (dp, tp) mesh, FSDP2 shards over the dp dimension
+    (even a single one). Under FSDP2 `torch.compile` applies per block (in place, so the state-dict names stay; the
+    gathers stay outside the graphs)."""
     t, device, fsdp = run.cfg.train, run.device, run.mode == "fsdp"
     mesh = device_mesh(run)
     if mesh is not None:  # first, as torchtitan: checkpointing, compile and FSDP2 then see the split modules
@@ -156,8 +154,7 @@ def wrap(model: GPT, run: config.Run) -> nn.Module:
         return model
     wrapped = model
     if run.mode == "ddp":
-        device = run.device
-        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+        wrapped = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
                       gradient_as_bucket_view=True,  # gradients live in the buckets: no second copy
                       broadcast_buffers=False)  # the RoPE table and routing biases agree on every rank already
     return torch.compile(wrapped) if run.cfg.train.compile else wrapped

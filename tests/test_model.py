@@ -125,13 +125,14 @@ def test_stop_token_ends_generation():
 
 def test_rope_is_a_relative_rotation():
     """RoPE preserves norms, and q.k after rotation depends only on the distance between positions."""
-    from model import apply_rope, rope_cache
+    from kernel import torch_rope
+    from model import rope_cache
     c = small(block_size=32)
     rope = rope_cache(c)
     q, k = torch.randn(1, 1, 1, c.head_dim), torch.randn(1, 1, 1, c.head_dim)
 
     def at(x, pos):
-        return apply_rope(x, rope[pos:pos + 1])[0, 0, 0]
+        return torch_rope(x, rope[pos:pos + 1])[0, 0, 0]
     torch.testing.assert_close(at(q, 5).norm(), q.norm())
     torch.testing.assert_close(at(q, 7) @ at(k, 3), at(q, 20) @ at(k, 16), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(at(q, 7) @ at(k, 3), at(q, 7) @ at(k, 5))
