@@ -115,7 +115,7 @@ class _SafeIndex:
 
 
 class _SafePlanner(DefaultLoadPlanner):
-    """DCP's default planner, but non-tensor values are read with `torch.load(weights_only=True)`."""
+    """DCP's default planner (it flattens), but non-tensor values are read with `torch.load(weights_only=True)`."""
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         try:
@@ -123,10 +123,7 @@ class _SafePlanner(DefaultLoadPlanner):
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"refusing to load the value of {read_item.dest_index.fqn}: "
                                   f"{str(e).splitlines()[0]}") from None
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
+        set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
 
 
 def hash_stream(f) -> str:

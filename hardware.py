@@ -121,10 +121,9 @@ def cpu_bf16_instructions() -> tuple[bool, str]:
 @functools.cache
 def matmul_rate(dtype: torch.dtype, width: int) -> float:
     """FLOP/s of a (512, w) @ (w, w) matmul in `dtype` here, w the model's width clamped to [256, 1024], once per
-    process and shape, on one thread (on a busy machine a multi-threaded kernel waits for its slowest thread: once
-    that turned a 4x BF16 speed-up into 0.5x). The shortest call within ~40 ms after one that builds oneDNN's kernel
-    (a first call over the budget is its own measurement): the minimum, not the mean, so that another busy process
-    on the machine cannot make either dtype look slow."""
+    process and shape, on one thread (on a busy machine a multi-threaded kernel waits for its slowest thread). The
+    shortest call within ~40 ms after one that builds oneDNN's kernel (a first call over the budget is its own
+    measurement): the minimum, not the mean, so that another busy process cannot make either dtype look slow."""
     w = min(max(width, 256), 1024)
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(512, w, generator=gen).to(dtype), torch.randn(w, w, generator=gen).to(dtype)
@@ -147,9 +146,8 @@ def matmul_rate(dtype: torch.dtype, width: int) -> float:
 
 @functools.cache
 def matmul_speedup(dtype: torch.dtype = torch.bfloat16, width: int = 256) -> float:
-    """How many times faster a CPU matmul runs in `dtype` than in FP32 here (`matmul_rate` at the model's width). A
-    CPU that converts BF16 in software is far behind at w=256 already, so wider shapes are timed only where it is
-    not."""
+    """How many times faster a CPU matmul runs in `dtype` than in FP32 here (`matmul_rate` at the model's width).
+    Wider shapes are timed only where w=256 is not far behind (a CPU converting BF16 in software already is)."""
     r = matmul_rate(dtype, 256) / matmul_rate(torch.float32, 256)
     return r if r < 0.6 or width <= 256 else matmul_rate(dtype, width) / matmul_rate(torch.float32, width)
 
@@ -269,18 +267,16 @@ def resolve(t, local_rank: int, model) -> tuple[torch.device, Precision, bool]:
     return device, precision, compiled
 
 
-# torch.compile on one CPU kind, precision and thread count, as measured on the tiny config (BENCHMARKS.md, "Compile on
-# CPUs"): (cpu_bf16_instructions label, precision, threads per process) -> (the share of an eager step's time a compiled
-# step saves, the cold first compile's seconds, the source for the banner); what was not measured gets the least gain
-# and the most cost of any row, so that it compiles only where every row would
+# torch.compile on the tiny config (BENCHMARKS.md, "Compile on CPUs"): (cpu_bf16_instructions label, precision,
+# threads per process) -> (the share of an eager step's time a compiled step saves, the cold compile's seconds, the
+# banner's source); an unmeasured CPU gets the least gain and most cost of any row: it compiles where every row would
 CPU_COMPILE = {("AVX512-BF16", "bf16", 2): (0.24, 45, "measured on AMD Zen 4, BF16, 2 threads"),
                ("AVX512-BF16", "bf16", 1): (0.11, 57, "measured on AMD Zen 4, BF16, 1 thread"),
                ("AVX512-BF16", "fp32", 2): (0.10, 45, "measured on AMD Zen 4, FP32, 2 threads"),
                ("AVX512-BF16", "fp32", 1): (0.02, 42, "measured on AMD Zen 4, FP32, 1 thread"),
                ("AVX2 without BF16 instructions", "fp32", 2): (0.09, 60, "measured on an AVX2 EPYC, FP32, 2 threads")}
 CPU_COMPILE_UNMEASURED = (0.02, 60, "not measured here: the least gain and most cost of any measured row")
-# An eager step's FLOP rate / (threads x matmul_rate): 0.36-0.62 on the tiny config (AMD Zen 4); the largest: a
-# shorter estimated run, leaning to eager
+# An eager step's FLOP rate / (threads x matmul_rate), the highest measured (BENCHMARKS.md): short estimates lean eager
 EAGER_STEP_EFFICIENCY = 0.6
 
 

@@ -13,7 +13,6 @@
 The loss under `train.loss: auto`: with torch.compile on and the full logits within the memory plan, the plain
 loss compiled (inductor fuses the log-softmax, the target gather and the gradient into passes over BF16 logits, as
 nanoGPT does); otherwise chunked, which never holds all (N, V) FP32 logits (on CPUs in cache-sized chunks).
-BENCHMARKS.md has what each choice measured.
 
 The `torch_*` functions are the reference: they define the maths every other backend must reproduce
 (tests/test_kernels.py). Optional packages are imported only when chosen; asking for a missing one is an
@@ -58,8 +57,8 @@ def torch_attention(q, k, v):
 
 def matmul_attention(q, k, v):
     """The same causal attention as explicit matmuls: scores (B, H, T, T) from a pre-scaled q, the causal mask,
-    softmax, weights @ v. On CPUs in BF16/FP16 at short context it beats SDPA's CPU flash kernel; in FP32 SDPA
-    wins (BENCHMARKS.md). The scores are O(T^2) memory: `configure()` uses it up to CPU_MATMUL_ATTENTION_MAX_T."""
+    softmax, weights @ v: faster than SDPA's CPU flash kernel in BF16/FP16 at short context (not in FP32). The
+    scores are O(T^2) memory: `configure()` uses it up to CPU_MATMUL_ATTENTION_MAX_T."""
     B, T, H, D = q.shape
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
     if k.size(1) != H:  # GQA: each K/V head serves H / H_kv query heads
@@ -131,7 +130,7 @@ class ChunkedLoss(torch.autograd.Function):
                         dh[i:i + chunk] = ((g @ w) * sc[:, None]).to(h.dtype)
                     if need_w:
                         dw += (g.t() @ (hc * sc[:, None].to(dtype))).to(acc)
-                logits = g = None  # freed now, not when the next chunk's are made (that doubled the peak)
+                logits = g = None  # freed now, not when the next chunk's are made: one chunk's at a time
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -283,8 +282,7 @@ def _flash_rope(mod):
     return rope
 
 
-# liger's Triton kernels run outside torch.compile's graphs (torch.compiler.disable): on torch 2.11 dynamo failed to
-# trace them and fake tensors broke its fused loss (`addmm(out_dtype=..., out=...)`; on an H200)
+# liger's Triton kernels run outside torch.compile's graphs (torch.compiler.disable): dynamo fails to trace them
 
 def _liger_rms_norm(mod):
     return torch.compiler.disable(mod.liger_rms_norm)  # (x, weight, eps), as torch_rms_norm
@@ -293,8 +291,7 @@ def _liger_rms_norm(mod):
 def _liger_rope(mod):
     @torch.compiler.disable
     def rope(q, k, table):
-        # liger takes (B, H, T, D) views and rotates their (B, T, H, D) storage in place: passing the transposed
-        # views of our contiguous q and k costs no copy (with .contiguous() here it copied each twice)
+        # liger rotates the storage of (B, H, T, D) views in place: our q and k's transposed views cost no copy
         cos, sin = table[None, :, 0].to(q.dtype), table[None, :, 1].to(q.dtype)
         q, k = mod.liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2)
@@ -303,9 +300,8 @@ def _liger_rope(mod):
 
 def _liger_loss(mod):
     # dW accumulates in FP32 (accum_dtype; else in the weight's BF16 under FSDP2). The FP32 weight is cast once,
-    # with autocast off: under autocast liger's per-chunk matmuls cast it again for every chunk. Left as liger
-    # has them: one host sync per call in its forward (the count of non-ignored targets, `.item()`) and one in its
-    # backward (`torch.equal(grad_output, 1)`); hence never chosen by auto.
+    # with autocast off (under autocast liger's per-chunk matmuls cast it for every chunk). Liger syncs with the
+    # host once in its forward (`.item()`) and once in its backward (`torch.equal`): never chosen by auto.
     accum = {"accum_dtype": torch.float32} if "accum_dtype" in inspect.signature(
         mod.liger_fused_linear_cross_entropy).parameters else {}
 
@@ -397,8 +393,7 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
         raise KernelError("train.kernels=flash needs BF16 or FP16 (train.precision=bf16)")
 
     if cuda:  # the optional fused kernels (asked for on another device: refused above)
-        # auto takes FlashAttention-3 only: flash-attn 2 is the kernel SDPA already has built in (and on Hopper SDPA
-        # can take cuDNN's, which is faster than FA2's), so it would add nothing
+        # auto takes FlashAttention-3 only: flash-attn 2 is the kernel SDPA already has built in (or beats, with cuDNN)
         if kernels == "flash" or (kernels == "auto" and half and _installed("flash_attn_interface")):
             mod, label = _flash_attention_module()
             chosen["attention"], names["attention"] = _flash_attention(mod), label
@@ -406,8 +401,7 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
                 chosen["rms_norm"] = _flash_rms_norm(_import("flash_attn.ops.triton.layer_norm"))
                 chosen["rope"] = _flash_rope(_import("flash_attn.layers.rotary"))
                 names["rms_norm"] = names["rope"] = "flash-attn triton"
-        # auto never takes liger: on torch 2.11 its fused loss and Triton kernels failed to compile inside
-        # torch.compile, so installing it turned a working run into a crash; train.kernels=liger asks for it
+        # auto never takes liger (dynamo cannot trace it; its loss syncs with the host): train.kernels=liger asks for it
         if kernels == "liger":
             fn = _import("liger_kernel.transformers.functional")
             chosen["rms_norm"], chosen["rope"] = _liger_rms_norm(fn), _liger_rope(fn)
