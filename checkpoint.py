@@ -4,8 +4,7 @@ Layout: `out_dir/step_000500/` holds the DCP files of {"model", "optim"} (the sh
 `torch.distributed.checkpoint.state_dict`, so N ranks save and M ranks load, DDP or FSDP2) plus `train_state.json`
 (step, tokens seen, world size, resolved config). It is written as `out_dir/.tmp_step_000500/` and renamed when
 complete; `out_dir/latest` (one line, the folder name) is replaced after that. A run killed at any moment therefore
-leaves the previous checkpoint whole, and `latest` never names a partial one. An asynchronous save copies the state to
-host memory and writes it from a background thread; it is published the same way once written.
+leaves the previous checkpoint whole, and `latest` never names a partial one, an asynchronous save's (`save`) too.
 
 The folder may also be an fsspec URL (`s3://bucket/run`, with s3fs; credentials and endpoint from the usual
 AWS_* environment). Object stores cannot rename a folder, so there a checkpoint is written under its final

@@ -404,10 +404,9 @@ def check_model(cfg: Config, world: int | None = None, data_vocab: int = 0) -> N
 
 def check_tp(cfg: Config, tp: int | None = None) -> None:
     """Raise ConfigError, naming the numbers, when the model or the run cannot be split `tp` ways (default
-    train.tp): whole attention heads (query and key/value) and MLP columns per rank, the sequence (sequence
-    parallel splits block_size) and the padded vocab (embedding and head) in equal parts, FSDP2 (not DDP) across
-    the groups, and none of what tensor parallel does not do: another loss than the vocab-parallel one (train.loss
-    auto), fused RMSNorm kernels (train.kernels flash or liger), FP8, generation while training (eval.interval)."""
+    train.tp): whole heads (query and key/value), MLP columns, the sequence (block_size) and the padded vocab in
+    equal parts per rank; FSDP2 (not DDP) across the groups; none of what tensor parallel does not do (another loss
+    than the vocab-parallel one, fused RMSNorm kernels, FP8, generation while training, MoE, LoRA)."""
     m, t, tp = cfg.model, cfg.train, tp or cfg.train.tp
     splits = {"model.n_head": m.n_head, "model.n_kv_head": m.kv_heads, "model.block_size": m.block_size,
               "the MLP width (model.intermediate_size)": m.ffn_dim}

@@ -196,9 +196,8 @@ class Precision:
 
 def resolve_precision(requested: str, device: torch.device, width: int = 256) -> Precision:
     """`requested` (auto | fp32 | bf16 | fp16 | fp8) -> the Precision to run on `device`, a model of hidden size
-    `width`. Raises HardwareError for a choice the device cannot run at all. On a CPU, auto takes BF16 only where
-    both hold: the CPU has BF16 instructions (`cpu_bf16_instructions`) and a timed matmul at the model's width runs
-    at least BF16_MIN_SPEEDUP times FP32's rate (`matmul_speedup`)."""
+    `width`, by the module docstring's rule (on a CPU: `cpu_bf16_instructions`, then `matmul_speedup` against
+    BF16_MIN_SPEEDUP). Raises HardwareError for a choice the device cannot run at all."""
     if device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
         gpu = f"{torch.cuda.get_device_name(device)}, compute capability {cap[0]}.{cap[1]}"

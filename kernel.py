@@ -7,8 +7,7 @@
     grouped_mm (the MoE experts' matmuls): F.grouped_mm where torch has it for the device (CPUs; CUDA in BF16 from
                compute capability 8.0), else the per-expert loop that is its reference
     auto:      FlashAttention-3 where installed (CUDA, BF16/FP16), else torch; never liger (see configure);
-               on CPUs: attention as explicit matmuls in BF16/FP16 up to T=1024 (SDPA's CPU flash kernel is
-               slower there; in FP32 it wins)
+               on CPUs in BF16/FP16: attention as explicit matmuls up to T=1024 (matmul_attention)
 
 The loss under `train.loss: auto`: with torch.compile on and the full logits within the memory plan, the plain
 loss compiled (inductor fuses the log-softmax, the target gather and the gradient into passes over BF16 logits, as
@@ -367,12 +366,11 @@ def _installed(name: str) -> bool:
 def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32, compiled: bool = False, logits_fit: bool = False,
               tp: int = 1) -> Ops:
-    """Choose one implementation per op for a run: returns the Ops the model is built with, with their `fallback`.
-    `kernels` is auto | torch | flash | liger; `loss` is auto | compiled | chunked | plain | liger. `compiled`: the
-    training step runs under torch.compile; `logits_fit`: the memory plan holds the full (tokens, vocab) logits of a
-    micro-batch (plan.loss_kind). `tp` > 1: the head is split by vocab over a tensor-parallel group and the loss is
-    `vocab_parallel_loss` (train.loss must be auto). Fused kernels need CUDA (flash attention also BF16/FP16):
-    asking for them elsewhere raises KernelError before training."""
+    """Choose one implementation per op for a run (`kernels`, `loss`: train.kernels, train.loss): returns the Ops the
+    model is built with, with their `fallback`. `compiled`: the training step runs under torch.compile; `logits_fit`:
+    the memory plan holds the full (tokens, vocab) logits of a micro-batch (plan.loss_kind). `tp` > 1: the head is
+    split by vocab over a tensor-parallel group and the loss is `vocab_parallel_loss` (train.loss must be auto).
+    Fused kernels need CUDA (flash attention also BF16/FP16): asking for them elsewhere raises KernelError."""
     device = torch.device(device)
     cuda, half = device.type == "cuda", dtype in (torch.bfloat16, torch.float16)
     chosen, names = {op: getattr(REFERENCE, op) for op in REFERENCE.names}, dict(REFERENCE.names)

@@ -87,10 +87,9 @@ def read_meta(path: str) -> dict:
 
 
 def _open_shard(file: str, tokens: int, dtype: str, digest: str | None, vocab: int) -> np.ndarray:
-    """Memory-map a .npy shard after checking its header and size against meta.json, its content hash when
-    meta.json has one (datasets prepared before hashes existed have none) and its token ids against meta.json's
-    vocab: a changed byte stops here, before training, not in a silently different run. Each check reads the shard
-    once (from the page cache after the first)."""
+    """Memory-map a .npy shard after checking its header and size against meta.json, its content hash (where
+    meta.json has one) and its token ids against meta.json's vocab: a changed byte stops here, before training, not
+    in a silently different run. Each check reads the shard once (from the page cache after the first)."""
     try:
         with open(file, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -182,8 +181,7 @@ class TrainLoader:
     def batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) int64 CPU tensors of shape (micro_batch_size, block_size); y is x shifted by one."""
         import torch
-        # global sample ids of this rank's micro-batch: over ranks and micro-steps, the same set for every world size
-        # with the same global batch
+        # this rank's global sample ids: a global batch holds the same ids whatever the world size
         first = (step * self.accum * self.world + micro_step * self.world + self.rank) * self.mb
         ids = np.arange(first, first + self.mb, dtype=np.uint64)
         # each sample's dataset by the weights (one dataset: always 0; the minimum: a u that rounded up to 1.0)
