@@ -6,8 +6,7 @@ train.py, bench.py and plan.py share.
                               matmul at the model's width runs BF16 at least 1.2x faster than FP32; else fp32
                      MPS   -> fp32
     compile auto:    CUDA on, MPS off; CPU on where the run wins the compile back (resolve_compile)
-Each choice comes with its reason, printed in the start-up banner (on a CPU, the measured ratio). An explicit
-choice is obeyed, with a warning where it is slower than FP32 here.
+Each choice's reason goes in the start-up banner; an explicit choice is obeyed, with a warning where it is slow.
 """
 import functools
 import math
@@ -120,10 +119,8 @@ def cpu_bf16_instructions() -> tuple[bool, str]:
 
 @functools.cache
 def matmul_rate(dtype: torch.dtype, width: int) -> float:
-    """FLOP/s of a (512, w) @ (w, w) matmul in `dtype` here, w the model's width clamped to [256, 1024], once per
-    process and shape, on one thread (on a busy machine a multi-threaded kernel waits for its slowest thread). The
-    shortest call within ~40 ms after one that builds oneDNN's kernel (a first call over the budget is its own
-    measurement): the minimum, not the mean, so that another busy process cannot make either dtype look slow."""
+    """FLOP/s of a (512, w) @ (w, w) matmul in `dtype` on one thread, w the model's width clamped to [256, 1024]:
+    the shortest call within ~40 ms after a warm-up one, so that another busy process cannot make a dtype look slow."""
     w = min(max(width, 256), 1024)
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(512, w, generator=gen).to(dtype), torch.randn(w, w, generator=gen).to(dtype)
@@ -195,9 +192,8 @@ class Precision:
 
 
 def resolve_precision(requested: str, device: torch.device, width: int = 256) -> Precision:
-    """`requested` (auto | fp32 | bf16 | fp16 | fp8) -> the Precision to run on `device`, a model of hidden size
-    `width`, by the module docstring's rule (on a CPU: `cpu_bf16_instructions`, then `matmul_speedup` against
-    BF16_MIN_SPEEDUP). Raises HardwareError for a choice the device cannot run at all."""
+    """`requested` (auto | fp32 | bf16 | fp16 | fp8) -> the Precision for `device` and a model of width `width`, by
+    the module docstring's rule. Raises HardwareError for a choice the device cannot run at all."""
     if device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
         gpu = f"{torch.cuda.get_device_name(device)}, compute capability {cap[0]}.{cap[1]}"
@@ -242,9 +238,8 @@ def describe(p: Precision) -> str:
 
 
 def resolve(t, local_rank: int, model) -> tuple[torch.device, Precision, bool]:
-    """train.device, train.precision and train.compile on this machine for `model` (a GPTConfig; its vocab_size may
-    still be None): (device, Precision, compile), the Precision carrying compile's reason for the banner. On CPUs
-    under torchrun, rank 0's timed probes decide for every rank (ranks sharing the cores would time differently).
+    """train.device, train.precision and train.compile here for `model` (a GPTConfig, vocab_size maybe None) ->
+    (device, Precision carrying compile's reason, compile); under torchrun on CPUs rank 0's probes decide for all.
     Raises HardwareError."""
     device = pick_device(t.device, local_rank)
 

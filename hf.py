@@ -75,10 +75,8 @@ def moe_config(cfg: GPTConfig) -> dict:
 
 
 def exportable(cfg: GPTConfig) -> None:
-    """Raise ValueError naming the flag when no transformers class computes what the model does. The options map
-    to classes that have them: a ReLU^2 MLP -> Arcee (Llama with a non-gated up/down ReLU^2 MLP); QK-norm -> Qwen3
-    (RMSNorm per head on queries and keys, before RoPE, as ours); an untied head -> tie_word_embeddings false;
-    MoE: see `moe_config`."""
+    """Raise ValueError naming the flag when no transformers class computes what the model does: ReLU^2 MLP ->
+    Arcee, QK-norm -> Qwen3, MoE -> `moe_config`'s classes."""
     allowed = {"gpt2": ("gelu",), "llama": ("swiglu",) if cfg.qk_norm else ("swiglu", "relu2")}[cfg.arch]
     if cfg.mlp_kind not in allowed:
         what = {"gpt2": "GPT-2", "llama": "Qwen3 (QK-norm)" if cfg.qk_norm else "Llama/Arcee"}[cfg.arch]
@@ -149,10 +147,8 @@ def model_config(hf: dict, block_size: int | None = None) -> GPTConfig:
 
 
 def rope_scaling(hf: dict) -> dict:
-    """config.json's RoPE settings as {rope_theta, and our model.rope_scaling's keys}: transformers 5 writes them
-    in `rope_parameters` (with rope_theta), 4.x in `rope_scaling` (with `type` in older files) beside `rope_theta`;
-    Phi-3-style files keep original_max_position_embeddings at the top level. Raises ValueError for a kind that
-    model.rope_cache does not compute."""
+    """config.json's RoPE settings (transformers 5's `rope_parameters` or 4.x's `rope_scaling`) as {rope_theta, and
+    our model.rope_scaling's keys}. Raises ValueError for a kind that model.rope_cache does not compute."""
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     kind = rope.pop("rope_type", rope.pop("type", "default"))
     if rope.pop("partial_rotary_factor", 1.0) != 1.0:
@@ -181,10 +177,8 @@ def safetensors_module():
 
 
 def config_from_init(path: str, ours: GPTConfig) -> GPTConfig:
-    """The model section for `train.init_from=path`, a Hugging Face folder (the shape from its config.json) or a
-    run or checkpoint folder of ours (the shape it was trained with); our block_size, init_std and dropout, and our
-    model.rope_scaling where it is set (to extend the context), else theirs. Raises config.ConfigError with a
-    message for the user."""
+    """The model section for `train.init_from=path` (a Hugging Face folder, or a run or checkpoint of ours): its shape
+    with our block_size, init_std, dropout and (where set) rope_scaling. Raises config.ConfigError."""
     try:
         if os.path.exists(os.path.join(path, "config.json")):
             safetensors_module()  # before the run starts, not when the weights are loaded

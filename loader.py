@@ -208,8 +208,7 @@ def eval_batches(path: str, split: str, block_size: int, batch_size: int, max_to
     """Yield (x, y) int64 CPU tensors (batch_size, block_size) covering `split` in order: windows start at 0, T,
     2T, ... within each shard, so every token but a shard's first is a target exactly once; short windows and the
     last batch are padded with x=0, y=-1 (ignored). Stops once max_tokens targets are covered (whole windows).
-    Batch i goes to rank i % world_size; a rank left one short gets an all-padding batch, so every rank runs the
-    same number of forwards (FSDP's gathers need all ranks)."""
+    Batch i goes to rank i % world_size; a rank left short gets an all-padding batch (FSDP needs equal forwards)."""
     import torch
     data, T = TokenSplit(path, split, vocab_size), block_size
 
@@ -247,10 +246,9 @@ def token_bytes(path: str) -> np.ndarray:
 
 
 class Prefetcher:
-    """Training micro-batches in order from `start_step`, read `depth` ahead by a background thread so that
-    reading shards overlaps the device's work. On CUDA the batches wait in pinned memory and `get()` sends
-    them with a non-blocking copy. A loader error surfaces from the `get()` that would have returned it. `waited`
-    adds up the seconds `get()` spent blocked on the loader thread (host time: the training loop was input-bound)."""
+    """Training micro-batches in order from `start_step`, read `depth` ahead by a background thread (pinned, and
+    copied non-blocking, on CUDA). A loader error surfaces from the `get()` that would have returned it. `waited`
+    adds up the seconds `get()` spent blocked on the loader thread."""
 
     def __init__(self, loader: TrainLoader, start_step: int, grad_accum: int, device: torch.device, depth: int = 4):
         self.device, self.pin, self.waited = device, device.type == "cuda", 0.0

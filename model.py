@@ -217,12 +217,10 @@ def swiglu_experts(grouped_mm, xs, gate_proj, up_proj, down_proj, counts):
 
 
 class MoE(nn.Module):
-    """Routed SwiGLU experts, dropless token choice, and optional shared experts, in Hugging Face's Qwen3-MoE /
+    """Routed SwiGLU experts (dropless token choice) and optional shared experts in Hugging Face's Qwen3-MoE /
     GLM-4-MoE layout: `gate` the router, `experts.{gate,up,down}_proj` (E, out, in), `shared_experts` one MLP.
-    A token's scores (FP32 softmax or sigmoid of the router's logits) plus `gate.e_score_correction_bias` choose its
-    top_k experts, whose outputs are weighted by the scores alone (renormalised over the k when asked). Tokens are
-    sorted by expert: one grouped GEMM per expert matrix. In training `load` sums the tokens per expert for
-    `update_bias` (DeepSeek-V3's balance, applied by the training step); `aux_loss` is the sequence-wise loss."""
+    Scores plus `gate.e_score_correction_bias` choose a token's top_k experts; the scores alone weight them. Tokens
+    are sorted by expert: one grouped GEMM per expert matrix. In training `load` counts tokens for `update_bias`."""
     ops = kernel.REFERENCE
 
     def __init__(self, cfg: GPTConfig):
@@ -346,15 +344,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, assign=None) -> None:
-        """Initialise every parameter and buffer in place; call after `to_empty()` when built on the meta device.
+        """Initialise every parameter and buffer in place (after `to_empty()`; a no-op on the meta device).
 
-        Linear weights and embeddings ~ N(0, init_std); the residual projections (`o_proj`, `down_proj`) use
-        init_std / sqrt(2 * n_layer) so the residual stream's variance does not grow with depth (GPT-2);
-        biases 0, norm weights 1. MoE: the router and each expert's matrices as the Linear ones (`experts.down_proj`
-        as a residual projection), the balancing biases 0. Each parameter's full value is drawn from its own
-        generator seeded by (seed, name), so the model is the same however it is sharded; `assign(param,
-        full_value)` stores it (a sharded trainer passes one that keeps only the local shard). A no-op on the meta
-        device."""
+        Linear weights, embeddings and experts ~ N(0, init_std); the residual projections (`o_proj`, `down_proj`,
+        `experts.down_proj`) use init_std / sqrt(2 * n_layer) so the residual stream's variance does not grow with
+        depth (GPT-2); biases 0, norm weights 1. Each parameter is drawn from a generator seeded by (seed, name), so
+        the model is the same however it is sharded; `assign(param, full_value)` stores it (a sharded trainer's
+        keeps only the local shard)."""
         if self.cfg.tie_embeddings:  # (re)tie: to_empty() gives each module its own new parameter
             self.lm_head.weight = self.embed_tokens.weight
         if self.lm_head.weight.is_meta:
@@ -387,11 +383,9 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token by PaLM's count (Chowdhery et al. 2022, appendix B): 6*N + 12*L*d*T.
-
-        N counts the parameters that take part in matrix multiplies, lm_head included (embedding lookups and norms
-        do not), of an MoE layer's experts only the top_k a token is routed to; 12*L*d*T is attention's QK^T and
-        AV, forward and backward, over the full (non-causal) T x T square."""
+        """Training FLOPs per token by PaLM's count (Chowdhery et al. 2022, appendix B): 6*N + 12*L*d*T, N the
+        matmul parameters (lm_head and a token's top_k experts included, embeddings and norms not), 12*L*d*T
+        attention's QK^T and AV, forward and backward, over the full T x T square."""
         cfg = self.cfg
         linears = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
         frozen = sum(w.numel() for w in linears if not w.requires_grad)  # a LoRA base: no weight gradient, 4 per token
@@ -404,9 +398,8 @@ class GPT(nn.Module):
         return sum(self.cfg.moe.top_k * p[0].numel() for e in moe for p in e.parameters())
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
-        """idx (B, T) -> logits (B, T, padded_vocab), or the mean FP32 cross-entropy when targets (B, T) are
-        given (target -1 is ignored), computed by the loss of the model's ops; in training plus the MoE balance
-        loss when model.moe.aux_loss_coef is set."""
+        """idx (B, T) -> logits (B, T, padded_vocab), or with targets (B, T) (-1 ignored) the mean FP32 cross-entropy
+        by the model's ops, in training plus the MoE balance loss when model.moe.aux_loss_coef is set."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -440,10 +433,9 @@ class GPT(nn.Module):
                         use_cache: bool = True, generator: torch.Generator | None = None):
         """Yield the next token ids (B,) one step at a time after the prompt idx (B, T).
 
-        temperature 0 is greedy; top_k keeps the k most likely ids; top_p keeps the smallest set whose
-        probability reaches p. A sequence that has produced `stop_token` keeps producing it; the stream ends
-        when every sequence has stopped. With `use_cache` a KV cache avoids recomputing the prefix; when the
-        context would pass block_size the window slides and the cache is rebuilt from the last tokens."""
+        temperature 0 is greedy; top_k keeps the k most likely ids; top_p the smallest set whose probability
+        reaches p. A sequence that produced `stop_token` repeats it; the stream ends when every one has. With
+        `use_cache` a KV cache holds the prefix, rebuilt when the window slides past block_size."""
         B = idx.size(0)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         cache, fed = None, 0  # tokens of idx already in the cache

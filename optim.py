@@ -5,16 +5,10 @@
                               weights inside the blocks; AdamW for the embeddings, the head, norms and biases
                               (as modded-nanogpt and nanochat split them)
 
-Muon's step size follows Moonlight's rule (Liu et al. 2025, "Muon is Scalable for LLM Training"): the update of
-a (A, B) matrix is scaled by 0.2 * sqrt(max(A, B)), so that its RMS matches AdamW's and Muon can use AdamW's
-learning rate and weight decay (`train.muon_lr` unset).
-
-The Newton-Schulz iteration needs whole matrices: under DDP every rank has them, under FSDP2 each rank a shard,
-under tensor parallel a piece of a (dp, tp) mesh. The matrices are dealt out round-robin: the owner of one gathers
-it, orthogonalises it and sends back what each rank needs, so the iteration runs once per matrix, not once per rank,
-and each momentum buffer keeps its parameter's sharding (checkpoints and resharded resumes as for AdamW).
-torch.optim.Muon has the same update for one process (tests/test_optim.py compares them) but orthogonalises
-whatever it is given, a shard included, and always in BF16, far slower than FP32 on a CPU without native BF16.
+Muon's update of a (A, B) matrix is scaled by 0.2 * sqrt(max(A, B)) (Moonlight's rule, Liu et al. 2025), so its
+RMS matches AdamW's and it can use AdamW's learning rate and weight decay. Newton-Schulz needs whole matrices: they
+are dealt out round-robin, the owner of one gathers it, orthogonalises it and sends back what each rank needs; each
+momentum buffer keeps its parameter's sharding (docs/training.md has the why and the comparison with torch's Muon).
 """
 import math
 
@@ -28,9 +22,8 @@ NS_STEPS = 5
 
 
 def orthogonalize(g: torch.Tensor, dtype: torch.dtype = torch.bfloat16, steps: int = NS_STEPS) -> torch.Tensor:
-    """Newton-Schulz approximation of U V^T for g = U S V^T, computed in `dtype`; singular values come out roughly in
-    (0.5, 1.5), which Jordan found trains as well as exact orthogonalisation. A 3-D g (an MoE layer's experts) is
-    a stack of matrices, each orthogonalised on its own over the last two dimensions."""
+    """Newton-Schulz approximation of U V^T for g = U S V^T in `dtype` (singular values roughly in (0.5, 1.5), which
+    Jordan found trains as well as exact); a 3-D g (MoE experts) is orthogonalised per matrix."""
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype)
     tall = x.size(-2) > x.size(-1)
@@ -50,11 +43,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class Muon(torch.optim.AdamW):
-    """AdamW for the groups without `muon: True`, Muon for those with it (2-D weights, and 3-D expert stacks
-    orthogonalised per expert), in one optimizer, so that checkpoints, the skip of a non-finite step and the LR
-    schedule treat it like AdamW. A Muon group holds `momentum` (0.95), `nesterov` (True) and `ns_dtype` (the
-    Newton-Schulz matmul dtype by name); its `lr` and `weight_decay` are in AdamW's units, and with a process group
-    its matrices are dealt out over all the ranks (see the module doc)."""
+    """AdamW for the groups without `muon: True`, Muon for those with it, in one optimizer, so that checkpoints, the
+    non-finite skip and the LR schedule treat it like AdamW. A Muon group holds `momentum` (0.95), `nesterov` (True)
+    and `ns_dtype` (the Newton-Schulz dtype by name); its `lr` and `weight_decay` are in AdamW's units."""
 
     def __init__(self, param_groups: list[dict], **adamw):
         for g in param_groups:
@@ -155,9 +146,8 @@ class Muon(torch.optim.AdamW):
 
     @staticmethod
     def _split_matrix(p: DTensor, u: torch.Tensor, dtype, owner: int) -> torch.Tensor:
-        """A matrix laid out over a (dp, tp) mesh (FSDP2 + tensor parallel): torch's all-gather makes it whole, its
-        owner orthogonalises it and broadcasts the result, each rank keeps its piece, laid out as p's. One matrix
-        at a time, so no rank holds more than one whole matrix beyond its own."""
+        """A matrix over a (dp, tp) mesh: gathered whole, orthogonalised by its owner and broadcast; each rank keeps
+        its piece, laid out as p's. One at a time, so no rank holds more than one whole matrix beyond its own."""
         whole = DTensor.from_local(u.to(dtype), p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                    stride=p.stride()).full_tensor()
         result = orthogonalize(whole, dtype).contiguous() if owner == dist.get_rank() else torch.empty_like(whole)
@@ -166,10 +156,8 @@ class Muon(torch.optim.AdamW):
 
 
 def param_groups(model: nn.Module, t, muon: bool) -> list[dict]:
-    """AdamW groups (decay on matrices, none on norms, biases and embedding tables); with `muon`, the blocks'
-    2-D weights and 3-D expert stacks go to a Muon group instead (the embeddings, the head and the MoE routers stay
-    with AdamW). Frozen parameters are left out; a LoRA run's adapters are matrices like any other (Muon takes those
-    inside the blocks)."""
+    """AdamW groups (decay on matrices, none on norms, biases and embedding tables); with `muon`, the blocks' 2-D
+    weights and 3-D expert stacks (MoE routers aside) go to a Muon group instead. Frozen parameters are left out."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay, hidden = [], [], []
     for name, p in model.named_parameters():

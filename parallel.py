@@ -4,9 +4,7 @@ FSDP2, expert parallel) while build.py builds it, and `wrap` puts DDP or torch.c
 
     one process: nothing to wrap        DDP: replicas, gradients all-reduced once per step
     FSDP2: `fully_shard` per block and at the root, BF16 compute, FP32 (or BF16) gradient reduce-scatter
-    FSDP2 + TP (train.tp): a (dp, tp) device mesh; inside each group of tp consecutive ranks the blocks' matrices,
-           the embedding and the head are split (`parallelize_module`, see `tensor_parallel`), FSDP2 shards what
-           is left across the dp groups
+    FSDP2 + TP (train.tp): a (dp, tp) mesh; `tensor_parallel` splits within tp, FSDP2 shards across dp
     expert parallel (train.ep, with FSDP2): each rank keeps its whole experts; tokens travel by all-to-all
 """
 import functools
@@ -105,11 +103,8 @@ def device_mesh(run: config.Run) -> DeviceMesh | None:
 
 
 def parallelize(model: GPT, run: config.Run) -> None:
-    """Shard `model` (on the meta device; build.py then allocates and initialises it) for the run, in place: tensor
-    parallel, FP8, activation checkpointing, compile, FSDP2 and expert parallel. With train.tp > 1 (run.mode is then
-    fsdp) `tensor_parallel` splits it over the tp dimension of the (dp, tp) mesh, FSDP2 shards over the dp dimension
-    (even a single one). Under FSDP2 `torch.compile` applies per block (in place, so the state-dict names stay; the
-    gathers stay outside the graphs)."""
+    """Shard `model` (on the meta device) for the run, in place, as the module docstring lists. Under FSDP2
+    `torch.compile` applies per block (in place, so the state-dict names stay; the gathers stay outside the graphs)."""
     t, device, fsdp = run.cfg.train, run.device, run.mode == "fsdp"
     mesh = device_mesh(run)
     if mesh is not None:  # first, as torchtitan: checkpointing, compile and FSDP2 then see the split modules
@@ -161,10 +156,8 @@ def wrap(model: GPT, run: config.Run) -> nn.Module:
 
 
 def expert_parallel(model: GPT, mesh) -> set[nn.Parameter]:
-    """Shard every MoE layer's experts over `mesh` (on the meta device, before materialising): each expert stack
-    becomes a DTensor of whole experts (Shard(0)), so that initialisation and checkpoints see the global tensor
-    (a checkpoint reshards between ep degrees), and the layer's `run_experts` becomes `_dispatch`. Returns the
-    expert parameters, which FSDP2 leaves alone."""
+    """Shard every MoE layer's experts over `mesh` (on the meta device) as DTensors of whole experts (Shard(0)), so
+    init and checkpoints see the global tensor; `run_experts` becomes `_dispatch`. Returns them for FSDP2 to skip."""
     params = set()
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         for name, p in list(moe.experts.named_parameters(recurse=False)):
@@ -190,11 +183,9 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def _dispatch(moe: MoE, group, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """MoE.run_experts under expert parallel: the rows of xs (grouped by expert, counts (E,) of them per expert)
-    go to the ranks that hold their experts (all-to-all), run there and come back in the same order. The tokens
-    per expert are exchanged first (one small all-to-all; their sums are read on the host, as the split sizes
-    of the exchange). An expert's gradient is the sum over every rank's tokens, each rank's loss a mean of its own
-    batch: it is divided by the world size, as FSDP2 averages the others'."""
+    """MoE.run_experts under expert parallel: the rows of xs (grouped by expert, counts (E,) per expert) go to the
+    ranks that hold their experts (all-to-all), run there and come back in order. An expert's gradient sums every
+    rank's tokens while each loss is a mean of its own batch, so it is divided by the world size, as FSDP2 does."""
     world = dist.get_world_size(group)
     mine = counts.numel() // world  # experts per rank
     with torch.no_grad():

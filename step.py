@@ -1,8 +1,5 @@
-"""One optimizer step, as train.py and bench.py both take it: micro-batches with gradient accumulation (gradients
-synchronised once per step), clip, the non-finite skip decided on the device, the optimizer step. `first_step`
-wraps a run's first step: the compile watch, and the fall-back to torch's kernels when a faster one fails there.
-`Log` keeps the books of the steps (the log line, metrics.jsonl, skipped steps); `fit_budget` turns
-train.max_minutes into max_steps.
+"""One optimizer step as train.py and bench.py take it (`train_step`, `first_step`), the books of the steps (`Log`)
+and the time budget (`fit_budget`).
 """
 import collections
 import json
@@ -45,16 +42,12 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
 
 def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: config.Run,
                scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step over run.grad_accum micro-batches (x, y) already on the device; returns the summed
-    micro-batch losses, the gradient norm before clipping and a flag (1.0) for a skipped step, all left on the
-    device (no host sync where the optimizer can skip on the device).
+    """One optimizer step over run.grad_accum micro-batches (x, y) on the device; returns the summed losses, the
+    gradient norm before clipping and a skip flag (1.0), left on the device.
 
-    A step whose loss (on any rank) or gradient norm is not finite is skipped: fused AdamW's `found_inf` input
-    (the mechanism GradScaler uses) makes it leave weights, moments and step count exactly as they were,
-    decided on the device; other optimizers are not stepped, which costs one host read of the flag. The data
-    moves on, so a bad batch is not retried. With FP16's `scaler` the loss is scaled, the gradients unscaled
-    before clipping, and the same flag is the scaler's found-inf: it backs off on exactly the skipped steps. An
-    MoE model's routing biases then take their balancing step (`balance_experts`), not on a skipped step."""
+    A step whose loss (on any rank) or gradient norm is not finite is skipped (RELIABILITY.md, promise 5): fused
+    AdamW takes the flag as `found_inf`, other optimizers are not stepped (one host read). With FP16's `scaler` the
+    same flag is its found-inf. MoE routing biases then take their balancing step (`balance_experts`)."""
     t, accum, mode = run.cfg.train, run.grad_accum, run.mode
     loss_sum, experts = 0.0, [m for m in model.modules() if isinstance(m, MoE)]
     for m in experts:  # counts of a step that raised (a first step run again) do not carry over
@@ -92,17 +85,14 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: conf
 
 def clip_grads(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Scale the gradients to a global norm of at most `max_norm` (0: no clipping); returns the norm before, a plain
-    tensor. Under FSDP2 (and tensor parallel) the gradients are DTensors and torch's norm is one over the whole mesh:
-    a sharded gradient counts each element once, a replicated one (a norm weight under tensor parallel) once."""
+    tensor (under FSDP2 and tensor parallel torch's norm of DTensors is already over the whole mesh)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def balance_experts(experts: list[MoE], bad: torch.Tensor, mode: str) -> None:
-    """After the optimizer step, not part of it: each MoE layer's tokens per expert over this step's micro-batches,
-    summed over the data-parallel ranks (one all-reduce for all layers), move its routing bias (MoE.update_bias),
-    the same on every rank; a skipped step (`bad`) leaves the biases as they were. The summed counts stay on each
-    layer as `last_load` for the log line."""
+    """After the optimizer step: each MoE layer's tokens per expert, summed over the ranks (one all-reduce), move its
+    routing bias (MoE.update_bias) unless the step was skipped (`bad`); the counts stay as `last_load` for the log."""
     load = torch.stack([m.load for m in experts]).float()  # (layers, E)
     if mode != "none":
         dist.all_reduce(load)
@@ -112,10 +102,9 @@ def balance_experts(experts: list[MoE], bad: torch.Tensor, mode: str) -> None:
 
 
 def first_step(step, model: GPT, optimizer, run: config.Run, group) -> tuple[object, kernel.Ops]:
-    """This process's first training step, `step()`, under the compile watch (`compiling`). When it raises (out
-    of memory aside) while the run's ops have a fallback (a fused kernel, the compiled loss), the model gets the
-    fallback's ops and the step runs again, after one warning naming the cause; then every rank takes the
-    fallback if any rank did. Returns step()'s result and the ops the model now runs on."""
+    """The first training step, `step()`, under `compiling`. When it raises (out of memory aside) and the run's ops
+    have a fallback, it warns and runs again on the fallback, which every rank takes if any did. Returns step()'s
+    result and the ops the model now runs on."""
     ops, rank, world = run.ops, run.rank, run.world_size
     try:
         with compiling(run):
@@ -175,11 +164,10 @@ def compiling(run: config.Run):
 
 
 class Log:
-    """The books of the loop, written by rank 0: metrics.jsonl rows (mirrored to wandb / TensorBoard; on resume the
-    rows after the checkpoint, and a line cut short by a kill, dropped first), the mean loss and throughput since the
-    last log line (one host sync per line; evals and saves, `pause`, left out; the wait for batches logged as
-    data_wait_s and _frac), and the skipped steps: each step's (skip flag, loss, grad norm) is read `lag` steps late,
-    on CUDA through a pinned copy and an event, so that checking never waits for the step just queued."""
+    """The books of the loop, written by rank 0: metrics.jsonl rows (also to wandb / TensorBoard; on resume the rows
+    after the checkpoint dropped), the mean loss and throughput per log line (one host sync each; `pause` leaves out
+    evals and saves), and the skipped steps, each read `lag` steps late so that checking never waits for the step
+    just queued."""
 
     def __init__(self, run: config.Run, model: GPT, data, resumed_step: int, skipped: int):
         cfg = run.cfg
@@ -302,8 +290,8 @@ BUDGET_WARMUP, BUDGET_PROBE = 2, 5
 
 
 def budget_probe(t: config.TrainConfig, start_step: int) -> int:
-    """The step after which the time budget's BUDGET_PROBE timed steps begin: BUDGET_WARMUP steps into this start,
-    and after train.profile's traced steps (they run slower, and the step after them writes the trace)."""
+    """The step after which the BUDGET_PROBE timed steps begin: BUDGET_WARMUP steps into this start, after
+    train.profile's traced steps (slower, and the next one writes the trace)."""
     return start_step + BUDGET_WARMUP + (t.profile + 1 if t.profile else 0)
 
 
