@@ -125,7 +125,7 @@ def matmul_rate(dtype: torch.dtype, width: int) -> float:
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(512, w, generator=gen).to(dtype), torch.randn(w, w, generator=gen).to(dtype)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # a multi-threaded kernel waits for its slowest thread on a busy machine
     try:
         t0 = time.perf_counter()
         a @ b
