@@ -45,9 +45,10 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: conf
     """One optimizer step over run.grad_accum micro-batches (x, y) on the device; returns the summed losses, the
     gradient norm before clipping and a skip flag (1.0), left on the device.
 
-    A step whose loss (on any rank) or gradient norm is not finite is skipped (RELIABILITY.md, promise 5): fused
-    AdamW takes the flag as `found_inf`, other optimizers are not stepped (one host read). With FP16's `scaler` the
-    same flag is its found-inf. MoE routing biases then take their balancing step (`balance_experts`)."""
+    A step whose loss (on any rank) or gradient norm is not finite is skipped, its data not retried (RELIABILITY.md):
+    fused AdamW takes the flag as `found_inf` and leaves weights, moments and step count as they were without a host
+    sync; other optimizers are not stepped (one host read). With FP16's `scaler` the same flag is its found-inf.
+    MoE routing biases then take their balancing step (`balance_experts`)."""
     t, accum, mode = run.cfg.train, run.grad_accum, run.mode
     loss_sum, experts = 0.0, [m for m in model.modules() if isinstance(m, MoE)]
     for m in experts:  # counts of a step that raised (a first step run again) do not carry over
