@@ -70,6 +70,8 @@ def test_train_plan_bench_plot_refuse_bad_arguments(files, tmp_path, capsys):
                                  f"train.out_dir={tmp_path / 'run'}"], files["missing"])
     refused(capsys, plan.main, ["configs/tiny.yaml", "--gpus", "0"], "--gpus")
     refused(capsys, plan.main, ["configs/tiny.yaml", "train.batch_size=oops"], "train.batch_size")
+    refused(capsys, plan.main, ["configs/tiny.yaml", "--gpus", "3"], "train.batch_size")  # 16 over 3 GPUs
+    refused(capsys, plan.main, ["configs/tiny.yaml", "train.micro_batch_size=5"], "train.micro_batch_size")
     refused(capsys, bench.main, ["configs/tiny.yaml", "--steps", "0"], "--steps")
     refused(capsys, bench.main, [files["missing"] + ".yaml"], files["missing"])
     refused(capsys, plot.main, [files["missing"]], files["missing"])
