@@ -16,9 +16,8 @@ checks the hashes first (`verify`) and names a file that does not match. A run r
 that verifies: one that does not is moved aside to `corrupt_step_N/` (kept for a look, never counted again) and
 the run says so. A new checkpoint is read back and verified before older ones are dropped by `keep_last`.
 
-Loading never runs code from the checkpoint. DCP keeps its index (`.metadata`) as a pickle and reads the
-non-tensor values (the optimizer's hyperparameters) with torch's full unpickler (weights_only off); here the index goes
-through an unpickler that admits only DCP's own metadata classes, and the values through
+Loading never runs code from the checkpoint: DCP's pickled index (`.metadata`) goes through an unpickler that
+admits only DCP's own metadata classes, the non-tensor values (the optimizer's hyperparameters) through
 `torch.load(weights_only=True)`. Anything else is refused with a CheckpointError before it is constructed.
 """
 import io
@@ -324,9 +323,8 @@ def resolve(path: str) -> str:
 
 
 class Pending:
-    """A checkpoint being written to `tmp`: `.tmp_step_N` locally, renamed when complete; its final name in an
-    object store (see the module docstring). `wait()` blocks until this rank's part is written, then (rank 0)
-    publishes it: read back, renamed, `latest` pointed at it, old ones dropped. Returns the final folder."""
+    """A checkpoint being written to `tmp` (`.tmp_step_N` locally; its final name in an object store). `wait()`
+    blocks until this rank's part is written, then (rank 0) publishes it and returns the final folder."""
 
     def __init__(self, out_dir: str, name: str, keep_last: int, checksums: bool):
         self.out_dir, self.name, self.keep_last, self.checksums = out_dir, name, keep_last, checksums
@@ -430,11 +428,10 @@ def set_aside(path: str) -> str:
 
 
 class Lease:
-    """The lock of a remote checkpoint folder (an object store has no file locks): the object `.lease.json`
-    names its holder (host, pid, start time) and the time it was last renewed. `acquire()` refuses while another
-    holder renewed it within `minutes`; a lease left unrenewed that long (its run died) is taken over. A daemon
-    thread renews it every minutes/4 while the run lives; `release()` deletes it. Two runs starting in the same
-    instant both write it; each reads it back after a moment and only the one whose write stayed goes on."""
+    """The lock of a remote checkpoint folder: `.lease.json` names its holder and when it was last renewed.
+    `acquire()` refuses while another holder renewed it within `minutes`, else takes it over; a daemon thread renews
+    it every minutes/4; `release()` deletes it. Two runs starting in the same instant both write it; each reads it
+    back after a moment and only the one whose write stayed goes on."""
 
     def __init__(self, folder: str, minutes: float):
         self.folder, self.path, self.minutes = folder, _join(folder, ".lease.json"), minutes
@@ -492,10 +489,9 @@ class Lease:
 
 
 def find_resumable(out_dir: str, model: torch.nn.Module, warn, check=lambda state, path: None) -> str | None:
-    """The newest checkpoint in `out_dir` whose state, index and file checksums verify (`model` may be on the meta
-    device); each newer one that does not is set aside with a warning through `warn`, and `latest` is pointed at the one
-    chosen. `check(state, path)` may refuse a checkpoint by raising. A checkpoint that is unsafe or of another model
-    raises CheckpointError: that is not damage, and an older checkpoint would hide it. Rank 0 only."""
+    """The newest checkpoint in `out_dir` whose state and `verify` pass, `latest` pointed at it; each newer damaged
+    one is set aside with a warning through `warn`. `check(state, path)` may refuse one by raising. An unsafe or foreign
+    checkpoint raises CheckpointError: that is not damage, and an older checkpoint would hide it. Rank 0 only."""
     for path in reversed(list_checkpoints(out_dir)):
         try:
             check(read_state(path), path)

@@ -163,8 +163,7 @@ SECTIONS = {f.name: f.type for f in fields(Config)}
 
 
 def at_least(low: float, kind=int):
-    """An argparse `type` for the scripts' counts and sizes: a number of `kind` that is >= low, else a clear
-    error (a negative --max_new_tokens or --steps is refused instead of silently doing nothing)."""
+    """An argparse `type` for the scripts' counts and sizes: a number of `kind` that is >= low, else a clear error."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -458,9 +457,8 @@ class Derived:
 
 
 def derive(cfg: Config, world_size: int = 1, micro: int | None = None) -> Derived:
-    """The one place where numbers that follow from the config are computed. The batch is split over the
-    data-parallel ranks, world_size / train.tp. `micro`: the micro batch when train.micro_batch_size is auto
-    (plan.micro_batch picks it by memory); without it, a rank's whole batch."""
+    """The numbers that follow from the config, the batch split over world_size / train.tp data-parallel ranks.
+    `micro`: the micro batch when train.micro_batch_size is auto; without it, a rank's whole batch."""
     t = cfg.train
     if world_size % t.tp:
         raise ConfigError(f"the world size ({world_size}) must be a multiple of train.tp ({t.tp})")
@@ -481,10 +479,9 @@ def derive(cfg: Config, world_size: int = 1, micro: int | None = None) -> Derive
 
 @dataclass(frozen=True)
 class Run:
-    """A config resolved for this process on this machine, made once at start-up (plan.resolve) and never changed:
-    `cfg` is the loaded config with every value that depends on the machine or the data decided (precision,
-    compile, micro batch, the data's vocab, train.init_from's model shape); the rest is what the config does
-    not say. The loaded config itself is never written. config.yaml, run_info.json and the checkpoints keep it."""
+    """A config resolved for this process, made once at start-up (plan.resolve): `cfg` with every value that the
+    machine or the data decides (precision, compile, micro batch, vocab, train.init_from's model shape), and what the
+    config does not say. config.yaml, run_info.json and the checkpoints keep it."""
     cfg: Config
     device: torch.device
     precision: Precision  # its reason (and on CPUs the measured BF16 speed-up) is for the banner

@@ -10,13 +10,12 @@
                on CPUs in BF16/FP16: attention as explicit matmuls up to T=1024 (matmul_attention)
 
 The loss under `train.loss: auto`: with torch.compile on and the full logits within the memory plan, the plain
-loss compiled (inductor fuses the log-softmax, the target gather and the gradient into passes over BF16 logits, as
-nanoGPT does); otherwise chunked, which never holds all (N, V) FP32 logits (on CPUs in cache-sized chunks).
+loss compiled (inductor fuses log-softmax, target gather and gradient into passes over BF16 logits); otherwise
+chunked, which never holds all (N, V) FP32 logits. `train.loss` overrides the loss alone (`plain`: the reference).
 
-The `torch_*` functions are the reference: they define the maths every other backend must reproduce
-(tests/test_kernels.py). Optional packages are imported only when chosen; asking for a missing one is an
-error that names the pip line. `configure()` returns the choice as an `Ops` value that the model is built with;
-nothing here is written after import. `train.loss` overrides the loss alone (`plain`, the FP32 logits: the reference).
+The `torch_*` functions are the reference every other backend must reproduce (tests/test_kernels.py). Optional
+packages are imported only when chosen; a missing one is an error naming the pip line. `configure()` returns the
+choice as an `Ops` value the model is built with; nothing here is written after import.
 """
 import functools
 import importlib
@@ -55,9 +54,8 @@ def torch_attention(q, k, v):
 
 
 def matmul_attention(q, k, v):
-    """The same causal attention as explicit matmuls: scores (B, H, T, T) from a pre-scaled q, the causal mask,
-    softmax, weights @ v: faster than SDPA's CPU flash kernel in BF16/FP16 at short context (not in FP32). The
-    scores are O(T^2) memory: `configure()` uses it up to CPU_MATMUL_ATTENTION_MAX_T."""
+    """The same causal attention as explicit matmuls, faster than SDPA's CPU flash kernel in BF16/FP16 at short
+    context; its (B, H, T, T) scores are O(T^2) memory: `configure()` uses it up to CPU_MATMUL_ATTENTION_MAX_T."""
     B, T, H, D = q.shape
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
     if k.size(1) != H:  # GQA: each K/V head serves H / H_kv query heads
@@ -72,7 +70,7 @@ CPU_MATMUL_ATTENTION_MAX_T = 1024  # past this the (T, T) scores of every head c
 
 def torch_rms_norm(x, weight, eps):
     """RMSNorm, normalised in FP32 (as Hugging Face Llama), output in x's dtype. Eager, F.rms_norm's fused kernel
-    is faster; under torch.compile the written-out form, which inductor fuses with its neighbours (BENCHMARKS.md)."""
+    is faster; under torch.compile the written-out form, which inductor fuses with its neighbours."""
     if not torch.compiler.is_compiling():
         return F.rms_norm(x, (x.size(-1),), weight, eps)
     xf = x.float()
@@ -146,27 +144,24 @@ CHUNK_LOGITS = 2**26  # logits per chunk of chunked_loss on a GPU (plan.py count
 
 @torch.compiler.disable  # traced by inductor, its chunk loop ran several times slower than eager
 def chunked_loss(h, weight, targets, chunk: int | None = None):
-    """Same value and gradients as `plain_loss`, holding one chunk of FP32 logits at a time (by default
-    ~2^26 logits: 256 MB in FP32, a chunk of 1,334 rows at a 50k vocab, still a large GEMM)."""
+    """Same value and gradients as `plain_loss`, holding one chunk of ~CHUNK_LOGITS FP32 logits at a time."""
     return ChunkedLoss.apply(h, weight, targets, chunk or max(1, CHUNK_LOGITS // weight.size(0)))
 
 
 @torch.compiler.disable
 def cpu_chunked_loss(h, weight, targets):
-    """The chunked loss with chunks of ~2^21 logits (8 MB in FP32: 256 rows at an 8k vocab), which stay in a CPU's cache
-    between the GEMM, the softmax and the two gradient GEMMs, faster than the plain loss in BF16 and FP32. At least 512
-    rows: each chunk also adds its (V, d) FP32 dW, which makes small chunks slow at GPT-2's vocab (BENCHMARKS.md)."""
+    """The chunked loss in chunks of ~2^21 logits (8 MB in FP32), which stay in a CPU's cache between the GEMMs and
+    the softmax; at least 512 rows, as each chunk also adds its (V, d) FP32 dW."""
     return ChunkedLoss.apply(h, weight, targets, max(512, 2**21 // weight.size(0)))
 
 
 class VocabParallelLoss(torch.autograd.Function):
     """lm_head + mean cross-entropy under tensor parallel: h (N, d) a DTensor replicated over the tensor-parallel
-    mesh, weight (V, d) a DTensor sharded by vocab rows (Shard(0), the column-parallel head), so each rank makes
-    the logits of its V / tp vocab entries and torch's `loss_parallel` computes the cross-entropy across the
-    shards (the log-sum-exp and the target logit by all-reduce; no rank ever holds all V logits). `chunk` rows at
-    a time; as ChunkedLoss, the gradients are computed in forward (inside loss_parallel, which its backward needs)
-    and scaled in backward: dh as this rank's partial sum over its vocab shard (a Partial DTensor, reduced where
-    sequence parallel scatters it), dW as this rank's shard. The result is a plain tensor, the same on every rank."""
+    mesh, weight (V, d) a DTensor sharded by vocab rows, so each rank makes the logits of its V / tp vocab entries
+    and torch's `loss_parallel` computes the cross-entropy across the shards by all-reduce. `chunk` rows at a time;
+    as ChunkedLoss, the gradients are computed in forward (inside loss_parallel, which its backward needs) and
+    scaled in backward: dh as a Partial DTensor (reduced where sequence parallel scatters it), dW as this rank's
+    shard. The result is a plain tensor, the same on every rank."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk):
@@ -204,8 +199,7 @@ class VocabParallelLoss(torch.autograd.Function):
 
 @torch.compiler.disable
 def vocab_parallel_loss(h, weight, targets):
-    """The loss under tensor parallel (see VocabParallelLoss): same value and gradients as `plain_loss` on the
-    whole head, with ~CHUNK_LOGITS logits (this rank's vocab shard) at a time."""
+    """`plain_loss` under tensor parallel (VocabParallelLoss), ~CHUNK_LOGITS logits of this rank's shard at a time."""
     shard = weight.to_local().size(0)
     return VocabParallelLoss.apply(h, weight, targets, max(1, CHUNK_LOGITS // shard))
 
@@ -366,11 +360,9 @@ def _installed(name: str) -> bool:
 def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32, compiled: bool = False, logits_fit: bool = False,
               tp: int = 1) -> Ops:
-    """Choose one implementation per op for a run (`kernels`, `loss`: train.kernels, train.loss): returns the Ops the
-    model is built with, with their `fallback`. `compiled`: the training step runs under torch.compile; `logits_fit`:
-    the memory plan holds the full (tokens, vocab) logits of a micro-batch (plan.loss_kind). `tp` > 1: the head is
-    split by vocab over a tensor-parallel group and the loss is `vocab_parallel_loss` (train.loss must be auto).
-    Fused kernels need CUDA (flash attention also BF16/FP16): asking for them elsewhere raises KernelError."""
+    """The Ops for train.kernels and train.loss, with their `fallback`. `compiled`: the step runs under
+    torch.compile; `logits_fit`: the memory plan holds a micro-batch's full logits (plan.loss_kind); `tp` > 1: the
+    loss is `vocab_parallel_loss`. Fused kernels need CUDA (flash attention also BF16/FP16), else KernelError."""
     device = torch.device(device)
     cuda, half = device.type == "cuda", dtype in (torch.bfloat16, torch.float16)
     chosen, names = {op: getattr(REFERENCE, op) for op in REFERENCE.names}, dict(REFERENCE.names)

@@ -5,9 +5,7 @@
 
 Per GPU and per layout (DDP, FSDP2, FSDP2 with activation checkpointing, FSDP2 + tensor parallel of each degree
 the model splits into): parameter, gradient, optimizer and activation memory and whether they fit, bytes sent per
-step; FLOPs per step and the tokens/s that 40 % and 50 % MFU would give; `--fit` names the smallest train.tp that
-fits. The activation estimate counts the tensors autograd keeps for backward in one micro-batch, by
-the dtype each has under the run's precision (see `activation_bytes`).
+step; FLOPs per step and the tokens/s at 40 % and 50 % MFU; `--fit` names the smallest train.tp that fits.
 """
 import argparse
 import sys
@@ -31,17 +29,14 @@ def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: b
                      checkpointing: bool = False, loss: str = "plain", tp: int = 1) -> int:
     """Bytes autograd saves for backward in one forward of `tokens` tokens (Llama blocks, no dropout).
 
-    Per layer and token, by the dtype each tensor has (matmul activations a: 2 in BF16, 4 in FP32; residual stream r:
-    FP32 unless the parameters themselves are BF16, as under FSDP2 mixed precision): each RMSNorm computes in FP32 and
-    keeps its FP32 input and normalised input, plus its output as the matmuls see it (autocast casts once per matmul: 3
-    copies before q/k/v, 2 before gate/up; FP32 or BF16 parameters need 1); attention keeps q, k, v, its output (the
-    o_proj input is a view of it) and a per-head log-sum-exp (no T x T scores with flash/SDPA kernels); the MLP keeps
-    gate, up, silu(gate) and their product. The head keeps the final norm's tensors and, by `loss` (see `loss_kind`):
-    plain, the FP32 log-probabilities (4 bytes per vocab entry); compiled, the logits in the matmul dtype (a); chunked,
-    none of them. Activation checkpointing keeps each block's input and recomputes one block at a time.
-
-    Tensor parallel over `tp` ranks (sequence parallel between the blocks) divides every term by tp except the norm
-    outputs, which the column-parallel matmuls keep gathered whole (q/k/v, gate/up, the head)."""
+    Per layer and token, by dtype (matmul activations a: 2 in BF16, 4 in FP32; residual stream r: FP32 unless the
+    parameters are BF16, as under FSDP2): each RMSNorm keeps its FP32 input and normalised input and its output as
+    the matmuls see it (autocast casts once per matmul: 3 copies before q/k/v, 2 before gate/up; else 1); attention
+    keeps q, k, v, its output and a per-head log-sum-exp (no T x T scores); the MLP keeps gate, up, silu(gate) and
+    their product. The head keeps the final norm's tensors and, by `loss`: plain, the FP32 log-probabilities;
+    compiled, the logits in dtype a; chunked, none. Activation checkpointing keeps each block's input and recomputes
+    one block at a time. Tensor parallel over `tp` ranks divides every term by tp except the norm outputs, which the
+    column-parallel matmuls keep gathered whole."""
     d, kv, f, V = cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim, cfg.padded_vocab_size
     a = 4 if precision == "fp32" else 2
     r = 2 if bf16_params else 4
@@ -56,9 +51,9 @@ def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: b
 
 
 def lora_activation_bytes(model: GPT, t, tokens: int, precision: str, checkpointing: bool = False) -> int:
-    """What LoRA adapters add to `activation_bytes` in one forward: each adapter keeps its r-wide A output (the B
-    input) and, with lora_dropout, the dropped input and its mask (the undropped input is the base matmul's, already
-    counted); a frozen base saves no more than a trained one. Activation checkpointing keeps one block's worth."""
+    """What LoRA adapters add to `activation_bytes`: each keeps its r-wide A output and, with lora_dropout, the
+    dropped input and its mask (the undropped input is the base matmul's, already counted); with activation
+    checkpointing, one block's worth."""
     import lora
     a = 4 if precision == "fp32" else 2
     adapted = [m for m in model.modules() if isinstance(m, lora.LoRALinear)]
@@ -70,13 +65,10 @@ def lora_activation_bytes(model: GPT, t, tokens: int, precision: str, checkpoint
 
 def loss_transient_bytes(cfg: GPTConfig, tokens: int, loss: str = "plain", precision: str = "bf16",
                          chunk_logits: int = kernel.CHUNK_LOGITS, tp: int = 1) -> int:
-    """Peak memory the loss adds beyond what it saves: plain (eager), the BF16 logits and the FP32 logits and their
-    gradient; compiled, the logits' gradient in the matmul dtype (inductor fuses the softmax into passes over the
-    saved logits and holds less than the 4 and 8 bytes per logit counted here and in `activation_bytes`:
-    BENCHMARKS.md); chunked (kernel.ChunkedLoss), one chunk of ~chunk_logits logits in FP32 and BF16, then 12
-    bytes per (V, d) element (the kept FP32 dW, the BF16 copy of the weight, each chunk's BF16 dW product and its
-    FP32 copy), and dh. Within 5 % of what torch's MemTracker measures on CPU (tests/test_kernels.py). Under tensor
-    parallel (kernel.vocab_parallel_loss, chunked) the same with each rank's V / tp vocab entries."""
+    """Peak memory the loss adds beyond what it saves: plain, the BF16 and FP32 logits and their gradient;
+    compiled, the logits' gradient in the matmul dtype; chunked (kernel.ChunkedLoss), one chunk of ~chunk_logits
+    logits in FP32 and BF16, 12 bytes per (V, d) element (the kept FP32 dW, the BF16 weight, each chunk's BF16 dW
+    and its FP32 copy) and dh; under tensor parallel, the same with each rank's V / tp vocab entries."""
     if loss == "compiled":
         return (4 if precision == "fp32" else 2) * cfg.padded_vocab_size * tokens
     if loss == "chunked":
@@ -87,11 +79,10 @@ def loss_transient_bytes(cfg: GPTConfig, tokens: int, loss: str = "plain", preci
 
 
 def muon_cost(model: GPT, gpus: int) -> dict:
-    """What train.optimizer=muon adds per step (optim.py): Newton-Schulz FLOPs (5 iterations of 4 m^2 n + 2 m^3
-    for an m x n matrix, m <= n), dealt out over the GPUs, and the bytes each GPU moves for it in BF16 (FSDP2:
-    its shards out to the owners and back; DDP: the orthogonalised matrices it does not own, broadcast). MoE expert
-    stacks count as one matrix per expert, orthogonalised where their shards lie (FSDP2, ep), nothing moved; frozen
-    matrices (a LoRA run's base) not at all."""
+    """What train.optimizer=muon adds per step: Newton-Schulz FLOPs (5 iterations of 4 m^2 n + 2 m^3 for an m x n
+    matrix, m <= n) over the GPUs, and the BF16 bytes each GPU moves (FSDP2: its shards to the owners and back; DDP:
+    the matrices it does not own, broadcast). An MoE expert stack counts as one matrix per expert, nothing moved;
+    frozen matrices not at all."""
     mats, experts = [], []
     for n, p in model.named_parameters():
         if p.ndim > 1 and n.startswith("layers.") and not n.endswith("mlp.gate.weight") and p.requires_grad:
@@ -103,10 +94,8 @@ def muon_cost(model: GPT, gpus: int) -> dict:
 
 
 def loss_kind(cfg: config.Config, gpus: int, mem_gib: float) -> str:
-    """How the loss holds a micro-batch's (tokens, vocab) logits, as kernel.configure will choose it: "plain"
-    (eager, all of them in FP32), "compiled" (all of them, fused by inductor) or "chunked" (one chunk at a time;
-    liger's too). train.loss auto takes "compiled" when the step is compiled and the configured layout fits
-    in mem_gib with it; else "chunked"."""
+    """How the loss holds a micro-batch's logits, as kernel.configure will choose it: "plain", "compiled" or
+    "chunked" (liger's too). auto takes "compiled" when the step is compiled and the layout fits mem_gib with it."""
     t = cfg.train
     if t.loss in ("plain", "compiled"):
         return t.loss
@@ -153,12 +142,10 @@ def parallel_mode(t: config.TrainConfig, n_params: int, mem_gib: float, cuda: bo
 
 def resolve(cfg: config.Config, model: GPTConfig, device: torch.device, precision: hardware.Precision,
             compiled: bool, rank: int, world: int) -> config.Run:
-    """The Run of `cfg` for this process: `model` is the model's resolved shape (train.init_from's, the data's
-    vocab), device, precision and compile come from hardware.resolve; here the micro batch (auto: the largest
-    that fits the device's memory by this plan), the parallel mode and the kernels (the loss by whether the
-    full logits fit) are decided, by the smallest memory of any rank, so that every rank decides alike. The
-    config was checked before (config.check_model); raises ConfigError only where the batch does not divide over
-    the world (config.derive), KernelError for a kernel that cannot run here."""
+    """The Run of `cfg` for this process, given the model's resolved shape and hardware.resolve's device, precision
+    and compile: decides the micro batch, the parallel mode and the kernels by the smallest memory of any rank, so
+    that every rank decides alike. Raises ConfigError only where the batch does not divide over the world, KernelError
+    for a kernel that cannot run here."""
     mem = hardware.memory_gib(device)
     if dist.is_initialized():
         mems = [None] * dist.get_world_size()
@@ -194,14 +181,13 @@ def tp_params(module: torch.nn.Module, tp: int) -> float:
 
 
 def comm_bytes(cfg: config.Config, model: GPT, dp: int, tp: int, mode: str, ac: bool) -> dict:
-    """Bytes each GPU sends per optimizer step of `cfg` (whose train.tp is `tp`), by ring algorithms (an all-gather or
-    reduce-scatter of S bytes over n ranks moves S (n - 1) / n per rank, an all-reduce twice that), by kind: `tp`, the
-    tensor-parallel collectives (per block and micro-batch, forward: the all-gather of the input of attention and of the
-    MLP and the reduce-scatter of their outputs, backward the same again, and once more in the recomputed forward with
-    activation checkpointing; the embedding's reduce-scatter and the final norm's all-gather, and their backwards; the
-    loss's three all-reduces of one FP32 number per token); `dp`, FSDP2's parameter all-gathers (again in backward with
-    reshard_after_forward) and gradient reduce-scatters per micro-batch, or DDP's one all-reduce of FP32 gradients;
-    `muon`, Muon's matrices to their owners and back. Scalars (the gradient norm, the skip flag) are left out."""
+    """Bytes each GPU sends per optimizer step of `cfg` (whose train.tp is `tp`) by ring algorithms (S bytes
+    all-gathered or reduce-scattered over n ranks: S (n - 1) / n per rank; an all-reduce twice that), by kind: `tp`,
+    per block and micro-batch the all-gathers of the attention and MLP inputs and reduce-scatters of their outputs
+    in forward, backward and (with activation checkpointing) the recomputed forward, plus the embedding's, the final
+    norm's and the loss's three all-reduces of one FP32 number per token; `dp`, FSDP2's parameter all-gathers and
+    gradient reduce-scatters, or DDP's one all-reduce of FP32 gradients; `muon`, Muon's matrices to their owners and
+    back. Scalars are left out."""
     t, m = cfg.train, cfg.model
     d = config.derive(cfg, dp * tp)
     tokens = d.micro_batch * m.block_size  # per micro-batch and rank
