@@ -116,7 +116,8 @@ def peft_files(model: nn.Module, t, base_path: str) -> tuple[dict, dict[str, tor
     tensors = {}
     for k, v in model.state_dict().items():
         if is_adapter(k):
-            tensors[f"base_model.model.{k if k.startswith('lm_head.') else 'model.' + k}"] = v.detach().float().cpu().contiguous()
+            name = f"base_model.model.{k if k.startswith('lm_head.') else 'model.' + k}"
+            tensors[name] = v.detach().float().cpu().contiguous()
     targets = sorted({TARGETS[k].rsplit(".", 1)[-1] for k in t.lora_targets})
     conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path, "r": t.lora_rank,
             "lora_alpha": t.lora_alpha, "lora_dropout": t.lora_dropout, "target_modules": targets, "bias": "none",
