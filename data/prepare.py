@@ -315,8 +315,8 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "bpe", vocab_size: int
     An interrupted preparation of the same inputs and settings continues where it was (unless `fresh`); the
     result is the same as an uninterrupted one, whatever the number of workers."""
     from tqdm import tqdm
-    if not 0 <= val_frac < 1:
-        raise DataError(f"--val_frac {val_frac:g} is not in [0, 1): it is the share of documents held out for val")
+    if not 0 <= val_frac <= 1:
+        raise DataError(f"--val_frac {val_frac:g} is not in [0, 1]: it is the share of documents held out for val")
     if tokenizer == "bpe" and vocab_size < 258:
         raise DataError(f"--vocab_size {vocab_size} is too small for a byte-level BPE: its 256 bytes and the "
                         f"end-of-text token leave no room for a merge (at least 258; 8192 is the default)")

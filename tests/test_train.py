@@ -177,7 +177,7 @@ def test_sample_and_eval_cli(trained, corpus, capsys):
     assert res["tokens"] == meta["splits"]["val"]["tokens"] - len(firsts)
     assert 0 < res["bpb"] < 8 and abs(res["ppl"] - 2.718281828 ** res["loss"]) < 1e-6 * res["ppl"]
     bad = run("eval.py", str(os.path.join(trained, "nope")), check=False)
-    assert bad.returncode == 2 and "no complete checkpoint" in bad.stderr
+    assert bad.returncode == 2 and f"{os.path.join(trained, 'nope')} does not exist" in bad.stderr
 
 
 def test_eval_refuses_data_of_another_tokenizer(trained, tmp_path):
