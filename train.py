@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import replace
 
 import torch
@@ -76,11 +76,12 @@ def main(argv: list[str]) -> int:
             except (config.ConfigError, checkpoint.CheckpointError):  # refused: the attempt leaves nothing behind
                 lock.close()
                 lock = None
-                for path in reversed(made):  # the lock files, then the folders made for them
-                    if os.path.isdir(path):
-                        os.rmdir(path)
-                    else:
-                        os.remove(path)
+                for path in reversed(made):  # the lock files, then the folders made for them (if still empty)
+                    with suppress(OSError):
+                        if os.path.isdir(path):
+                            os.rmdir(path)
+                        else:
+                            os.remove(path)
                 raise
         # the shards checked before the run's folder is touched; the ranks of one tensor-parallel group read alike
         loader = TrainLoader(cfg.data.datasets, cfg.data.weights, model_cfg.block_size, run.cfg.train.micro_batch_size,

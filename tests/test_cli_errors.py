@@ -90,3 +90,12 @@ def test_prepare_refuses_bad_arguments(files, tmp_path, capsys):
     refused(capsys, prepare.main, ["--verify", files["missing"]], files["missing"])
     refused(capsys, prepare.main, ["--out", out], "--input")
     assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("main,args,word", [
+    (sample.main, ["--max_new_tokens", "-5"], "--max_new_tokens"), (sample.main, ["--num_samples", "0"], "--num_samples"),
+    (eval_cli.main, ["--max_tokens", "0"], "--max_tokens"), (eval_cli.main, ["--batch_size", "-1"], "--batch_size"),
+    (bench.main, ["--steps", "0"], "--steps"), (plan.main, ["--gpus", "0"], "--gpus")])
+def test_negative_or_zero_counts_are_refused(main, args, word, capsys):
+    target = ["configs/tiny.yaml"] if main in (bench.main, plan.main) else ["out/none"]
+    refused(capsys, main, [*target, *args], word, "is below")
