@@ -30,6 +30,7 @@ import shutil
 import threading
 import time
 import warnings
+from contextlib import suppress
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -578,21 +579,36 @@ def tokenizer_dir(path: str, cfg) -> str:
 
 def lock_run(t) -> tuple:
     """Take the run's folders (rank 0): out_dir's lock, a local ckpt_dir checked writable and not another run's
-    out_dir, a remote one's lease. Returns (the lock file, the lease or None), for the caller to release."""
+    out_dir, a remote one's lease. Returns (the lock file, the lease or None, the paths taking them created), for the
+    caller to release, or to `abandon_run` when the run is refused before it starts."""
+    made = [path for folder in dict.fromkeys([t.out_dir, t.ckpt_dir or t.out_dir]) if not is_remote(folder)
+            for path in (folder, os.path.join(folder, ".lock")) if not os.path.exists(path)]
     lock = _lock(t.out_dir)
     if not t.ckpt_dir:
-        return lock, None
+        return lock, None, made
     try:
         if is_remote(t.ckpt_dir):  # an object store has no locks: a lease
             lease = Lease(t.ckpt_dir, t.lease_minutes)
             lease.acquire()
-            return lock, lease
+            return lock, lease, made
         if os.path.realpath(t.ckpt_dir) != os.path.realpath(t.out_dir):
             _lock(t.ckpt_dir).close()  # closing drops the lock
     except BaseException:
         lock.close()
         raise
-    return lock, None
+    return lock, None, made
+
+
+def abandon_run(lock, made: list[str]) -> None:
+    """Release the lock of a run refused before it started and remove what taking it created: the lock files, then
+    their folders while still empty. A refused run leaves nothing behind."""
+    lock.close()
+    for path in reversed(made):
+        with suppress(OSError):
+            if os.path.isdir(path):
+                os.rmdir(path)
+            else:
+                os.remove(path)
 
 
 def _lock(out_dir: str):

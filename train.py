@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import closing, contextmanager, nullcontext, suppress
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import replace
 
 import torch
@@ -65,23 +65,14 @@ def main(argv: list[str]) -> int:
 
         def take_run():
             nonlocal lock, lease
-            made = [path for folder in dict.fromkeys([t.out_dir, t.ckpt_dir or t.out_dir])
-                    if not checkpoint.is_remote(folder)
-                    for path in (folder, os.path.join(folder, ".lock")) if not os.path.exists(path)]
-            lock, lease = checkpoint.lock_run(t)
+            lock, lease, made = checkpoint.lock_run(t)
             try:
                 for name in checkpoint.clean(t.ckpt_dir or t.out_dir):
                     print(f"removed {name}, an unfinished save or deletion of a killed run")
                 return find_resume(replace(cfg, model=model_cfg))
             except (config.ConfigError, checkpoint.CheckpointError):  # refused: the attempt leaves nothing behind
-                lock.close()
+                checkpoint.abandon_run(lock, made)
                 lock = None
-                for path in reversed(made):  # the lock files, then the folders made for them (if still empty)
-                    with suppress(OSError):
-                        if os.path.isdir(path):
-                            os.rmdir(path)
-                        else:
-                            os.remove(path)
                 raise
         # the shards checked before the run's folder is touched; the ranks of one tensor-parallel group read alike
         loader = TrainLoader(cfg.data.datasets, cfg.data.weights, model_cfg.block_size, run.cfg.train.micro_batch_size,
