@@ -111,6 +111,19 @@ class TrainConfig:
     # Expert parallel (model.moe): each rank keeps num_experts / ep whole experts, tokens go to them and back by
     # all-to-all; with FSDP2 for the rest of the model (ep must equal the world size). 1: off
     ep: int = 1
+    # Pipeline parallel degree (torch.distributed.pipelining): the blocks are cut into pp x pp_virtual_stages stages
+    # of consecutive layers, each rank of a pipeline holding its stages (the embedding on the first, the final norm,
+    # head and loss on the last). The mesh is (pp, dp, tp): pp outermost (stages across nodes), tp innermost, FSDP2
+    # over dp inside each stage. 1: off
+    pp: int = 1
+    # the order of micro-batches' forwards and backwards: gpipe (all forwards, then all backwards), 1f1b,
+    # interleaved_1f1b (pp_virtual_stages >= 2 per rank, looped), zero_bubble (torch's ZBVZeroBubble) and dualpipev
+    # (two stages per rank in a V; the weight gradients split from the input gradients to fill the bubble)
+    pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b", "zero_bubble", "dualpipev"] = "1f1b"
+    # pipeline micro-batches per step on each data-parallel rank (they replace gradient accumulation: the micro
+    # batch is batch_size / dp / pp_microbatches); 0: the step's micro-batches of train.micro_batch_size
+    pp_microbatches: int = 0
+    pp_virtual_stages: int = 0  # stages per rank; 0: the schedule's (1; 2 for interleaved_1f1b, zero_bubble, dualpipev)
     reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (ZeRO-3); false: ZeRO-2
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # fsdp: dtype of gradient reduce-scatter
     fsdp_defer_sync: bool = False  # fsdp: reduce gradients only on the last micro-step (holds unsharded grads)
@@ -326,11 +339,12 @@ def validate(cfg: Config) -> None:
                   "train.max_steps": t.max_steps, "train.keep_last": t.keep_last, "log.interval": cfg.log.interval,
                   "train.ckpt_interval": t.ckpt_interval, "train.eval_batches": t.eval_batches,
                   "train.dist_timeout_s": t.dist_timeout_s, "train.max_consecutive_skips": t.max_consecutive_skips,
-                  "train.tp": t.tp, "train.ep": t.ep},
+                  "train.tp": t.tp, "train.ep": t.ep, "train.pp": t.pp},
               0: {"train.warmup_steps": t.warmup_steps, "train.eval_interval": t.eval_interval,
                   "train.lr": t.lr, "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
                   "train.max_minutes": t.max_minutes, "train.muon_lr": t.muon_lr or 0,
-                  "train.profile": t.profile, "train.compile_timeout_s": t.compile_timeout_s}}
+                  "train.profile": t.profile, "train.compile_timeout_s": t.compile_timeout_s,
+                  "train.pp_microbatches": t.pp_microbatches, "train.pp_virtual_stages": t.pp_virtual_stages}}
     for low, values in lowest.items():
         for key, v in values.items():
             if v < low:
@@ -392,6 +406,8 @@ def check_model(cfg: Config, world: int | None = None, data_vocab: int = 0) -> N
         raise ConfigError(str(e)) from None
     if t.tp > 1:
         check_tp(cfg)
+    if t.pp > 1:
+        check_pp(cfg)
     experts = m.moe.num_experts
     if t.ep > 1 and world is not None and (t.ep != world or not experts or experts % t.ep):
         raise ConfigError(f"train.ep={t.ep} must equal the world size ({world}) and divide "
@@ -438,6 +454,44 @@ def check_tp(cfg: Config, tp: int | None = None) -> None:
                           f"train LoRA under DDP or FSDP2 (train.tp=1), where the frozen base is sharded")
 
 
+# train.pp_schedule -> (torch's schedule class name, stages per rank by default)
+PP_SCHEDULES = {"gpipe": ("GPipe", 1), "1f1b": ("1F1B", 1), "interleaved_1f1b": ("Interleaved1F1B", 2),
+                "zero_bubble": ("ZBVZeroBubble", 2), "dualpipev": ("DualPipeV", 2)}
+
+
+def virtual_stages(t: TrainConfig) -> int:
+    """Pipeline stages per rank: train.pp_virtual_stages, or the schedule's own number."""
+    return t.pp_virtual_stages or PP_SCHEDULES[t.pp_schedule][1]
+
+
+def check_pp(cfg: Config) -> None:
+    """Raise ConfigError, naming the keys, when the run cannot be cut into train.pp pipeline stages: the schedule's
+    stages per rank, a layer at least per stage, and none of what the pipeline does not carry (a head tied to the
+    embedding across the first and last stage, MoE and expert parallel, LoRA, FP16's loss scaling, FP8, DDP inside a
+    stage, generation while training)."""
+    m, t, v = cfg.model, cfg.train, virtual_stages(cfg.train)
+    single = PP_SCHEDULES[t.pp_schedule][1] == 1
+    if (single and v != 1) or (t.pp_schedule in ("zero_bubble", "dualpipev") and v != 2) or v < 1:
+        raise ConfigError(f"train.pp_schedule={t.pp_schedule} runs {'one stage' if single else 'two stages (a V)'} "
+                          f"per rank{' or more' if t.pp_schedule == 'interleaved_1f1b' else ''}; "
+                          f"train.pp_virtual_stages={t.pp_virtual_stages} does not fit it (0: the schedule's own)")
+    if m.n_layer < t.pp * v:
+        raise ConfigError(f"train.pp={t.pp} with {v} stage(s) per rank cuts the model into {t.pp * v} stages, more "
+                          f"than its model.n_layer ({m.n_layer}) layers")
+    refused = {"model.tie_embeddings=true (the embedding is on the first stage, the head on the last; untie them)":
+               m.tie_embeddings,
+               "model.moe (the routing biases' balancing step and the balance loss span every stage)":
+               m.moe.num_experts, "train.ep": t.ep > 1, "train.lora": t.lora,
+               "train.parallel=ddp (data parallel inside a stage is FSDP2: use auto or fsdp)": t.parallel == "ddp",
+               f"train.precision={t.precision} (FP16's loss scaling and FP8 are not wired into the pipeline; use bf16)":
+               t.precision in ("fp16", "fp8"),
+               "eval.interval (samples while training need the whole model; evaluate checkpoints with eval.py)":
+               cfg.eval.interval}
+    for what, on in refused.items():
+        if on:
+            raise ConfigError(f"train.pp={t.pp} does not run with {what}")
+
+
 @dataclass(frozen=True)
 class Derived:
     world_size: int  # all ranks: data parallel x tensor parallel
@@ -445,13 +499,15 @@ class Derived:
     grad_accum: int
     batch_tokens: int
     tp: int  # tensor-parallel degree: the ranks of one group share each batch
-    dp: int  # data-parallel ranks: the number of different batches each micro-step (world_size / tp)
+    dp: int  # data-parallel ranks: the number of different batches each micro-step (world_size / tp / pp)
+    pp: int = 1  # pipeline stages' ranks: every rank of a pipeline sees the same batch
 
     def banner(self, cfg: Config) -> str:
         t = cfg.train
-        ranks = f"world size {self.world_size}" if self.tp == 1 else \
-            f"data parallel {self.dp} (world size {self.world_size} / train.tp {self.tp})"
-        return (f"global batch {t.batch_size} seqs = micro batch {self.micro_batch} x grad accum {self.grad_accum} "
+        ranks = f"world size {self.world_size}" if self.tp == self.pp == 1 else \
+            f"data parallel {self.dp} (world size {self.world_size} / train.tp {self.tp} / train.pp {self.pp})"
+        accum = "grad accum" if self.pp == 1 else f"pipeline micro-batches ({t.pp_schedule})"
+        return (f"global batch {t.batch_size} seqs = micro batch {self.micro_batch} x {accum} {self.grad_accum} "
                 f"x {ranks}; {self.batch_tokens:,} tokens/step (block_size "
                 f"{cfg.model.block_size}); {t.max_steps} steps = {self.batch_tokens * t.max_steps:,} tokens")
 
@@ -460,21 +516,40 @@ def derive(cfg: Config, world_size: int = 1, micro: int | None = None) -> Derive
     """The numbers that follow from the config, the batch split over world_size / train.tp data-parallel ranks.
     `micro`: the micro batch when train.micro_batch_size is auto; without it, a rank's whole batch."""
     t = cfg.train
-    if world_size % t.tp:
-        raise ConfigError(f"the world size ({world_size}) must be a multiple of train.tp ({t.tp})")
-    dp = world_size // t.tp
-    ranks = "world size" if t.tp == 1 else f"data-parallel size (world size {world_size} / train.tp {t.tp})"
+    if world_size % (t.tp * t.pp):
+        raise ConfigError(f"the world size ({world_size}) must be a multiple of train.tp x train.pp ({t.tp} x {t.pp})")
+    dp = world_size // (t.tp * t.pp)
+    ranks = "world size" if t.tp == t.pp == 1 else \
+        f"data-parallel size (world size {world_size} / train.tp {t.tp} / train.pp {t.pp})"
     if t.batch_size % dp:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of the {ranks} ({dp})")
-    if t.micro_batch_size != "auto":
+    if t.pp > 1 and t.pp_microbatches:
+        if t.batch_size // dp % t.pp_microbatches:
+            raise ConfigError(f"train.pp_microbatches ({t.pp_microbatches}) must divide a data-parallel rank's batch "
+                              f"(train.batch_size {t.batch_size} / {dp})")
+        micro = t.batch_size // dp // t.pp_microbatches
+        if t.micro_batch_size not in ("auto", micro):
+            raise ConfigError(f"train.micro_batch_size ({t.micro_batch_size}) and train.pp_microbatches "
+                              f"({t.pp_microbatches}) disagree: the micro batch is batch_size / dp / pp_microbatches "
+                              f"({micro}); set one of them")
+    elif t.micro_batch_size != "auto":
         micro = t.micro_batch_size
-    micro = micro or t.batch_size // dp
+    # without a memory plan: a rank's whole batch, or under pp one micro-batch per stage
+    micro = micro or max(1, t.batch_size // dp // (t.pp * virtual_stages(t) if t.pp > 1 else 1))
     per_step = micro * dp
     if t.batch_size % per_step:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
                           f"({micro}) x {ranks} ({dp})"
                           + ("" if t.micro_batch_size != "auto" else " (auto chose it)"))
-    return Derived(world_size, micro, t.batch_size // per_step, t.batch_size * cfg.model.block_size, t.tp, dp)
+    accum = t.batch_size // per_step
+    if t.pp > 1:  # torch's schedules: 1F1B and the V schedules need a micro-batch per stage; interleaved whole rounds
+        stages = t.pp * (virtual_stages(t) if t.pp_schedule != "interleaved_1f1b" else 1)
+        if (t.pp_schedule != "gpipe" and accum < stages) or (t.pp_schedule == "interleaved_1f1b" and accum % t.pp):
+            raise ConfigError(f"train.pp_schedule={t.pp_schedule} on {t.pp * virtual_stages(t)} stages needs "
+                              + (f"a multiple of train.pp ({t.pp})" if t.pp_schedule == "interleaved_1f1b" else
+                                 f"at least {stages}") + f" pipeline micro-batches per step; this step has {accum} "
+                              f"(train.batch_size / dp / micro batch {micro}): set train.pp_microbatches")
+    return Derived(world_size, micro, accum, t.batch_size * cfg.model.block_size, t.tp, dp, t.pp)
 
 
 @dataclass(frozen=True)
@@ -508,14 +583,22 @@ class Run:
 
     @property
     def dp_rank(self) -> int:
-        """This rank's place among the data-parallel ranks: which batches it reads (a tensor-parallel group is tp
-        consecutive ranks, as the (dp, tp) mesh of parallel.py lays them out)."""
-        return self.rank // self.tp
+        """This rank's place among the data-parallel ranks: which batches it reads (in the (pp, dp, tp) mesh of
+        parallel.py a tensor-parallel group is tp consecutive ranks; a pipeline's stages are dp x tp ranks apart)."""
+        return self.rank // self.tp % self.dp
+
+    @property
+    def pp(self) -> int:
+        return self.batch.pp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.dp * self.tp)
 
     def info(self) -> dict:
         """What was resolved, for run_info.json."""
         t = self.cfg.train
-        return {"world_size": self.world_size, "tp": self.tp, "precision": t.precision,
+        return {"world_size": self.world_size, "tp": self.tp, "pp": self.pp, "precision": t.precision,
                 "precision_reason": self.precision.reason,
                 "matmul_speedup": self.precision.speedup, "compile": t.compile,
                 "compile_reason": self.precision.compile_reason, "parallel": self.mode,
