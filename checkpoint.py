@@ -506,7 +506,7 @@ def find_resumable(out_dir: str, model: torch.nn.Module, warn, check=lambda stat
     return None
 
 
-def _fits(path: str, metadata, model_sd: dict) -> None:
+def _fits(path: str, metadata, model_sd: dict, part: bool = False) -> None:
     """Raise a CheckpointError naming the keys and shapes where checkpoint and model differ."""
     saved = {k[len("model."):]: tuple(v.size) for k, v in metadata.state_dict_metadata.items()
              if k.startswith("model.") and isinstance(v, dcp_metadata.TensorStorageMetadata)}
@@ -517,7 +517,7 @@ def _fits(path: str, metadata, model_sd: dict) -> None:
     problems = []
     if missing := sorted(set(want) - set(saved)):
         problems.append(f"missing from the checkpoint: {some(missing)}")
-    if extra := sorted(set(saved) - set(want)):
+    if (extra := sorted(set(saved) - set(want))) and not part:
         problems.append(f"not in the model: {some(extra)}")
     if shapes := [f"{k} {saved[k]} vs {want[k]}" for k in want if k in saved and saved[k] != want[k]]:
         problems.append(f"shapes differ (checkpoint vs model): {some(shapes)}")
@@ -541,11 +541,13 @@ def load(path: str, model: torch.nn.Module, optimizer=None, verified: bool = Fal
         verify_files(path)
     if optimizer is None:
         model_sd = get_model_state_dict(model, options=TRAINED)
-        _load(path, {"model": model_sd})
+        _load(path, {"model": model_sd}, part=hasattr(model, "stages"))
         set_model_state_dict(model, model_sd, options=TRAINED_LOAD)
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED)
-        _load(path, {"model": model_sd, "optim": optim_sd})
+        # the optimizer's state only: its hyperparameters come from the config, and under pipeline parallel each rank
+        # saved its own parameter groups, of which the checkpoint kept one rank's
+        _load(path, {"model": model_sd, "optim": {"state": optim_sd["state"]}}, part=hasattr(model, "stages"))
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=TRAINED_LOAD)
     return read_state(path)
 
@@ -559,10 +561,11 @@ def load_base(path: str, model: torch.nn.Module, skip=lambda name: False) -> Non
     set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
 
 
-def _load(path: str, state: dict) -> None:
-    """DCP-load `state` in place after checking that the checkpoint's model tensors are the ones it asks for."""
+def _load(path: str, state: dict, part: bool = False) -> None:
+    """DCP-load `state` in place after checking that the checkpoint's model tensors are the ones it asks for (all of
+    them, unless the model is `part` of one: a pipeline stage's)."""
     reader = _reader(path)
-    _fits(path, reader.read_metadata(), state["model"])
+    _fits(path, reader.read_metadata(), state["model"], part)
     try:
         dcp.load(state, checkpoint_id=path, storage_reader=reader, planner=_SafePlanner())
     except CheckpointException as e:

@@ -23,7 +23,7 @@ import build
 import checkpoint
 from config import at_least
 from loader import DataError, eval_batches, same_tokenizer, token_bytes
-from parallel import print0
+from parallel import Pipeline, print0
 from step import finite
 
 
@@ -44,13 +44,19 @@ def evaluate(model, paths: list[str], block_size: int, vocab_size: int, batch_si
             n_tokens += scored.size
             n_bytes += int(nbytes[scored].sum())
             x, y = x.to(device), y.to(device)
+            if isinstance(model, Pipeline):  # the last stage scores: its loss per micro-batch
+                nats += model.nats(x, y)
+                continue
             with autocast:
                 logits = model(x)
             nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
+    if isinstance(model, Pipeline) and not model.last:
+        n_tokens = n_bytes = 0
     totals = torch.tensor([nats.item(), n_tokens, n_bytes], dtype=torch.float64, device=device)
-    if world > 1:
+    if world > 1 or isinstance(model, Pipeline):
         torch.distributed.all_reduce(totals)
-        totals /= torch.distributed.get_world_size() // world  # a tensor-parallel group scored the same batches
+        # a tensor-parallel group scored the same batches; of a pipeline, its last stage
+        totals /= torch.distributed.get_world_size() // world // (model.pp if isinstance(model, Pipeline) else 1)
     total_nats, n_tokens, n_bytes = totals.tolist()
     loss = total_nats / max(n_tokens, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 700)), "bpb": total_nats / math.log(2) / max(n_bytes, 1),
@@ -64,7 +70,8 @@ def run_eval(model, run, step: int, tokens: int, log) -> float:
     uncompiled model (eval mode and a logits-only graph would each cost a recompile); `log(row)` writes the
     metrics row; returns the seconds taken."""
     t, model_cfg, t0 = run.cfg.train, run.cfg.model, time.perf_counter()
-    res = evaluate(model, run.cfg.data.datasets, model_cfg.block_size, model_cfg.vocab_size, t.micro_batch_size,
+    res = evaluate(model, run.cfg.data.datasets, model_cfg.block_size, model_cfg.vocab_size,
+                   t.micro_batch_size * (run.grad_accum if run.pp > 1 else 1),  # a pipeline takes a step's batch
                    run.device, max_tokens=t.eval_batches * t.micro_batch_size * model_cfg.block_size,
                    autocast=run.precision.autocast(run.device), rank=run.dp_rank, world=run.dp)
     model.train()

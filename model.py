@@ -353,7 +353,7 @@ class GPT(nn.Module):
         keeps only the local shard)."""
         if self.cfg.tie_embeddings:  # (re)tie: to_empty() gives each module its own new parameter
             self.lm_head.weight = self.embed_tokens.weight
-        if self.lm_head.weight.is_meta:
+        if next(self.parameters()).is_meta:
             return
         std, assign = self.cfg.init_std, assign or (lambda p, full: p.copy_(full))
         for name, p in self.named_parameters():
@@ -399,22 +399,26 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """idx (B, T) -> logits (B, T, padded_vocab), or with targets (B, T) (-1 ignored) the mean FP32 cross-entropy
-        by the model's ops, in training plus the MoE balance loss when model.moe.aux_loss_coef is set."""
-        B, T = idx.shape
+        by the model's ops, in training plus the MoE balance loss when model.moe.aux_loss_coef is set. A pipeline
+        stage (parallel.py) lacks the embedding (idx is then the residual stream (B, T, d) of the stage before) or
+        the final norm and head (it returns the residual stream)."""
+        T = idx.size(1)
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
-        x = self.embed_tokens(idx)
-        rope = None
-        if self.cfg.arch == "gpt2":
-            x = x + self.embed_positions(torch.arange(start, start + T, device=idx.device))
-        else:
-            rope = self.rope[start:start + T]
-        x = self.dropout(x)
+        rope = self.rope[start:start + T] if self.cfg.arch == "llama" else None
+        x = idx
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(idx)
+            if self.cfg.arch == "gpt2":
+                x = x + self.embed_positions(torch.arange(start, start + T, device=idx.device))
+            x = self.dropout(x)
         for layer in self.layers:
             x = layer(x, rope, cache)
         if cache is not None:
             cache.pos += T
+        if self.norm is None:
+            return x
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)

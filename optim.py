@@ -47,7 +47,7 @@ class Muon(torch.optim.AdamW):
     non-finite skip and the LR schedule treat it like AdamW. A Muon group holds `momentum` (0.95), `nesterov` (True)
     and `ns_dtype` (the Newton-Schulz dtype by name); its `lr` and `weight_decay` are in AdamW's units."""
 
-    def __init__(self, param_groups: list[dict], **adamw):
+    def __init__(self, param_groups: list[dict], group=None, **adamw):
         for g in param_groups:
             if g.get("muon"):
                 if any(p.ndim not in (2, 3) for p in g["params"]):
@@ -56,6 +56,7 @@ class Muon(torch.optim.AdamW):
                 g.setdefault("nesterov", True)
                 g.setdefault("ns_dtype", "bfloat16")
         super().__init__(param_groups, **adamw)
+        self.group = group  # the ranks that hold these parameters: a pipeline stage's (parallel.py); None: all
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -90,7 +91,7 @@ class Muon(torch.optim.AdamW):
     def _orthogonalize(self, params: list[torch.Tensor], updates: list[torch.Tensor], dtype) -> list[torch.Tensor]:
         """Orthogonalised updates, each the shape of its local update; each matrix computed by one rank. A sharded 3-D
         expert stack (FSDP2's or expert parallel's Shard(0): whole experts) is orthogonalised where it lies."""
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = dist.get_world_size(self.group) if dist.is_initialized() else 1
         local = [world == 1 or (p.ndim == 3 and isinstance(p, DTensor)) for p in params]
         if all(local):
             return [orthogonalize(u, dtype) for u in updates]
@@ -101,9 +102,9 @@ class Muon(torch.optim.AdamW):
 
     def _deal_out(self, params: list[torch.Tensor], updates: list[torch.Tensor], dtype) -> list[torch.Tensor]:
         """Orthogonalised updates of whole matrices dealt out round-robin over the ranks (see the module doc)."""
-        world = dist.get_world_size()
-        owner = [j % world for j in range(len(params))]
-        mine = [o == dist.get_rank() for o in owner]
+        world, group = dist.get_world_size(self.group), self.group
+        owner = [j % world for j in range(len(params))]  # ranks of `group`
+        mine = [o == dist.get_rank(group) for o in owner]
         split = [isinstance(p, DTensor) and p.device_mesh.ndim > 1 for p in params]  # FSDP2 + tensor parallel
         sharded = [isinstance(p, DTensor) and not s for p, s in zip(params, split)]  # FSDP2: Shard(0), all ranks
         rows = [-(-p.shape[0] // world) for p in params]  # FSDP2's Shard(0): ceil(n / world) rows, the last short
@@ -119,7 +120,7 @@ class Muon(torch.optim.AdamW):
             padded = u.new_zeros(rows[j], *p.shape[1:], dtype=dtype)
             padded[:u.size(0)] = u
             bucket = [torch.empty_like(padded) for _ in range(world)] if mine[j] else None
-            waits.append(dist.gather(padded, bucket, dst=owner[j], async_op=True))
+            waits.append(dist.gather(padded, bucket, group=group, group_dst=owner[j], async_op=True))
             full[j] = bucket
         for w in waits:
             w.wait()
@@ -132,26 +133,26 @@ class Muon(torch.optim.AdamW):
                 result = orthogonalize(whole, dtype).contiguous()  # a tall matrix's result is a transposed view
             if not sharded[j]:  # DDP: the whole result to every rank
                 out[j] = result if mine[j] else torch.empty(p.shape, dtype=dtype, device=u.device)
-                waits.append(dist.broadcast(out[j], src=owner[j], async_op=True))
+                waits.append(dist.broadcast(out[j], group=group, group_src=owner[j], async_op=True))
                 continue
             pieces = None
             if mine[j]:
                 pad = result.new_zeros(rows[j] * world - p.shape[0], *p.shape[1:])
                 pieces = list(torch.cat([result, pad]).split(rows[j]))
             out[j] = torch.empty(rows[j], *p.shape[1:], dtype=dtype, device=u.device)
-            waits.append(dist.scatter(out[j], pieces, src=owner[j], async_op=True))
+            waits.append(dist.scatter(out[j], pieces, group=group, group_src=owner[j], async_op=True))
         for w in waits:
             w.wait()
         return [o[:u.size(0)] for o, u in zip(out, updates)]
 
-    @staticmethod
-    def _split_matrix(p: DTensor, u: torch.Tensor, dtype, owner: int) -> torch.Tensor:
+    def _split_matrix(self, p: DTensor, u: torch.Tensor, dtype, owner: int) -> torch.Tensor:
         """A matrix over a (dp, tp) mesh: gathered whole, orthogonalised by its owner and broadcast; each rank keeps
         its piece, laid out as p's. One at a time, so no rank holds more than one whole matrix beyond its own."""
         whole = DTensor.from_local(u.to(dtype), p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                    stride=p.stride()).full_tensor()
-        result = orthogonalize(whole, dtype).contiguous() if owner == dist.get_rank() else torch.empty_like(whole)
-        dist.broadcast(result, src=owner)
+        mine = owner == dist.get_rank(self.group)
+        result = orthogonalize(whole, dtype).contiguous() if mine else torch.empty_like(whole)
+        dist.broadcast(result, group=self.group, group_src=owner)
         return distribute_tensor(result, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
@@ -187,7 +188,7 @@ def build(model: nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
     for g in groups:
         if g.get("muon"):
             g["ns_dtype"] = "bfloat16" if t.precision in ("bf16", "fp8") else "float32"
-    return Muon(groups, **kw)
+    return Muon(groups, group=getattr(model, "stage_group", None), **kw)  # a pipeline stage's ranks
 
 
 def lr_at(step: int, t, max_steps: int, peak: float | None = None) -> float:

@@ -4,8 +4,9 @@ FSDP2, expert parallel) while build.py builds it, and `wrap` puts DDP or torch.c
 
     one process: nothing to wrap        DDP: replicas, gradients all-reduced once per step
     FSDP2: `fully_shard` per block and at the root, BF16 compute, FP32 (or BF16) gradient reduce-scatter
-    FSDP2 + TP (train.tp): a (dp, tp) mesh; `tensor_parallel` splits within tp, FSDP2 shards across dp
+    FSDP2 + TP (train.tp): a (pp, dp, tp) mesh; `tensor_parallel` splits within tp, FSDP2 shards across dp
     expert parallel (train.ep, with FSDP2): each rank keeps its whole experts; tokens travel by all-to-all
+    pipeline parallel (train.pp): `pipeline_split` keeps a rank's stages of blocks, `Pipeline` runs torch's schedule
 """
 import functools
 import os
@@ -18,6 +19,8 @@ import torch.nn as nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd as all_to_all
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
@@ -72,10 +75,12 @@ def tensor_parallel(model: GPT, mesh: DeviceMesh) -> None:
            "lm_head": ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
     if model.cfg.arch == "gpt2":  # positions (T,) -> (T / tp, d): the same sequence part as the tokens'
         top["embed_positions"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0))
-    parallelize_module(model, mesh, top)
+    # a pipeline stage splits the ends it holds; the residual stream it sends on is the sequence part of each rank
+    parallelize_module(model, mesh, {k: v for k, v in top.items() if getattr(model, k) is not None})
     # the loss reads lm_head's weight, not the module: it gets the final norm's output whole, as a DTensor
     whole = PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=False)
-    parallelize_module(model.norm, mesh, whole)
+    if model.norm is not None:
+        parallelize_module(model.norm, mesh, whole)
     if model.cfg.tie_embeddings:  # parallelize_module gave each its own DTensor; both are Shard(0) of (V, d)
         model.lm_head.weight = model.embed_tokens.weight
     gathered = dict(input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None))
@@ -95,11 +100,113 @@ def tensor_parallel(model: GPT, mesh: DeviceMesh) -> None:
 
 
 def device_mesh(run: config.Run) -> DeviceMesh | None:
-    """The (dp, tp) mesh of a tensor-parallel run (rank r is dp r // tp, tp r % tp: a tp group is consecutive
-    ranks, one node's GPUs over NVLink); None without tensor parallel (FSDP2 and DDP take the whole world)."""
-    if run.tp == 1:
+    """The (pp, dp, tp) mesh of a tensor- or pipeline-parallel run: a tp group is consecutive ranks (one node's GPUs
+    over NVLink), a pipeline's stages are dp x tp ranks apart (across nodes), as config.Run's dp_rank and pp_rank
+    read it; None without either (FSDP2 and DDP take the whole world)."""
+    if run.tp == run.pp == 1:
         return None
-    return init_device_mesh(run.device.type, (run.dp, run.tp), mesh_dim_names=("dp", "tp"))
+    return init_device_mesh(run.device.type, (run.pp, run.dp, run.tp), mesh_dim_names=("pp", "dp", "tp"))
+
+
+class _Layers(nn.ModuleDict):
+    """A pipeline rank's blocks under their places in the whole model ("layers.7.mlp..."), iterated in order."""
+
+    def __iter__(self):
+        return iter(self.values())
+
+
+class _Stage(GPT):
+    """One pipeline stage: GPT.forward over some blocks of `whole` (the embedding if it is the first stage, the final
+    norm, head and loss if the last). Its modules are whole's, so parameters keep the unsplit model's names, and
+    whole's kernels, RoPE table and config are read from it, never copied."""
+
+    def __init__(self, whole: GPT, layers: range, first: bool, last: bool):
+        nn.Module.__init__(self)
+        self._whole = [whole]  # in a list: not a submodule
+        self.embed_tokens = whole.embed_tokens if first else None
+        if whole.cfg.arch == "gpt2":
+            self.embed_positions = whole.embed_positions if first else None
+        self.dropout = whole.dropout
+        self.layers = _Layers({str(i): whole.layers[str(i)] for i in layers})
+        self.norm, self.lm_head = (whole.norm, whole.lm_head) if last else (None, None)
+
+    cfg = property(lambda self: self._whole[0].cfg)
+    ops = property(lambda self: self._whole[0].ops)
+    rope = property(lambda self: self._whole[0].rope)
+
+
+def pipeline_split(model: GPT, run: config.Run) -> list[tuple[int, _Stage]]:
+    """Cut `model` (on the meta device, in place) to this rank's pipeline stages: train.pp x the schedule's stages per
+    rank cut the blocks into runs of consecutive layers (stage s: layers s L / S to (s + 1) L / S); a looped schedule
+    gives rank r stages r, r + pp, ..., a V schedule (zero_bubble, dualpipev) stages r and 2 pp - 1 - r. `model` keeps
+    what its stages hold (the others' blocks, and the embedding or head it does not hold, become absent). Returns
+    [(stage index, stage)]."""
+    t, L = run.cfg.train, model.cfg.n_layer
+    S = run.pp * config.virtual_stages(t)
+    r = run.pp_rank
+    ids = [r, S - 1 - r] if t.pp_schedule in ("zero_bubble", "dualpipev") else list(range(r, S, run.pp))
+    model.layers = _Layers({str(i): model.layers[i] for s in sorted(ids) for i in range(s * L // S, (s + 1) * L // S)})
+    stages = [(s, _Stage(model, range(s * L // S, (s + 1) * L // S), s == 0, s == S - 1)) for s in ids]
+    if 0 not in ids:
+        model.embed_tokens = None
+        if model.cfg.arch == "gpt2":
+            model.embed_positions = None
+    if S - 1 not in ids:
+        model.norm = model.lm_head = None
+    return stages
+
+
+class Pipeline:
+    """What a pipeline-parallel run's step calls instead of the model: torch's schedule (train.pp_schedule) over this
+    rank's stages. The step's micro-batches go in as one batch, which the schedule cuts back into them; the last
+    stage's loss is the model's mean per micro-batch over their number, so the gradients are the step's mean as
+    with gradient accumulation, and every stage's gradients are complete when `step` returns."""
+
+    def __init__(self, model: GPT, run: config.Run):
+        t, self.model, self.run, self.n, self.pp = run.cfg.train, model, run, run.grad_accum, run.pp
+        self.group = model.pp_group
+        S = run.pp * config.virtual_stages(t)
+        self.parts = [part for _, part in model.stages]
+        self.stages = [PipelineStage(part, s, S, run.device, group=self.group) for s, part in model.stages]
+        self.first = any(s.is_first for s in self.stages)
+        self.last = any(s.is_last for s in self.stages)
+        schedule = get_schedule_class(config.PP_SCHEDULES[t.pp_schedule][0])
+        one = issubclass(schedule, PipelineScheduleSingle)
+        self.schedule = schedule(self.stages[0] if one else self.stages, n_microbatches=self.n,
+                                 loss_fn=lambda loss, target: loss / self.n, scale_grads=False)
+
+    def _run(self, run, batches) -> list[torch.Tensor]:
+        xs, ys = zip(*batches)
+        x, y = torch.cat(xs), torch.cat(ys)
+        losses = []
+        with self.run.precision.autocast(self.run.device):  # the last stage gets the targets: GPT.forward's loss
+            run(*([x] if self.first else []), target=y, losses=losses, return_outputs=False, targets=y)
+        return losses
+
+    def step(self, batches) -> torch.Tensor:
+        """Forward and backward of the step's micro-batches [(x, y)]; the sum of their losses on the rank holding
+        the last stage, else 0."""
+        losses = self._run(self.schedule.step, batches)
+        return torch.stack(losses).sum() * self.n if self.last else torch.zeros((), device=self.run.device)
+
+    @torch.no_grad()
+    def nats(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The summed cross-entropy of batch (x, y) (rows a multiple of the micro-batches; -1 targets ignored) on
+        the rank holding the last stage, else 0."""
+        losses = self._run(self.schedule.eval, [(x, y)])
+        if not self.last:
+            return torch.zeros((), device=self.run.device)
+        counts = torch.stack([(part >= 0).sum() for part in y.tensor_split(self.n)])
+        mean = torch.stack(losses).float() * self.n
+        return torch.where(counts > 0, mean * counts, 0.0).sum()  # an all-padding micro-batch's mean is NaN
+
+    def train(self, mode: bool = True):
+        for m in (self.model, *self.parts):
+            m.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
 
 
 def parallelize(model: GPT, run: config.Run) -> None:
@@ -107,9 +214,15 @@ def parallelize(model: GPT, run: config.Run) -> None:
     `torch.compile` applies per block (in place, so the state-dict names stay; the gathers stay outside the graphs)."""
     t, device, fsdp = run.cfg.train, run.device, run.mode == "fsdp"
     mesh = device_mesh(run)
-    if mesh is not None:  # first, as torchtitan: checkpointing, compile and FSDP2 then see the split modules
+    if mesh is not None and run.pp > 1:  # first: the rank's stages, which Pipeline runs (wrap)
+        model.stages, model.pp_group = pipeline_split(model, run), mesh["pp"].get_group()
+        # the ranks of one stage (dp x tp of them): Muon deals out its matrices among these (optim.py)
+        stage_groups = [dist.new_group(list(range(i * run.dp * run.tp, (i + 1) * run.dp * run.tp)))
+                        for i in range(run.pp)]
+        model.stage_group = stage_groups[run.pp_rank]
+    if mesh is not None and run.tp > 1:  # as torchtitan: checkpointing, compile and FSDP2 then see the split modules
         tensor_parallel(model, mesh["tp"])
-        if t.compile:
+        if t.compile and model.embed_tokens is not None:
             # The embedding's output is a view of its DTensor's local part; a compiled block given that view as its
             # input returned a zero gradient for it (torch 2.13, CPU), so the embedding never learned. A copy.
             model.embed_tokens.register_forward_hook(lambda module, args, out: out.clone())
@@ -135,18 +248,21 @@ def parallelize(model: GPT, run: config.Run) -> None:
         # sharded over the same ranks, are left to it
         dp_mesh = mesh["dp"] if mesh is not None else init_device_mesh(device.type, (dist.get_world_size(),))
         experts = expert_parallel(model, dp_mesh) if t.ep > 1 else set()
-        shard = dict(mesh=dp_mesh, mp_policy=mp, reshard_after_forward=t.reshard_after_forward, ignored_params=experts)
+        # a pipeline stage's blocks stay gathered from the first micro-batch's forward to the last one's backward
+        shard = dict(mesh=dp_mesh, mp_policy=mp, reshard_after_forward=t.reshard_after_forward and run.pp == 1,
+                     ignored_params=experts)
         for block in model.layers:
             fully_shard(block, **shard)
-        fully_shard(model, **shard)
+        for root in [part for _, part in model.stages] if run.pp > 1 else [model]:  # each stage is a root
+            fully_shard(root, **shard)
 
 
 def wrap(model: GPT, run: config.Run) -> nn.Module:
     """The module the training step calls, once `model` holds its weights: DDP for a DDP run, torch.compile of the
     whole model (head and loss included) unless FSDP2 compiled it per block. `model` itself stays the uncompiled
     module, not wrapped by DDP, for evaluation and checkpoints (under FSDP2 it is the sharded root)."""
-    if run.mode == "fsdp":
-        return model
+    if run.mode == "fsdp":  # (a pipeline-parallel run is one)
+        return Pipeline(model, run) if run.pp > 1 else model
     wrapped = model
     if run.mode == "ddp":
         wrapped = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None,

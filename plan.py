@@ -133,7 +133,7 @@ def parallel_mode(t: config.TrainConfig, n_params: int, mem_gib: float, cuda: bo
     """How a run over several processes is wrapped: FSDP2 with expert or tensor parallel (train.ep or train.tp above 1);
     else train.parallel, where auto picks DDP while the FP32 model, its gradients and AdamW's two moments (16 bytes a
     parameter) take under 40 % of one device's memory (on CPUs always), else FSDP."""
-    if t.ep > 1 or t.tp > 1:
+    if t.ep > 1 or t.tp > 1 or t.pp > 1:
         return "fsdp"
     if t.parallel != "auto":
         return t.parallel

@@ -53,17 +53,20 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: conf
     loss_sum, experts = 0.0, [m for m in model.modules() if isinstance(m, MoE)]
     for m in experts:  # counts of a step that raised (a first step run again) do not carry over
         m.load = None
-    for micro, (x, y) in enumerate(batches):
-        with sync_grads(train_model, mode, micro == accum - 1, t.fsdp_defer_sync):
-            with run.precision.autocast(run.device):
-                loss = train_model(x, y)
-            (scaler.scale(loss / accum) if scaler else loss / accum).backward()
-        loss_sum = loss_sum + loss.detach()
+    if run.pp > 1:  # the pipeline's schedule runs the micro-batches (train_model: parallel.Pipeline)
+        loss_sum = train_model.step(list(batches))
+    else:
+        for micro, (x, y) in enumerate(batches):
+            with sync_grads(train_model, mode, micro == accum - 1, t.fsdp_defer_sync):
+                with run.precision.autocast(run.device):
+                    loss = train_model(x, y)
+                (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+            loss_sum = loss_sum + loss.detach()
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = clip_grads(model, t.grad_clip)
+    grad_norm = clip_grads(model, t.grad_clip, train_model.group if run.pp > 1 else None)
     bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
-    if mode != "none":  # a loss is per rank; every rank must skip alike (no host sync on NCCL)
+    if run.world_size > 1:  # a loss is per rank; every rank must skip alike (no host sync on NCCL)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if scaler is not None:
         # The scaler's own check looks at this rank's gradients only (a shard of them under FSDP2), so ranks
@@ -84,11 +87,18 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: conf
     return loss_sum, grad_norm, bad
 
 
-def clip_grads(model: nn.Module, max_norm: float) -> torch.Tensor:
+def clip_grads(model: nn.Module, max_norm: float, pp_group=None) -> torch.Tensor:
     """Scale the gradients to a global norm of at most `max_norm` (0: no clipping); returns the norm before, a plain
-    tensor (under FSDP2 and tensor parallel torch's norm of DTensors is already over the whole mesh)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    tensor (under FSDP2 and tensor parallel torch's norm of DTensors is already over the whole mesh; a pipeline's
+    stages add their squares over `pp_group`)."""
+    if pp_group is None:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    square = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2
+    dist.all_reduce(square, group=pp_group)
+    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm or float("inf"), square.sqrt())
+    return square.sqrt()
 
 
 def balance_experts(experts: list[MoE], bad: torch.Tensor, mode: str) -> None:
@@ -240,7 +250,7 @@ class Log:
         if world > 1:
             dist.all_reduce(self.loss_sum)
         loss_sum, good = torch.stack([self.loss_sum, self.good]).tolist()  # the one host sync per log line
-        loss = loss_sum / (good * run.grad_accum * world) if good else float("nan")
+        loss = loss_sum / (good * run.grad_accum * world // run.pp) if good else float("nan")  # pp: last stage's
         now = time.perf_counter()
         step_s, wait_s = (now - self.t0) / self.steps, (self.data.waited - self.waited) / self.steps
         self.loss_sum.zero_()

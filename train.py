@@ -153,7 +153,8 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
     train_model = parallel.wrap(model, run)
     optimizer = optim.build(model, t, device)
     scaler = torch.amp.GradScaler(device.type) if run.precision.scaled else None
-    print0(banner(run, model, optimizer, scaler))
+    counted = plan.meta_model(cfg) if run.pp > 1 else model  # a pipeline rank holds some blocks: count them all
+    print0(banner(run, counted, optimizer, scaler))
     # Stop requests go over a CPU group, so they never wait on the GPU's stream; async checkpoints get a group
     # of their own, since their collectives run in a background thread (two threads must not share one group).
     cpu_group = dist.new_group(backend="gloo") if run.world_size > 1 else None
@@ -168,7 +169,7 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
     if step >= max_steps:
         print0(f"nothing to do: the checkpoint is at step {step} and train.max_steps is {max_steps}")
     batches = Prefetcher(loader, step, run.grad_accum, device)
-    log = Log(run, model, batches, step, skipped)
+    log = Log(run, counted, batches, step, skipped)
     live_eval = None
     if cfg.eval.interval:  # lm-eval tasks, a sample
         from harness import LiveEval
@@ -242,7 +243,7 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
                 if log_now:  # log
                     log.line(step, lr, grad_norm, tokens, max_steps, time.perf_counter() - t_start)
                 if t.eval_interval and (step % t.eval_interval == 0 or last):  # eval
-                    log.pause(run_eval(model, run, step, tokens, log.row))
+                    log.pause(run_eval(train_model if run.pp > 1 else model, run, step, tokens, log.row))
                 if live_eval and (step % cfg.eval.interval == 0 or last):  # lm-eval tasks, a sample
                     log.pause(live_eval.run(step, tokens, log.row))
                 stopping = any_rank(stop["signal"] is not None, cpu_group)  # all ranks stop at one step
@@ -312,7 +313,7 @@ def train_state(run: config.Run, tokens: int, max_steps: int, skipped: int, scal
     fingerprint."""
     t = run.cfg.train
     state = {"tokens": tokens, "config": config.to_dict(replace(run.cfg, train=replace(t, max_steps=max_steps))),
-             "world_size": run.world_size, "tp": run.tp, "skipped_steps": skipped, "data": data}
+             "world_size": run.world_size, "tp": run.tp, "pp": run.pp, "skipped_steps": skipped, "data": data}
     if scaler is not None:
         state["grad_scaler"] = scaler.state_dict()
     if budget_steps is not None:
@@ -379,7 +380,8 @@ def banner(run: config.Run, model, optimizer, scaler) -> str:
     return (f"model: {run.cfg.model.arch}, {model.num_params() / 1e6:.2f}M parameters "
             f"({model.num_params(embeddings=False) / 1e6:.2f}M without embeddings), "
             f"{model.flops_per_token() / 1e6:.1f} MFLOPs/token; device {run.device}, parallel {run.mode} x {world}"
-            + (f" (data parallel {run.dp} x tensor parallel {run.tp})" if run.tp > 1 else "")
+            + (f" (pipeline {run.pp} x data parallel {run.dp} x tensor parallel {run.tp}, "
+               f"{t.pp_schedule} over {run.pp * config.virtual_stages(t)} stages)" if run.tp * run.pp > 1 else "")
             + (", activation checkpointing" if t.activation_checkpointing else "") + f", compile {t.compile}\n"
             + hardware.describe(run.precision) + (" (loss scaling: torch.amp.GradScaler)" if scaler else "") + "\n"
             + "kernels: " + run.ops.describe() + "\n" + opt)
