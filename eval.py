@@ -44,7 +44,7 @@ def evaluate(model, paths: list[str], block_size: int, vocab_size: int, batch_si
             n_tokens += scored.size
             n_bytes += int(nbytes[scored].sum())
             x, y = x.to(device), y.to(device)
-            if isinstance(model, Pipeline):  # the last stage scores: its loss per micro-batch
+            if isinstance(model, Pipeline):  # the last stage scores
                 nats += model.nats(x, y)
                 continue
             with autocast:
@@ -70,8 +70,7 @@ def run_eval(model, run, step: int, tokens: int, log) -> float:
     uncompiled model (eval mode and a logits-only graph would each cost a recompile); `log(row)` writes the
     metrics row; returns the seconds taken."""
     t, model_cfg, t0 = run.cfg.train, run.cfg.model, time.perf_counter()
-    res = evaluate(model, run.cfg.data.datasets, model_cfg.block_size, model_cfg.vocab_size,
-                   t.micro_batch_size * (run.grad_accum if run.pp > 1 else 1),  # a pipeline takes a step's batch
+    res = evaluate(model, run.cfg.data.datasets, model_cfg.block_size, model_cfg.vocab_size, t.micro_batch_size,
                    run.device, max_tokens=t.eval_batches * t.micro_batch_size * model_cfg.block_size,
                    autocast=run.precision.autocast(run.device), rank=run.dp_rank, world=run.dp)
     model.train()

@@ -135,16 +135,21 @@ class _Stage(GPT):
     rope = property(lambda self: self._whole[0].rope)
 
 
+def stage_ids(run: config.Run, pp_rank: int) -> list[int]:
+    """The pipeline stages pp rank `pp_rank` holds (see pipeline_split)."""
+    S = run.pp * config.virtual_stages(run.cfg.train)
+    if run.cfg.train.pp_schedule in ("zero_bubble", "dualpipev"):
+        return [pp_rank, S - 1 - pp_rank]
+    return list(range(pp_rank, S, run.pp))
+
+
 def pipeline_split(model: GPT, run: config.Run) -> list[tuple[int, _Stage]]:
     """Cut `model` (on the meta device, in place) to this rank's pipeline stages: train.pp x the schedule's stages per
     rank cut the blocks into runs of consecutive layers (stage s: layers s L / S to (s + 1) L / S); a looped schedule
     gives rank r stages r, r + pp, ..., a V schedule (zero_bubble, dualpipev) stages r and 2 pp - 1 - r. `model` keeps
     what its stages hold (the others' blocks, and the embedding or head it does not hold, become absent). Returns
     [(stage index, stage)]."""
-    t, L = run.cfg.train, model.cfg.n_layer
-    S = run.pp * config.virtual_stages(t)
-    r = run.pp_rank
-    ids = [r, S - 1 - r] if t.pp_schedule in ("zero_bubble", "dualpipev") else list(range(r, S, run.pp))
+    L, S, ids = model.cfg.n_layer, run.pp * config.virtual_stages(run.cfg.train), stage_ids(run, run.pp_rank)
     model.layers = _Layers({str(i): model.layers[i] for s in sorted(ids) for i in range(s * L // S, (s + 1) * L // S)})
     stages = [(s, _Stage(model, range(s * L // S, (s + 1) * L // S), s == 0, s == S - 1)) for s in ids]
     if 0 not in ids:
@@ -166,7 +171,8 @@ class Pipeline:
         t, self.model, self.run, self.n, self.pp = run.cfg.train, model, run, run.grad_accum, run.pp
         self.group = model.pp_group
         S = run.pp * config.virtual_stages(t)
-        self.parts = [part for _, part in model.stages]
+        self.parts = dict(model.stages)  # by stage index
+        self.owner = [next(r for r in range(run.pp) if s in stage_ids(run, r)) for s in range(S)]  # stage -> pp rank
         self.stages = [PipelineStage(part, s, S, run.device, group=self.group) for s, part in model.stages]
         self.first = any(s.is_first for s in self.stages)
         self.last = any(s.is_last for s in self.stages)
@@ -175,33 +181,41 @@ class Pipeline:
         self.schedule = schedule(self.stages[0] if one else self.stages, n_microbatches=self.n,
                                  loss_fn=lambda loss, target: loss / self.n, scale_grads=False)
 
-    def _run(self, run, batches) -> list[torch.Tensor]:
-        xs, ys = zip(*batches)
-        x, y = torch.cat(xs), torch.cat(ys)
-        losses = []
-        with self.run.precision.autocast(self.run.device):  # the last stage gets the targets: GPT.forward's loss
-            run(*([x] if self.first else []), target=y, losses=losses, return_outputs=False, targets=y)
-        return losses
-
     def step(self, batches) -> torch.Tensor:
         """Forward and backward of the step's micro-batches [(x, y)]; the sum of their losses on the rank holding
         the last stage, else 0."""
-        losses = self._run(self.schedule.step, batches)
+        xs, ys = zip(*batches)
+        x, y, losses = torch.cat(xs), torch.cat(ys), []
+        with self.run.precision.autocast(self.run.device):  # the last stage gets the targets: GPT.forward's loss
+            self.schedule.step(*([x] if self.first else []), target=y, losses=losses, return_outputs=False, targets=y)
         return torch.stack(losses).sum() * self.n if self.last else torch.zeros((), device=self.run.device)
 
     @torch.no_grad()
     def nats(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The summed cross-entropy of batch (x, y) (rows a multiple of the micro-batches; -1 targets ignored) on
-        the rank holding the last stage, else 0."""
-        losses = self._run(self.schedule.eval, [(x, y)])
+        """The summed cross-entropy of batch (x, y) (-1 targets ignored) on the rank holding the last stage, else 0:
+        one forward through the stages in order, each rank running its own and passing the residual stream on (no
+        schedule: torch's zero-bubble ones have no forward-only mode)."""
+        me, h, loss = self.run.pp_rank, x, None
+        for s in range(len(self.owner)):
+            prev = self.owner[s - 1] if s else None  # the rank holding the stage before
+            if self.owner[s] == me:
+                if prev not in (me, None):
+                    meta = [None]
+                    dist.recv_object_list(meta, group=self.group, group_src=prev)
+                    h = torch.empty(meta[0][0], dtype=meta[0][1], device=self.run.device)
+                    dist.recv(h, group=self.group, group_src=prev)
+                with self.run.precision.autocast(self.run.device):
+                    h = loss = self.parts[s](h, targets=y)
+            elif prev == me:
+                dist.send_object_list([(h.shape, h.dtype)], group=self.group, group_dst=self.owner[s])
+                dist.send(h.contiguous(), group=self.group, group_dst=self.owner[s])
         if not self.last:
             return torch.zeros((), device=self.run.device)
-        counts = torch.stack([(part >= 0).sum() for part in y.tensor_split(self.n)])
-        mean = torch.stack(losses).float() * self.n
-        return torch.where(counts > 0, mean * counts, 0.0).sum()  # an all-padding micro-batch's mean is NaN
+        count = (y >= 0).sum()
+        return torch.where(count > 0, loss.float() * count, 0.0)  # an all-padding batch's mean is NaN
 
     def train(self, mode: bool = True):
-        for m in (self.model, *self.parts):
+        for m in (self.model, *self.parts.values()):
             m.train(mode)
         return self
 
