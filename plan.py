@@ -4,8 +4,9 @@
     python plan.py --check        # the activation estimate against measured saved tensors on this CPU
 
 Per GPU and per layout (DDP, FSDP2, FSDP2 with activation checkpointing, FSDP2 + tensor parallel of each degree
-the model splits into): parameter, gradient, optimizer and activation memory and whether they fit, bytes sent per
-step; FLOPs per step and the tokens/s at 40 % and 50 % MFU; `--fit` names the smallest train.tp that fits.
+the model splits into, and pipeline stages of each degree under those): parameter, gradient, optimizer and
+activation memory and whether they fit, the pipeline's bubble, bytes sent per step; FLOPs per step and the tokens/s
+at 40 % and 50 % MFU; `--fit` names the smallest train.tp, then train.pp that fits (see `fit`).
 """
 import argparse
 import sys
@@ -702,8 +703,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--gpus", type=config.at_least(1), default=8)
     p.add_argument("--gpu", choices=list(GPUS), default="h100")
     p.add_argument("--check", action="store_true", help="compare the activation estimate with this CPU")
-    p.add_argument("--fit", action="store_true", help="name the smallest train.tp (then FSDP2, then activation "
-                                                      "checkpointing) whose plan fits the GPU")
+    p.add_argument("--fit", action="store_true", help="name the smallest train.tp, then train.pp (then FSDP2, then "
+                                                      "activation checkpointing) whose plan fits the GPU")
     a = p.parse_intermixed_args(argv)
     if a.check:
         check()
