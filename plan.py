@@ -136,8 +136,8 @@ def fits(cfg: config.Config, gpus: int, mem_gib: float, loss: str | None = None)
 
 def parallel_mode(t: config.TrainConfig, n_params: int, mem_gib: float, cuda: bool = True) -> str:
     """How a run over several processes is wrapped: FSDP2 with expert, tensor or pipeline parallel (train.ep, train.tp
-    or train.pp above 1); else train.parallel, where auto picks DDP while the FP32 model, its gradients and AdamW's two moments (16 bytes a
-    parameter) take under 40 % of one device's memory (on CPUs always), else FSDP."""
+    or train.pp above 1); else train.parallel, where auto picks DDP while the FP32 model, its gradients and AdamW's
+    two moments (16 bytes a parameter) take under 40 % of one device's memory (on CPUs always), else FSDP."""
     if t.ep > 1 or t.tp > 1 or t.pp > 1:
         return "fsdp"
     if t.parallel != "auto":
@@ -553,10 +553,11 @@ def print_plan(cfg: config.Config, gpus: int, gpu: str, show_fit: bool = False) 
         print(f"{r['mode']:<24} {r['params']:7.2f} {r['grads']:7.2f} {r['optim']:7.2f} {r['working']:8.2f} "
               f"{r['activations']:7.2f} {r['total']:7.2f}  {'yes' if r['fits'] else 'NO '}  {bubble:>6}  {comm:>31}  "
               f"{r['send_s']:6.1f}{'  <- the config' if r['configured'] else ''}")
-    print(f"comm: bytes each GPU sends per optimizer step (ring collectives, point-to-point between stages; comm_bytes); "
-          f"TP's belong on NVLink, keep train.tp within a node. send s: the rest at {NET_GBS.get(gpu, 12.5)} GB/s per "
-          f"GPU between nodes (0 on one node), against {rows[0]['compute_s']:.1f} s of compute at 40 % MFU. bubble: "
-          f"the idle fraction of train.pp_schedule={cfg.train.pp_schedule} (pipeline_schedule)")
+    print(f"comm: bytes each GPU sends per optimizer step (ring collectives, point-to-point between stages; "
+          f"comm_bytes); TP's belong on NVLink, keep train.tp within a node. send s: the rest at "
+          f"{NET_GBS.get(gpu, 12.5)} GB/s per GPU between nodes (0 on one node), against "
+          f"{rows[0]['compute_s']:.1f} s of compute at 40 % MFU. bubble: the idle fraction of "
+          f"train.pp_schedule={cfg.train.pp_schedule} (pipeline_schedule)")
     if show_fit:
         best = fit(rows)
         pp = f" train.pp={best['pp']} train.pp_schedule={cfg.train.pp_schedule}" if best and best["pp"] > 1 else ""
@@ -590,8 +591,9 @@ def print_schedules(cfg: config.Config, gpus: int, mem_gib: float, row: dict) ->
         except (config.ConfigError, ValueError) as e:  # too few micro-batches for the schedule, too few layers
             print(f"{'':>{len('schedules at')}} {name:<17} {str(e)[:80]}")
             continue
-        print(f"{'':>{len('schedules at')}} {name:<17} {row['pp'] * config.virtual_stages(train):6} {d.grad_accum:13} "
-              f"{mem['bubble']:7.1%} {mem['rank']:4} {mem['inflight']:9.2f} {mem['total']:9.2f} {comm['p2p'] / GIB:8.2f}")
+        print(f"{'':>{len('schedules at')}} {name:<17} {row['pp'] * config.virtual_stages(train):6} "
+              f"{d.grad_accum:13} {mem['bubble']:7.1%} {mem['rank']:4} {mem['inflight']:9.2f} {mem['total']:9.2f} "
+              f"{comm['p2p'] / GIB:8.2f}")
     print("(1f1b, gpipe by the standard counts; interleaved_1f1b, zero_bubble, dualpipev by torch's own order of each "
           "schedule with forward = backward-input = backward-weight time; in flight: micro-batches of the rank's "
           "layers whose activations are kept)")
