@@ -4,8 +4,9 @@
     python plan.py --check        # the activation estimate against measured saved tensors on this CPU
 
 Per GPU and per layout (DDP, FSDP2, FSDP2 with activation checkpointing, FSDP2 + tensor parallel of each degree
-the model splits into): parameter, gradient, optimizer and activation memory and whether they fit, bytes sent per
-step; FLOPs per step and the tokens/s at 40 % and 50 % MFU; `--fit` names the smallest train.tp that fits.
+the model splits into, and pipeline stages of each degree under those): parameter, gradient, optimizer and
+activation memory and whether they fit, the pipeline's bubble, bytes sent per step; FLOPs per step and the tokens/s
+at 40 % and 50 % MFU; `--fit` names the smallest train.tp, then train.pp that fits (see `fit`).
 """
 import argparse
 import sys
@@ -23,6 +24,9 @@ from model import GPT, GPTConfig, MoE
 GPUS = {name: (g.memory_gib, g.peak_tflops) for name, g in hardware.GPUS.items()}  # one table: hardware.py
 RESERVED_GIB = 3.0  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation
 GIB = 2**30
+# GB/s each GPU sends to other nodes (HGX/DGX reference designs: one 200 Gb/s HDR NIC per A100, one 400 Gb/s NDR per
+# Hopper GPU); other GPUs: 100 Gb/s. Only --fit uses it: whether a layout's data-parallel and pipeline traffic hides
+NET_GBS = {"a100": 25, "a100-40gb": 25, "h100": 50, "h800": 50, "h200": 50}
 
 
 def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: bool = False,
@@ -105,11 +109,12 @@ def loss_kind(cfg: config.Config, gpus: int, mem_gib: float) -> str:
 
 
 def micro_batch(cfg: config.Config, gpus: int, mem_gib: float) -> int:
-    """train.micro_batch_size, or under auto the largest micro batch that divides the batch per GPU and whose
-    configured layout fits mem_gib (1 when none does: out-of-memory then says what else to lower)."""
-    if cfg.train.micro_batch_size != "auto":
-        return cfg.train.micro_batch_size
-    per_gpu = config.derive(cfg, gpus).micro_batch  # auto without memory: a rank's whole batch
+    """train.micro_batch_size (or under pp the one train.pp_microbatches sets), or under auto the largest micro batch
+    that divides the batch per GPU (under pp: per pipeline stage, so that the step has a micro-batch per stage at
+    least) and whose configured layout fits mem_gib (1 when none does: out-of-memory then says what else to lower)."""
+    if cfg.train.micro_batch_size != "auto" or cfg.train.pp > 1 and cfg.train.pp_microbatches:
+        return config.derive(cfg, gpus).micro_batch
+    per_gpu = config.derive(cfg, gpus).micro_batch  # auto without memory: a rank's whole batch (pp: per stage)
     for m in (d for d in range(per_gpu, 0, -1) if per_gpu % d == 0):
         if fits(with_micro(cfg, m), gpus, mem_gib):
             return m
@@ -130,9 +135,9 @@ def fits(cfg: config.Config, gpus: int, mem_gib: float, loss: str | None = None)
 
 
 def parallel_mode(t: config.TrainConfig, n_params: int, mem_gib: float, cuda: bool = True) -> str:
-    """How a run over several processes is wrapped: FSDP2 with expert or tensor parallel (train.ep or train.tp above 1);
-    else train.parallel, where auto picks DDP while the FP32 model, its gradients and AdamW's two moments (16 bytes a
-    parameter) take under 40 % of one device's memory (on CPUs always), else FSDP."""
+    """How a run over several processes is wrapped: FSDP2 with expert, tensor or pipeline parallel (train.ep, train.tp
+    or train.pp above 1); else train.parallel, where auto picks DDP while the FP32 model, its gradients and AdamW's
+    two moments (16 bytes a parameter) take under 40 % of one device's memory (on CPUs always), else FSDP."""
     if t.ep > 1 or t.tp > 1 or t.pp > 1:
         return "fsdp"
     if t.parallel != "auto":
@@ -187,13 +192,15 @@ def comm_bytes(cfg: config.Config, model: GPT, dp: int, tp: int, mode: str, ac: 
     in forward, backward and (with activation checkpointing) the recomputed forward, plus the embedding's, the final
     norm's and the loss's three all-reduces of one FP32 number per token; `dp`, FSDP2's parameter all-gathers and
     gradient reduce-scatters, or DDP's one all-reduce of FP32 gradients; `muon`, Muon's matrices to their owners and
-    back. Scalars are left out."""
+    back. Scalars are left out. Under train.pp (`dp` then the data-parallel degree of a stage), `pipeline_comm`."""
     t, m = cfg.train, cfg.model
+    if t.pp > 1:
+        return pipeline_comm(cfg, model, dp * tp * t.pp, ac)
     d = config.derive(cfg, dp * tp)
     tokens = d.micro_batch * m.block_size  # per micro-batch and rank
     a = 4 if t.precision == "fp32" else 2
     ring = (tp - 1) / tp
-    out = {"tp": 0.0, "dp": 0.0, "muon": 0.0}
+    out = {"tp": 0.0, "dp": 0.0, "muon": 0.0, "p2p": 0.0}
     if tp > 1:
         per_block = (8 + (4 if ac else 0)) * tokens * m.n_embd * a * ring
         ends = 4 * tokens * m.n_embd * a * ring + 3 * 2 * 4 * tokens * ring  # embedding, final norm; the loss
@@ -236,9 +243,13 @@ def tp_options(cfg: config.Config, gpus: int) -> list[int]:
 def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[dict]:
     """One row per layout of `gpus` GPUs: DDP, FSDP2, FSDP2 with activation checkpointing, and FSDP2 + tensor
     parallel (with and without checkpointing) for each degree of `tp_options`; memory terms in GiB per GPU, fits,
-    bytes each GPU sends per step (comm_bytes) and throughput at 40 / 50 % MFU. `gpu`: a name in hardware.GPUS, or
-    (memory GiB, peak TFLOP/s)."""
+    bytes each GPU sends per step (comm_bytes) and throughput at 40 / 50 % MFU; and pipeline rows (`layout_rows`)
+    with their bubble. `send_s`: the seconds a GPU takes to send its non-tensor-parallel bytes to other nodes at
+    NET_GBS (0 on one node of 8 or fewer), `compute_s`: the step's compute at 40 % MFU; `hides`: the first fits in the
+    second (FSDP2's and the pipeline's transfers overlap compute). `gpu`: a name in hardware.GPUS, or (memory GiB,
+    peak TFLOP/s), then with 400 Gb/s per GPU between nodes."""
     mem_gib, peak_tflops = GPUS[gpu] if isinstance(gpu, str) else gpu
+    net = NET_GBS.get(gpu, 12.5) if isinstance(gpu, str) else 50
     cfg = with_micro(cfg, micro_batch(cfg, gpus, mem_gib))
     rows = layout_rows(cfg, gpus, mem_gib)
     with torch.device("meta"):
@@ -247,39 +258,53 @@ def plan(cfg: config.Config, gpus: int, gpu: str | tuple[float, float]) -> list[
     for r in rows:
         r.update(step_tflops=step_flops / 1e12, **{
             f"tok_s_per_gpu_at_{p}": p / 100 * peak_tflops * 1e12 / flops_tok for p in (40, 50)})
+        r["send_s"] = (r["comm"] - r["comm_tp"]) * GIB / (net * 1e9) if gpus > 8 else 0.0
+        r["compute_s"] = step_flops / gpus / (0.4 * peak_tflops * 1e12) if peak_tflops else float("inf")
+        r["hides"] = r["send_s"] <= r["compute_s"]
     return rows
 
 
 def layout_rows(cfg: config.Config, gpus: int, mem_gib: float) -> list[dict]:
-    """`plan`'s rows without the throughput columns: each layout's `layout_memory`, whether it fits, `comm_bytes`."""
+    """`plan`'s rows without the throughput columns: each layout's `layout_memory`, whether it fits, `comm_bytes`.
+    Pipeline rows (FSDP2 inside each stage, with and without checkpointing, for each degree of `pp_options` under each
+    tensor-parallel degree) run train.pp_schedule, with at most a stage's share of a data-parallel rank's batch per
+    micro-batch, so that each stage has a micro-batch."""
     model = meta_model(cfg)
     t = cfg.train
     loss = loss_kind(cfg, gpus, mem_gib)
-    configured = (parallel_mode(t, model.num_params(), mem_gib), t.activation_checkpointing, t.tp)
-    layouts = [("ddp", False, 1), ("fsdp", False, 1), ("fsdp", True, 1)]
-    layouts += [("fsdp", ac, tp) for tp in tp_options(cfg, gpus) if tp > 1 for ac in (False, True)]
+    configured = (parallel_mode(t, model.num_params(), mem_gib), t.activation_checkpointing, t.tp, t.pp)
+    layouts = [("ddp", False, 1, 1), ("fsdp", False, 1, 1), ("fsdp", True, 1, 1)]
+    for tp in tp_options(cfg, gpus):
+        layouts += [("fsdp", ac, tp, 1) for ac in (False, True) if tp > 1]
+        layouts += [("fsdp", ac, tp, pp) for pp in pp_options(cfg, gpus // tp) for ac in (False, True)]
     rows = []
-    for mode, ac, tp in layouts:
-        dp = gpus // tp
-        # the micro batch of this layout: the configured one, or a data-parallel rank's whole batch if smaller
-        row_cfg = replace(cfg, train=replace(t, tp=tp, micro_batch_size=min(t.micro_batch_size, t.batch_size // dp)))
+    for mode, ac, tp, pp in layouts:
+        dp = gpus // tp // pp
+        # the micro batch of this layout: the configured one, or a data-parallel rank's whole batch (under pp: a
+        # stage's share of it) if smaller
+        micro = min(t.micro_batch_size, max(1, t.batch_size // dp // (pp * config.virtual_stages(t) if pp > 1 else 1)))
+        row_cfg = replace(cfg, train=replace(t, tp=tp, pp=pp, micro_batch_size=micro, pp_microbatches=0))
         try:
             config.derive(row_cfg, gpus)
-        except config.ConfigError:  # the batch does not divide over this layout
+        except config.ConfigError:  # the batch does not divide over this layout, or not into the schedule's needs
             continue
         mem = layout_memory(row_cfg, model, gpus, mode, ac, loss)
         comm = comm_bytes(row_cfg, model, dp, tp, mode, ac)
-        rows.append({"mode": mode + (f" x tp {tp}" if tp > 1 else "") + (" + AC" if ac else ""), "tp": tp, "dp": dp,
-                     "ac": ac, **mem, "fits": mem["total"] <= mem_gib, "configured": (mode, ac, tp) == configured,
-                     "comm": comm["total"] / GIB, "comm_tp": comm["tp"] / GIB})
+        name = mode + (f" x tp {tp}" if tp > 1 else "") + (f" x pp {pp}" if pp > 1 else "") + (" + AC" if ac else "")
+        rows.append({"mode": name, "tp": tp, "dp": dp, "pp": pp, "ac": ac, "bubble": 0.0, "inflight": 1.0, **mem,
+                     "fits": mem["total"] <= mem_gib, "configured": (mode, ac, tp, pp) == configured,
+                     "comm": comm["total"] / GIB, "comm_tp": comm["tp"] / GIB, "comm_p2p": comm["p2p"] / GIB})
     return rows
 
 
 def layout_memory(cfg: config.Config, model: GPT, gpus: int, mode: str, ac: bool, loss: str) -> dict:
     """GiB per GPU of `cfg` (its train.tp and micro batch; `model` its `meta_model`) on `gpus` GPUs under `mode` (ddp |
     fsdp), with activation checkpointing `ac` and the loss holding its logits as `loss`, by term (params, grads, optim,
-    working: gathered or cast weights and the loss's transients, activations) and in total with RESERVED_GIB."""
+    working: gathered or cast weights and the loss's transients, activations) and in total with RESERVED_GIB; under
+    train.pp, `pipeline_memory`."""
     t, m = cfg.train, cfg.model
+    if t.pp > 1:
+        return pipeline_memory(cfg, model, gpus, ac, loss)
     tp, bf16 = t.tp, t.precision != "fp32"
     tokens = t.micro_batch_size * m.block_size
     shards = gpus // tp if mode == "fsdp" else 1
@@ -314,11 +339,175 @@ def layout_memory(cfg: config.Config, model: GPT, gpus: int, mode: str, ac: bool
             "activations": act / GIB, "total": total / GIB}
 
 
+def pipeline_schedule(t: config.TrainConfig, m: int, weights: list[float]) -> tuple[list[float], float]:
+    """Of train.pp_schedule over train.pp ranks and `m` micro-batches, given the bytes one micro-batch's activations
+    take on each stage (`weights`): per pp rank the peak bytes of activations in flight, and the bubble (the idle
+    fraction of the step).
+
+    gpipe and 1f1b by the standard counts (Huang et al. 2019; Narayanan et al. 2021, PipeDream-Flush): GPipe keeps
+    all m micro-batches, 1F1B min(m, pp - r) on rank r; both idle (pp - 1) / (m + pp - 1) of the step. The
+    multi-stage schedules by torch's own order of their computations (the `pipeline_order` their classes build,
+    here from stand-in stages: the order needs only the stage count and the group size), walked per rank: a forward
+    adds its stage's weight, a full backward (or, split, its weight-gradient half, which still needs the saved
+    inputs) frees it; and run through a timing simulation of that order with forward = input-gradient = weight-gradient
+    = 1 and a full backward = 2 (the zero-bubble paper's equal-cost assumption; no communication time, stages of equal
+    cost, the head's extra work not counted): its bubble is 1 - busy / makespan. That gives (pp - 1) / (v m + pp - 1)
+    for interleaved 1F1B (Narayanan et al. 2021) and torch's ZB-V and DualPipeV orders' own figures."""
+    from torch.distributed.pipelining import schedules
+    pp, v = t.pp, config.virtual_stages(t)
+    if v == 1:
+        keep = [m if t.pp_schedule == "gpipe" else min(m, pp - r) for r in range(pp)]
+        return [k * weights[r] for r, k in enumerate(keep)], (pp - 1) / (m + pp - 1)
+    n = pp * v
+    stages = [argparse.Namespace(num_stages=n, group_size=pp, group_rank=0, stage_index=i, submod=None)  # stand-ins
+              for i in range(v)]
+    order = schedules.get_schedule_class(config.PP_SCHEDULES[t.pp_schedule][0])(stages, m).pipeline_order
+    cost = {"F": 1, "I": 1, "W": 1, "B": 2}
+    ops = [[(a.computation_type.value, a.stage_index, a.microbatch_index) for step in order[r] if step is not None
+            for a in (step.sub_actions or [step]) if a.computation_type.value in cost] for r in range(pp)]
+    peaks = []
+    for rank_ops in ops:  # activations in flight
+        now = peak = 0
+        for kind, s, _ in rank_ops:
+            now += weights[s] if kind == "F" else -weights[s] if kind in "BW" else 0
+            peak = max(peak, now)
+        peaks.append(peak)
+    done, free, at = {}, [0] * pp, [0] * pp  # (F | G (input gradient) | W, stage, micro-batch) -> end time
+    while any(at[r] < len(ops[r]) for r in range(pp)):
+        moved = False
+        for r in range(pp):
+            while at[r] < len(ops[r]):
+                kind, s, mb = ops[r][at[r]]
+                needs = {"F": [("F", s - 1, mb)] if s else [],
+                         "W": [("G", s, mb)]}.get(kind, [("F", s, mb)] + ([("G", s + 1, mb)] if s < n - 1 else []))
+                if not all(k in done for k in needs):
+                    break
+                free[r] = max([free[r]] + [done[k] for k in needs]) + cost[kind]
+                done[("G" if kind in "BI" else kind, s, mb)] = free[r]
+                at[r], moved = at[r] + 1, True
+        if not moved:
+            raise RuntimeError(f"{t.pp_schedule}: torch's order does not progress in the simulation")
+    return peaks, 1 - 3 * m * v / max(free)
+
+
+def pipeline_ranks(cfg: config.Config, model: GPT, gpus: int, ac: bool, loss: str) -> list[dict]:
+    """Per pp rank of `cfg` (train.pp above 1, its tp, schedule and micro batch) on `gpus` GPUs: its stages, as
+    parallel.py lays them out (loop-style schedules: stages r, r + pp, r + 2 pp, ... on rank r; the V schedules,
+    zero_bubble and dualpipev: r and 2 pp - 1 - r, so that rank 0 holds the first and the last; stage s the layers
+    [s L / S, (s + 1) L / S) of L over S stages), their modules (a container named as the model is: layers, and the
+    embedding with stage 0, the final norm and head with the last stage), the activations in flight by
+    `pipeline_schedule`, the bubble; with `ac`, each stage keeps only its blocks' inputs per micro-batch and
+    recomputes one block at a time."""
+    t, m = cfg.train, cfg.model
+    d = config.derive(cfg, gpus)
+    tokens, n = d.micro_batch * m.block_size, t.pp * config.virtual_stages(t)
+    loss = "chunked" if t.tp > 1 else loss  # the vocab-parallel loss holds one chunk of logits
+
+    def act(layers, checkpointing=False):  # activation_bytes of `layers` blocks and the head
+        return activation_bytes(replace(m, n_layer=layers), tokens, t.precision, t.precision != "fp32", checkpointing,
+                                loss, t.tp)
+    head, block = act(0), act(1) - act(0)
+    kept = act(1, True) - act(1) if ac else block  # per block and micro-batch in flight: its input, or everything
+    cuts = [s * m.n_layer // n for s in range(n + 1)]
+    weights = [(cuts[s + 1] - cuts[s]) * kept + (head if s == n - 1 else 0) for s in range(n)]
+    peaks, bubble = pipeline_schedule(t, d.grad_accum, weights)
+    ranks = []
+    v_shape = t.pp_schedule in ("zero_bubble", "dualpipev")
+    for r in range(t.pp):
+        stages = [r, 2 * t.pp - 1 - r] if v_shape else list(range(r, n, t.pp))
+        part = torch.nn.Module()
+        part.layers = torch.nn.ModuleList(model.layers[i] for s in stages for i in range(cuts[s], cuts[s + 1]))
+        ends = (["embed_tokens", "embed_positions"] if 0 in stages else []) + (["norm", "lm_head"] if n - 1 in stages
+                                                                               else [])
+        for name in ends:
+            if hasattr(model, name):
+                setattr(part, name, getattr(model, name))
+        ranks.append({"rank": r, "stages": stages, "part": part, "first": 0 in stages, "last": n - 1 in stages,
+                      "activations": peaks[r] + (block if ac else 0), "bubble": bubble, "tokens": tokens,
+                      "inflight": peaks[r] / sum(weights[s] for s in stages), "loss": loss, "d": d})
+    return ranks
+
+
+def pipeline_memory(cfg: config.Config, model: GPT, gpus: int, ac: bool, loss: str) -> dict:
+    """`layout_memory` under pipeline parallel: the pp rank with the most memory, by term. Each rank's stages are
+    sharded over dp by FSDP2 (FP32 master weights, gradients, AdamW's two moments or Muon's one momentum); their
+    weights stay gathered for the whole step (reshard_after_forward is off under pp) and their gradients accumulate
+    unsharded in the reduce dtype until the step's one reduce-scatter; the rank of the last stage adds the loss's
+    transients; activations as `pipeline_ranks` counts them."""
+    t = cfg.train
+    dp, wide = gpus // (t.tp * t.pp), 4 if t.precision == "fp32" else 2
+    best = None
+    for r in pipeline_ranks(cfg, model, gpus, ac, loss):
+        held = tp_params(r["part"], t.tp)
+        n_muon = muon_cost(r["part"], dp)["params"] / t.tp if t.optimizer == "muon" else 0
+        params, optim = 4 * held / dp, (8 * (held - n_muon) + 4 * n_muon) / dp
+        working = wide * held + (4 if t.reduce_dtype == "fp32" or wide == 4 else 2) * held + 2 * 2 * n_muon / dp
+        if r["last"]:
+            working += loss_transient_bytes(cfg.model, r["tokens"], r["loss"], t.precision, tp=t.tp)
+        total = 2 * params + optim + working + r["activations"] + RESERVED_GIB * GIB
+        if best is None or total / GIB > best["total"]:
+            best = {"params": params / GIB, "grads": params / GIB, "optim": optim / GIB, "working": working / GIB,
+                    "activations": r["activations"] / GIB, "total": total / GIB, "rank": r["rank"],
+                    "inflight": r["inflight"], "bubble": r["bubble"]}
+    return best
+
+
+def pipeline_comm(cfg: config.Config, model: GPT, gpus: int, ac: bool) -> dict:
+    """`comm_bytes` under pipeline parallel, for the pp rank that sends the most: `p2p`, per micro-batch the
+    activations it sends to the next stage and the gradients to the previous one where that stage is on another rank
+    (micro x block_size x n_embd in the compute dtype, of which a tensor-parallel rank sends its 1/tp slice of the
+    sequence); `dp`, FSDP2's one all-gather of its stages' weights and one reduce-scatter of their gradients per step;
+    `tp`, comm_bytes's per block and micro-batch over its blocks, the embedding's on the first stage, the final norm's
+    and the loss's on the last; `muon` as comm_bytes, over its stages' matrices."""
+    t, m = cfg.train, cfg.model
+    dp, tp, a = gpus // (t.tp * t.pp), t.tp, 4 if t.precision == "fp32" else 2
+    ring, ranks = (tp - 1) / tp, pipeline_ranks(cfg, model, gpus, ac, "chunked")
+    owner = {s: r["rank"] for r in ranks for s in r["stages"]}
+    best = None
+    for r in ranks:
+        mb, tokens, n = r["d"].grad_accum, r["tokens"], len(owner)
+        sends = sum((s < n - 1 and owner[s + 1] != r["rank"]) + (s > 0 and owner[s - 1] != r["rank"])
+                    for s in r["stages"])
+        out = {"p2p": mb * sends * tokens * m.n_embd * a / tp, "tp": 0.0, "dp": 0.0, "muon": 0.0}
+        if tp > 1:
+            ends = 2 * tokens * m.n_embd * a * ring * (r["first"] + r["last"]) + 3 * 2 * 4 * tokens * ring * r["last"]
+            if m.arch == "gpt2" and r["first"]:
+                ends += 2 * m.block_size * m.n_embd * a * ring
+            out["tp"] = mb * ((8 + (4 if ac else 0)) * tokens * m.n_embd * a * ring * len(r["part"].layers) + ends)
+        held = tp_params(r["part"], tp)
+        out["dp"] = (a + (2 if t.reduce_dtype == "bf16" else 4)) * held * (dp - 1) / dp
+        if t.optimizer == "muon" and dp * tp > 1:
+            mc = muon_cost(r["part"], dp * tp)
+            out["muon"] = mc["fsdp_bytes"] if tp == 1 else 2 * mc["ddp_bytes"]
+        out["total"] = out["p2p"] + out["tp"] + out["dp"] + out["muon"]
+        best = out if best is None or out["total"] > best["total"] else best
+    return best
+
+
+def pp_options(cfg: config.Config, ranks: int) -> list[int]:
+    """The pipeline degrees a plan shows on `ranks` GPUs per tensor-parallel rank: the powers of two from 2 that
+    divide them and whose pp x pp_virtual_stages stages each get a layer (config.check_pp), and train.pp."""
+    options = []
+    for pp in sorted(({2 ** i for i in range(1, ranks.bit_length())} | {cfg.train.pp}) - {1}):
+        train = replace(cfg.train, pp=pp, parallel="auto", precision="bf16")
+        try:
+            if ranks % pp == 0:
+                config.check_pp(replace(cfg, train=train, eval=replace(cfg.eval, interval=0)))
+                options.append(pp)
+        except config.ConfigError:
+            pass
+    return options
+
+
 def fit(rows: list[dict]) -> dict | None:
-    """The row of the smallest tensor-parallel degree that fits, without activation checkpointing where one fits
-    (its recompute costs ~25 % more compute), FSDP2 before DDP; None when nothing fits."""
+    """The row that fits with the smallest tensor-parallel degree, then the smallest pipeline degree, then without
+    activation checkpointing where one fits (its recompute costs ~25 % more compute), FSDP2 before DDP. Among the rows
+    that fit, the efficient ones come first: those whose traffic between nodes hides behind compute (`plan`'s
+    `hides`: FSDP2 across many nodes, which all-gathers the whole model every micro-batch, gives way to pipeline
+    stages) and whose pipeline idles at most a tenth of the step (the bubble); None when nothing fits."""
     fitting = [r for r in rows if r["fits"]]
-    return min(fitting, key=lambda r: (r["tp"], r["ac"], r["mode"].startswith("ddp")), default=None)
+    return min(fitting, key=lambda r: (not r.get("hides", True) or r["bubble"] > 0.1, r["tp"], r["pp"], r["ac"],
+                                       r["mode"].startswith("ddp")), default=None)
 
 
 def print_plan(cfg: config.Config, gpus: int, gpu: str, show_fit: bool = False) -> None:
@@ -356,20 +545,58 @@ def print_plan(cfg: config.Config, gpus: int, gpu: str, show_fit: bool = False) 
           f"{cfg.train.precision}, loss {loss_kind(cfg, gpus, mem_gib)}, FSDP reshard_after_forward="
           f"{cfg.train.reshard_after_forward}; {RESERVED_GIB:.0f} GiB reserved for CUDA/NCCL workspaces; working = "
           f"gathered/cast weights and the loss's logits):")
-    print(f"{'mode':<17} {'params':>7} {'grads':>7} {'optim':>7} {'working':>8} {'activ.':>7} {'total':>7}  fits  "
-          f"{'comm GiB/step':>13} (of it TP)")
+    print(f"{'mode':<24} {'params':>7} {'grads':>7} {'optim':>7} {'working':>8} {'activ.':>7} {'total':>7}  fits  "
+          f"{'bubble':>6}  {'comm GiB/step (of it TP, P2P)':>31}  {'send s':>6}")
     for r in rows:
-        print(f"{r['mode']:<17} {r['params']:7.2f} {r['grads']:7.2f} {r['optim']:7.2f} {r['working']:8.2f} "
-              f"{r['activations']:7.2f} {r['total']:7.2f}  {'yes' if r['fits'] else 'NO '}  {r['comm']:13.2f} "
-              f"({r['comm_tp']:.2f}){'  <- the config' if r['configured'] else ''}")
-    print("comm: bytes each GPU sends per optimizer step (ring collectives; comm_bytes); TP's belong on NVLink, "
-          "keep train.tp within a node")
+        bubble = f"{r['bubble']:6.1%}" if r["pp"] > 1 else ""
+        comm = f"{r['comm']:.2f} ({r['comm_tp']:.2f}, {r['comm_p2p']:.2f})"
+        print(f"{r['mode']:<24} {r['params']:7.2f} {r['grads']:7.2f} {r['optim']:7.2f} {r['working']:8.2f} "
+              f"{r['activations']:7.2f} {r['total']:7.2f}  {'yes' if r['fits'] else 'NO '}  {bubble:>6}  {comm:>31}  "
+              f"{r['send_s']:6.1f}{'  <- the config' if r['configured'] else ''}")
+    print(f"comm: bytes each GPU sends per optimizer step (ring collectives, point-to-point between stages; "
+          f"comm_bytes); TP's belong on NVLink, keep train.tp within a node. send s: the rest at "
+          f"{NET_GBS.get(gpu, 12.5)} GB/s per GPU between nodes (0 on one node), against "
+          f"{rows[0]['compute_s']:.1f} s of compute at 40 % MFU. bubble: the idle fraction of "
+          f"train.pp_schedule={cfg.train.pp_schedule} (pipeline_schedule)")
     if show_fit:
         best = fit(rows)
+        pp = f" train.pp={best['pp']} train.pp_schedule={cfg.train.pp_schedule}" if best and best["pp"] > 1 else ""
         print("--fit: nothing fits; lower train.micro_batch_size or use more GPUs" if best is None else
-              f"--fit: the smallest tensor-parallel degree that fits is {best['mode']}: train.tp={best['tp']}"
-              f"{' train.parallel=ddp' if best['mode'].startswith('ddp') else ''}"
+              f"--fit: the smallest tensor-parallel, then pipeline degree that fits"
+              f"{' efficiently' if best['hides'] and best['bubble'] <= 0.1 else ''} is {best['mode']}: "
+              f"train.tp={best['tp']}{' train.parallel=ddp' if best['mode'].startswith('ddp') else ''}{pp}"
               f" train.activation_checkpointing={str(best['ac']).lower()}")
+        if best is not None and best["pp"] > 1:
+            print_schedules(cfg, gpus, mem_gib, best)
+
+
+def print_schedules(cfg: config.Config, gpus: int, mem_gib: float, row: dict) -> None:
+    """The pipeline layout of `row` under each train.pp_schedule: bubble, activations in flight on the rank with the
+    most memory (which rank; in micro-batches of that rank's layers), memory and bytes sent per GPU."""
+    t = cfg.train
+    dp = gpus // row["tp"] // row["pp"]
+    model, loss = meta_model(cfg), loss_kind(cfg, gpus, mem_gib)
+    print(f"schedules at tp {row['tp']} x pp {row['pp']} x dp {dp}"
+          f"{' + AC' if row['ac'] else ''}: {'schedule':<17} {'stages':>6} {'micro-batches':>13} {'bubble':>7} "
+          f"{'rank':>4} {'in flight':>9} {'total GiB':>9} {'P2P GiB':>8}")
+    for name in config.PP_SCHEDULES:
+        micro = min(t.micro_batch_size, max(1, t.batch_size // dp // (row["pp"] * 2)))
+        train = replace(t, tp=row["tp"], pp=row["pp"], pp_schedule=name, pp_virtual_stages=0, micro_batch_size=micro,
+                        pp_microbatches=0)
+        c = replace(cfg, train=train)
+        try:
+            d = config.derive(c, gpus)
+            mem, comm = layout_memory(c, model, gpus, "fsdp", row["ac"], loss), comm_bytes(c, model, dp, row["tp"],
+                                                                                            "fsdp", row["ac"])
+        except (config.ConfigError, ValueError) as e:  # too few micro-batches for the schedule, too few layers
+            print(f"{'':>{len('schedules at')}} {name:<17} {str(e)[:80]}")
+            continue
+        print(f"{'':>{len('schedules at')}} {name:<17} {row['pp'] * config.virtual_stages(train):6} "
+              f"{d.grad_accum:13} {mem['bubble']:7.1%} {mem['rank']:4} {mem['inflight']:9.2f} {mem['total']:9.2f} "
+              f"{comm['p2p'] / GIB:8.2f}")
+    print("(1f1b, gpipe by the standard counts; interleaved_1f1b, zero_bubble, dualpipev by torch's own order of each "
+          "schedule with forward = backward-input = backward-weight time; in flight: micro-batches of the rank's "
+          "layers whose activations are kept)")
 
 
 def measure_saved(model: GPT, tokens: torch.Tensor, precision: str) -> int:
@@ -478,8 +705,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--gpus", type=config.at_least(1), default=8)
     p.add_argument("--gpu", choices=list(GPUS), default="h100")
     p.add_argument("--check", action="store_true", help="compare the activation estimate with this CPU")
-    p.add_argument("--fit", action="store_true", help="name the smallest train.tp (then FSDP2, then activation "
-                                                      "checkpointing) whose plan fits the GPU")
+    p.add_argument("--fit", action="store_true", help="name the smallest train.tp, then train.pp (then FSDP2, then "
+                                                      "activation checkpointing) whose plan fits the GPU")
     a = p.parse_intermixed_args(argv)
     if a.check:
         check()

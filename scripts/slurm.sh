@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Multi-node training under SLURM: one torchrun per node, rendezvous on the first node (c10d).
 #   sbatch --nodes=4 scripts/slurm.sh configs/7b.yaml [section.key=value ...]   (e.g. train.tp=8: TP in a node)
+#   sbatch --nodes=32 scripts/slurm.sh configs/34b.yaml train.tp=2 train.pp=2   (pipeline stages across nodes)
 # The global batch stays what the config says; gradient accumulation follows from the world size
 # (train.py prints the arithmetic). A requeued or resubmitted job resumes from train.out_dir/latest,
 # which must be on storage every node sees.
@@ -33,7 +34,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 # cluster needs them, and NCCL_DEBUG=WARN to see why a collective failed.
 
 # train.tp=N (tensor parallel) keeps each group of N ranks inside one node, over NVLink; FSDP2 spans the nodes.
-# The overrides reach train.py as given; a degree that does not divide a node's GPUs stops here, before srun.
+# train.pp=P (pipeline parallel) cuts the model into stages across nodes (or NVLink islands): tp x pp ranks hold one
+# copy of the model, so tp x pp must divide all the GPUs (nodes x GPUs per node). The overrides reach train.py as
+# given; a layout that does not divide stops here, before srun (values set only in the YAML are checked by train.py).
+tp=1
+pp=1
 for arg in "$@"; do
   case "$arg" in
     train.tp=*)
@@ -42,10 +47,23 @@ for arg in "$@"; do
         echo "error: $arg: a tensor-parallel group must fit inside a node, so train.tp must divide the" \
              "$gpus_per_node GPUs per node" >&2
         exit 2
-      fi
-      echo "tensor parallel: groups of $tp GPUs inside each node, FSDP2 over $((SLURM_NNODES * gpus_per_node / tp)) groups" ;;
+      fi ;;
+    train.pp=*)
+      pp=${arg#train.pp=}
+      if ! [ "$pp" -ge 1 ] 2>/dev/null; then
+        echo "error: $arg: train.pp must be a whole number of pipeline stages' ranks (1: off)" >&2
+        exit 2
+      fi ;;
   esac
 done
+gpus=$((SLURM_NNODES * gpus_per_node))
+if [ $((gpus % (tp * pp))) -ne 0 ]; then
+  echo "error: train.tp x train.pp = $tp x $pp = $((tp * pp)) must divide the $gpus GPUs" \
+       "($SLURM_NNODES nodes x $gpus_per_node GPUs per node)" >&2
+  exit 2
+fi
+[ "$tp" -gt 1 ] && echo "tensor parallel: groups of $tp GPUs inside each node, FSDP2 over $((gpus / tp / pp)) groups"
+[ "$pp" -gt 1 ] && echo "pipeline parallel: $pp stages' ranks, each stage over $((gpus / tp / pp)) data-parallel ranks"
 
 requeue=0
 on_usr1() {
