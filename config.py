@@ -505,7 +505,8 @@ class Derived:
     def banner(self, cfg: Config) -> str:
         t = cfg.train
         ranks = f"world size {self.world_size}" if self.tp == self.pp == 1 else \
-            f"data parallel {self.dp} (world size {self.world_size} / train.tp {self.tp} / train.pp {self.pp})"
+            f"data parallel {self.dp} (world size {self.world_size} / train.tp {self.tp}" + \
+            (f" / train.pp {self.pp})" if self.pp > 1 else ")")
         accum = "grad accum" if self.pp == 1 else f"pipeline micro-batches ({t.pp_schedule})"
         return (f"global batch {t.batch_size} seqs = micro batch {self.micro_batch} x {accum} {self.grad_accum} "
                 f"x {ranks}; {self.batch_tokens:,} tokens/step (block_size "
@@ -517,10 +518,11 @@ def derive(cfg: Config, world_size: int = 1, micro: int | None = None) -> Derive
     `micro`: the micro batch when train.micro_batch_size is auto; without it, a rank's whole batch."""
     t = cfg.train
     if world_size % (t.tp * t.pp):
-        raise ConfigError(f"the world size ({world_size}) must be a multiple of train.tp x train.pp ({t.tp} x {t.pp})")
+        raise ConfigError(f"the world size ({world_size}) must be a multiple of train.tp ({t.tp})" if t.pp == 1 else
+                          f"the world size ({world_size}) must be a multiple of train.tp x train.pp ({t.tp} x {t.pp})")
     dp = world_size // (t.tp * t.pp)
-    ranks = "world size" if t.tp == t.pp == 1 else \
-        f"data-parallel size (world size {world_size} / train.tp {t.tp} / train.pp {t.pp})"
+    ranks = "world size" if t.tp == t.pp == 1 else f"data-parallel size (world size {world_size} / train.tp {t.tp}" + \
+        (f" / train.pp {t.pp})" if t.pp > 1 else ")")
     if t.batch_size % dp:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of the {ranks} ({dp})")
     if t.pp > 1 and t.pp_microbatches:

@@ -402,7 +402,7 @@ class GPT(nn.Module):
         by the model's ops, in training plus the MoE balance loss when model.moe.aux_loss_coef is set. A pipeline
         stage (parallel.py) lacks the embedding (idx is then the residual stream (B, T, d) of the stage before) or
         the final norm and head (it returns the residual stream)."""
-        T = idx.size(1)
+        T = (idx if targets is None else targets).size(1)  # a later pipeline stage's idx: a sequence part under TP
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")

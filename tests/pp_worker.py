@@ -1,0 +1,98 @@
+"""Pipeline-parallel training against one process, run by tests/test_pp.py as
+`torchrun --nproc_per_node=N tests/pp_worker.py DATASET OUT.json CASE...` (CASE: layout:schedule:arch:optimizer, the
+layout pp2, dp2pp2 or pp2tp2). Per case, the same 4-layer model trains 10 steps split by parallel.parallelize and
+parallel.Pipeline (step.train_step, as train.py runs it) and whole in this process (the reference, on every rank),
+on the same batches: 8 sequences a step, micro-batches of 2 (the reference accumulates 4). Rank 0 writes to OUT.json,
+per case, the largest differences over the 10 steps of the global mean loss and the gradient norm, of every weight
+after them (gathered whole, over every rank's stages), and then, after one stage's weights are made NaN, whether
+every rank skipped that step and kept its weights.
+"""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import config  # noqa: E402
+import optim  # noqa: E402
+import parallel  # noqa: E402
+import step  # noqa: E402
+from build import build_model  # noqa: E402
+from conftest import TINY, make_run  # noqa: E402
+
+LAYOUTS = {"pp2": ["train.pp=2"], "dp2pp2": ["train.pp=2"], "pp2tp2": ["train.pp=2", "train.tp=2"]}
+STEPS = 10
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def batches(global_batch: torch.Tensor, micro: int, part: int = 0, parts: int = 1) -> list:
+    rows = global_batch.tensor_split(parts)[part]
+    return [(b[:, :-1], b[:, 1:]) for b in rows.split(micro)]
+
+
+def case(dataset: str, name: str, alone) -> dict:
+    layout, schedule, arch, optimizer = name.split(":")
+    args = ["configs/tiny.yaml", *TINY, f"data.datasets=[{dataset}]", "train.precision=fp32", "model.vocab_size=512",
+            "model.n_layer=4", "model.n_head=4", "model.tie_embeddings=false", "eval.interval=0",
+            "train.micro_batch_size=2", f"model.arch={arch}", f"train.optimizer={optimizer}", "train.muon_lr=0.02"]
+    cfg = config.load([*args, *LAYOUTS[layout], f"train.pp_schedule={schedule}"])
+    run = make_run(cfg, world=dist.get_world_size(), rank=dist.get_rank())
+    model = build_model(run.cfg, run.device, run.ops, parallelize=lambda m: parallel.parallelize(m, run))
+    pipe = parallel.wrap(model, run)
+    opt = optim.build(model, run.cfg.train, run.device)
+    ref_run = make_run(config.load(args), world=1)
+    ref = build_model(ref_run.cfg, ref_run.device, ref_run.ops)
+    ref_opt = optim.build(ref, ref_run.cfg.train, ref_run.device)
+    ref_opt.group = alone  # the reference's Muon: this rank alone
+    t, T, out = run.cfg.train, cfg.model.block_size, {"loss": 0.0, "norm": 0.0}
+    for i in range(STEPS):
+        x = torch.randint(0, 512, (t.batch_size, T + 1), generator=torch.Generator().manual_seed(i))
+        optim.set_lr(opt, i, t, STEPS)
+        optim.set_lr(ref_opt, i, t, STEPS)
+        loss, norm, _ = step.train_step(model, pipe, opt, batches(x, run.cfg.train.micro_batch_size,
+                                                                  run.dp_rank, run.dp), run)
+        ref_loss, ref_norm, _ = step.train_step(ref, ref, ref_opt, batches(x, 2), ref_run)
+        mean = loss.detach() / run.grad_accum
+        dist.all_reduce(mean)  # the last stage's ranks hold the loss: dp x tp of them
+        out["loss"] = max(out["loss"], abs(mean.item() / (run.dp * run.tp) - ref_loss.item() / ref_run.grad_accum))
+        out["norm"] = max(out["norm"], abs(norm.item() - ref_norm.item()))
+    refs = dict(ref.named_parameters())
+    diff = torch.tensor(max((whole(p.detach()) - refs[n].detach()).abs().max().item()
+                            for n, p in model.named_parameters()))
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    out["param"] = diff.item()
+    # a NaN weight on the first stage only: every rank sees the flag and skips, weights kept on all
+    first = model.embed_tokens is not None
+    if first:
+        with torch.no_grad():
+            whole_emb = model.embed_tokens.weight
+            (whole_emb.to_local() if hasattr(whole_emb, "to_local") else whole_emb).fill_(float("nan"))
+    kept = {n: whole(p.detach()).clone() for n, p in model.named_parameters() if "embed_tokens" not in n}
+    x = torch.randint(0, 512, (t.batch_size, T + 1), generator=torch.Generator().manual_seed(STEPS))
+    _, _, bad = step.train_step(model, pipe, opt, batches(x, run.cfg.train.micro_batch_size, run.dp_rank, run.dp), run)
+    same = all(torch.equal(whole(p.detach()), kept[n]) for n, p in model.named_parameters() if n in kept)
+    flags = torch.tensor([bad.item(), float(same)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    out["skipped_by_all"] = flags.tolist() == [1.0, 1.0]
+    return out
+
+
+def main(dataset: str, out: str, *cases: str) -> None:
+    dist.init_process_group("gloo")
+    torch.set_flush_denormal(True)
+    alone = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
+    results = {name: case(dataset, name, alone) for name in cases}
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
