@@ -1,0 +1,132 @@
+"""Pipeline parallel (train.pp) on CPU over gloo: every schedule and layout trains as one process, checkpoints move
+between layouts, one-process tools read a pipeline run, and what the pipeline does not carry is refused by name.
+
+Tolerance: in FP32 a pipeline computes what one process computes, block by block; the stages only change where the
+micro-batches' gradients are summed and, with FSDP2 or tensor parallel inside a stage, the order of partial sums. Over
+10 steps the global mean loss and the gradient norm stay within 1e-5 of one process and every weight within 2e-5
+(tests/pp_worker.py, AdamW and Muon, Llama and GPT-2); a run of train.py resumed across layouts within 1e-4 (Muon,
+as tests/test_tp.py).
+"""
+import json
+import os
+
+import pytest
+
+import checkpoint
+import config
+import eval as eval_
+import export
+import sample
+import train
+from safetensors.torch import load_file
+
+from test_distributed import Launch, ok, torchrun
+from test_tp import close, launch
+from test_train import losses, rows, train_args
+
+# Llama (configs/tiny.yaml's, untied, four layers: two per stage at pp 2), Muon, checkpoints every 3 steps
+PP = ["model.n_layer=4", "model.n_head=4", "model.tie_embeddings=false", "eval.interval=0", "train.micro_batch_size=2",
+      "train.precision=fp32", "train.max_steps=10", "train.eval_interval=5", "train.ckpt_interval=3",
+      "train.keep_last=10"]
+
+
+def test_every_schedule_and_layout_trains_as_one_process(corpus, tmp_path):
+    """tests/pp_worker.py: pp 2 with each schedule (GPipe, 1F1B, interleaved 1F1B and the two V schedules, two stages
+    per rank), dp 2 x pp 2 and pp 2 x tp 2 (4 ranks), with AdamW and Muon, Llama and GPT-2: 10 steps against one
+    process; then a NaN weight on the first stage alone makes every rank skip the step and keep its weights."""
+    two = ["pp2:1f1b:llama:muon", "pp2:gpipe:gpt2:adamw", "pp2:interleaved_1f1b:llama:adamw",
+           "pp2:zero_bubble:gpt2:muon", "pp2:dualpipev:llama:muon", "pp2:1f1b:gpt2:adamw"]
+    four = ["dp2pp2:1f1b:llama:muon", "dp2pp2:1f1b:gpt2:adamw", "pp2tp2:1f1b:llama:adamw", "pp2tp2:gpipe:gpt2:muon"]
+    res = {}
+    for nproc, cases in ((2, two), (4, four)):
+        out = str(tmp_path / f"worker{nproc}.json")
+        ok(torchrun(corpus, out, *cases, script="tests/pp_worker.py", nproc=nproc, timeout=300))
+        with open(out) as f:
+            res.update(json.load(f))
+    assert sorted(res) == sorted(two + four)
+    for name, d in res.items():
+        assert d["loss"] < 1e-5 and d["norm"] < 1e-5 and d["param"] < 2e-5 and d["skipped_by_all"], (name, d)
+
+
+def test_checkpoints_move_between_layouts_and_one_process_reads_a_pipeline_run(corpus, tmp_path, capsys):
+    """pp 2 (1F1B) from the start; its step-3 checkpoint resumed at dp 2 (FSDP2, no pipeline); pp 2's step-6 one
+    resumed in one process; dp 2's step-6 one at dp 2 x pp 2 (4 ranks): every loss, gradient norm and validation loss
+    within 1e-4 of one process (the data order is kept across layouts). The pp 2 checkpoint verifies its checksums and
+    reads in one process: eval.py gives one process's validation loss, sample.py generates, export.py writes one
+    process's weights (to 1e-4)."""
+    single, pp2, dp2, back, four = (str(tmp_path / n) for n in ("single", "pp2", "dp2", "back", "four"))
+    assert train.main(train_args(corpus, single, *PP)) == 0
+    ref = losses(single)
+    run = Launch({"pp2": (pp2, train_args(corpus, pp2, *PP, "train.pp=2")),
+                  "copy": (None, ["--copy", os.path.join(pp2, "step_000003"), os.path.join(dp2, "step_000003")]),
+                  "dp2": (dp2, train_args(corpus, dp2, *PP, "train.parallel=fsdp"))})
+    text = run.stdout("pp2")
+    assert "pipeline 2 x data parallel 1 x tensor parallel 1, 1f1b over 2 stages" in text
+    run.finished("dp2")
+    os.makedirs(back)
+    os.rename(os.path.join(pp2, "step_000006"), os.path.join(back, "step_000006"))  # moved: pp2 keeps 3, 9, 10
+    assert train.main(train_args(corpus, back, *PP)) == 0
+    launch(corpus, four, *PP, "train.pp=2", nproc=4, resume_from=os.path.join(dp2, "step_000006"))
+    assert "resumed from" in capsys.readouterr().out
+    worst = {"pp2": close(losses(pp2), ref, range(1, 11), 1e-4), "dp2": close(losses(dp2), ref, range(4, 11), 1e-4),
+             "back": close(losses(back), ref, range(7, 11), 1e-4), "four": close(losses(four), ref, range(7, 11), 1e-4)}
+    print(f"largest loss differences from one process: {worst}")
+    norms = {r["step"]: r["grad_norm"] for r in rows(single) if "grad_norm" in r}
+    for out, steps in ((pp2, range(1, 11)), (four, range(7, 11))):
+        close({r["step"]: r["grad_norm"] for r in rows(out) if "grad_norm" in r}, norms, steps, 1e-4)
+    val = {r["step"]: r["val_loss"] for r in rows(single) if "val_loss" in r}
+    close({r["step"]: r["val_loss"] for r in rows(pp2) if "val_loss" in r}, val, [5, 10], 1e-4)
+
+    last = os.path.join(pp2, "step_000010")
+    checkpoint.verify_files(last)
+    assert json.load(open(os.path.join(last, checkpoint.STATE_FILE)))["pp"] == 2
+    one = ["--device", "cpu", "--precision", "fp32"]
+    scores = []
+    for out in (single, pp2):
+        assert eval_.main([out, "--json", "--max_tokens", "4096", *one]) == 0
+        scores.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"])
+    assert abs(scores[0] - scores[1]) < 1e-4, scores
+    assert sample.main([pp2, "--prompt", "def ", "--max_new_tokens", "8", *one]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    weights = []
+    for out in (single, pp2):
+        assert export.main([out, "--to", "hf", str(tmp_path / f"hf_{os.path.basename(out)}")]) == 0
+        weights.append(load_file(str(tmp_path / f"hf_{os.path.basename(out)}" / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]) < 1e-4
+
+
+@pytest.mark.parametrize("args, words", [
+    (["model.tie_embeddings=true"], "model.tie_embeddings=true (the embedding is on the first stage"),
+    (["model.moe.num_experts=4"], "model.moe"),
+    (["train.lora=true"], "train.lora"),
+    (["train.precision=fp16"], "train.precision=fp16"),
+    (["eval.interval=10"], "eval.interval"),
+    (["train.parallel=ddp"], "train.parallel=ddp"),
+    (["model.n_layer=2", "train.pp=4"], "cuts the model into 4 stages, more than its model.n_layer (2)"),
+    (["train.pp_schedule=zero_bubble", "train.pp_virtual_stages=3"], "runs two stages (a V) per rank"),
+    (["train.pp_schedule=gpipe", "train.pp_virtual_stages=2"], "runs one stage per rank"),
+])
+def test_what_the_pipeline_does_not_carry_is_refused_by_name(args, words):
+    base = ["configs/tiny.yaml", "model.vocab_size=512", "model.tie_embeddings=false", "eval.interval=0", "train.pp=2"]
+    with pytest.raises(config.ConfigError, match="train.pp") as e:
+        config.load([*base, *args])
+    assert words in str(e.value)
+
+
+def test_the_batch_splits_into_pipeline_micro_batches():
+    """Under pp the step's micro-batches are the pipeline's: train.pp_microbatches sets their number (the micro batch
+    follows), or train.micro_batch_size does; auto gives every stage a micro-batch; a schedule's minimum is named."""
+    base = ["configs/tiny.yaml", "model.vocab_size=512", "model.tie_embeddings=false", "eval.interval=0",
+            "train.batch_size=16", "train.pp=2"]
+    d = config.derive(config.load([*base, "train.pp_microbatches=8"]), 4)  # dp 2: 8 sequences a rank
+    assert (d.dp, d.micro_batch, d.grad_accum) == (2, 1, 8)
+    assert "pipeline micro-batches (1f1b) 8 x data parallel 2 (world size 4 / train.tp 1 / train.pp 2)" in \
+        d.banner(config.load([*base, "train.pp_microbatches=8"]))
+    assert config.derive(config.load([*base, "train.pp_schedule=dualpipev"]), 2).grad_accum == 4  # 4 stages
+    with pytest.raises(config.ConfigError, match="needs at least 2 pipeline micro-batches per step; this step has 1"):
+        config.derive(config.load([*base, "train.micro_batch_size=16"]), 2)
+    with pytest.raises(config.ConfigError, match="train.micro_batch_size \\(4\\) and train.pp_microbatches \\(2\\)"):
+        config.derive(config.load([*base, "train.micro_batch_size=4", "train.pp_microbatches=2"]), 2)
+    with pytest.raises(config.ConfigError, match="multiple of train.tp x train.pp \\(1 x 2\\)"):
+        config.derive(config.load(base), 3)
