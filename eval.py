@@ -23,7 +23,7 @@ import build
 import checkpoint
 from config import at_least
 from loader import DataError, eval_batches, same_tokenizer, token_bytes
-from parallel import Pipeline, print0
+from parallel import print0
 from step import finite
 
 
@@ -44,19 +44,16 @@ def evaluate(model, paths: list[str], block_size: int, vocab_size: int, batch_si
             n_tokens += scored.size
             n_bytes += int(nbytes[scored].sum())
             x, y = x.to(device), y.to(device)
-            if isinstance(model, Pipeline):  # the last stage scores
+            if hasattr(model, "nats"):  # a pipeline.Pipeline: its stages score together
                 nats += model.nats(x, y)
                 continue
             with autocast:
                 logits = model(x)
             nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
-    if isinstance(model, Pipeline) and not model.last:
-        n_tokens = n_bytes = 0
     totals = torch.tensor([nats.item(), n_tokens, n_bytes], dtype=torch.float64, device=device)
-    if world > 1 or isinstance(model, Pipeline):
+    if world > 1:
         torch.distributed.all_reduce(totals)
-        # a tensor-parallel group scored the same batches; of a pipeline, its last stage
-        totals /= torch.distributed.get_world_size() // world // (model.pp if isinstance(model, Pipeline) else 1)
+        totals /= torch.distributed.get_world_size() // world  # a tensor-parallel group or a pipeline scored alike
     total_nats, n_tokens, n_bytes = totals.tolist()
     loss = total_nats / max(n_tokens, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 700)), "bpb": total_nats / math.log(2) / max(n_bytes, 1),

@@ -6,7 +6,7 @@ FSDP2, expert parallel) while build.py builds it, and `wrap` puts DDP or torch.c
     FSDP2: `fully_shard` per block and at the root, BF16 compute, FP32 (or BF16) gradient reduce-scatter
     FSDP2 + TP (train.tp): a (pp, dp, tp) mesh; `tensor_parallel` splits within tp, FSDP2 shards across dp
     expert parallel (train.ep, with FSDP2): each rank keeps its whole experts; tokens travel by all-to-all
-    pipeline parallel (train.pp): `pipeline_split` keeps a rank's stages of blocks, `Pipeline` runs torch's schedule
+    pipeline parallel (train.pp): pipeline.py cuts the model into a rank's stages first and runs torch's schedule
 """
 import functools
 import os
@@ -19,8 +19,6 @@ import torch.nn as nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd as all_to_all
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
@@ -108,132 +106,14 @@ def device_mesh(run: config.Run) -> DeviceMesh | None:
     return init_device_mesh(run.device.type, (run.pp, run.dp, run.tp), mesh_dim_names=("pp", "dp", "tp"))
 
 
-class _Layers(nn.ModuleDict):
-    """A pipeline rank's blocks under their places in the whole model ("layers.7.mlp..."), iterated in order."""
-
-    def __iter__(self):
-        return iter(self.values())
-
-
-class _Stage(GPT):
-    """One pipeline stage: GPT.forward over some blocks of `whole` (the embedding if it is the first stage, the final
-    norm, head and loss if the last). Its modules are whole's, so parameters keep the unsplit model's names, and
-    whole's kernels, RoPE table and config are read from it, never copied."""
-
-    def __init__(self, whole: GPT, layers: range, first: bool, last: bool):
-        nn.Module.__init__(self)
-        self._whole = [whole]  # in a list: not a submodule
-        self.embed_tokens = whole.embed_tokens if first else None
-        if whole.cfg.arch == "gpt2":
-            self.embed_positions = whole.embed_positions if first else None
-        self.dropout = whole.dropout
-        self.layers = _Layers({str(i): whole.layers[str(i)] for i in layers})
-        self.norm, self.lm_head = (whole.norm, whole.lm_head) if last else (None, None)
-
-    cfg = property(lambda self: self._whole[0].cfg)
-    ops = property(lambda self: self._whole[0].ops)
-    rope = property(lambda self: self._whole[0].rope)
-
-
-def stage_ids(run: config.Run, pp_rank: int) -> list[int]:
-    """The pipeline stages pp rank `pp_rank` holds (see pipeline_split)."""
-    S = run.pp * config.virtual_stages(run.cfg.train)
-    if run.cfg.train.pp_schedule in ("zero_bubble", "dualpipev"):
-        return [pp_rank, S - 1 - pp_rank]
-    return list(range(pp_rank, S, run.pp))
-
-
-def pipeline_split(model: GPT, run: config.Run) -> list[tuple[int, _Stage]]:
-    """Cut `model` (on the meta device, in place) to this rank's pipeline stages: train.pp x the schedule's stages per
-    rank cut the blocks into runs of consecutive layers (stage s: layers s L / S to (s + 1) L / S); a looped schedule
-    gives rank r stages r, r + pp, ..., a V schedule (zero_bubble, dualpipev) stages r and 2 pp - 1 - r. `model` keeps
-    what its stages hold (the others' blocks, and the embedding or head it does not hold, become absent). Returns
-    [(stage index, stage)]."""
-    L, S, ids = model.cfg.n_layer, run.pp * config.virtual_stages(run.cfg.train), stage_ids(run, run.pp_rank)
-    model.layers = _Layers({str(i): model.layers[i] for s in sorted(ids) for i in range(s * L // S, (s + 1) * L // S)})
-    stages = [(s, _Stage(model, range(s * L // S, (s + 1) * L // S), s == 0, s == S - 1)) for s in ids]
-    if 0 not in ids:
-        model.embed_tokens = None
-        if model.cfg.arch == "gpt2":
-            model.embed_positions = None
-    if S - 1 not in ids:
-        model.norm = model.lm_head = None
-    return stages
-
-
-class Pipeline:
-    """What a pipeline-parallel run's step calls instead of the model: torch's schedule (train.pp_schedule) over this
-    rank's stages. The step's micro-batches go in as one batch, which the schedule cuts back into them; the last
-    stage's loss is the model's mean per micro-batch over their number, so the gradients are the step's mean as
-    with gradient accumulation, and every stage's gradients are complete when `step` returns."""
-
-    def __init__(self, model: GPT, run: config.Run):
-        t, self.model, self.run, self.n, self.pp = run.cfg.train, model, run, run.grad_accum, run.pp
-        self.group = model.pp_group
-        S = run.pp * config.virtual_stages(t)
-        self.parts = dict(model.stages)  # by stage index
-        self.owner = [next(r for r in range(run.pp) if s in stage_ids(run, r)) for s in range(S)]  # stage -> pp rank
-        self.stages = [PipelineStage(part, s, S, run.device, group=self.group) for s, part in model.stages]
-        self.first = any(s.is_first for s in self.stages)
-        self.last = any(s.is_last for s in self.stages)
-        schedule = get_schedule_class(config.PP_SCHEDULES[t.pp_schedule][0])
-        one = issubclass(schedule, PipelineScheduleSingle)
-        self.schedule = schedule(self.stages[0] if one else self.stages, n_microbatches=self.n,
-                                 loss_fn=lambda loss, target: loss / self.n, scale_grads=False)
-
-    def step(self, batches) -> torch.Tensor:
-        """Forward and backward of the step's micro-batches [(x, y)]; the sum of their losses on the rank holding
-        the last stage, else 0."""
-        xs, ys = zip(*batches)
-        x, y, losses = torch.cat(xs), torch.cat(ys), []
-        with self.run.precision.autocast(self.run.device):  # the last stage gets the targets: GPT.forward's loss
-            self.schedule.step(*([x] if self.first else []), target=y, losses=losses, return_outputs=False, targets=y)
-        return torch.stack(losses).sum() * self.n if self.last else torch.zeros((), device=self.run.device)
-
-    @torch.no_grad()
-    def nats(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The summed cross-entropy of batch (x, y) (-1 targets ignored) on the rank holding the last stage, else 0:
-        one forward through the stages in order, each rank running its own and passing the residual stream on (no
-        schedule: torch's zero-bubble ones have no forward-only mode)."""
-        me, h, loss = self.run.pp_rank, x, None
-        for s in range(len(self.owner)):
-            prev = self.owner[s - 1] if s else None  # the rank holding the stage before
-            if self.owner[s] == me:
-                if prev not in (me, None):
-                    meta = [None]
-                    dist.recv_object_list(meta, group=self.group, group_src=prev)
-                    h = torch.empty(meta[0][0], dtype=meta[0][1], device=self.run.device)
-                    dist.recv(h, group=self.group, group_src=prev)
-                with self.run.precision.autocast(self.run.device):
-                    h = loss = self.parts[s](h, targets=y)
-            elif prev == me:
-                dist.send_object_list([(h.shape, h.dtype)], group=self.group, group_dst=self.owner[s])
-                dist.send(h.contiguous(), group=self.group, group_dst=self.owner[s])
-        if not self.last:
-            return torch.zeros((), device=self.run.device)
-        count = (y >= 0).sum()
-        return torch.where(count > 0, loss.float() * count, 0.0)  # an all-padding batch's mean is NaN
-
-    def train(self, mode: bool = True):
-        for m in (self.model, *self.parts.values()):
-            m.train(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-
 def parallelize(model: GPT, run: config.Run) -> None:
     """Shard `model` (on the meta device) for the run, in place, as the module docstring lists. Under FSDP2
     `torch.compile` applies per block (in place, so the state-dict names stay; the gathers stay outside the graphs)."""
     t, device, fsdp = run.cfg.train, run.device, run.mode == "fsdp"
     mesh = device_mesh(run)
-    if mesh is not None and run.pp > 1:  # first: the rank's stages, which Pipeline runs (wrap)
-        model.stages, model.pp_group = pipeline_split(model, run), mesh["pp"].get_group()
-        # the ranks of one stage (dp x tp of them): Muon deals out its matrices among these (optim.py)
-        stage_groups = [dist.new_group(list(range(i * run.dp * run.tp, (i + 1) * run.dp * run.tp)))
-                        for i in range(run.pp)]
-        model.stage_group = stage_groups[run.pp_rank]
+    if mesh is not None and run.pp > 1:  # first: the rank's stages, which pipeline.Pipeline runs (wrap)
+        import pipeline  # torch.distributed.pipelining takes half a second to import: only pipeline runs pay it
+        pipeline.split(model, run, mesh)
     if mesh is not None and run.tp > 1:  # as torchtitan: checkpointing, compile and FSDP2 then see the split modules
         tensor_parallel(model, mesh["tp"])
         if t.compile and model.embed_tokens is not None:
@@ -275,8 +155,11 @@ def wrap(model: GPT, run: config.Run) -> nn.Module:
     """The module the training step calls, once `model` holds its weights: DDP for a DDP run, torch.compile of the
     whole model (head and loss included) unless FSDP2 compiled it per block. `model` itself stays the uncompiled
     module, not wrapped by DDP, for evaluation and checkpoints (under FSDP2 it is the sharded root)."""
-    if run.mode == "fsdp":  # (a pipeline-parallel run is one)
-        return Pipeline(model, run) if run.pp > 1 else model
+    if run.mode == "fsdp" and run.pp > 1:  # (a pipeline-parallel run is an FSDP2 one)
+        import pipeline
+        return pipeline.Pipeline(model, run)
+    if run.mode == "fsdp":
+        return model
     wrapped = model
     if run.mode == "ddp":
         wrapped = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None,

@@ -64,7 +64,7 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: conf
             loss_sum = loss_sum + loss.detach()
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = clip_grads(model, t.grad_clip, train_model.group if run.pp > 1 else None)
+    grad_norm = train_model.clip(t.grad_clip) if run.pp > 1 else clip_grads(model, t.grad_clip)
     bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
     if run.world_size > 1:  # a loss is per rank; every rank must skip alike (no host sync on NCCL)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -87,18 +87,11 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: conf
     return loss_sum, grad_norm, bad
 
 
-def clip_grads(model: nn.Module, max_norm: float, pp_group=None) -> torch.Tensor:
+def clip_grads(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Scale the gradients to a global norm of at most `max_norm` (0: no clipping); returns the norm before, a plain
-    tensor (under FSDP2 and tensor parallel torch's norm of DTensors is already over the whole mesh; a pipeline's
-    stages add their squares over `pp_group`)."""
-    if pp_group is None:
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    square = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2
-    dist.all_reduce(square, group=pp_group)
-    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm or float("inf"), square.sqrt())
-    return square.sqrt()
+    tensor (under FSDP2 and tensor parallel torch's norm of DTensors is already over the whole mesh)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def balance_experts(experts: list[MoE], bad: torch.Tensor, mode: str) -> None:

@@ -27,6 +27,7 @@ FEATURES = {
     "lora": "train.lora",
     "tracking": "log.wandb and log.tensorboard",
     "harness": "lm-eval tasks (eval.py --tasks, eval.tasks) and samples while training (eval.interval)",
+    "pipeline": "train.pp (torch.distributed.pipelining takes half a second to import)",
     "tokenizer": "text in and out: eval.py --tasks (training and the val loss read token ids)",
 }
 # checkpoint brings torch, which data/prepare.py's tokenizer workers (and loader.py, which they use) need not hold
