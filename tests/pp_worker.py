@@ -10,6 +10,7 @@ every rank skipped that step and kept its weights.
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -19,9 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import config  # noqa: E402
 import optim  # noqa: E402
 import parallel  # noqa: E402
+import plan  # noqa: E402
 import step  # noqa: E402
 from build import build_model  # noqa: E402
 from conftest import TINY, make_run  # noqa: E402
+from model import GPT  # noqa: E402
 
 LAYOUTS = {"pp2": ["train.pp=2"], "dp2pp2": ["train.pp=2"], "pp2tp2": ["train.pp=2", "train.tp=2"]}
 STEPS = 10
@@ -83,11 +86,81 @@ def case(dataset: str, name: str, alone) -> dict:
     return out
 
 
+def measure(dataset: str, schedule: str, *shape: str) -> dict:
+    """One step of `schedule` over the ranks (after a first one, which also infers the stages' shapes): on each rank
+    the most (stage, micro-batch) activations in flight at once (a forward keeps them; a full backward, or a split
+    one's weight half, frees them) and the bytes it sends to other stages' ranks, against plan.pipeline_schedule
+    (stages weighted 1) and plan.pipeline_comm's stage-boundary bytes; and the bubble measured over three more steps,
+    1 - (each rank's seconds inside its stages' forwards and backwards) / (the schedule's seconds), the ranks' mean
+    (communication waits count as bubble). `shape`: more overrides (scripts/pp_bubble.sh's larger model)."""
+    from torch.distributed.pipelining import stage as stage_module
+    cfg = config.load(["configs/tiny.yaml", *TINY, f"data.datasets=[{dataset}]", "train.precision=fp32",
+                       "model.vocab_size=512", "model.n_layer=4", "model.n_head=4", "model.tie_embeddings=false",
+                       "eval.interval=0", "train.micro_batch_size=1", "train.optimizer=adamw",
+                       f"train.pp={dist.get_world_size()}", f"train.pp_schedule={schedule}", *shape])
+    run = make_run(cfg, world=dist.get_world_size(), rank=dist.get_rank())
+    model = build_model(run.cfg, run.device, run.ops, parallelize=lambda m: parallel.parallelize(m, run))
+    pipe, opt = parallel.wrap(model, run), optim.build(model, run.cfg.train, run.device)
+    t, T = run.cfg.train, cfg.model.block_size
+    count = {"now": 0, "peak": 0, "sent": 0, "busy": 0.0}
+    cls, real = stage_module._PipelineStageBase, {}
+
+    def counting(name, delta):
+        real[name] = getattr(cls, name)
+
+        def wrapped(self, *args, **kwargs):
+            if name != "backward_one_chunk" or kwargs.get("full_backward", True):
+                count["now"] += delta
+                count["peak"] = max(count["peak"], count["now"])
+            t0 = time.perf_counter()
+            out = real[name](self, *args, **kwargs)
+            count["busy"] += time.perf_counter() - t0
+            return out
+        setattr(cls, name, wrapped)
+
+    def sending(name):  # the send operations a stage makes, forward (activations) and backward (their gradients)
+        real[name] = getattr(cls, name)
+
+        def wrapped(self, *args, **kwargs):
+            ops = real[name](self, *args, **kwargs)
+            count["sent"] += sum(op.tensor.nbytes for op in ops)
+            return ops
+        setattr(cls, name, wrapped)
+    x = torch.randint(0, 512, (t.batch_size, T + 1), generator=torch.Generator().manual_seed(0))
+    step.train_step(model, pipe, opt, batches(x, t.micro_batch_size), run)
+    for name, delta in (("forward_one_chunk", 1), ("backward_one_chunk", -1), ("backward_weight_one_chunk", -1)):
+        counting(name, delta)
+    sending("get_fwd_send_ops")
+    sending("get_bwd_send_ops")
+    try:
+        step.train_step(model, pipe, opt, batches(x, t.micro_batch_size), run)
+        peak, sent, count["busy"], wall = count["peak"], count["sent"], 0.0, 0.0
+        for _ in range(3):
+            dist.barrier()
+            t0 = time.perf_counter()
+            pipe.step(batches(x, t.micro_batch_size))
+            wall += time.perf_counter() - t0
+            opt.zero_grad(set_to_none=True)
+    finally:
+        for name, fn in real.items():
+            setattr(cls, name, fn)
+    got = [None] * dist.get_world_size()
+    dist.all_gather_object(got, (peak, sent, 1 - count["busy"] / wall))
+    S = run.pp * config.virtual_stages(t)
+    planned_peaks, bubble = plan.pipeline_schedule(t, run.grad_accum, [1.0] * S)
+    with torch.device("meta"):
+        whole_model = GPT(run.cfg.model)
+    return {"inflight": [g[0] for g in got], "planned_inflight": planned_peaks, "sent": max(g[1] for g in got),
+            "planned_sent": plan.pipeline_comm(run.cfg, whole_model, run.world_size, False)["p2p"],
+            "bubble": sum(g[2] for g in got) / len(got), "planned_bubble": bubble, "microbatches": run.grad_accum}
+
+
 def main(dataset: str, out: str, *cases: str) -> None:
     dist.init_process_group("gloo")
     torch.set_flush_denormal(True)
     alone = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
-    results = {name: case(dataset, name, alone) for name in cases}
+    results = {name: measure(dataset, *name.split(":")[1:]) if name.startswith("measure:") else
+               case(dataset, name, alone) for name in cases}
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(results, f, indent=1)

@@ -30,12 +30,18 @@ PP = ["model.n_layer=4", "model.n_head=4", "model.tie_embeddings=false", "eval.i
       "train.keep_last=10"]
 
 
-def test_every_schedule_and_layout_trains_as_one_process(corpus, tmp_path):
+SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "dualpipev"]
+
+
+def test_every_schedule_and_layout_trains_as_one_process_as_planned(corpus, tmp_path):
     """tests/pp_worker.py: pp 2 with each schedule (GPipe, 1F1B, interleaved 1F1B and the two V schedules, two stages
     per rank), dp 2 x pp 2 and pp 2 x tp 2 (4 ranks), with AdamW and Muon, Llama and GPT-2: 10 steps against one
-    process; then a NaN weight on the first stage alone makes every rank skip the step and keep its weights."""
+    process; then a NaN weight on the first stage alone makes every rank skip the step and keep its weights. And per
+    schedule at pp 2, the activations each rank keeps in flight and the bytes the stages send each other in a step
+    are plan.py's figures exactly."""
+    measured = [f"measure:{s}" for s in SCHEDULES]
     two = ["pp2:1f1b:llama:muon", "pp2:gpipe:gpt2:adamw", "pp2:interleaved_1f1b:llama:adamw",
-           "pp2:zero_bubble:gpt2:muon", "pp2:dualpipev:llama:muon", "pp2:1f1b:gpt2:adamw"]
+           "pp2:zero_bubble:gpt2:muon", "pp2:dualpipev:llama:muon", "pp2:1f1b:gpt2:adamw", *measured]
     four = ["dp2pp2:1f1b:llama:muon", "dp2pp2:1f1b:gpt2:adamw", "pp2tp2:1f1b:llama:adamw", "pp2tp2:gpipe:gpt2:muon"]
     res = {}
     for nproc, cases in ((2, two), (4, four)):
@@ -44,6 +50,9 @@ def test_every_schedule_and_layout_trains_as_one_process(corpus, tmp_path):
         with open(out) as f:
             res.update(json.load(f))
     assert sorted(res) == sorted(two + four)
+    for name in measured:
+        d = res.pop(name)
+        assert d["inflight"] == d["planned_inflight"] and d["sent"] == d["planned_sent"] > 0, (name, d)
     for name, d in res.items():
         assert d["loss"] < 1e-5 and d["norm"] < 1e-5 and d["param"] < 2e-5 and d["skipped_by_all"], (name, d)
 
