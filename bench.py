@@ -158,12 +158,13 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
     elapsed, final_loss, mem, cpu = best["chosen"]
     tok_s = steps * run.batch.batch_tokens / elapsed
     peak = peak_tflops * 1e12 if peak_tflops else hardware.peak_flops(device, precision.dtype)
-    flops = model.flops_per_token()
+    counted = plan.meta_model(run.cfg) if run.pp > 1 else model  # a pipeline rank holds some blocks: count them all
+    flops = counted.flops_per_token()
     result = {
-        "config": cfg.model.arch, "params": model.num_params(), "n_layer": cfg.model.n_layer,
+        "config": cfg.model.arch, "params": counted.num_params(), "n_layer": cfg.model.n_layer,
         "n_embd": cfg.model.n_embd, "block_size": cfg.model.block_size, "vocab_size": cfg.model.vocab_size,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x {torch.get_num_threads()}",
-        "world_size": world, "tp": run.tp, "parallel": run.mode, "precision": t.precision,
+        "world_size": world, "tp": run.tp, "pp": run.pp, "parallel": run.mode, "precision": t.precision,
         "precision_reason": precision.reason, "compile": t.compile, "compile_reason": precision.compile_reason,
         "activation_checkpointing": t.activation_checkpointing, "kernels": names,
         "micro_batch_size": t.micro_batch_size, "grad_accum": run.grad_accum, "batch_tokens": run.batch.batch_tokens,
@@ -250,6 +251,8 @@ def main(argv: list[str]) -> int:
                   f"({result['load_ratio']:.2f}x), {result['checkpoint_gib']:.2f} GiB", file=sys.stderr)
             print(json.dumps(result))
             return 0
+        if cfg.train.pp > 1 and (a.bare or a.lora):
+            raise ValueError("--bare and --lora time one model's loop; under train.pp the step is the pipeline's")
         result = bench(cfg, a.warmup, a.steps, a.peak_tflops, a.baseline, a.bare, a.lora)
     except (config.ConfigError, kernel.KernelError, ValueError) as e:  # HardwareError too
         print(f"error: {e}", file=sys.stderr)
