@@ -1,5 +1,6 @@
 """The GPU suite (`python -m pytest -m gpu tests/test_gpu.py`): kernel parity in BF16 on the device, a training step
-without host syncs, no recompiles after warm-up, FP8 against BF16, and peak memory against plan.py.
+without host syncs, no recompiles after warm-up, FP8 against BF16, peak memory against plan.py, and tensor and
+pipeline parallel on 2 GPUs against one.
 
 Every test is marked `gpu` and skips without CUDA. `GPU_TESTS_DEVICE=cpu` runs them on the CPU with small shapes, to
 check the code paths on a machine without a GPU; the CUDA-only checks inside (sync debug mode, the CUDA allocator's
@@ -8,7 +9,10 @@ torchao) are imported inside the tests only, through kernel.py, and a test whose
 Written on a machine without a GPU: until it has run on one, a failure may be the test's own.
 """
 import gc
+import json
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -323,34 +327,68 @@ def test_peak_memory_within_10_percent_of_the_plan():
     assert abs(measured - planned) <= 0.10 * planned, (measured, planned)
 
 
-# ----------------------------------------------------------------------------- tensor parallel on 2 GPUs
+# ----------------------------------------------------------------------------- tensor and pipeline parallel on 2 GPUs
+
+# 20 steps of a small model (tiny.yaml's, wider), BF16 and compiled (per block under FSDP2), 2 micro-batches a step
+TWO_GPU_RUN = ["model.n_layer=4", "model.n_head=8", "model.n_kv_head=4", "model.n_embd=512", "model.block_size=512",
+               "train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=20", "train.eval_interval=0",
+               "train.ckpt_interval=20", "train.precision=bf16", "train.compile=true", "train.warmup_steps=5",
+               "log.interval=1", "train.max_minutes=0"]
+ONE_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
+
+
+def train_on_gpus(corpus, out: str, gpus: int, *extra: str) -> None:
+    """train.py with TWO_GPU_RUN and `extra` on 1 GPU (a plain process) or on 2 (torchrun, NCCL); fails with its
+    stderr."""
+    from test_train import train_args
+    cmd = [sys.executable, "train.py"] if gpus == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "train.py"]
+    r = subprocess.run([*cmd, *train_args(corpus, out, *TWO_GPU_RUN, *extra)], cwd=ROOT,
+                       env=ONE_GPU if gpus == 1 else None, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def largest_loss_difference(one: str, two: str) -> float:
+    """The largest relative difference of the two runs' losses over their 20 steps."""
+    from test_train import losses
+    a, b = losses(one), losses(two)
+    return max(abs(a[s] - b[s]) / a[s] for s in range(1, 21))
+
+
+def eval_loss(out: str) -> float:
+    """The validation loss eval.py gives a run's last checkpoint in one process on one GPU."""
+    r = subprocess.run([sys.executable, "eval.py", out, "--json", "--max_tokens", "8192"], cwd=ROOT, env=ONE_GPU,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])["loss"]
+
 
 @pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="tensor parallel needs 2 CUDA devices")
 def test_tensor_parallel_on_two_gpus_follows_one(corpus, tmp_path):
     """train.tp=2 over NCCL (BF16, compiled per block, activation checkpointing) on 2 GPUs against the same run on one:
     the losses of 20 steps within 2 % (BF16 rounding of the split sums differs), and the checkpoint reads in one
     process (eval.py)."""
-    import json
-    import subprocess
-    import sys
-    from test_train import losses, train_args
-    args = ["model.n_layer=4", "model.n_head=8", "model.n_kv_head=4", "model.n_embd=512", "model.block_size=512",
-            "train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=20", "train.eval_interval=0",
-            "train.ckpt_interval=20", "train.precision=bf16", "train.compile=true", "train.warmup_steps=5",
-            "log.interval=1", "train.max_minutes=0"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
-    r = subprocess.run([sys.executable, "train.py", *train_args(corpus, one, *args)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                        *train_args(corpus, two, *args, "train.tp=2", "train.activation_checkpointing=true")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = losses(one), losses(two)
-    worst = max(abs(a[s] - b[s]) / a[s] for s in range(1, 21))
+    train_on_gpus(corpus, one, 1)
+    train_on_gpus(corpus, two, 2, "train.tp=2", "train.activation_checkpointing=true")
+    worst = largest_loss_difference(one, two)
     print(f"tp=2 on 2 GPUs vs 1 GPU, BF16 compiled: largest relative loss difference {worst:.4f}")
-    assert worst < 0.02, (a, b)
-    r = subprocess.run([sys.executable, "eval.py", two, "--json", "--max_tokens", "8192"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["loss"] > 0, r.stderr[-3000:]
+    assert worst < 0.02, worst
+    assert eval_loss(two) > 0
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="pipeline parallel needs 2 CUDA devices")
+def test_pipeline_parallel_on_two_gpus_follows_one(corpus, tmp_path):
+    """train.pp=2 with 1F1B over NCCL (two stages of two layers, BF16, compiled per block, FSDP2 over one rank inside
+    each stage) on 2 GPUs against the same run on one: the losses of 20 steps within 2 % (BF16 rounding where the
+    stages sum differently), and the pipeline's checkpoint, read in one process by eval.py, scores within 2 % of the
+    1-GPU run's."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    untied = "model.tie_embeddings=false"  # the embedding is on the first stage, the head on the last
+    train_on_gpus(corpus, one, 1, untied)
+    train_on_gpus(corpus, two, 2, untied, "train.pp=2", "train.pp_schedule=1f1b")
+    worst = largest_loss_difference(one, two)
+    print(f"pp=2 (1f1b) on 2 GPUs vs 1 GPU, BF16 compiled: largest relative loss difference {worst:.4f}")
+    assert worst < 0.02, worst
+    scores = eval_loss(one), eval_loss(two)
+    assert abs(scores[1] - scores[0]) <= 0.02 * scores[0], scores
