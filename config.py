@@ -124,9 +124,12 @@ class TrainConfig:
     # batch is batch_size / dp / pp_microbatches); 0: the step's micro-batches of train.micro_batch_size
     pp_microbatches: int = 0
     pp_virtual_stages: int = 0  # stages per rank; 0: the schedule's (1; 2 for interleaved_1f1b, zero_bubble, dualpipev)
-    reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward (ZeRO-3); false: ZeRO-2
+    # fsdp: free gathered block weights after forward (ZeRO-3); false: ZeRO-2 (always, under train.pp: a stage's
+    # weights stay gathered across its micro-batches)
+    reshard_after_forward: bool = True
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # fsdp: dtype of gradient reduce-scatter
-    fsdp_defer_sync: bool = False  # fsdp: reduce gradients only on the last micro-step (holds unsharded grads)
+    # fsdp: reduce gradients only on the last micro-step (holds unsharded grads); under train.pp torch's stage does so
+    fsdp_defer_sync: bool = False
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~25 % more compute
     dist_timeout_s: int = 600  # a collective that waits longer than this fails the run instead of hanging
     # A step with a non-finite loss or gradient norm is skipped (weights and optimizer state untouched); this many
@@ -471,7 +474,7 @@ def check_pp(cfg: Config) -> None:
     stage, generation while training)."""
     m, t, v = cfg.model, cfg.train, virtual_stages(cfg.train)
     single = PP_SCHEDULES[t.pp_schedule][1] == 1
-    if (single and v != 1) or (t.pp_schedule in ("zero_bubble", "dualpipev") and v != 2) or v < 1:
+    if v != 1 if single else v != 2 if t.pp_schedule in ("zero_bubble", "dualpipev") else v < 2:
         raise ConfigError(f"train.pp_schedule={t.pp_schedule} runs {'one stage' if single else 'two stages (a V)'} "
                           f"per rank{' or more' if t.pp_schedule == 'interleaved_1f1b' else ''}; "
                           f"train.pp_virtual_stages={t.pp_virtual_stages} does not fit it (0: the schedule's own)")
@@ -494,7 +497,7 @@ def check_pp(cfg: Config) -> None:
 
 @dataclass(frozen=True)
 class Derived:
-    world_size: int  # all ranks: data parallel x tensor parallel
+    world_size: int  # all ranks: pipeline x data parallel x tensor parallel
     micro_batch: int
     grad_accum: int
     batch_tokens: int
@@ -514,7 +517,8 @@ class Derived:
 
 
 def derive(cfg: Config, world_size: int = 1, micro: int | None = None) -> Derived:
-    """The numbers that follow from the config, the batch split over world_size / train.tp data-parallel ranks.
+    """The numbers that follow from the config, the batch split over world_size / train.tp / train.pp data-parallel
+    ranks.
     `micro`: the micro batch when train.micro_batch_size is auto; without it, a rank's whole batch."""
     t = cfg.train
     if world_size % (t.tp * t.pp):

@@ -92,13 +92,15 @@ class Pipeline:
                                  loss_fn=lambda loss, target: loss / self.n, scale_grads=False)
 
     def step(self, batches) -> torch.Tensor:
-        """Forward and backward of the step's micro-batches [(x, y)]; the sum of their losses on the rank holding
-        the last stage, else 0."""
+        """Forward and backward of the step's micro-batches [(x, y)]; the sum of their losses, on every rank of the
+        pipeline (from the last stage's: one all-reduce of a number), as a tensor-parallel group's ranks all have it."""
         xs, ys = zip(*batches)
         x, y, losses = torch.cat(xs), torch.cat(ys), []
         with self.run.precision.autocast(self.run.device):  # the last stage gets the targets: GPT.forward's loss
             self.schedule.step(*([x] if self.first else []), target=y, losses=losses, return_outputs=False, targets=y)
-        return torch.stack(losses).sum() * self.n if self.last else torch.zeros((), device=self.run.device)
+        loss = torch.stack(losses).detach().sum() * self.n if self.last else torch.zeros((), device=self.run.device)
+        dist.all_reduce(loss, group=self.group)
+        return loss
 
     @torch.no_grad()
     def nats(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

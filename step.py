@@ -243,7 +243,7 @@ class Log:
         if world > 1:
             dist.all_reduce(self.loss_sum)
         loss_sum, good = torch.stack([self.loss_sum, self.good]).tolist()  # the one host sync per log line
-        loss = loss_sum / (good * run.grad_accum * world // run.pp) if good else float("nan")  # pp: last stage's
+        loss = loss_sum / (good * run.grad_accum * world) if good else float("nan")
         now = time.perf_counter()
         step_s, wait_s = (now - self.t0) / self.steps, (self.data.waited - self.waited) / self.steps
         self.loss_sum.zero_()

@@ -115,6 +115,7 @@ def test_checkpoints_move_between_layouts_and_one_process_reads_a_pipeline_run(c
     (["model.n_layer=2", "train.pp=4"], "cuts the model into 4 stages, more than its model.n_layer (2)"),
     (["train.pp_schedule=zero_bubble", "train.pp_virtual_stages=3"], "runs two stages (a V) per rank"),
     (["train.pp_schedule=gpipe", "train.pp_virtual_stages=2"], "runs one stage per rank"),
+    (["train.pp_schedule=interleaved_1f1b", "train.pp_virtual_stages=1"], "per rank or more"),
 ])
 def test_what_the_pipeline_does_not_carry_is_refused_by_name(args, words):
     base = ["configs/tiny.yaml", "model.vocab_size=512", "model.tie_embeddings=false", "eval.interval=0", "train.pp=2"]
