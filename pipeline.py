@@ -86,6 +86,10 @@ class Pipeline:
         self.stages = [PipelineStage(part, s, S, run.device, group=self.group) for s, part in model.stages]
         self.first = any(s.is_first for s in self.stages)
         self.last = any(s.is_last for s in self.stages)
+        if t.compile and t.pp_schedule in ("zero_bubble", "dualpipev"):
+            # their input-gradient half keeps the graph for the weight half (retain_graph), which compiled backward
+            # graphs that reuse ("donate") their saved buffers refuse
+            torch._functorch.config.donated_buffer = False
         schedule = get_schedule_class(config.PP_SCHEDULES[t.pp_schedule][0])
         one = issubclass(schedule, PipelineScheduleSingle)
         self.schedule = schedule(self.stages[0] if one else self.stages, n_microbatches=self.n,

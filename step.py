@@ -119,6 +119,11 @@ def first_step(step, model: GPT, optimizer, run: config.Run, group) -> tuple[obj
         if ops.fallback is None:
             raise
         cause = (str(e).strip().splitlines() or [""])[0][:300]
+        if run.pp > 1:  # the other stages wait mid-schedule for this one: no second try
+            raise kernel.KernelError(
+                f"the first step failed with {type(e).__name__}: {cause}; under train.pp it cannot run again on the "
+                f"fallback ({', '.join(f'{op}: {n}' for op, n in ops.replaced().items())}): set train.kernels=torch "
+                f"and train.loss=chunked") from e
         print(f"warning{f' (rank {rank})' if world > 1 else ''}: the first step failed with {type(e).__name__}: "
               f"{cause}; running it again with {', '.join(f'{op}: {n}' for op, n in ops.replaced().items())}",
               file=sys.stderr, flush=True)
