@@ -60,18 +60,28 @@ def test_every_schedule_and_layout_trains_as_one_process_as_planned(corpus, tmp_
 def test_checkpoints_move_between_layouts_and_one_process_reads_a_pipeline_run(corpus, tmp_path, capsys):
     """pp 2 (1F1B) from the start; its step-3 checkpoint resumed at dp 2 (FSDP2, no pipeline); pp 2's step-6 one
     resumed in one process; dp 2's step-6 one at dp 2 x pp 2 (4 ranks): every loss, gradient norm and validation loss
-    within 1e-4 of one process (the data order is kept across layouts). The pp 2 checkpoint verifies its checksums and
+    within 1e-4 of one process (the data order is kept across layouts). A pp 2 run under train.max_minutes stops
+    both stages at the step the time budget fixed, and saves it. The pp 2 checkpoint verifies its checksums and
     reads in one process: eval.py gives one process's validation loss, sample.py generates, export.py writes one
     process's weights (to 1e-4)."""
     single, pp2, dp2, back, four = (str(tmp_path / n) for n in ("single", "pp2", "dp2", "back", "four"))
     assert train.main(train_args(corpus, single, *PP)) == 0
     ref = losses(single)
+    budget = str(tmp_path / "budget")
     run = Launch({"pp2": (pp2, train_args(corpus, pp2, *PP, "train.pp=2")),
                   "copy": (None, ["--copy", os.path.join(pp2, "step_000003"), os.path.join(dp2, "step_000003")]),
-                  "dp2": (dp2, train_args(corpus, dp2, *PP, "train.parallel=fsdp"))})
+                  "dp2": (dp2, train_args(corpus, dp2, *PP, "train.parallel=fsdp")),
+                  "budget": (budget, train_args(corpus, budget, *PP, "train.pp=2", "train.max_steps=1000",
+                                                "train.max_minutes=0.1", "train.ckpt_interval=1000",
+                                                "train.eval_interval=0"))})
     text = run.stdout("pp2")
     assert "pipeline 2 x data parallel 1 x tensor parallel 1, 1f1b over 2 stages" in text
     run.finished("dp2")
+    # train.max_minutes under pp: the slowest rank's step time fixes max_steps for both stages, which stop and save
+    # at it together
+    fixed = [r["max_steps"] for r in rows(run.finished("budget")) if "max_steps" in r]
+    assert len(fixed) == 1 and 7 <= fixed[0] < 1000 and max(losses(budget)) == fixed[0]
+    assert checkpoint.read_state(checkpoint.find_latest(budget))["step"] == fixed[0]
     os.makedirs(back)
     os.rename(os.path.join(pp2, "step_000006"), os.path.join(back, "step_000006"))  # moved: pp2 keeps 3, 9, 10
     assert train.main(train_args(corpus, back, *PP)) == 0
