@@ -30,11 +30,10 @@ import optim
 import parallel
 import plan
 from build import build_model, data_identity, find_resume
-from eval import run_eval
 from loader import DataError, Prefetcher, TrainLoader, copy_tokenizer, read_meta
 from model import GPTConfig
 from parallel import any_rank, print0
-from step import BUDGET_PROBE, Log, budget_probe, first_step, fit_budget, train_step
+from step import BUDGET_PROBE, Log, budget_probe, first_step, fit_budget, run_eval, train_step
 
 
 def main(argv: list[str]) -> int:
