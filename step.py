@@ -253,11 +253,10 @@ class Log:
         self.steps, self.t0, self.waited = 0, now, self.data.waited
         tok_s, norm = run.batch.batch_tokens / step_s, grad_norm.item()
         mfu = tok_s / world * self.flops / self.peak if self.peak else None
+        moe = expert_balance(self.experts) if self.experts else {}
         row = {"step": step, "loss": finite(loss), "lr": lr, "grad_norm": finite(norm), "tokens": tokens,
                "tokens_per_s": tok_s, "mfu": mfu, "mem_gb": hardware.peak_memory_gb(run.device), "elapsed_s": elapsed,
-               "skipped_steps": self.skipped, "data_wait_s": wait_s, "data_wait_frac": wait_s / step_s}
-        moe = expert_balance(self.experts) if self.experts else {}
-        row.update(moe)
+               "skipped_steps": self.skipped, "data_wait_s": wait_s, "data_wait_frac": wait_s / step_s, **moe}
         self.row(row)
         print0(f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | {tok_s:,.0f} tok/s"
                + (f" | mfu {mfu:.1%}" if mfu else "")
