@@ -31,18 +31,17 @@ def build_model(cfg: config.Config, device: torch.device, ops: kernel.Ops = kern
     if parallelize is not None:
         parallelize(model)
     model.to_empty(device=device)
-    # a sharded parameter: every rank draws the same full tensor (one parameter at a time) and keeps its shard
-    assign = _assign if any(isinstance(p, DTensor) for p in model.parameters()) else None
-    model.init_weights(t.seed, assign=assign)
+    model.init_weights(t.seed, assign=_assign)
     if t.init_from:
         import hf  # Hugging Face formats: safetensors
-        hf.load_init(model, t.init_from, assign)
+        hf.load_init(model, t.init_from, _assign)
     if t.lora:
-        lora.init_adapters(model, t.seed, assign)
+        lora.init_adapters(model, t.seed, _assign)
     return model
 
 
 def _assign(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Store a full value: a sharded parameter (every rank draws the same full tensor) keeps only its shard."""
     p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None) if isinstance(p, DTensor)
             else full)
 

@@ -34,11 +34,7 @@ from contextlib import suppress
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 import xxhash
@@ -71,7 +67,7 @@ class SaveError(RuntimeError):
 
 def _first_failure(e: BaseException) -> BaseException:
     """The error behind DCP's CheckpointException (which gathers every rank's), else `e` itself."""
-    if isinstance(e, CheckpointException) and e.failures:
+    if isinstance(e, dcp.CheckpointException) and e.failures:
         first = next(iter(e.failures.values()))
         return first[0] if isinstance(first, tuple) else first
     return e
@@ -105,15 +101,15 @@ class _SafeIndex:
                 metadata = _MetadataUnpickler(f).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
             raise CheckpointError(f"refusing to load {path}: {e}") from None
-        if not isinstance(metadata, dcp_metadata.Metadata):
+        if not isinstance(metadata, dcp.Metadata):
             raise CheckpointError(f"refusing to load {path}: it holds a {type(metadata).__name__}, not DCP metadata")
         if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = dcp_metadata.StorageMeta()
+            metadata.storage_meta = dcp.metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
 
-class _SafePlanner(DefaultLoadPlanner):
+class _SafePlanner(dcp.DefaultLoadPlanner):
     """DCP's default planner (it flattens), but non-tensor values are read with `torch.load(weights_only=True)`."""
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
@@ -161,7 +157,7 @@ class _Checksummed:
 
 def _writer(path: str, checksums: bool = True):
     """DCP's writer for a folder or an fsspec URL, hashing the files into checksums.json unless told not to."""
-    base = FileSystemWriter
+    base = dcp.FileSystemWriter
     if is_remote(path):
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter as base
     return type("_ChecksummedWriter", (_Checksummed, base), {})(path) if checksums else base(path)
@@ -190,7 +186,7 @@ def verify_files(path: str) -> None:
 
 def _reader(path: str):
     """DCP's reader for a folder or an fsspec URL, reading the index through the allow-listing unpickler."""
-    base = FileSystemReader
+    base = dcp.FileSystemReader
     if is_remote(path):
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader as base
     return type("_SafeReader", (_SafeIndex, base), {})(path)
@@ -342,7 +338,7 @@ class Pending:
             try:
                 future.result()  # re-raises a failed write
                 self._publish()
-            except (OSError, CheckpointException, CheckpointError) as e:
+            except (OSError, dcp.CheckpointException, CheckpointError) as e:
                 raise self._failed(e) from None
         return _join(self.out_dir, self.name)
 
@@ -395,7 +391,7 @@ def save(out_dir: str, step: int, model: torch.nn.Module, optimizer, train_state
             return pending
         dcp.save(state, checkpoint_id=tmp, storage_writer=_writer(tmp, checksums))
         pending._publish()
-    except (OSError, CheckpointException, CheckpointError) as e:
+    except (OSError, dcp.CheckpointException, CheckpointError) as e:
         raise pending._failed(e) from None
     _barrier()  # no rank starts the next save before this one is published
     return pending
@@ -509,7 +505,7 @@ def find_resumable(out_dir: str, model: torch.nn.Module, warn, check=lambda stat
 def _fits(path: str, metadata, model_sd: dict, part: bool = False) -> None:
     """Raise a CheckpointError naming the keys and shapes where checkpoint and model differ."""
     saved = {k[len("model."):]: tuple(v.size) for k, v in metadata.state_dict_metadata.items()
-             if k.startswith("model.") and isinstance(v, dcp_metadata.TensorStorageMetadata)}
+             if k.startswith("model.") and isinstance(v, dcp.TensorStorageMetadata)}
     want = {k: tuple(v.shape) for k, v in model_sd.items()}
 
     def some(keys):
@@ -568,7 +564,7 @@ def _load(path: str, state: dict, part: bool = False) -> None:
     _fits(path, reader.read_metadata(), state["model"], part)
     try:
         dcp.load(state, checkpoint_id=path, storage_reader=reader, planner=_SafePlanner())
-    except CheckpointException as e:
+    except dcp.CheckpointException as e:
         first = _first_failure(e)
         if isinstance(first, CheckpointError):
             raise first from None

@@ -497,20 +497,20 @@ def check_pp(cfg: Config) -> None:
 
 @dataclass(frozen=True)
 class Derived:
-    world_size: int  # all ranks: pipeline x data parallel x tensor parallel
+    world_size: int  # all ranks: data parallel x tensor parallel (train.tp) x pipeline (train.pp)
     micro_batch: int
     grad_accum: int
     batch_tokens: int
-    tp: int  # tensor-parallel degree: the ranks of one group share each batch
-    dp: int  # data-parallel ranks: the number of different batches each micro-step (world_size / tp / pp)
-    pp: int = 1  # pipeline stages' ranks: every rank of a pipeline sees the same batch
+    # data-parallel ranks: the number of different batches each micro-step (world_size / tp / pp); the ranks of a
+    # tensor-parallel group, and the stages of a pipeline, share each batch
+    dp: int
 
     def banner(self, cfg: Config) -> str:
         t = cfg.train
-        ranks = f"world size {self.world_size}" if self.tp == self.pp == 1 else \
-            f"data parallel {self.dp} (world size {self.world_size} / train.tp {self.tp}" + \
-            (f" / train.pp {self.pp})" if self.pp > 1 else ")")
-        accum = "grad accum" if self.pp == 1 else f"pipeline micro-batches ({t.pp_schedule})"
+        ranks = f"world size {self.world_size}" if t.tp == t.pp == 1 else \
+            f"data parallel {self.dp} (world size {self.world_size} / train.tp {t.tp}" + \
+            (f" / train.pp {t.pp})" if t.pp > 1 else ")")
+        accum = "grad accum" if t.pp == 1 else f"pipeline micro-batches ({t.pp_schedule})"
         return (f"global batch {t.batch_size} seqs = micro batch {self.micro_batch} x {accum} {self.grad_accum} "
                 f"x {ranks}; {self.batch_tokens:,} tokens/step (block_size "
                 f"{cfg.model.block_size}); {t.max_steps} steps = {self.batch_tokens * t.max_steps:,} tokens")
@@ -555,7 +555,7 @@ def derive(cfg: Config, world_size: int = 1, micro: int | None = None) -> Derive
                               + (f"a multiple of train.pp ({t.pp})" if t.pp_schedule == "interleaved_1f1b" else
                                  f"at least {stages}") + f" pipeline micro-batches per step; this step has {accum} "
                               f"(train.batch_size / dp / micro batch {micro}): set train.pp_microbatches")
-    return Derived(world_size, micro, accum, t.batch_size * cfg.model.block_size, t.tp, dp, t.pp)
+    return Derived(world_size, micro, accum, t.batch_size * cfg.model.block_size, dp)
 
 
 @dataclass(frozen=True)
@@ -581,7 +581,7 @@ class Run:
 
     @property
     def tp(self) -> int:
-        return self.batch.tp
+        return self.cfg.train.tp
 
     @property
     def dp(self) -> int:
@@ -595,21 +595,11 @@ class Run:
 
     @property
     def pp(self) -> int:
-        return self.batch.pp
+        return self.cfg.train.pp
 
     @property
     def pp_rank(self) -> int:
         return self.rank // (self.dp * self.tp)
-
-    def info(self) -> dict:
-        """What was resolved, for run_info.json."""
-        t = self.cfg.train
-        return {"world_size": self.world_size, "tp": self.tp, "pp": self.pp, "precision": t.precision,
-                "precision_reason": self.precision.reason,
-                "matmul_speedup": self.precision.speedup, "compile": t.compile,
-                "compile_reason": self.precision.compile_reason, "parallel": self.mode,
-                "micro_batch_size": t.micro_batch_size, "grad_accum": self.grad_accum,
-                "vocab_size": self.cfg.model.vocab_size, "kernels": dict(self.ops.names)}
 
 
 def to_dict(cfg: Config) -> dict:

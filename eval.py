@@ -10,71 +10,14 @@ token but the first of each shard, which has no context to be predicted from.
 """
 import argparse
 import json
-import math
 import os
 import sys
-import time
-from contextlib import nullcontext
-
-import torch
-import torch.nn.functional as F
 
 import build
 import checkpoint
 from config import at_least
-from loader import DataError, eval_batches, same_tokenizer, token_bytes
-from parallel import print0
-from step import finite
-
-
-@torch.no_grad()
-def evaluate(model, paths: list[str], block_size: int, vocab_size: int, batch_size: int, device: torch.device,
-             split: str = "val", max_tokens: int | None = None, autocast=nullcontext(), rank: int = 0,
-             world: int = 1) -> dict:
-    """Score `split` of each dataset in `paths` sequentially (each target token once, up to max_tokens per
-    dataset); returns loss (nats/token), ppl, bpb, tokens, bytes, summed over datasets and ranks. `rank` of
-    `world` data-parallel ranks: with tensor parallel, the process group holds world x tp ranks."""
-    model.eval()
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    n_tokens, n_bytes = 0, 0
-    for path in paths:
-        nbytes = token_bytes(path)
-        for x, y in eval_batches(path, split, block_size, batch_size, max_tokens, rank, world, vocab_size):
-            scored = y[y >= 0].numpy()
-            n_tokens += scored.size
-            n_bytes += int(nbytes[scored].sum())
-            x, y = x.to(device), y.to(device)
-            if hasattr(model, "nats"):  # a pipeline.Pipeline: its stages score together
-                nats += model.nats(x, y)
-                continue
-            with autocast:
-                logits = model(x)
-            nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
-    totals = torch.tensor([nats.item(), n_tokens, n_bytes], dtype=torch.float64, device=device)
-    if world > 1:
-        torch.distributed.all_reduce(totals)
-        totals /= torch.distributed.get_world_size() // world  # a tensor-parallel group or a pipeline scored alike
-    total_nats, n_tokens, n_bytes = totals.tolist()
-    loss = total_nats / max(n_tokens, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 700)), "bpb": total_nats / math.log(2) / max(n_bytes, 1),
-            "tokens": int(n_tokens), "bytes": int(n_bytes)}
-
-
-# ----------------------------------------------------------------------------- while training (train.py)
-
-def run_eval(model, run, step: int, tokens: int, log) -> float:
-    """Validation loss and bits per byte on the first eval_batches micro-batches of each val split, with the
-    uncompiled model (eval mode and a logits-only graph would each cost a recompile); `log(row)` writes the
-    metrics row; returns the seconds taken."""
-    t, model_cfg, t0 = run.cfg.train, run.cfg.model, time.perf_counter()
-    res = evaluate(model, run.cfg.data.datasets, model_cfg.block_size, model_cfg.vocab_size, t.micro_batch_size,
-                   run.device, max_tokens=t.eval_batches * t.micro_batch_size * model_cfg.block_size,
-                   autocast=run.precision.autocast(run.device), rank=run.dp_rank, world=run.dp)
-    model.train()
-    log({"step": step, "tokens": tokens, "val_loss": finite(res["loss"]), "val_bpb": finite(res["bpb"])})
-    print0(f"step {step:>6} | val loss {res['loss']:.4f} | val bpb {res['bpb']:.4f} "
-        f"({res['tokens']:,} tokens, {time.perf_counter() - t0:.1f} s)", flush=True)
-    return time.perf_counter() - t0
+from loader import DataError, same_tokenizer
+from step import evaluate
 
 
 def main(argv: list[str]) -> int:

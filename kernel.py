@@ -328,9 +328,6 @@ class Ops:
                                                   "loss": "chunked", "grouped_mm": "loop"})
     fallback: "Ops | None" = None
 
-    def describe(self) -> str:
-        return ", ".join(f"{op} {name}" for op, name in self.names.items())
-
     def replaced(self) -> dict[str, str]:
         """{op: the fallback's name} for each op the fallback replaces."""
         if self.fallback is None:

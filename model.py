@@ -91,9 +91,6 @@ class GPTConfig:
         m = self.moe
         return m.expert_size or max(8, 8 * round(self.ffn_dim / (m.top_k + m.shared_experts) / 8))
 
-    def is_moe(self, layer: int) -> bool:
-        return self.moe.num_experts > 0 and layer >= self.moe.dense_layers
-
     @property
     def padded_vocab_size(self) -> int:
         """Vocab rounded up to a multiple of 128 (tensor-core friendly); ids past vocab_size are never sampled."""
@@ -153,8 +150,6 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    ops = kernel.REFERENCE  # GPT.set_ops hands every module the run's choice
-
     def __init__(self, cfg: GPTConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
@@ -221,7 +216,6 @@ class MoE(nn.Module):
     GLM-4-MoE layout: `gate` the router, `experts.{gate,up,down}_proj` (E, out, in), `shared_experts` one MLP.
     Scores plus `gate.e_score_correction_bias` choose a token's top_k experts; the scores alone weight them. Tokens
     are sorted by expert: one grouped GEMM per expert matrix. In training `load` counts tokens for `update_bias`."""
-    ops = kernel.REFERENCE
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -282,8 +276,6 @@ class MoE(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    ops = kernel.REFERENCE
-
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -303,7 +295,7 @@ class Block(nn.Module):
         self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = make_norm(cfg)
-        self.mlp = MoE(cfg) if cfg.is_moe(layer_idx) else MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.moe.num_experts and layer_idx >= cfg.moe.dense_layers else MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, cache=None):
@@ -312,8 +304,6 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    ops = kernel.REFERENCE
-
     def __init__(self, cfg: GPTConfig, ops: kernel.Ops = kernel.REFERENCE):
         """`ops`: the attention, RMSNorm, RoPE and loss kernels (kernel.configure); plain PyTorch by default."""
         super().__init__()
@@ -337,7 +327,8 @@ class GPT(nn.Module):
         self.set_ops(ops)
 
     def set_ops(self, ops: kernel.Ops) -> None:
-        """Run on `ops` from now on (after a failed first step: their fallback); compiled graphs need a recompile."""
+        """Hand `ops` to every module that calls a kernel (the constructor does; after a failed first step: their
+        fallback). Compiled graphs need a recompile."""
         for m in self.modules():
             if isinstance(m, (GPT, Attention, RMSNorm, MoE)):
                 m.ops = ops

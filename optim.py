@@ -158,7 +158,8 @@ class Muon(torch.optim.AdamW):
 
 def param_groups(model: nn.Module, t, muon: bool) -> list[dict]:
     """AdamW groups (decay on matrices, none on norms, biases and embedding tables); with `muon`, the blocks' 2-D
-    weights and 3-D expert stacks (MoE routers aside) go to a Muon group instead. Frozen parameters are left out."""
+    weights and 3-D expert stacks (MoE routers aside) go to a Muon group instead, its Newton-Schulz in BF16 where the
+    run's matmuls are (train.precision bf16 or fp8, as resolved), else in FP32. Frozen parameters are left out."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay, hidden = [], [], []
     for name, p in model.named_parameters():
@@ -172,29 +173,25 @@ def param_groups(model: nn.Module, t, muon: bool) -> list[dict]:
             no_decay.append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if muon:
-        groups.append({"params": hidden, "weight_decay": t.weight_decay, "muon": True, "momentum": t.muon_momentum})
+        groups.append({"params": hidden, "weight_decay": t.weight_decay, "muon": True, "momentum": t.muon_momentum,
+                       "ns_dtype": "bfloat16" if t.precision in ("bf16", "fp8") else "float32"})
     return [g for g in groups if g["params"]]
 
 
 def build(model: nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer train.optimizer names; AdamW fused where torch has it (train.fused_optimizer=auto), else
-    torch's default (for-each on GPUs, a loop on CPUs). Muon's Newton-Schulz runs in BF16 where the run's matmuls
-    do (train.precision bf16 or fp8, as resolved), else in FP32."""
+    torch's default (for-each on GPUs, a loop on CPUs); Muon with AdamW for the rest (`param_groups`)."""
     fused = device.type in ("cuda", "cpu", "mps") if t.fused_optimizer == "auto" else bool(t.fused_optimizer)
     kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
     if t.optimizer == "adamw":
         return torch.optim.AdamW(param_groups(model, t, muon=False), **kw)
-    groups = param_groups(model, t, muon=True)
-    for g in groups:
-        if g.get("muon"):
-            g["ns_dtype"] = "bfloat16" if t.precision in ("bf16", "fp8") else "float32"
-    return Muon(groups, group=getattr(model, "stage_group", None), **kw)  # a pipeline stage's ranks
+    stage = getattr(model, "stage_group", None)  # a pipeline stage's ranks deal out its matrices; None: all ranks
+    return Muon(param_groups(model, t, muon=True), group=stage, **kw)
 
 
-def lr_at(step: int, t, max_steps: int, peak: float | None = None) -> float:
-    """Learning rate for 0-based `step` of `max_steps`, peaking at `peak` (train.lr): linear warmup, then cosine /
-    linear / warmup-stable-decay / constant down to peak * train.min_lr_ratio."""
-    peak = t.lr if peak is None else peak
+def lr_at(step: int, t, max_steps: int, peak: float) -> float:
+    """Learning rate for 0-based `step` of `max_steps`, peaking at `peak` (train.lr or train.muon_lr): linear warmup,
+    then cosine / linear / warmup-stable-decay / constant down to peak * train.min_lr_ratio."""
     if step < t.warmup_steps:
         return peak * (step + 1) / t.warmup_steps
     min_lr = peak * t.min_lr_ratio
@@ -214,7 +211,7 @@ def lr_at(step: int, t, max_steps: int, peak: float | None = None) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, step: int, t, max_steps: int) -> float:
     """Set `step`'s learning rates: train.lr's schedule for the AdamW groups, the same schedule peaking at
     train.muon_lr (when set) for the Muon groups. Returns AdamW's."""
-    lr = lr_at(step, t, max_steps)
+    lr = lr_at(step, t, max_steps, t.lr)
     muon_lr = lr_at(step, t, max_steps, t.muon_lr) if t.muon_lr else lr
     for g in optimizer.param_groups:
         g["lr"] = muon_lr if g.get("muon") else lr

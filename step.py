@@ -1,5 +1,5 @@
-"""One optimizer step as train.py and bench.py take it (`train_step`, `first_step`), the books of the steps (`Log`)
-and the time budget (`fit_budget`).
+"""One optimizer step as train.py and bench.py take it (`train_step`, `first_step`), the books of the steps (`Log`),
+the validation loss (`evaluate`, which eval.py reports; `run_eval` while training) and the time budget (`fit_budget`).
 """
 import collections
 import json
@@ -13,11 +13,13 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 import checkpoint
 import config
 import hardware
 import kernel
+from loader import eval_batches, token_bytes
 from model import GPT, MoE
 from parallel import any_rank, print0
 
@@ -256,11 +258,10 @@ class Log:
         self.steps, self.t0, self.waited = 0, now, self.data.waited
         tok_s, norm = run.batch.batch_tokens / step_s, grad_norm.item()
         mfu = tok_s / world * self.flops / self.peak if self.peak else None
+        moe = expert_balance(self.experts) if self.experts else {}
         row = {"step": step, "loss": finite(loss), "lr": lr, "grad_norm": finite(norm), "tokens": tokens,
                "tokens_per_s": tok_s, "mfu": mfu, "mem_gb": hardware.peak_memory_gb(run.device), "elapsed_s": elapsed,
-               "skipped_steps": self.skipped, "data_wait_s": wait_s, "data_wait_frac": wait_s / step_s}
-        moe = expert_balance(self.experts) if self.experts else {}
-        row.update(moe)
+               "skipped_steps": self.skipped, "data_wait_s": wait_s, "data_wait_frac": wait_s / step_s, **moe}
         self.row(row)
         print0(f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | {tok_s:,.0f} tok/s"
                + (f" | mfu {mfu:.1%}" if mfu else "")
@@ -291,6 +292,54 @@ def expert_balance(experts: list[MoE]) -> dict:
 def finite(x: float) -> float | None:
     """metrics.jsonl stays strict JSON: a non-finite value is written as null."""
     return x if math.isfinite(x) else None
+
+
+@torch.no_grad()
+def evaluate(model, paths: list[str], block_size: int, vocab_size: int, batch_size: int, device: torch.device,
+             split: str = "val", max_tokens: int | None = None, autocast=nullcontext(), rank: int = 0,
+             world: int = 1) -> dict:
+    """Score `split` of each dataset in `paths` sequentially (each target token once, up to max_tokens per
+    dataset); returns loss (nats/token), ppl, bpb, tokens, bytes, summed over datasets and ranks. `rank` of
+    `world` data-parallel ranks: with tensor parallel, the process group holds world x tp ranks."""
+    model.eval()
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    n_tokens, n_bytes = 0, 0
+    for path in paths:
+        nbytes = token_bytes(path)
+        for x, y in eval_batches(path, split, block_size, batch_size, max_tokens, rank, world, vocab_size):
+            scored = y[y >= 0].numpy()
+            n_tokens += scored.size
+            n_bytes += int(nbytes[scored].sum())
+            x, y = x.to(device), y.to(device)
+            if hasattr(model, "nats"):  # a pipeline.Pipeline: its stages score together
+                nats += model.nats(x, y)
+                continue
+            with autocast:
+                logits = model(x)
+            nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
+    totals = torch.tensor([nats.item(), n_tokens, n_bytes], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(totals)
+        totals /= dist.get_world_size() // world  # a tensor-parallel group or a pipeline scored alike
+    total_nats, n_tokens, n_bytes = totals.tolist()
+    loss = total_nats / max(n_tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 700)), "bpb": total_nats / math.log(2) / max(n_bytes, 1),
+            "tokens": int(n_tokens), "bytes": int(n_bytes)}
+
+
+def run_eval(model, run, step: int, tokens: int, log) -> float:
+    """Validation loss and bits per byte on the first eval_batches micro-batches of each val split, with the
+    uncompiled model (eval mode and a logits-only graph would each cost a recompile); `log(row)` writes the
+    metrics row; returns the seconds taken."""
+    t, model_cfg, t0 = run.cfg.train, run.cfg.model, time.perf_counter()
+    res = evaluate(model, run.cfg.data.datasets, model_cfg.block_size, model_cfg.vocab_size, t.micro_batch_size,
+                   run.device, max_tokens=t.eval_batches * t.micro_batch_size * model_cfg.block_size,
+                   autocast=run.precision.autocast(run.device), rank=run.dp_rank, world=run.dp)
+    model.train()
+    log({"step": step, "tokens": tokens, "val_loss": finite(res["loss"]), "val_bpb": finite(res["bpb"])})
+    print0(f"step {step:>6} | val loss {res['loss']:.4f} | val bpb {res['bpb']:.4f} "
+        f"({res['tokens']:,} tokens, {time.perf_counter() - t0:.1f} s)", flush=True)
+    return time.perf_counter() - t0
 
 
 # train.max_minutes: the first BUDGET_WARMUP steps of a start are not timed (compilation, allocator growth), the next

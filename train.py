@@ -30,11 +30,10 @@ import optim
 import parallel
 import plan
 from build import build_model, data_identity, find_resume
-from eval import run_eval
 from loader import DataError, Prefetcher, TrainLoader, copy_tokenizer, read_meta
 from model import GPTConfig
 from parallel import any_rank, print0
-from step import BUDGET_PROBE, Log, budget_probe, first_step, fit_budget, train_step
+from step import BUDGET_PROBE, Log, budget_probe, first_step, fit_budget, run_eval, train_step
 
 
 def main(argv: list[str]) -> int:
@@ -355,7 +354,12 @@ def write_run_files(run: config.Run) -> None:
     import numpy
     info = {"git": rev or None, "argv": sys.argv, "python": platform.python_version(), "torch": torch.__version__,
             "numpy": numpy.__version__, "device": str(device), "cpus": os.cpu_count(), "host": platform.node(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, **run.info()}
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,  # then what was resolved
+            "world_size": run.world_size, "tp": run.tp, "pp": run.pp, "precision": t.precision,
+            "precision_reason": run.precision.reason, "matmul_speedup": run.precision.speedup, "compile": t.compile,
+            "compile_reason": run.precision.compile_reason, "parallel": run.mode,
+            "micro_batch_size": t.micro_batch_size, "grad_accum": run.grad_accum,
+            "vocab_size": run.cfg.model.vocab_size, "kernels": dict(run.ops.names)}
     with open(os.path.join(t.out_dir, "config.yaml"), "w") as f:
         f.write(config.dump(run.cfg))
     with open(os.path.join(t.out_dir, "run_info.json"), "w") as f:
@@ -384,7 +388,7 @@ def banner(run: config.Run, model, optimizer, scaler) -> str:
                f"{t.pp_schedule} over {run.pp * config.virtual_stages(t)} stages)" if run.tp * run.pp > 1 else "")
             + (", activation checkpointing" if t.activation_checkpointing else "") + f", compile {t.compile}\n"
             + hardware.describe(run.precision) + (" (loss scaling: torch.amp.GradScaler)" if scaler else "") + "\n"
-            + "kernels: " + run.ops.describe() + "\n" + opt)
+            + "kernels: " + ", ".join(f"{op} {name}" for op, name in run.ops.names.items()) + "\n" + opt)
 
 
 if __name__ == "__main__":

@@ -150,19 +150,19 @@ def test_lm_eval_tasks_while_training(corpus, tmp_path, monkeypatch):
 def test_a_resumed_run_continues_its_wandb_run_and_logs_each_step_once(corpus, tmp_path, monkeypatch, wandb_runs):
     out = str(tmp_path / "run")
     run_args = args(corpus, out, "train.max_steps=8", "train.eval_interval=4", "log.wandb=true", "log.tensorboard=true")
-    import eval as eval_
-    real_evaluate, calls = eval_.evaluate, []
+    import step
+    real_evaluate, calls = step.evaluate, []
 
     def killed_in_the_second_eval(*a, **kw):  # at step 8: its train row is sent, its val row not, no step-8 save
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real_evaluate(*a, **kw)
-    monkeypatch.setattr(eval_, "evaluate", killed_in_the_second_eval)
+    monkeypatch.setattr(step, "evaluate", killed_in_the_second_eval)
     with pytest.raises(KeyboardInterrupt):
         train.main(run_args)
     assert checkpoint.find_latest(out).endswith("step_000004")
-    monkeypatch.setattr(eval_, "evaluate", real_evaluate)
+    monkeypatch.setattr(step, "evaluate", real_evaluate)
     assert train.main(run_args) == 0  # resumes at step 4: rows 5-8 come again
 
     first, second = wandb_runs
