@@ -118,7 +118,10 @@ class _SafePlanner(dcp.DefaultLoadPlanner):
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"refusing to load the value of {read_item.dest_index.fqn}: "
                                   f"{str(e).splitlines()[0]}") from None
-        set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:  # a flat state dict of the checkpoint's own keys (`load`'s check of the parameter groups)
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 def hash_stream(f) -> str:
@@ -542,7 +545,7 @@ def load(path: str, model: torch.nn.Module, optimizer=None, verified: bool = Fal
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED)
         # the optimizer's state only: its hyperparameters come from the config, and under pipeline parallel each rank
-        # saved its own parameter groups, of which the checkpoint kept one rank's
+        # saved its own parameter groups, of which the checkpoint kept one rank's (`_load` reads them, unapplied)
         _load(path, {"model": model_sd, "optim": {"state": optim_sd["state"]}}, part=hasattr(model, "stages"))
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=TRAINED_LOAD)
     return read_state(path)
@@ -561,9 +564,16 @@ def _load(path: str, state: dict, part: bool = False) -> None:
     """DCP-load `state` in place after checking that the checkpoint's model tensors are the ones it asks for (all of
     them, unless the model is `part` of one: a pipeline stage's)."""
     reader = _reader(path)
-    _fits(path, reader.read_metadata(), state["model"], part)
+    metadata = reader.read_metadata()
+    _fits(path, metadata, state["model"], part)
+    # with the optimizer: its saved parameter groups are read too, unapplied, so that a checkpoint holding anything
+    # but plain values there is refused (RELIABILITY.md, promise 10)
+    groups = dict.fromkeys(k for k, v in metadata.state_dict_metadata.items() if "optim" in state and
+                           k.startswith("optim.param_groups.") and isinstance(v, dcp.metadata.BytesStorageMetadata))
     try:
         dcp.load(state, checkpoint_id=path, storage_reader=reader, planner=_SafePlanner())
+        if groups:
+            dcp.load(groups, checkpoint_id=path, storage_reader=reader, planner=_SafePlanner(flatten_state_dict=False))
     except dcp.CheckpointException as e:
         first = _first_failure(e)
         if isinstance(first, CheckpointError):
