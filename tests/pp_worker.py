@@ -1,8 +1,8 @@
 """Pipeline-parallel training against one process, run by tests/test_pp.py as
 `torchrun --nproc_per_node=N tests/pp_worker.py DATASET OUT.json CASE...` (CASE: layout:schedule:arch:optimizer, the
 layout pp2, dp2pp2 or pp2tp2). Per case, the same 4-layer model trains 10 steps split by parallel.parallelize and
-parallel.Pipeline (step.train_step, as train.py runs it) and whole in this process (the reference, on every rank),
-on the same batches: 8 sequences a step, micro-batches of 2 (the reference accumulates 4). Rank 0 writes to OUT.json,
+parallel.Pipeline (step.train_step, as train.py runs it) and whole in one process (the reference, on rank 0, once
+per model and optimizer), on the same batches: 8 sequences a step, micro-batches of 2 (the reference accumulates 4). Rank 0 writes to OUT.json,
 per case, the largest differences over the 10 steps of the global mean loss and the gradient norm, of every weight
 after them (gathered whole, over every rank's stages), and then, after one stage's weights are made NaN, whether
 every rank skipped that step and kept its weights.
@@ -39,34 +39,52 @@ def batches(global_batch: torch.Tensor, micro: int, part: int = 0, parts: int = 
     return [(b[:, :-1], b[:, 1:]) for b in rows.split(micro)]
 
 
-def case(dataset: str, name: str, alone) -> dict:
+def reference(args: list[str], alone, cache: dict) -> tuple[list, list, dict]:
+    """The one-process run of `args` (its losses, gradient norms and final weights): computed once per model and
+    optimizer by rank 0 (with Muon's group `alone`), shared with every rank."""
+    key = tuple(args)
+    if key not in cache:
+        got, run = [None], make_run(config.load(args), world=1)  # (plan.resolve gathers every rank's memory)
+        if dist.get_rank() == 0:
+            ref = build_model(run.cfg, run.device, run.ops)
+            opt = optim.build(ref, run.cfg.train, run.device)
+            opt.group = alone
+            t, out = run.cfg.train, ([], [])
+            for i in range(STEPS):
+                x = torch.randint(0, 512, (t.batch_size, run.cfg.model.block_size + 1),
+                                  generator=torch.Generator().manual_seed(i))
+                optim.set_lr(opt, i, t, STEPS)
+                loss, norm, _ = step.train_step(ref, ref, opt, batches(x, t.micro_batch_size), run)
+                out[0].append(loss.item() / run.grad_accum)
+                out[1].append(norm.item())
+            got = [(*out, {n: p.detach() for n, p in ref.named_parameters()})]
+        dist.broadcast_object_list(got, src=0)
+        cache[key] = got[0]
+    return cache[key]
+
+
+def case(dataset: str, name: str, alone, cache: dict) -> dict:
     layout, schedule, arch, optimizer = name.split(":")
     args = ["configs/tiny.yaml", *TINY, f"data.datasets=[{dataset}]", "train.precision=fp32", "model.vocab_size=512",
             "model.n_layer=4", "model.n_head=4", "model.tie_embeddings=false", "eval.interval=0",
             "train.micro_batch_size=2", f"model.arch={arch}", f"train.optimizer={optimizer}", "train.muon_lr=0.02"]
+    ref_losses, ref_norms, refs = reference(args, alone, cache)
     cfg = config.load([*args, *LAYOUTS[layout], f"train.pp_schedule={schedule}"])
     run = make_run(cfg, world=dist.get_world_size(), rank=dist.get_rank())
     model = build_model(run.cfg, run.device, run.ops, parallelize=lambda m: parallel.parallelize(m, run))
     pipe = parallel.wrap(model, run)
     opt = optim.build(model, run.cfg.train, run.device)
-    ref_run = make_run(config.load(args), world=1)
-    ref = build_model(ref_run.cfg, ref_run.device, ref_run.ops)
-    ref_opt = optim.build(ref, ref_run.cfg.train, ref_run.device)
-    ref_opt.group = alone  # the reference's Muon: this rank alone
     t, T, out = run.cfg.train, cfg.model.block_size, {"loss": 0.0, "norm": 0.0}
     for i in range(STEPS):
         x = torch.randint(0, 512, (t.batch_size, T + 1), generator=torch.Generator().manual_seed(i))
         optim.set_lr(opt, i, t, STEPS)
-        optim.set_lr(ref_opt, i, t, STEPS)
         loss, norm, _ = step.train_step(model, pipe, opt, batches(x, run.cfg.train.micro_batch_size,
                                                                   run.dp_rank, run.dp), run)
-        ref_loss, ref_norm, _ = step.train_step(ref, ref, ref_opt, batches(x, 2), ref_run)
         mean = loss.detach() / run.grad_accum
         dist.all_reduce(mean)  # every rank holds its pipeline's loss, the mean of its dp rank's sequences
-        out["loss"] = max(out["loss"], abs(mean.item() / run.world_size - ref_loss.item() / ref_run.grad_accum))
-        out["norm"] = max(out["norm"], abs(norm.item() - ref_norm.item()))
-    refs = dict(ref.named_parameters())
-    diff = torch.tensor(max((whole(p.detach()) - refs[n].detach()).abs().max().item()
+        out["loss"] = max(out["loss"], abs(mean.item() / run.world_size - ref_losses[i]))
+        out["norm"] = max(out["norm"], abs(norm.item() - ref_norms[i]))
+    diff = torch.tensor(max((whole(p.detach()) - refs[n]).abs().max().item()
                             for n, p in model.named_parameters()))
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     out["param"] = diff.item()
@@ -158,9 +176,9 @@ def measure(dataset: str, schedule: str, *shape: str) -> dict:
 def main(dataset: str, out: str, *cases: str) -> None:
     dist.init_process_group("gloo")
     torch.set_flush_denormal(True)
-    alone = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
+    alone, cache = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()], {}
     results = {name: measure(dataset, *name.split(":")[1:]) if name.startswith("measure:") else
-               case(dataset, name, alone) for name in cases}
+               case(dataset, name, alone, cache) for name in cases}
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(results, f, indent=1)

@@ -3,12 +3,15 @@ between layouts, one-process tools read a pipeline run, and what the pipeline do
 
 Tolerance: in FP32 a pipeline computes what one process computes, block by block; the stages only change where the
 micro-batches' gradients are summed and, with FSDP2 or tensor parallel inside a stage, the order of partial sums. Over
-10 steps the global mean loss and the gradient norm stay within 1e-5 of one process and every weight within 2e-5
+10 steps the global mean loss and the gradient norm stay within 1e-5 of one process and every weight within 1e-4
 (tests/pp_worker.py, AdamW and Muon, Llama and GPT-2); a run of train.py resumed across layouts within 1e-4 (Muon,
 as tests/test_tp.py).
 """
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -20,8 +23,9 @@ import sample
 import train
 from safetensors.torch import load_file
 
+from conftest import ROOT, children, kill_tree
 from test_distributed import Launch, ok, torchrun
-from test_tp import close, launch
+from test_tp import close
 from test_train import losses, rows, train_args
 
 # Llama (configs/tiny.yaml's, untied, four layers: two per stage at pp 2), Muon, checkpoints every 3 steps
@@ -54,13 +58,45 @@ def test_every_schedule_and_layout_trains_as_one_process_as_planned(corpus, tmp_
         d = res.pop(name)
         assert d["inflight"] == d["planned_inflight"] and d["sent"] == d["planned_sent"] > 0, (name, d)
     for name, d in res.items():
-        assert d["loss"] < 1e-5 and d["norm"] < 1e-5 and d["param"] < 2e-5 and d["skipped_by_all"], (name, d)
+        # AdamW's first updates are ~lr x sign(g) (lr 3e-3): a gradient of rounding size may round either way, so
+        # weights far below lr apart are what equal training looks like
+        assert d["loss"] < 1e-5 and d["norm"] < 1e-5 and d["param"] < 1e-4 and d["skipped_by_all"], (name, d)
+
+
+def four_ranks_stopped_by_one(corpus, out, resume_from) -> int:
+    """dp 2 x pp 2 (4 ranks) resuming `resume_from`; after its step 7, SIGUSR1 to one worker only (the last: the
+    other data-parallel rank of the last stage). Every rank stops after the same step and saves it; torchrun exits 0.
+    Returns that step."""
+    os.makedirs(out)
+    os.rename(resume_from, os.path.join(out, os.path.basename(resume_from)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "train.py",
+           *train_args(corpus, out, *PP, "train.pp=2")]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        seen = ""
+        for line in p.stdout:
+            seen += line
+            if line.startswith("step      7 "):
+                break
+        kids = children(p.pid)
+        assert len(kids) == 4, seen[-3000:]
+        os.kill(max(kids), signal.SIGUSR1)
+        text = seen + p.communicate(timeout=300)[0]
+    finally:
+        if p.poll() is None:
+            kill_tree(p.pid)
+    assert p.returncode == 0, text[-3000:]
+    assert "pipeline 2 x data parallel 2" in text and "resumed from" in text and "SIGUSR1: stopping" in text
+    saved = checkpoint.read_state(checkpoint.find_latest(out))["step"]
+    assert 7 <= saved <= 10 and max(losses(out)) == saved, text[-3000:]  # all stopped at the step that was saved
+    return saved
 
 
 def test_checkpoints_move_between_layouts_and_one_process_reads_a_pipeline_run(corpus, tmp_path, capsys):
     """pp 2 (1F1B) from the start; its step-3 checkpoint resumed at dp 2 (FSDP2, no pipeline); pp 2's step-6 one
-    resumed in one process; dp 2's step-6 one at dp 2 x pp 2 (4 ranks): every loss, gradient norm and validation loss
-    within 1e-4 of one process (the data order is kept across layouts). A pp 2 run under train.max_minutes stops
+    resumed in one process; dp 2's step-6 one at dp 2 x pp 2 (4 ranks, stopped by a signal to one of them): every loss,
+    gradient norm and validation loss within 1e-4 of one process (the data order is kept across layouts). A pp 2 run under train.max_minutes stops
     both stages at the step the time budget fixed, and saves it. The pp 2 checkpoint verifies its checksums and
     reads in one process: eval.py gives one process's validation loss, sample.py generates, export.py writes one
     process's weights (to 1e-4)."""
@@ -72,7 +108,7 @@ def test_checkpoints_move_between_layouts_and_one_process_reads_a_pipeline_run(c
                   "copy": (None, ["--copy", os.path.join(pp2, "step_000003"), os.path.join(dp2, "step_000003")]),
                   "dp2": (dp2, train_args(corpus, dp2, *PP, "train.parallel=fsdp")),
                   "budget": (budget, train_args(corpus, budget, *PP, "train.pp=2", "train.max_steps=1000",
-                                                "train.max_minutes=0.1", "train.ckpt_interval=1000",
+                                                "train.max_minutes=0.05", "train.ckpt_interval=1000",
                                                 "train.eval_interval=0"))})
     text = run.stdout("pp2")
     assert "pipeline 2 x data parallel 1 x tensor parallel 1, 1f1b over 2 stages" in text
@@ -85,13 +121,12 @@ def test_checkpoints_move_between_layouts_and_one_process_reads_a_pipeline_run(c
     os.makedirs(back)
     os.rename(os.path.join(pp2, "step_000006"), os.path.join(back, "step_000006"))  # moved: pp2 keeps 3, 9, 10
     assert train.main(train_args(corpus, back, *PP)) == 0
-    launch(corpus, four, *PP, "train.pp=2", nproc=4, resume_from=os.path.join(dp2, "step_000006"))
-    assert "resumed from" in capsys.readouterr().out
+    stopped = four_ranks_stopped_by_one(corpus, four, os.path.join(dp2, "step_000006"))
     worst = {"pp2": close(losses(pp2), ref, range(1, 11), 1e-4), "dp2": close(losses(dp2), ref, range(4, 11), 1e-4),
-             "back": close(losses(back), ref, range(7, 11), 1e-4), "four": close(losses(four), ref, range(7, 11), 1e-4)}
+             "back": close(losses(back), ref, range(7, 11), 1e-4), "four": close(losses(four), ref, range(7, stopped + 1), 1e-4)}
     print(f"largest loss differences from one process: {worst}")
     norms = {r["step"]: r["grad_norm"] for r in rows(single) if "grad_norm" in r}
-    for out, steps in ((pp2, range(1, 11)), (four, range(7, 11))):
+    for out, steps in ((pp2, range(1, 11)), (four, range(7, stopped + 1))):
         close({r["step"]: r["grad_norm"] for r in rows(out) if "grad_norm" in r}, norms, steps, 1e-4)
     val = {r["step"]: r["val_loss"] for r in rows(single) if "val_loss" in r}
     close({r["step"]: r["val_loss"] for r in rows(pp2) if "val_loss" in r}, val, [5, 10], 1e-4)

@@ -191,7 +191,7 @@ def test_eval_refuses_data_of_another_tokenizer(trained, tmp_path):
 
 
 def test_shipped_tiny_config_end_to_end(tmp_path, capsys):
-    """The README's main job with its shipped precision (auto) and compile (auto), its time budget cut to 1.5 minutes:
+    """The README's main job with its shipped precision (auto) and compile (auto), its time budget cut to 1 minute:
     prepares the offline pycode corpus, decides max_steps from the measured step time, trains, evaluates; then the
     sample and eval command lines (their main(), in this process: tests/test_readme.py runs them as programs). The
     slowest test, and the one a new user runs: the same budget on a CPU with native BF16 (more steps) and on one
@@ -199,7 +199,7 @@ def test_shipped_tiny_config_end_to_end(tmp_path, capsys):
     import eval as eval_
     import sample
     data, out = str(tmp_path / "pycode"), str(tmp_path / "run")
-    r = run("train.py", "configs/tiny.yaml", "train.max_minutes=1.5", "log.interval=5", f"train.out_dir={out}",
+    r = run("train.py", "configs/tiny.yaml", "train.max_minutes=1", "log.interval=5", f"train.out_dir={out}",
             f"data.datasets=[{data}]", timeout=600)
     assert re.search(r"precision (bf16|fp32): BF16 matmul \d+\.\d\dx FP32 here \(", r.stdout), r.stdout[:3000]
     meta = json.load(open(os.path.join(data, "meta.json")))
