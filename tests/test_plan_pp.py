@@ -1,7 +1,6 @@
 """plan.py under pipeline parallel: a stage's memory, the schedules' bubbles and activations in flight against the
 published figures, the point-to-point bytes, --fit choosing pipeline stages for 34B on 256 A100s, and
 scripts/slurm.sh refusing a train.tp x train.pp that does not divide the GPUs."""
-import os
 import subprocess
 from dataclasses import replace
 
@@ -10,6 +9,7 @@ import pytest
 import config
 import plan
 from conftest import ROOT
+from test_tp import fake_slurm
 
 
 def rows(cfg, gpus, gpu):
@@ -68,14 +68,7 @@ def test_fit_picks_pipeline_stages_for_34b_on_256_a100s():
 
 
 def test_slurm_refuses_a_tp_x_pp_that_does_not_divide(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/bin/bash\necho "srun $*"\n')
-    (bin_dir / "scontrol").write_text('#!/bin/bash\necho localhost\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_NNODES": "3",
-           "SLURM_JOB_NODELIST": "localhost", "SLURM_GPUS_ON_NODE": "8", "SLURM_SUBMIT_DIR": ROOT}
+    env = fake_slurm(tmp_path, nodes=3, gpus=8)
 
     def slurm(*args):
         return subprocess.run(["bash", "scripts/slurm.sh", "configs/34b.yaml", *args], cwd=ROOT, env=env,

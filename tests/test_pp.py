@@ -9,23 +9,15 @@ as tests/test_tp.py).
 """
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
 import checkpoint
 import config
-import eval as eval_
-import export
-import sample
 import train
-from safetensors.torch import load_file
 
-from conftest import ROOT, children, kill_tree
 from test_distributed import Launch, ok, torchrun
-from test_tp import close
+from test_tp import close, four_ranks_stopped_by_one, one_process_reads
 from test_train import losses, rows, train_args
 
 # Llama (configs/tiny.yaml's, untied, four layers: two per stage at pp 2), Muon, checkpoints every 3 steps
@@ -63,36 +55,6 @@ def test_every_schedule_and_layout_trains_as_one_process_as_planned(corpus, tmp_
         assert d["loss"] < 1e-5 and d["norm"] < 1e-5 and d["param"] < 1e-4 and d["skipped_by_all"], (name, d)
 
 
-def four_ranks_stopped_by_one(corpus, out, resume_from) -> int:
-    """dp 2 x pp 2 (4 ranks) resuming `resume_from`; after its step 7, SIGUSR1 to one worker only (the last: the
-    other data-parallel rank of the last stage). Every rank stops after the same step and saves it; torchrun exits 0.
-    Returns that step."""
-    os.makedirs(out)
-    os.rename(resume_from, os.path.join(out, os.path.basename(resume_from)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "train.py",
-           *train_args(corpus, out, *PP, "train.pp=2")]
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-    try:
-        seen = ""
-        for line in p.stdout:
-            seen += line
-            if line.startswith("step      7 "):
-                break
-        kids = children(p.pid)
-        assert len(kids) == 4, seen[-3000:]
-        os.kill(max(kids), signal.SIGUSR1)
-        text = seen + p.communicate(timeout=300)[0]
-    finally:
-        if p.poll() is None:
-            kill_tree(p.pid)
-    assert p.returncode == 0, text[-3000:]
-    assert "pipeline 2 x data parallel 2" in text and "resumed from" in text and "SIGUSR1: stopping" in text
-    saved = checkpoint.read_state(checkpoint.find_latest(out))["step"]
-    assert 7 <= saved <= 10 and max(losses(out)) == saved, text[-3000:]  # all stopped at the step that was saved
-    return saved
-
-
 def test_checkpoints_move_between_layouts_and_one_process_reads_a_pipeline_run(corpus, tmp_path, capsys):
     """pp 2 (1F1B) from the start; its step-3 checkpoint resumed at dp 2 (FSDP2, no pipeline); pp 2's step-6 one
     resumed in one process; dp 2's step-6 one at dp 2 x pp 2 (4 ranks, stopped by a signal to one of them): every loss,
@@ -121,7 +83,8 @@ def test_checkpoints_move_between_layouts_and_one_process_reads_a_pipeline_run(c
     os.makedirs(back)
     os.rename(os.path.join(pp2, "step_000006"), os.path.join(back, "step_000006"))  # moved: pp2 keeps 3, 9, 10
     assert train.main(train_args(corpus, back, *PP)) == 0
-    stopped = four_ranks_stopped_by_one(corpus, four, os.path.join(dp2, "step_000006"))
+    stopped = four_ranks_stopped_by_one(corpus, four, os.path.join(dp2, "step_000006"), (*PP, "train.pp=2"),
+                                        "pipeline 2 x data parallel 2")
     worst = {"pp2": close(losses(pp2), ref, range(1, 11), 1e-4), "dp2": close(losses(dp2), ref, range(4, 11), 1e-4),
              "back": close(losses(back), ref, range(7, 11), 1e-4), "four": close(losses(four), ref, range(7, stopped + 1), 1e-4)}
     print(f"largest loss differences from one process: {worst}")
@@ -131,23 +94,8 @@ def test_checkpoints_move_between_layouts_and_one_process_reads_a_pipeline_run(c
     val = {r["step"]: r["val_loss"] for r in rows(single) if "val_loss" in r}
     close({r["step"]: r["val_loss"] for r in rows(pp2) if "val_loss" in r}, val, [5, 10], 1e-4)
 
-    last = os.path.join(pp2, "step_000010")
-    checkpoint.verify_files(last)
-    assert json.load(open(os.path.join(last, checkpoint.STATE_FILE)))["pp"] == 2
-    one = ["--device", "cpu", "--precision", "fp32"]
-    scores = []
-    for out in (single, pp2):
-        assert eval_.main([out, "--json", "--max_tokens", "4096", *one]) == 0
-        scores.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"])
-    assert abs(scores[0] - scores[1]) < 1e-4, scores
-    assert sample.main([pp2, "--prompt", "def ", "--max_new_tokens", "8", *one]) == 0
-    assert capsys.readouterr().out.startswith("def ")
-    weights = []
-    for out in (single, pp2):
-        assert export.main([out, "--to", "hf", str(tmp_path / f"hf_{os.path.basename(out)}")]) == 0
-        weights.append(load_file(str(tmp_path / f"hf_{os.path.basename(out)}" / "model.safetensors")))
-    assert weights[0].keys() == weights[1].keys()
-    assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]) < 1e-4
+    assert checkpoint.read_state(checkpoint.find_latest(pp2))["pp"] == 2
+    one_process_reads(single, pp2, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("args, words", [

@@ -104,19 +104,25 @@ def test_tp_trains_as_one_process_and_checkpoints_move_between_meshes(corpus, tm
     for run, steps in ((tp2, range(1, 11)), (four, range(7, stopped + 1))):
         close(grad_norms(run), grad_norms(single), steps, 1e-4)
 
-    last = os.path.join(tp2, "step_000010")
-    checkpoint.verify_files(last)  # checksums.json covers the TP checkpoint's files
+    one_process_reads(single, tp2, tmp_path, capsys)
+
+
+def one_process_reads(single: str, split: str, tmp_path, capsys) -> None:
+    """The last checkpoint of run `split` (trained split over ranks) verifies its checksums and reads in one process as
+    run `single`'s does: eval.py's validation loss, export.py's weights (to 1e-4); sample.py generates from it."""
+    last = checkpoint.find_latest(split)
+    checkpoint.verify_files(last)  # checksums.json covers the split run's files
     assert os.path.exists(os.path.join(last, checkpoint.SUMS_FILE))
     one = ["--device", "cpu", "--precision", "fp32"]
     scores = []
-    for run in (single, tp2):
+    for run in (single, split):
         assert eval_.main([run, "--json", "--max_tokens", "4096", *one]) == 0
         scores.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"])
     assert abs(scores[0] - scores[1]) < 1e-4, scores
-    assert sample.main([tp2, "--prompt", "def ", "--max_new_tokens", "8", *one]) == 0
+    assert sample.main([split, "--prompt", "def ", "--max_new_tokens", "8", *one]) == 0
     assert capsys.readouterr().out.startswith("def ")
     weights = []
-    for run in (single, tp2):
+    for run in (single, split):
         assert export.main([run, "--to", "hf", str(tmp_path / f"hf_{os.path.basename(run)}")]) == 0
         weights.append(load_file(str(tmp_path / f"hf_{os.path.basename(run)}" / "model.safetensors")))
     assert weights[0].keys() == weights[1].keys()
@@ -124,14 +130,15 @@ def test_tp_trains_as_one_process_and_checkpoints_move_between_meshes(corpus, tm
     assert worst < 1e-4, worst
 
 
-def four_ranks_stopped_by_one(corpus, out, resume_from) -> int:
-    """dp 2 x tp 2 (4 ranks) resuming `resume_from`; after its step 7, SIGUSR1 to one worker only (the last: the other
-    data-parallel group and tensor-parallel position than rank 0). Every rank stops after the same step and saves it;
-    torchrun exits 0. Returns that step."""
+def four_ranks_stopped_by_one(corpus, out, resume_from, args=(*TP, "train.tp=2"),
+                              layout="data parallel 2 (world size 4 / train.tp 2)") -> int:
+    """4 ranks of `args` (dp 2 x tp 2) resuming `resume_from`; after its step 7, SIGUSR1 to one worker only (the last:
+    another data-parallel group and tensor-parallel position, or pipeline stage, than rank 0). Every rank stops after
+    the same step and saves it; torchrun exits 0; the banner names `layout`. Returns that step."""
     os.makedirs(out)
     shutil.copytree(resume_from, os.path.join(out, os.path.basename(resume_from)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "train.py",
-           *train_args(corpus, out, *TP, "train.tp=2")]
+           *train_args(corpus, out, *args)]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
     try:
@@ -148,7 +155,7 @@ def four_ranks_stopped_by_one(corpus, out, resume_from) -> int:
         if p.poll() is None:
             kill_tree(p.pid)
     assert p.returncode == 0, text[-3000:]
-    assert "data parallel 2 (world size 4 / train.tp 2)" in text and "SIGUSR1: stopping after this step" in text
+    assert layout in text and "SIGUSR1: stopping after this step" in text
     saved = checkpoint.read_state(checkpoint.find_latest(out))["step"]
     assert 7 <= saved <= 10 and max(losses(out)) == saved, text[-3000:]  # all stopped at the step that was saved
     return saved
@@ -207,17 +214,23 @@ def test_plan_shows_each_tp_and_fits_the_smallest():
     assert (best["tp"], best["ac"]) == (4, True) and not any(r["fits"] for r in small if r["tp"] < 4), best
 
 
-def test_slurm_passes_tp_through_and_keeps_a_group_inside_a_node(tmp_path):
-    """scripts/slurm.sh with a stand-in srun that prints what it would launch: train.tp=2 on 2 GPUs per node reaches
-    train.py; train.tp=3 stops the job before srun, naming the GPUs per node."""
+def fake_slurm(tmp_path, nodes: int, gpus: int) -> dict:
+    """The environment of a SLURM job of `nodes` nodes of `gpus` GPUs, with stand-ins for srun (it prints what it
+    would launch) and scontrol."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/bin/bash\necho "srun $*"\n')
     (bin_dir / "scontrol").write_text('#!/bin/bash\necho localhost\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_NNODES": "2",
-           "SLURM_JOB_NODELIST": "localhost", "SLURM_GPUS_ON_NODE": "2", "SLURM_SUBMIT_DIR": ROOT}
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_NNODES": str(nodes),
+            "SLURM_JOB_NODELIST": "localhost", "SLURM_GPUS_ON_NODE": str(gpus), "SLURM_SUBMIT_DIR": ROOT}
+
+
+def test_slurm_passes_tp_through_and_keeps_a_group_inside_a_node(tmp_path):
+    """scripts/slurm.sh with a stand-in srun that prints what it would launch: train.tp=2 on 2 GPUs per node reaches
+    train.py; train.tp=3 stops the job before srun, naming the GPUs per node."""
+    env = fake_slurm(tmp_path, nodes=2, gpus=2)
     ran = subprocess.run(["bash", "scripts/slurm.sh", "configs/7b.yaml", "train.tp=2"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0 and "train.py configs/7b.yaml train.tp=2" in ran.stdout, ran.stdout + ran.stderr
