@@ -391,7 +391,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """idx (B, T) -> logits (B, T, padded_vocab), or with targets (B, T) (-1 ignored) the mean FP32 cross-entropy
         by the model's ops, in training plus the MoE balance loss when model.moe.aux_loss_coef is set. A pipeline
-        stage (parallel.py) lacks the embedding (idx is then the residual stream (B, T, d) of the stage before) or
+        stage (pipeline.py) lacks the embedding (idx is then the residual stream (B, T, d) of the stage before) or
         the final norm and head (it returns the residual stream)."""
         T = (idx if targets is None else targets).size(1)  # a later pipeline stage's idx: a sequence part under TP
         start = cache.pos if cache is not None else 0
