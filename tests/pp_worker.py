@@ -153,7 +153,7 @@ def measure(dataset: str, schedule: str, *shape: str) -> dict:
     try:
         step.train_step(model, pipe, opt, batches(x, t.micro_batch_size), run)
         peak, sent, count["busy"], wall = count["peak"], count["sent"], 0.0, 0.0
-        for _ in range(3):
+        for _ in range(3 if shape else 0):  # the bubble's timing: scripts/pp_bubble.sh's larger model only
             dist.barrier()
             t0 = time.perf_counter()
             pipe.step(batches(x, t.micro_batch_size))
@@ -163,14 +163,15 @@ def measure(dataset: str, schedule: str, *shape: str) -> dict:
         for name, fn in real.items():
             setattr(cls, name, fn)
     got = [None] * dist.get_world_size()
-    dist.all_gather_object(got, (peak, sent, 1 - count["busy"] / wall))
+    dist.all_gather_object(got, (peak, sent, 1 - count["busy"] / wall if wall else None))
     S = run.pp * config.virtual_stages(t)
     planned_peaks, bubble = plan.pipeline_schedule(t, run.grad_accum, [1.0] * S)
     with torch.device("meta"):
         whole_model = GPT(run.cfg.model)
     return {"inflight": [g[0] for g in got], "planned_inflight": planned_peaks, "sent": max(g[1] for g in got),
             "planned_sent": plan.pipeline_comm(run.cfg, whole_model, run.world_size, False)["p2p"],
-            "bubble": sum(g[2] for g in got) / len(got), "planned_bubble": bubble, "microbatches": run.grad_accum}
+            "bubble": sum(g[2] for g in got) / len(got) if shape else None, "planned_bubble": bubble,
+            "microbatches": run.grad_accum}
 
 
 def main(dataset: str, out: str, *cases: str) -> None:
