@@ -11,7 +11,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
 import config
-from model import GPT
+from model import GPT, GPTConfig
 
 
 class _Layers(nn.ModuleDict):
@@ -41,12 +41,17 @@ class _Stage(GPT):
     rope = property(lambda self: self._whole[0].rope)
 
 
-def stage_ids(run: config.Run, pp_rank: int) -> list[int]:
-    """The pipeline stages pp rank `pp_rank` holds (see split)."""
-    S = run.pp * config.virtual_stages(run.cfg.train)
-    if run.cfg.train.pp_schedule in ("zero_bubble", "dualpipev"):
+def stage_ids(t: config.TrainConfig, pp_rank: int) -> list[int]:
+    """The pipeline stages pp rank `pp_rank` holds under `t` (see split; plan.py lays them out the same way)."""
+    S = t.pp * config.virtual_stages(t)
+    if t.pp_schedule in ("zero_bubble", "dualpipev"):
         return [pp_rank, S - 1 - pp_rank]
-    return list(range(pp_rank, S, run.pp))
+    return list(range(pp_rank, S, t.pp))
+
+
+def layers(cfg: GPTConfig, S: int, s: int) -> range:
+    """The blocks of stage `s` of `S`: runs of consecutive layers, as even as the count allows."""
+    return range(s * cfg.n_layer // S, (s + 1) * cfg.n_layer // S)
 
 
 def split(model: GPT, run: config.Run, mesh) -> None:
@@ -56,9 +61,9 @@ def split(model: GPT, run: config.Run, mesh) -> None:
     what its stages hold (the others' blocks, and the embedding or head it does not hold, become absent) and, for
     parallel.py and Pipeline, `stages` [(stage index, stage)], `pp_group` (over the pipeline's ranks) and
     `stage_group` (over a stage's dp x tp ranks: Muon deals out its matrices among these, optim.py)."""
-    L, S, ids = model.cfg.n_layer, run.pp * config.virtual_stages(run.cfg.train), stage_ids(run, run.pp_rank)
-    model.layers = _Layers({str(i): model.layers[i] for s in sorted(ids) for i in range(s * L // S, (s + 1) * L // S)})
-    stages = [(s, _Stage(model, range(s * L // S, (s + 1) * L // S), s == 0, s == S - 1)) for s in ids]
+    S, ids = run.pp * config.virtual_stages(run.cfg.train), stage_ids(run.cfg.train, run.pp_rank)
+    model.layers = _Layers({str(i): model.layers[i] for s in sorted(ids) for i in layers(model.cfg, S, s)})
+    stages = [(s, _Stage(model, layers(model.cfg, S, s), s == 0, s == S - 1)) for s in ids]
     if 0 not in ids:
         model.embed_tokens = None
         if model.cfg.arch == "gpt2":
@@ -82,7 +87,7 @@ class Pipeline:
         self.group = model.pp_group
         S = run.pp * config.virtual_stages(t)
         self.parts = dict(model.stages)  # by stage index
-        self.owner = [next(r for r in range(run.pp) if s in stage_ids(run, r)) for s in range(S)]  # stage -> pp rank
+        self.owner = [next(r for r in range(run.pp) if s in stage_ids(t, r)) for s in range(S)]  # stage -> pp rank
         self.stages = [PipelineStage(part, s, S, run.device, group=self.group) for s, part in model.stages]
         self.first = any(s.is_first for s in self.stages)
         self.last = any(s.is_last for s in self.stages)

@@ -392,9 +392,9 @@ def pipeline_schedule(t: config.TrainConfig, m: int, weights: list[float]) -> tu
 
 def pipeline_ranks(cfg: config.Config, model: GPT, gpus: int, ac: bool, loss: str) -> list[dict]:
     """Per pp rank of `cfg` (train.pp above 1, its tp, schedule and micro batch) on `gpus` GPUs: its stages, as
-    parallel.py lays them out (loop-style schedules: stages r, r + pp, r + 2 pp, ... on rank r; the V schedules,
-    zero_bubble and dualpipev: r and 2 pp - 1 - r, so that rank 0 holds the first and the last; stage s the layers
-    [s L / S, (s + 1) L / S) of L over S stages), their modules (a container named as the model is: layers, and the
+    pipeline.py lays them out (`stage_ids`, `layers`: loop-style schedules stages r, r + pp, r + 2 pp, ... on rank r;
+    the V schedules, zero_bubble and dualpipev, r and 2 pp - 1 - r, so that rank 0 holds the first and the last),
+    their modules (a container named as the model is: layers, and the
     embedding with stage 0, the final norm and head with the last stage), the activations in flight by
     `pipeline_schedule`, the bubble; with `ac`, each stage keeps only its blocks' inputs per micro-batch and
     recomputes one block at a time."""
@@ -408,15 +408,14 @@ def pipeline_ranks(cfg: config.Config, model: GPT, gpus: int, ac: bool, loss: st
                                 loss, t.tp)
     head, block = act(0), act(1) - act(0)
     kept = act(1, True) - act(1) if ac else block  # per block and micro-batch in flight: its input, or everything
-    cuts = [s * m.n_layer // n for s in range(n + 1)]
-    weights = [(cuts[s + 1] - cuts[s]) * kept + (head if s == n - 1 else 0) for s in range(n)]
+    import pipeline  # (torch.distributed.pipelining: only a pipeline plan imports it)
+    weights = [len(pipeline.layers(m, n, s)) * kept + (head if s == n - 1 else 0) for s in range(n)]
     peaks, bubble = pipeline_schedule(t, d.grad_accum, weights)
     ranks = []
-    v_shape = t.pp_schedule in ("zero_bubble", "dualpipev")
     for r in range(t.pp):
-        stages = [r, 2 * t.pp - 1 - r] if v_shape else list(range(r, n, t.pp))
+        stages = pipeline.stage_ids(t, r)
         part = torch.nn.Module()
-        part.layers = torch.nn.ModuleList(model.layers[i] for s in stages for i in range(cuts[s], cuts[s + 1]))
+        part.layers = torch.nn.ModuleList(model.layers[i] for s in stages for i in pipeline.layers(m, n, s))
         ends = (["embed_tokens", "embed_positions"] if 0 in stages else []) + (["norm", "lm_head"] if n - 1 in stages
                                                                                else [])
         for name in ends:
