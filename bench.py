@@ -7,7 +7,7 @@
     torchrun --standalone --nproc_per_node=8 bench.py configs/500m.yaml
     python bench.py configs/125m.yaml --checkpoint DIR   # checkpoint save/load time, checksums on and off
 
-The step and the model are train.py's (plan.resolve, build.build_model, parallel, optim.build, step.train_step; the
+The step and the model are train.py's (memory.resolve, build.build_model, parallel, optim.build, step.train_step; the
 vocab the data's where it is prepared: `bench_vocab`); the data is synthetic (random ids made once on the device), so
 the numbers measure the model, not the disk. Timing starts after the warm-up steps and ends with a device sync. MFU:
 PaLM's FLOPs per token over the GPU's dense peak at the run's matmul precision (hardware.GPUS, or `--peak-tflops`;
@@ -27,9 +27,9 @@ import checkpoint
 import config
 import hardware
 import kernel
+import memory
 import optim
 import parallel
-import plan
 from build import build_model
 from loader import DataError, read_meta
 from step import first_step, sync_grads, train_step
@@ -77,7 +77,7 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
         print(f"warning: {precision.warning}", file=sys.stderr)
     if rank == 0:  # compile auto as train.py decides it, for the run the config describes (its max_steps, max_minutes)
         print(hardware.describe(precision), file=sys.stderr)
-    run = plan.resolve(cfg, cfg.model, device, precision, compiled, rank, world)
+    run = memory.resolve(cfg, cfg.model, device, precision, compiled, rank, world)
     t = run.cfg.train
     if device.type == "cpu":
         torch.set_flush_denormal(True)
@@ -158,7 +158,7 @@ def bench(cfg: config.Config, warmup: int, steps: int, peak_tflops: float | None
     elapsed, final_loss, mem, cpu = best["chosen"]
     tok_s = steps * run.batch.batch_tokens / elapsed
     peak = peak_tflops * 1e12 if peak_tflops else hardware.peak_flops(device, precision.dtype)
-    counted = plan.meta_model(run.cfg) if run.pp > 1 else model  # a pipeline rank holds some blocks: count them all
+    counted = memory.meta_model(run.cfg) if run.pp > 1 else model  # a pipeline rank holds some blocks: count them all
     flops = counted.flops_per_token()
     result = {
         "config": cfg.model.arch, "params": counted.num_params(), "n_layer": cfg.model.n_layer,

@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node=8 train.py configs/500m.yaml
 
 Setup (`main`): config -> process group -> the model's shape (data prepared on first use) -> device, precision and
-compile (hardware.py) -> the Run, every `auto` decided once (plan.resolve) -> the run's lock and the checkpoint to
+compile (hardware.py) -> the Run, every `auto` decided once (memory.resolve) -> the run's lock and the checkpoint to
 resume from -> the model built and sharded (build.py, parallel.py) -> optimizer -> resume. The loop (`train`): step
 (step.py), log, eval, save, stop. SIGTERM/SIGUSR1 (SLURM's notice) and SIGINT finish the step on every rank, write a
 checkpoint and exit. RELIABILITY.md lists what a run survives.
@@ -26,9 +26,9 @@ import checkpoint
 import config
 import hardware
 import kernel
+import memory
 import optim
 import parallel
-import plan
 from build import build_model, data_identity, find_resume
 from loader import DataError, Prefetcher, TrainLoader, copy_tokenizer, read_meta
 from model import GPTConfig
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
             if started != precision.name:
                 precision = hardware.Precision(started, f"as when the run started (here now: {precision.reason})",
                                                compile_reason=precision.compile_reason)
-        run = plan.resolve(cfg, model_cfg, device, precision, compiled, rank, world)
+        run = memory.resolve(cfg, model_cfg, device, precision, compiled, rank, world)
 
         def take_run():
             nonlocal lock, lease
@@ -152,7 +152,7 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
     train_model = parallel.wrap(model, run)
     optimizer = optim.build(model, t, device)
     scaler = torch.amp.GradScaler(device.type) if run.precision.scaled else None
-    counted = plan.meta_model(cfg) if run.pp > 1 else model  # a pipeline rank holds some blocks: count them all
+    counted = memory.meta_model(cfg) if run.pp > 1 else model  # a pipeline rank holds some blocks: count them all
     print0(banner(run, counted, optimizer, scaler))
     # Stop requests go over a CPU group, so they never wait on the GPU's stream; async checkpoints get a group
     # of their own, since their collectives run in a background thread (two threads must not share one group).

@@ -54,12 +54,12 @@ def kill_tree(pid: int) -> None:
 
 
 def make_run(cfg, world: int = 1, rank: int = 0, model=None):
-    """`cfg` resolved for this CPU as train.py resolves it (hardware.resolve, then plan.resolve), as rank `rank` of
+    """`cfg` resolved for this CPU as train.py resolves it (hardware.resolve, then memory.resolve), as rank `rank` of
     `world`; `model`: the model config with its vocab (default cfg.model)."""
     import hardware
-    import plan
+    import memory
     device, precision, compiled = hardware.resolve(cfg.train, 0, cfg.model)
-    return plan.resolve(cfg, model or cfg.model, device, precision, compiled, rank, world)
+    return memory.resolve(cfg, model or cfg.model, device, precision, compiled, rank, world)
 
 
 @pytest.fixture(scope="session")

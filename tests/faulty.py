@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint  # noqa: E402
 import harness  # noqa: E402
 import loader  # noqa: E402
+import memory  # noqa: E402
 import model  # noqa: E402
 import optim  # noqa: E402
-import plan  # noqa: E402
 import train  # noqa: E402
 from torch.distributed.checkpoint.filesystem import _FileSystemWriter  # noqa: E402
 
@@ -110,7 +110,7 @@ def main() -> int:
                 return real_forward(self, *a, **k)
             model.GPT.forward = forward
         elif kind == "kernel":
-            real_resolve = plan.resolve
+            real_resolve = memory.resolve
 
             def resolve(*a, rank=args[0], real_resolve=real_resolve, **k):
                 run = real_resolve(*a, **k)
@@ -124,7 +124,7 @@ def main() -> int:
                 ops = dataclasses.replace(run.ops, rms_norm=broken, fallback=run.ops.fallback or run.ops,
                                           names={**run.ops.names, "rms_norm": "broken (tests/faulty.py)"})
                 return dataclasses.replace(run, ops=ops)
-            plan.resolve = resolve
+            memory.resolve = resolve
         elif kind == "skew":
             rank, extra = int(args[0]), int(args[1])
             real_sample = harness.LiveEval.sample

@@ -18,6 +18,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import config  # noqa: E402
+import memory  # noqa: E402
 import optim  # noqa: E402
 import parallel  # noqa: E402
 import plan  # noqa: E402
@@ -44,7 +45,7 @@ def reference(args: list[str], alone, cache: dict) -> tuple[list, list, dict]:
     optimizer by rank 0 (with Muon's group `alone`), shared with every rank."""
     key = tuple(args)
     if key not in cache:
-        got, run = [None], make_run(config.load(args), world=1)  # (plan.resolve gathers every rank's memory)
+        got, run = [None], make_run(config.load(args), world=1)  # (memory.resolve gathers every rank's memory)
         if dist.get_rank() == 0:
             ref = build_model(run.cfg, run.device, run.ops)
             opt = optim.build(ref, run.cfg.train, run.device)
@@ -107,7 +108,7 @@ def case(dataset: str, name: str, alone, cache: dict) -> dict:
 def measure(dataset: str, schedule: str, *shape: str) -> dict:
     """One step of `schedule` over the ranks (after a first one, which also infers the stages' shapes): on each rank
     the most (stage, micro-batch) activations in flight at once (a forward keeps them; a full backward, or a split
-    one's weight half, frees them) and the bytes it sends to other stages' ranks, against plan.pipeline_schedule
+    one's weight half, frees them) and the bytes it sends to other stages' ranks, against memory.pipeline_schedule
     (stages weighted 1) and plan.pipeline_comm's stage-boundary bytes; and the bubble measured over three more steps,
     1 - (each rank's seconds inside its stages' forwards and backwards) / (the schedule's seconds), the ranks' mean
     (communication waits count as bubble). `shape`: more overrides (scripts/pp_bubble.sh's larger model)."""
@@ -165,7 +166,7 @@ def measure(dataset: str, schedule: str, *shape: str) -> dict:
     got = [None] * dist.get_world_size()
     dist.all_gather_object(got, (peak, sent, 1 - count["busy"] / wall if wall else None))
     S = run.pp * config.virtual_stages(t)
-    planned_peaks, bubble = plan.pipeline_schedule(t, run.grad_accum, [1.0] * S)
+    planned_peaks, bubble = memory.pipeline_schedule(t, run.grad_accum, [1.0] * S)
     with torch.device("meta"):
         whole_model = GPT(run.cfg.model)
     return {"inflight": [g[0] for g in got], "planned_inflight": planned_peaks, "sent": max(g[1] for g in got),

@@ -235,13 +235,14 @@ def test_fsdp_blocks_get_the_fp32_rope_table(corpus, tmp_path, monkeypatch):
 
 def test_plan_activation_estimate_matches_saved_tensors():
     import kernel
+    import memory
     import plan
     from model import GPTConfig
     cfg = GPTConfig(vocab_size=1000, n_layer=2, n_embd=128, n_head=4, n_kv_head=2, block_size=64)
     model = GPT(cfg, kernel.configure("torch", "plain"))
     x = torch.randint(0, 1000, (2, 64))
     got = plan.measure_saved(model, x, "fp32")
-    assert abs(plan.activation_bytes(cfg, x.numel(), "fp32") / got - 1) < 0.01
+    assert abs(memory.activation_bytes(cfg, x.numel(), "fp32") / got - 1) < 0.01
     # 8 GPUs: FSDP shards the 16 bytes/parameter of weights, gradients and AdamW moments 8 ways
     rows = {r["mode"]: r for r in plan.plan(config.load(["configs/1b.yaml"]), 8, "h100")}
     assert rows["ddp"]["optim"] == pytest.approx(8 * rows["fsdp"]["optim"])

@@ -24,6 +24,7 @@ import config
 from build import build_model
 import hardware
 import kernel
+import memory
 import optim
 import parallel
 import plan
@@ -181,7 +182,7 @@ class Run:
 
 
 def setup(*overrides: str) -> Run:
-    """A model, optimizer and autocast built as train.py and bench.py build them (plan.resolve, parallel.parallelize,
+    """A model, optimizer and autocast built as train.py and bench.py build them (memory.resolve, parallel.parallelize,
     optim.build), one process. No step.first_step: its fall-back to torch's kernels would hide the failure a test
     is looking for."""
     torch._dynamo.reset()  # a fresh cache: graphs of an earlier test's model would count as recompiles here
@@ -299,7 +300,7 @@ def test_fp8_loss_within_5_percent_of_bf16():
 def test_peak_memory_within_10_percent_of_the_plan():
     """A short 125m run (micro batch 16, AdamW, compiled, BF16; gpu_check.sh's 125m-bf16 shape, whose bench case
     then finds inductor's cache warm): the CUDA allocator's peak over steps 2-3 is within 10 % of plan.py's total for
-    the configured mode, less plan.RESERVED_GIB (CUDA context and workspaces, which the allocator does not see)."""
+    the configured mode, less memory.RESERVED_GIB (CUDA context and workspaces, which the allocator does not see)."""
     if not CUDA:
         pytest.skip("the CUDA allocator's peak needs CUDA (plan.py --check compares activations on a CPU)")
     gc.collect()
@@ -319,7 +320,7 @@ def test_peak_memory_within_10_percent_of_the_plan():
     spec = hardware.gpu_spec(run.device)
     gpu = next((name for name, g in hardware.GPUS.items() if g is spec), "h100")
     row = next(r for r in plan.plan(run.cfg, 1, gpu) if r["configured"])
-    planned = row["total"] - plan.RESERVED_GIB
+    planned = row["total"] - memory.RESERVED_GIB
     print(f"125m, micro batch 16, kernels {run.kernels}, on {torch.cuda.get_device_name()} (plan: {gpu}, "
           f"{row['mode']}): peak allocated {measured:.2f} GiB (first step {first:.2f}), planned {planned:.2f} GiB "
           f"(params {row['params']:.2f}, grads {row['grads']:.2f}, optim {row['optim']:.2f}, working "

@@ -59,7 +59,7 @@ def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
 def test_plan_counts_what_the_chunked_loss_holds(rows):
     """plan.py's estimate of the chunked loss's transient memory, against the peak torch's MemTracker sees in a
     BF16 forward and backward (the FP32 weight cast per call, the kept FP32 dW, each chunk's logits and dW product)."""
-    import plan
+    import memory
     from torch.distributed._tools.mem_tracker import MemTracker
     N, V, d = 1024, 4096, 128
     torch.manual_seed(0)
@@ -73,7 +73,7 @@ def test_plan_counts_what_the_chunked_loss_holds(rows):
     measured = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
     cfg = GPTConfig(vocab_size=V, n_embd=d, n_layer=1, n_head=2, block_size=N)
     assert cfg.padded_vocab_size == V
-    estimate = plan.loss_transient_bytes(cfg, N, "chunked", chunk_logits=rows * V)
+    estimate = memory.loss_transient_bytes(cfg, N, "chunked", chunk_logits=rows * V)
     assert estimate == pytest.approx(measured, rel=0.05), (estimate / 2**20, measured / 2**20)
 
 
@@ -283,16 +283,16 @@ def test_loss_auto_compiles_the_plain_loss_when_the_logits_fit():
 
 
 def test_plan_decides_whether_the_full_logits_fit():
-    """plan.loss_kind, which plan.resolve asks: the 125m config's logits (32 x 1024 x 50k) fit an 80 GiB GPU
+    """memory.loss_kind, which memory.resolve asks: the 125m config's logits (32 x 1024 x 50k) fit an 80 GiB GPU
     compiled, not a 24 GiB one; an eager step, a chunked or liger loss never hold them; plain and compiled always do."""
     import config
-    import plan
+    import memory
     cfg = config.load(["configs/125m.yaml", "train.compile=true"])
-    assert plan.loss_kind(cfg, 8, 80) == "compiled" and plan.loss_kind(cfg, 8, 24) == "chunked"
+    assert memory.loss_kind(cfg, 8, 80) == "compiled" and memory.loss_kind(cfg, 8, 24) == "chunked"
     for override in ("train.compile=false", "train.loss=chunked", "train.kernels=liger"):
-        assert plan.loss_kind(config.load(["configs/125m.yaml", override]), 8, 80) == "chunked", override
+        assert memory.loss_kind(config.load(["configs/125m.yaml", override]), 8, 80) == "chunked", override
     for loss in ("plain", "compiled"):
-        assert plan.loss_kind(config.load(["configs/125m.yaml", f"train.loss={loss}"]), 8, 1) == loss
+        assert memory.loss_kind(config.load(["configs/125m.yaml", f"train.loss={loss}"]), 8, 1) == loss
 
 
 def test_a_compiled_step_has_no_graph_break_and_no_recompile(monkeypatch):

@@ -88,6 +88,7 @@ def test_muon_refuses_what_it_cannot_take():
 
 
 def test_plan_counts_muon_state_and_newton_schulz():
+    import memory
     import plan
     cfg = config.load(["configs/125m.yaml", "train.optimizer=adamw"])
     adamw = {r["mode"]: r for r in plan.plan(cfg, 8, "h100")}
@@ -95,7 +96,7 @@ def test_plan_counts_muon_state_and_newton_schulz():
     muon = {r["mode"]: r for r in plan.plan(cfg, 8, "h100")}
     with torch.device("meta"):
         model = GPT(cfg.model)
-    cost = plan.muon_cost(model, 8)
+    cost = memory.muon_cost(model, 8)
     d, f, L = 768, cfg.model.ffn_dim, cfg.model.n_layer
     assert cost["params"] == L * (4 * d * d + 3 * d * f)  # q, k, v, o and gate, up, down: 12 x 7 matrices
     one_square = 5 * (4 * d**3 + 2 * d**3)  # five iterations on a d x d matrix

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 import config
+import memory
 import plan
 from conftest import ROOT
 from test_tp import fake_slurm
@@ -26,12 +27,12 @@ def test_more_stages_less_memory_per_gpu_and_p2p_bytes():
     assert two["params"] < 0.55 * one["params"] and two["total"] < one["total"], (one, two)
     c = config.load(["configs/34b.yaml", "train.tp=8", "train.pp=4"])
     m = config.derive(c, 256).grad_accum  # 128 micro-batches of 1 x 4096 per data-parallel rank
-    comm = plan.comm_bytes(c, plan.meta_model(c), 8, 8, "fsdp", False)
+    comm = plan.comm_bytes(c, memory.meta_model(c), 8, 8, "fsdp", False)
     # of the rank that sends the most: a middle stage sends forward and backward, the first and last stages one way
     # (the last, with the loss's tensor-parallel traffic, sends the most here); each tp rank its 1/8 slice
     one_way = m * 4096 * 8192 * 2 / 8
     assert comm["p2p"] in (one_way, 2 * one_way) and comm["total"] > comm["p2p"] > 0
-    assert plan.comm_bytes(replace(c, train=replace(c.train, pp=1)), plan.meta_model(c), 32, 8, "fsdp",
+    assert plan.comm_bytes(replace(c, train=replace(c.train, pp=1)), memory.meta_model(c), 32, 8, "fsdp",
                            False)["p2p"] == 0
 
 
@@ -44,7 +45,7 @@ def test_bubble_and_activations_in_flight(schedule, v, peak0):
     pp, m = 4, 8
     t = replace(config.TrainConfig(), pp=pp, pp_schedule=schedule)
     weights = [1 / v] * (pp * v)  # a rank's layers for one micro-batch weigh 1
-    peaks, bubble = plan.pipeline_schedule(t, m, weights)
+    peaks, bubble = memory.pipeline_schedule(t, m, weights)
     formula = (pp - 1) / (v * m + pp - 1)
     if schedule in ("gpipe", "1f1b", "interleaved_1f1b"):
         assert bubble == pytest.approx(formula)

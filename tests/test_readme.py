@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 
 import config
+import memory
 import plan
 from conftest import ROOT, TINY, run
 from test_distributed import ok, torchrun
@@ -101,7 +102,7 @@ def test_each_launch_divides_its_batch_over_its_world_size(line, world, args):
     cfg = config.load([a for a in args if not a.startswith("train.init_from=")])  # a folder that is not here
     if cfg.model.vocab_size is None:  # from the data
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=50304))
-    micro = plan.micro_batch(cfg, world, 80.0)  # auto: the largest micro batch an 80 GB GPU holds
+    micro = memory.micro_batch(cfg, world, 80.0)  # auto: the largest micro batch an 80 GB GPU holds
     d = config.derive(cfg, world, micro)
     assert d.micro_batch * d.grad_accum * d.dp == cfg.train.batch_size, line  # dp = world / train.tp
 
@@ -117,12 +118,12 @@ def test_an_explicit_micro_batch_that_cannot_divide_still_stops():
 
 def test_auto_takes_the_largest_micro_batch_that_fits():
     cfg = config.load(["configs/500m.yaml", "train.micro_batch_size=auto", "model.vocab_size=50304"])
-    assert plan.micro_batch(cfg, 8, 10_000.0) == 32  # everything fits: the whole batch of a rank, no accumulation
-    fits = plan.micro_batch(cfg, 8, 80.0)
+    assert memory.micro_batch(cfg, 8, 10_000.0) == 32  # everything fits: the whole batch of a rank, no accumulation
+    fits = memory.micro_batch(cfg, 8, 80.0)
     assert 1 <= fits < 32 and 32 % fits == 0
-    assert next(r for r in plan.plan(plan.with_micro(cfg, fits), 8, (80.0, 0)) if r["configured"])["fits"]
-    assert not next(r for r in plan.plan(plan.with_micro(cfg, 2 * fits), 8, (80.0, 0)) if r["configured"])["fits"]
-    assert plan.micro_batch(cfg, 8, 1.0) == 1  # nothing fits: the smallest, and out-of-memory advice follows
+    assert next(r for r in plan.plan(memory.with_micro(cfg, fits), 8, (80.0, 0)) if r["configured"])["fits"]
+    assert not next(r for r in plan.plan(memory.with_micro(cfg, 2 * fits), 8, (80.0, 0)) if r["configured"])["fits"]
+    assert memory.micro_batch(cfg, 8, 1.0) == 1  # nothing fits: the smallest, and out-of-memory advice follows
 
 
 def test_every_prepare_line_parses():

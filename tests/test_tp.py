@@ -59,7 +59,7 @@ def test_tp_numerics_and_the_plans_communication(corpus, tmp_path):
     """One launch of tests/tp_worker.py (2 ranks, dp 1 x tp 2): Llama GQA, GPT-2 and Llama with qk_norm (all tied) split
     two ways give the loss, gradients, gradient norm, logits and one AdamW and one Muon step of one process; the
     bytes sent per step as CommDebugMode counts them are within 10 % of plan.comm_bytes (TP, and FSDP2 at dp 2); the
-    tensors a rank keeps for backward are within 5 % of plan.activation_bytes at tp 2."""
+    tensors a rank keeps for backward are within 5 % of memory.activation_bytes at tp 2."""
     out = str(tmp_path / "worker.json")
     ok(torchrun(corpus, out, script="tests/tp_worker.py"))
     with open(out) as f:

@@ -9,7 +9,7 @@ tests/test_tp.py asserts on it:
           model in one process; the largest absolute differences.
   comm:   the bytes sent in one training step as plan.CommBytes (torch's CommDebugMode) counts them, against
           plan.comm_bytes, for dp 1 x tp 2 (tensor parallel) and dp 2 x tp 1 (FSDP2).
-  saved:  the bytes autograd keeps for backward on a rank of dp 1 x tp 2, against plan.activation_bytes.
+  saved:  the bytes autograd keeps for backward on a rank of dp 1 x tp 2, against memory.activation_bytes.
 """
 import json
 import os
@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import config  # noqa: E402
 from build import build_model  # noqa: E402
 import kernel  # noqa: E402
+import memory  # noqa: E402
 import optim  # noqa: E402
 import parallel  # noqa: E402
 import plan  # noqa: E402
@@ -91,7 +92,7 @@ def compare(dataset: str, extra: list[str]) -> dict:
 
 def saved(dataset: str) -> dict:
     """Bytes autograd saves in one forward of the model split over the 2 ranks (no FSDP2, so the weights are the split
-    parameters themselves), against plan.activation_bytes at tp 2. The loss is a stand-in that keeps nothing (the
+    parameters themselves), against memory.activation_bytes at tp 2. The loss is a stand-in that keeps nothing (the
     vocab-parallel loss's own memory is the plan's loss_transient_bytes), so the head's gathered input, which the
     estimate counts for the head's matmul, is not kept either and comes off the estimate."""
     run, _, _ = setup(dataset, ["model.n_head=4", "model.n_kv_head=2", "model.block_size=128"], tp=2)
@@ -103,7 +104,7 @@ def saved(dataset: str) -> dict:
     model.init_weights(0, assign=lambda p, full: p.copy_(distribute_tensor(full, p.device_mesh, p.placements)))
     x, _ = batch(run)
     m, tokens = run.cfg.model, x.numel()
-    planned = plan.activation_bytes(m, tokens, "fp32", loss="chunked", tp=2) - 4 * m.n_embd * tokens
+    planned = memory.activation_bytes(m, tokens, "fp32", loss="chunked", tp=2) - 4 * m.n_embd * tokens
     return {"measured": plan.measure_saved(model, x, "fp32"), "planned": planned}
 
 
