@@ -1,7 +1,6 @@
-"""What a run holds in memory per device, and the Run decided from it at start-up (`resolve`): the micro batch that
-fits, the loss's kind, the parallel mode. Parameters, gradients, optimizer state, working memory and activations by
-layout (DDP, FSDP2, tensor and pipeline parallel); plan.py shows them for N GPUs before a run.
-"""
+"""What a run holds in memory per device, by layout (DDP, FSDP2, tensor and pipeline parallel) and term (parameters,
+gradients, optimizer state, working memory, activations), and the Run decided from it at start-up (`resolve`): the
+micro batch that fits, the loss's kind, the parallel mode, the kernels. plan.py shows it for N GPUs before a run."""
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -243,10 +242,9 @@ def pipeline_ranks(cfg: config.Config, model: GPT, gpus: int, ac: bool, loss: st
     """Per pp rank of `cfg` (train.pp above 1, its tp, schedule and micro batch) on `gpus` GPUs: its stages, as
     pipeline.py lays them out (`stage_ids`, `layers`: loop-style schedules stages r, r + pp, r + 2 pp, ... on rank r;
     the V schedules, zero_bubble and dualpipev, r and 2 pp - 1 - r, so that rank 0 holds the first and the last),
-    their modules (a container named as the model is: layers, and the
-    embedding with stage 0, the final norm and head with the last stage), the activations in flight by
-    `pipeline_schedule`, the bubble; with `ac`, each stage keeps only its blocks' inputs per micro-batch and
-    recomputes one block at a time."""
+    their modules (a container named as the model is: layers, and the embedding with stage 0, the final norm and head
+    with the last stage), the activations in flight by `pipeline_schedule`, the bubble; with `ac`, each stage keeps
+    only its blocks' inputs per micro-batch and recomputes one block at a time."""
     t, m = cfg.train, cfg.model
     d = config.derive(cfg, gpus)
     tokens, n = d.micro_batch * m.block_size, t.pp * config.virtual_stages(t)
@@ -263,14 +261,13 @@ def pipeline_ranks(cfg: config.Config, model: GPT, gpus: int, ac: bool, loss: st
     ranks = []
     for r in range(t.pp):
         stages = pipeline.stage_ids(t, r)
+        first, last = 0 in stages, n - 1 in stages
         part = torch.nn.Module()
         part.layers = torch.nn.ModuleList(model.layers[i] for s in stages for i in pipeline.layers(m, n, s))
-        ends = (["embed_tokens", "embed_positions"] if 0 in stages else []) + (["norm", "lm_head"] if n - 1 in stages
-                                                                               else [])
-        for name in ends:
+        for name in (["embed_tokens", "embed_positions"] if first else []) + (["norm", "lm_head"] if last else []):
             if hasattr(model, name):
                 setattr(part, name, getattr(model, name))
-        ranks.append({"rank": r, "stages": stages, "part": part, "first": 0 in stages, "last": n - 1 in stages,
+        ranks.append({"rank": r, "stages": stages, "part": part, "first": first, "last": last,
                       "activations": peaks[r] + (block if ac else 0), "bubble": bubble, "tokens": tokens,
                       "inflight": peaks[r] / sum(weights[s] for s in stages), "loss": loss, "d": d})
     return ranks

@@ -15,6 +15,8 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.debug import CommDebugMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import config
 import hardware
@@ -314,30 +316,28 @@ def measure_saved(model: GPT, tokens: torch.Tensor, precision: str) -> int:
     return sum(n for ptr, n in seen.items() if ptr not in params)
 
 
-class CommBytes:
+class CommBytes(CommDebugMode):
     """torch's CommDebugMode, which counts the collectives a region runs (DTensor's and FSDP2's alike), with the bytes
     each rank sends in them by the ring count of `comm_bytes`: `bytes` after the region, by collective."""
 
     def __init__(self):
-        from torch.distributed.tensor.debug import CommDebugMode
-        from torch.utils._python_dispatch import TorchDispatchMode
+        super().__init__()
+        self.bytes = {}
 
-        class Tally(CommDebugMode):
-            def __torch_dispatch__(mode, func, types, args=(), kwargs=None):
-                out = super().__torch_dispatch__(func, types, args, kwargs)
-                if out is not NotImplemented:
-                    self._add(func, args)
-                return out
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if out is not NotImplemented:
+            self._add(func, args)
+        return out
 
-            # without CommDebugMode's per-module tracker: its hooks lose their place among FSDP2's on a second step
-            def __enter__(mode):
-                mode.comm_counts.clear()
-                mode.advanced_module_tracker.module_parents_dict[""] = []  # every collective counts at the top
-                return TorchDispatchMode.__enter__(mode)
+    # without CommDebugMode's per-module tracker: its hooks lose their place among FSDP2's on a second step
+    def __enter__(self):
+        self.comm_counts.clear()
+        self.advanced_module_tracker.module_parents_dict[""] = []  # every collective counts at the top
+        return TorchDispatchMode.__enter__(self)
 
-            def __exit__(mode, *exc):
-                return TorchDispatchMode.__exit__(mode, *exc)
-        self.mode, self.bytes = Tally(), {}
+    def __exit__(self, *exc):
+        return TorchDispatchMode.__exit__(self, *exc)
 
     def _add(self, func, args) -> None:
         from torch.distributed.distributed_c10d import _resolve_process_group
@@ -356,14 +356,7 @@ class CommBytes:
         self.bytes[name] = self.bytes.get(name, 0) + size * (n - 1) / n
 
     def counts(self) -> dict:
-        return {str(k): v for k, v in self.mode.get_comm_counts().items()}
-
-    def __enter__(self):
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
+        return {str(k): v for k, v in self.get_comm_counts().items()}
 
 
 def check() -> None:
