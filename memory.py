@@ -87,14 +87,13 @@ def loss_kind(cfg: config.Config, gpus: int, mem_gib: float) -> str:
 
 
 def parallel_mode(t: config.TrainConfig, n_params: int, mem_gib: float, cuda: bool = True) -> str:
-    """How a run over several processes is wrapped: FSDP2 with expert, tensor or pipeline parallel (train.ep, train.tp
-    or train.pp above 1); else train.parallel, where auto picks DDP while the FP32 model, its gradients and AdamW's
-    two moments (16 bytes a parameter) take under 40 % of one device's memory (on CPUs always), else FSDP."""
-    if t.ep > 1 or t.tp > 1 or t.pp > 1:
-        return "fsdp"
+    """How a run over several processes is wrapped: train.parallel, where auto picks FSDP2 under train.ep, tp or pp
+    above 1 (config refuses ddp with them), else DDP while the FP32 model, its gradients and AdamW's two moments (16
+    bytes a parameter) take under 40 % of one device's memory (on CPUs always), else FSDP."""
     if t.parallel != "auto":
         return t.parallel
-    return "ddp" if not cuda or 16 * n_params < 0.4 * mem_gib * GIB else "fsdp"
+    small = not cuda or 16 * n_params < 0.4 * mem_gib * GIB
+    return "ddp" if small and t.ep == t.tp == t.pp == 1 else "fsdp"
 
 
 def layout_memory(cfg: config.Config, model: GPT, gpus: int, mode: str, ac: bool, loss: str) -> dict:
@@ -132,8 +131,13 @@ def layout_memory(cfg: config.Config, model: GPT, gpus: int, mode: str, ac: bool
         working += 2 * 2 * n_muon / gpus if mode == "fsdp" else 2 * n_muon
     act = activation_bytes(m, tokens, t.precision, bf16_params=mode == "fsdp" and bf16, checkpointing=ac, loss=loss,
                            tp=tp)
-    if t.lora:
-        act += lora_activation_bytes(model, t, tokens, t.precision, checkpointing=ac)
+    if t.lora:  # each adapter keeps its r-wide A output and, with lora_dropout, the dropped input and its mask (the
+        # undropped input is the base matmul's, counted above); under activation checkpointing, one block's worth
+        import lora
+        a = 2 if bf16 else 4
+        per_token = sum(a * t.lora_rank + ((a + 1) * x.in_features if t.lora_dropout else 0) for x in model.modules()
+                        if isinstance(x, lora.LoRALinear))
+        act += per_token // (max(1, model.cfg.n_layer) if ac else 1) * tokens
     total = params + grads + optim + working + act + RESERVED_GIB * GIB
     return {"params": params / GIB, "grads": grads / GIB, "optim": optim / GIB, "working": working / GIB,
             "activations": act / GIB, "total": total / GIB}
@@ -162,19 +166,6 @@ def activation_bytes(cfg: GPTConfig, tokens: int, precision: str, bf16_params: b
     head = norm(1) + {"plain": 4 * V, "compiled": a * V, "chunked": 0}[loss] / tp
     per_token = (r * d * cfg.n_layer / tp + layer if checkpointing else layer * cfg.n_layer) + head
     return int(per_token * tokens)
-
-
-def lora_activation_bytes(model: GPT, t, tokens: int, precision: str, checkpointing: bool = False) -> int:
-    """What LoRA adapters add to `activation_bytes`: each keeps its r-wide A output and, with lora_dropout, the
-    dropped input and its mask (the undropped input is the base matmul's, already counted); with activation
-    checkpointing, one block's worth."""
-    import lora
-    a = 4 if precision == "fp32" else 2
-    adapted = [m for m in model.modules() if isinstance(m, lora.LoRALinear)]
-    per_token = sum(a * t.lora_rank + ((a + 1) * m.in_features if t.lora_dropout else 0) for m in adapted)
-    if checkpointing:
-        per_token //= max(1, model.cfg.n_layer)
-    return per_token * tokens
 
 
 def loss_transient_bytes(cfg: GPTConfig, tokens: int, loss: str = "plain", precision: str = "bf16",

@@ -55,11 +55,10 @@ def comm_bytes(cfg: config.Config, model: GPT, dp: int, tp: int, mode: str, ac: 
         out["tp"] = d.grad_accum * (per_block * m.n_layer + ends)
     local = memory.tp_params(model, tp)  # what one rank of a tensor-parallel group holds whole after FSDP's all-gather
     if mode == "fsdp" and dp > 1:
-        gather = 2 if t.precision != "fp32" else 4
         reduce = 2 if t.reduce_dtype == "bf16" else 4
         gathers = local * (2 if t.reshard_after_forward else 1)  # again in backward (the root too, as measured)
         syncs = 1 if t.fsdp_defer_sync else d.grad_accum
-        out["dp"] = (d.grad_accum * gather * gathers + syncs * reduce * local) * (dp - 1) / dp
+        out["dp"] = (d.grad_accum * a * gathers + syncs * reduce * local) * (dp - 1) / dp  # a: the gathered dtype
     elif mode == "ddp" and dp > 1:
         out["dp"] = 2 * 4 * local * (dp - 1) / dp
     if t.optimizer == "muon" and dp * tp > 1:
@@ -72,15 +71,14 @@ def comm_bytes(cfg: config.Config, model: GPT, dp: int, tp: int, mode: str, ac: 
 def tp_options(cfg: config.Config, gpus: int) -> list[int]:
     """The tensor-parallel degrees a plan shows: 1 and the powers of two up to 8 (one node) that divide the GPUs and
     that the model splits into (config.check_tp), and train.tp."""
-    options = []
-    for tp in sorted({1, 2, 4, 8, cfg.train.tp}):
-        if tp > gpus or gpus % tp:
-            continue
+    train = replace(cfg.train, parallel="auto", precision="bf16", kernels="auto", loss="auto")
+    model_only = replace(cfg, train=train, eval=replace(cfg.eval, interval=0))  # what the model alone allows
+    options = [1]
+    for tp in sorted({2, 4, 8, cfg.train.tp} - {1}):
         try:
-            if tp > 1:
-                train = replace(cfg.train, parallel="auto", precision="bf16", kernels="auto", loss="auto")
-                config.check_tp(replace(cfg, train=train, eval=replace(cfg.eval, interval=0)), tp)  # the model alone
-            options.append(tp)
+            if gpus % tp == 0:
+                config.check_tp(model_only, tp)
+                options.append(tp)
         except config.ConfigError:
             pass
     return options
@@ -126,8 +124,7 @@ def layout_rows(cfg: config.Config, gpus: int, mem_gib: float) -> list[dict]:
     rows = []
     for mode, ac, tp, pp in layouts:
         dp = gpus // tp // pp
-        # the micro batch of this layout: the configured one, or a data-parallel rank's whole batch (under pp: a
-        # stage's share of it) if smaller
+        # this layout's micro batch: the configured one, or a data-parallel rank's whole batch (pp: a stage's) if less
         micro = min(t.micro_batch_size, max(1, t.batch_size // dp // (pp * config.virtual_stages(t) if pp > 1 else 1)))
         row_cfg = replace(cfg, train=replace(t, tp=tp, pp=pp, micro_batch_size=micro, pp_microbatches=0))
         try:
