@@ -5,7 +5,7 @@
 Unknown keys and values of the wrong type stop with a message naming the key, where it came from (file or
 command line) and the closest valid key, before anything is computed or written. A loaded config is frozen:
 derived numbers (gradient accumulation, tokens per step) are computed once in `derive()`, and what the machine
-and the data decide lives in a `Run` (plan.resolve).
+and the data decide lives in a `Run` (memory.resolve).
 """
 import argparse
 import difflib
@@ -55,7 +55,7 @@ class TrainConfig:
     seed: int = 1337
     batch_size: int = 64  # global batch in sequences per optimizer step, whatever the world size
     # sequences per device per forward/backward; auto: the largest that divides the batch per rank and fits the
-    # memory plan of the device (plan.py), resolved at start-up and written into out_dir/config.yaml
+    # memory plan of the device (memory.py), resolved at start-up and written into out_dir/config.yaml
     micro_batch_size: int | Literal["auto"] = "auto"
     max_steps: int = 1000
     # A wall-clock budget for the training loop (compile, evals and saves included); 0: none. After the warm-up
@@ -560,7 +560,7 @@ def derive(cfg: Config, world_size: int = 1, micro: int | None = None) -> Derive
 
 @dataclass(frozen=True)
 class Run:
-    """A config resolved for this process, made once at start-up (plan.resolve): `cfg` with every value that the
+    """A config resolved for this process, made once at start-up (memory.resolve): `cfg` with every value that the
     machine or the data decides (precision, compile, micro batch, vocab, train.init_from's model shape), and what the
     config does not say. config.yaml, run_info.json and the checkpoints keep it."""
     cfg: Config

@@ -139,7 +139,7 @@ class ChunkedLoss(torch.autograd.Function):
                 None if dw is None else (dw * grad).to(ctx.weight_dtype), None, None)
 
 
-CHUNK_LOGITS = 2**26  # logits per chunk of chunked_loss on a GPU (plan.py counts them)
+CHUNK_LOGITS = 2**26  # logits per chunk of chunked_loss on a GPU (memory.py counts them)
 
 
 @torch.compiler.disable  # traced by inductor, its chunk loop ran several times slower than eager
@@ -358,7 +358,7 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
               dtype: torch.dtype = torch.float32, compiled: bool = False, logits_fit: bool = False,
               tp: int = 1) -> Ops:
     """The Ops for train.kernels and train.loss, with their `fallback`. `compiled`: the step runs under
-    torch.compile; `logits_fit`: the memory plan holds a micro-batch's full logits (plan.loss_kind); `tp` > 1: the
+    torch.compile; `logits_fit`: the memory plan holds a micro-batch's full logits (memory.loss_kind); `tp` > 1: the
     loss is `vocab_parallel_loss`. Fused kernels need CUDA (flash attention also BF16/FP16), else KernelError."""
     device = torch.device(device)
     cuda, half = device.type == "cuda", dtype in (torch.bfloat16, torch.float16)

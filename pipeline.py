@@ -42,7 +42,7 @@ class _Stage(GPT):
 
 
 def stage_ids(t: config.TrainConfig, pp_rank: int) -> list[int]:
-    """The pipeline stages pp rank `pp_rank` holds under `t` (see split; plan.py lays them out the same way)."""
+    """The pipeline stages pp rank `pp_rank` holds under `t` (see split; memory.pipeline_ranks counts by it too)."""
     S = t.pp * config.virtual_stages(t)
     if t.pp_schedule in ("zero_bubble", "dualpipev"):
         return [pp_rank, S - 1 - pp_rank]
