@@ -9,7 +9,6 @@ train.py, bench.py and plan.py share.
 Each choice's reason goes in the start-up banner; an explicit choice is obeyed, with a warning where it is slow.
 """
 import functools
-import math
 import os
 import platform
 import subprocess
@@ -131,7 +130,7 @@ def matmul_rate(dtype: torch.dtype, width: int) -> float:
         a @ b
         best, deadline = time.perf_counter() - t0, time.perf_counter() + 0.04
         if best <= 0.04:
-            best = math.inf
+            best = float("inf")
             while t0 < deadline:
                 t0 = time.perf_counter()
                 a @ b

@@ -53,19 +53,21 @@ def torch_attention(q, k, v):
     return y.transpose(1, 2)
 
 
+CPU_MATMUL_ATTENTION_MAX_T = 1024  # past this the (T, T) scores of every head cost more memory than they save
+
+
 def matmul_attention(q, k, v):
     """The same causal attention as explicit matmuls, faster than SDPA's CPU flash kernel in BF16/FP16 at short
-    context; its (B, H, T, T) scores are O(T^2) memory: `configure()` uses it up to CPU_MATMUL_ATTENTION_MAX_T."""
+    context; its (B, H, T, T) scores are O(T^2) memory, so past CPU_MATMUL_ATTENTION_MAX_T it calls torch_attention."""
     B, T, H, D = q.shape
+    if T > CPU_MATMUL_ATTENTION_MAX_T:
+        return torch_attention(q, k, v)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
     if k.size(1) != H:  # GQA: each K/V head serves H / H_kv query heads
         k, v = (x.repeat_interleave(H // k.size(1), dim=1) for x in (k, v))
     scores = (q * D**-0.5) @ k.transpose(-2, -1)  # scaling q: T*D multiplies instead of T*T
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
     return (scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v).transpose(1, 2)
-
-
-CPU_MATMUL_ATTENTION_MAX_T = 1024  # past this the (T, T) scores of every head cost more memory than they save
 
 
 def torch_rms_norm(x, weight, eps):
@@ -244,16 +246,6 @@ def torch_grouped_mm(x, w, counts):
     return _ContiguousGrad.apply(F.grouped_mm(x.to(dtype), w.to(dtype).transpose(-2, -1), offs=offs))
 
 
-def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch's grouped GEMM runs here: CPUs from torch 2.11; CUDA in BF16 from compute capability 8.0."""
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.is_available() and \
-            torch.cuda.get_device_capability(device) >= (8, 0)
-    return device.type == "cpu"
-
-
 # ----------------------------------------------------------------------------- optional backends
 
 def _flash_attention(mod):
@@ -310,10 +302,6 @@ def _liger_loss(mod):
 
 # ----------------------------------------------------------------------------- choice
 
-def _short_context_matmul_attention(q, k, v):
-    return (matmul_attention if q.size(1) <= CPU_MATMUL_ATTENTION_MAX_T else torch_attention)(q, k, v)
-
-
 @dataclass(frozen=True)
 class Ops:
     """The hot ops a model calls, chosen once per run and handed to the model when it is built (`GPT(cfg, ops)`): each
@@ -363,12 +351,15 @@ def configure(kernels: str = "auto", loss: str = "auto", device: torch.device | 
     device = torch.device(device)
     cuda, half = device.type == "cuda", dtype in (torch.bfloat16, torch.float16)
     chosen, names = {op: getattr(REFERENCE, op) for op in REFERENCE.names}, dict(REFERENCE.names)
-    if grouped_mm_runs(device, dtype):  # torch's own kernel: the fallback keeps it too
+    # torch's grouped GEMM where it runs (the fallback keeps it too): CPUs from torch 2.11, CUDA in BF16 from sm_80
+    bf16_gpu = cuda and dtype == torch.bfloat16 and torch.cuda.is_available() and \
+        torch.cuda.get_device_capability(device) >= (8, 0)
+    if hasattr(F, "grouped_mm") and (device.type == "cpu" or bf16_gpu):
         chosen["grouped_mm"], names["grouped_mm"] = torch_grouped_mm, "torch grouped_mm"
     if device.type == "cpu":
         chosen["loss"], names["loss"] = cpu_chunked_loss, "chunked (cache-sized)"
         if half and kernels in ("auto", "torch"):  # explicit score matrices at short context (see matmul_attention)
-            chosen["attention"] = _short_context_matmul_attention
+            chosen["attention"] = matmul_attention
             names["attention"] = f"matmul up to T={CPU_MATMUL_ATTENTION_MAX_T}, then SDPA"
     if tp > 1:  # config.check_tp allows only train.loss=auto here
         chosen["loss"], names["loss"], loss = vocab_parallel_loss, "vocab-parallel (loss_parallel)", "tensor parallel"
