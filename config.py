@@ -12,9 +12,8 @@ import difflib
 import importlib.util
 import os
 import types
-import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
-from typing import Literal
+from typing import Literal, Union, get_args, get_origin
 
 import torch
 import yaml
@@ -239,8 +238,8 @@ def _set(tree: dict, sources: dict, section: str, key: str, value, source: str) 
 
 def _coerce(value, tp, where: str):
     """Check `value` against the annotation `tp`, converting only where YAML is known to be ambiguous."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         errors = []
@@ -518,8 +517,7 @@ class Derived:
 
 def derive(cfg: Config, world_size: int = 1, micro: int | None = None) -> Derived:
     """The numbers that follow from the config, the batch split over world_size / train.tp / train.pp data-parallel
-    ranks.
-    `micro`: the micro batch when train.micro_batch_size is auto; without it, a rank's whole batch."""
+    ranks. `micro`: the micro batch when train.micro_batch_size is auto; without it, a rank's whole batch."""
     t = cfg.train
     if world_size % (t.tp * t.pp):
         raise ConfigError(f"the world size ({world_size}) must be a multiple of train.tp ({t.tp})" if t.pp == 1 else
