@@ -166,9 +166,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         cfg = self.cfg
         # -1 heads: under tensor parallel a rank's projections hold n_head / tp (n_kv_head / tp) of them
-        q = self.q_proj(x).view(B, T, -1, cfg.head_dim)
-        k = self.k_proj(x).view(B, T, -1, cfg.head_dim)
-        v = self.v_proj(x).view(B, T, -1, cfg.head_dim)
+        q, k, v = (proj(x).view(B, T, -1, cfg.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
