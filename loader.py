@@ -120,15 +120,25 @@ def _open_shard(file: str, tokens: int, dtype: str, digest: str | None, vocab: i
     return ids
 
 
+def open_split(path: str, split: str, vocab_size: int | None = None) -> list[np.ndarray]:
+    """The shards of one split ('train', 'val') of one prepared dataset, memory-mapped and validated."""
+    meta = read_meta(path)
+    if split not in meta.get("splits", {}):
+        raise DataError(f"{path} has no '{split}' split (has: {', '.join(meta.get('splits', {}))})")
+    if vocab_size is not None and meta["vocab_size"] > vocab_size:
+        raise DataError(f"{path}: data vocab {meta['vocab_size']} exceeds the model's vocab {vocab_size}")
+    return [_open_shard(os.path.join(path, s["file"]), s["tokens"], meta["dtype"], s.get("xxh3"), meta["vocab_size"])
+            for s in meta["splits"][split]["shards"]]
+
+
 def verify_dataset(path: str) -> list[str]:
     """Check every shard of a prepared dataset as training does (header, dtype, size, hash, token ids within the
     vocab); returns what it checked, or raises DataError naming the first shard that fails."""
     meta, checked = read_meta(path), []
     for split, info in meta.get("splits", {}).items():
-        for s in info["shards"]:
-            _open_shard(os.path.join(path, s["file"]), s["tokens"], meta["dtype"], s.get("xxh3"), meta["vocab_size"])
-            checked.append(f"{split}/{s['file']}: {s['tokens']:,} tokens, ids below {meta['vocab_size']}"
-                           + (", hash ok" if "xxh3" in s else ", no hash in meta.json"))
+        open_split(path, split)
+        checked += [f"{split}/{s['file']}: {s['tokens']:,} tokens, ids below {meta['vocab_size']}"
+                    + (", hash ok" if "xxh3" in s else ", no hash in meta.json") for s in info["shards"]]
     return checked
 
 
@@ -144,35 +154,22 @@ def same_tokenizer(a: str, b: str) -> bool:
         return fa.read() == fb.read()
 
 
-class TokenSplit:
-    """One split ('train', 'val') of one prepared dataset, memory-mapped and validated."""
-
-    def __init__(self, path: str, split: str, vocab_size: int | None = None):
-        self.path, self.split, self.meta = path, split, read_meta(path)
-        if split not in self.meta.get("splits", {}):
-            raise DataError(f"{path} has no '{split}' split (has: {', '.join(self.meta.get('splits', {}))})")
-        if vocab_size is not None and self.meta["vocab_size"] > vocab_size:
-            raise DataError(f"{path}: data vocab {self.meta['vocab_size']} exceeds the model's vocab {vocab_size}")
-        self.shards = [_open_shard(os.path.join(path, s["file"]), s["tokens"], self.meta["dtype"], s.get("xxh3"),
-                                   self.meta["vocab_size"]) for s in self.meta["splits"][split]["shards"]]
-
-
 class TrainLoader:
     """Training micro-batches from one dataset or a weighted mixture; see the module docstring."""
 
     def __init__(self, paths: list[str], weights: list[float] | None, block_size: int, micro_batch_size: int,
                  grad_accum: int, seed: int, rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
-        self.splits = [TokenSplit(p, "train", vocab_size) for p in paths]
+        self.shards = [open_split(p, "train", vocab_size) for p in paths]  # per dataset: its shards
         for p in paths[1:]:
             if not same_tokenizer(paths[0], p):
                 raise DataError(f"{p} and {paths[0]} use different tokenizers; a mixture needs one")
         self.T, self.mb, self.accum = block_size, micro_batch_size, grad_accum
         self.seed, self.rank, self.world = seed, rank, world_size
         self.starts = []  # per dataset: cumulative window counts per shard
-        for s in self.splits:
-            counts = [max(0, (len(a) - 1) // block_size) for a in s.shards]
+        for path, shards in zip(paths, self.shards):
+            counts = [max(0, (len(a) - 1) // block_size) for a in shards]
             if sum(counts) == 0:
-                raise DataError(f"{s.path}: the train split ({sum(map(len, s.shards))} tokens) is shorter than one "
+                raise DataError(f"{path}: the train split ({sum(map(len, shards))} tokens) is shorter than one "
                                 f"window of block_size + 1 = {block_size + 1} tokens")
             self.starts.append(np.cumsum([0] + counts))
         w = np.ones(len(paths)) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -186,10 +183,10 @@ class TrainLoader:
         ids = np.arange(first, first + self.mb, dtype=np.uint64)
         # each sample's dataset by the weights (one dataset: always 0; the minimum: a u that rounded up to 1.0)
         u = _mix64(ids ^ np.uint64(_key(self.seed, 0x6D6978))).astype(np.float64) / 2.0**64
-        which = np.minimum(np.searchsorted(self.cum_weights, u, side="right"), len(self.splits) - 1)
+        which = np.minimum(np.searchsorted(self.cum_weights, u, side="right"), len(self.shards) - 1)
         rows = np.empty((len(ids), self.T + 1), dtype=np.int64)
         for d in np.unique(which):
-            split, starts = self.splits[d], self.starts[d]
+            shards, starts = self.shards[d], self.starts[d]
             n = int(starts[-1])
             sel = np.flatnonzero(which == d)
             epoch, pos = ids[sel] // np.uint64(n), ids[sel] % np.uint64(n)
@@ -199,7 +196,7 @@ class TrainLoader:
                 shard = np.searchsorted(starts, windows, side="right") - 1
                 for j, w, sh in zip(sel[here], windows, shard):
                     begin = (int(w) - int(starts[sh])) * self.T
-                    rows[j] = split.shards[sh][begin:begin + self.T + 1]
+                    rows[j] = shards[sh][begin:begin + self.T + 1]
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
 
 
@@ -210,11 +207,11 @@ def eval_batches(path: str, split: str, block_size: int, batch_size: int, max_to
     last batch are padded with x=0, y=-1 (ignored). Stops once max_tokens targets are covered (whole windows).
     Batch i goes to rank i % world_size; a rank left short gets an all-padding batch (FSDP needs equal forwards)."""
     import torch
-    data, T = TokenSplit(path, split, vocab_size), block_size
+    shards, T = open_split(path, split, vocab_size), block_size
 
     def windows():
         covered = 0
-        for arr in data.shards:
+        for arr in shards:
             for start in range(0, len(arr) - 1, T):
                 if max_tokens is not None and covered >= max_tokens:
                     return

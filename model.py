@@ -166,9 +166,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         cfg = self.cfg
         # -1 heads: under tensor parallel a rank's projections hold n_head / tp (n_kv_head / tp) of them
-        q = self.q_proj(x).view(B, T, -1, cfg.head_dim)
-        k = self.k_proj(x).view(B, T, -1, cfg.head_dim)
-        v = self.v_proj(x).view(B, T, -1, cfg.head_dim)
+        q, k, v = (proj(x).view(B, T, -1, cfg.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -310,7 +308,7 @@ class GPT(nn.Module):
         cfg.validate()
         self.cfg = cfg
         V, d = cfg.padded_vocab_size, cfg.n_embd
-        device = torch.empty(0).device  # the caller's default device; meta when building for sharded init
+        device = torch.empty(0).device  # the caller's default device; meta (nothing allocated) for sharded init
         with torch.device("meta"):  # modules' own default inits would waste time and RNG draws
             self.embed_tokens = nn.Embedding(V, d)
             if cfg.arch == "gpt2":
@@ -321,8 +319,7 @@ class GPT(nn.Module):
             self.lm_head = nn.Linear(d, V, bias=False)
             if cfg.arch == "llama":
                 self.register_buffer("rope", torch.empty(cfg.block_size, 2, cfg.head_dim), persistent=False)
-        if device.type != "meta":
-            self.to_empty(device=device)
+        self.to_empty(device=device)
         self.init_weights()
         self.set_ops(ops)
 
@@ -369,8 +366,7 @@ class GPT(nn.Module):
         """Unique parameters (a tied embedding counts once); `embeddings=False` leaves out the embedding tables."""
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:  # Kaplan et al.'s non-embedding count (a tied table leaves with the head)
-            n -= self.embed_tokens.weight.numel()
-            n -= self.embed_positions.weight.numel() if self.cfg.arch == "gpt2" else 0
+            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
         return n
 
     def flops_per_token(self) -> float:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data.prepare import ensure_prepared, is_val, prepare
-from loader import DataError, TokenSplit, TrainLoader, eval_batches, permute, token_bytes, verify_dataset
+from loader import DataError, TrainLoader, eval_batches, open_split, permute, token_bytes, verify_dataset
 from tokenizer import EOT, Tokenizer, load_tokenizer, tiktoken_encoding
 
 
@@ -228,12 +228,12 @@ def test_corrupt_or_mismatched_data_is_rejected(dataset, tmp_path):
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) - 10)
     with pytest.raises(DataError, match="truncated"):
-        TokenSplit(path, "train")
+        open_split(path, "train")
 
     path, shard = corrupt_copy(dataset, tmp_path, "dtype")
     np.save(shard, np.load(shard).astype(np.uint32))
     with pytest.raises(DataError, match="holds uint32 but meta.json says uint16"):
-        TokenSplit(path, "train")
+        open_split(path, "train")
 
     with pytest.raises(DataError, match="data vocab 300 exceeds the model's vocab 256"):
         TrainLoader([dataset], None, 16, 4, 1, seed=0, vocab_size=256)
@@ -251,6 +251,6 @@ def test_corrupt_or_mismatched_data_is_rejected(dataset, tmp_path):
     path, _ = corrupt_copy(dataset, tmp_path, "nometa")
     os.remove(os.path.join(path, "meta.json"))
     with pytest.raises(DataError, match="not a prepared dataset"):
-        TokenSplit(path, "train")
+        open_split(path, "train")
     with pytest.raises(DataError, match="shorter than one window"):
         TrainLoader([dataset], None, 10**7, 1, 1, seed=0)
