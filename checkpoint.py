@@ -124,17 +124,13 @@ class _SafePlanner(dcp.DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def hash_stream(f) -> str:
-    """xxh3-128 of a binary stream, read in 8 MB pieces: the checksum of token shards (meta.json) and checkpoints."""
-    h = xxhash.xxh3_128()
-    while piece := f.read(8 << 20):
-        h.update(piece)
-    return h.hexdigest()
-
-
 def file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hash_stream(f)
+    """xxh3-128 of a local file or an fsspec URL, read in 8 MB pieces: the checksum of token shards and checkpoints."""
+    h = xxhash.xxh3_128()
+    with _fs(path).open(path, "rb") if is_remote(path) else open(path, "rb") as f:
+        while piece := f.read(8 << 20):
+            h.update(piece)
+    return h.hexdigest()
 
 
 class _Checksummed:
@@ -150,8 +146,7 @@ class _Checksummed:
         self._write_sums({**sums, ".metadata": self._hash(".metadata")})
 
     def _hash(self, name: str) -> str:
-        with self.fs.create_stream(self.fs.concat_path(self.path, name), "rb") as f:
-            return hash_stream(f)
+        return file_digest(_join(str(self.path), name))
 
     def _write_sums(self, sums: dict) -> None:
         with self.fs.create_stream(self.fs.concat_path(self.path, SUMS_FILE), "wb") as f:
@@ -178,8 +173,7 @@ def verify_files(path: str) -> None:
     for name, want in sums.items():
         file = _join(path, name)
         try:
-            with _fs(file).open(file, "rb") if is_remote(file) else open(file, "rb") as f:
-                got = hash_stream(f)
+            got = file_digest(file)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"checkpoint {path} is missing {name}") from None
         if got != want:
