@@ -297,12 +297,10 @@ def list_checkpoints(out_dir: str) -> list[str]:
 
 def find_latest(out_dir: str) -> str | None:
     """The checkpoint `out_dir/latest` names, else the newest complete one, else None."""
-    try:
+    with suppress(OSError):  # no `latest` (yet)
         path = _join(out_dir, _read_text(_join(out_dir, "latest")).strip())
         if is_complete(path):
             return path
-    except OSError:
-        pass
     done = list_checkpoints(out_dir)
     return done[-1] if done else None
 
@@ -356,10 +354,8 @@ class Pending:
     def _failed(self, e: BaseException) -> SaveError:
         """Drop the unfinished save and describe the failure (DCP wraps each rank's error)."""
         e = _first_failure(e)
-        try:
+        with suppress(OSError):
             discard(self.tmp)
-        except OSError:
-            pass
         return SaveError(f"writing checkpoint {self.name} failed ({type(e).__name__}: {e}); the previous "
                          f"checkpoint ({find_latest(self.out_dir) or 'none yet'}) is intact")
 
@@ -474,12 +470,10 @@ class Lease:
 
     def release(self) -> None:
         self.stop.set()
-        try:
+        with suppress(OSError):
             held = self._read()
             if held and held.get("holder") == self.holder:
                 _fs(self.path).rm(self.path)
-        except OSError:
-            pass
 
 
 def find_resumable(out_dir: str, model: torch.nn.Module, warn, check=lambda state, path: None) -> str | None:
@@ -638,8 +632,7 @@ def _lock(out_dir: str):
         raise ConfigError(f"train.out_dir {out_dir} is in use by another run ({holder}); wait for it to "
                                  f"end or choose another train.out_dir") from None
     try:
-        f.seek(0)
-        f.truncate()
+        f.truncate(0)  # "a+": the write below lands at the (new) end
         f.write(f"pid {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
     except OSError as e:
