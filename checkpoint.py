@@ -297,7 +297,7 @@ def list_checkpoints(out_dir: str) -> list[str]:
 
 def find_latest(out_dir: str) -> str | None:
     """The checkpoint `out_dir/latest` names, else the newest complete one, else None."""
-    with suppress(OSError):  # no `latest` (yet)
+    with suppress(OSError):  # no readable `latest` (yet): the newest complete one stands in
         path = _join(out_dir, _read_text(_join(out_dir, "latest")).strip())
         if is_complete(path):
             return path
