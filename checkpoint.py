@@ -124,17 +124,13 @@ class _SafePlanner(dcp.DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def hash_stream(f) -> str:
-    """xxh3-128 of a binary stream, read in 8 MB pieces: the checksum of token shards (meta.json) and checkpoints."""
-    h = xxhash.xxh3_128()
-    while piece := f.read(8 << 20):
-        h.update(piece)
-    return h.hexdigest()
-
-
 def file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hash_stream(f)
+    """xxh3-128 of a local file or an fsspec URL, read in 8 MB pieces: the checksum of token shards and checkpoints."""
+    h = xxhash.xxh3_128()
+    with _fs(path).open(path, "rb") if is_remote(path) else open(path, "rb") as f:
+        while piece := f.read(8 << 20):
+            h.update(piece)
+    return h.hexdigest()
 
 
 class _Checksummed:
@@ -150,8 +146,7 @@ class _Checksummed:
         self._write_sums({**sums, ".metadata": self._hash(".metadata")})
 
     def _hash(self, name: str) -> str:
-        with self.fs.create_stream(self.fs.concat_path(self.path, name), "rb") as f:
-            return hash_stream(f)
+        return file_digest(_join(str(self.path), name))
 
     def _write_sums(self, sums: dict) -> None:
         with self.fs.create_stream(self.fs.concat_path(self.path, SUMS_FILE), "wb") as f:
@@ -178,8 +173,7 @@ def verify_files(path: str) -> None:
     for name, want in sums.items():
         file = _join(path, name)
         try:
-            with _fs(file).open(file, "rb") if is_remote(file) else open(file, "rb") as f:
-                got = hash_stream(f)
+            got = file_digest(file)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"checkpoint {path} is missing {name}") from None
         if got != want:
@@ -303,12 +297,10 @@ def list_checkpoints(out_dir: str) -> list[str]:
 
 def find_latest(out_dir: str) -> str | None:
     """The checkpoint `out_dir/latest` names, else the newest complete one, else None."""
-    try:
+    with suppress(OSError):  # no readable `latest` (yet): the newest complete one stands in
         path = _join(out_dir, _read_text(_join(out_dir, "latest")).strip())
         if is_complete(path):
             return path
-    except OSError:
-        pass
     done = list_checkpoints(out_dir)
     return done[-1] if done else None
 
@@ -362,10 +354,8 @@ class Pending:
     def _failed(self, e: BaseException) -> SaveError:
         """Drop the unfinished save and describe the failure (DCP wraps each rank's error)."""
         e = _first_failure(e)
-        try:
+        with suppress(OSError):
             discard(self.tmp)
-        except OSError:
-            pass
         return SaveError(f"writing checkpoint {self.name} failed ({type(e).__name__}: {e}); the previous "
                          f"checkpoint ({find_latest(self.out_dir) or 'none yet'}) is intact")
 
@@ -480,12 +470,10 @@ class Lease:
 
     def release(self) -> None:
         self.stop.set()
-        try:
+        with suppress(OSError):
             held = self._read()
             if held and held.get("holder") == self.holder:
                 _fs(self.path).rm(self.path)
-        except OSError:
-            pass
 
 
 def find_resumable(out_dir: str, model: torch.nn.Module, warn, check=lambda state, path: None) -> str | None:
@@ -644,8 +632,7 @@ def _lock(out_dir: str):
         raise ConfigError(f"train.out_dir {out_dir} is in use by another run ({holder}); wait for it to "
                                  f"end or choose another train.out_dir") from None
     try:
-        f.seek(0)
-        f.truncate()
+        f.truncate(0)  # "a+": the write below lands at the (new) end
         f.write(f"pid {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
     except OSError as e:
