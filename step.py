@@ -69,16 +69,15 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: conf
     bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
     if run.world_size > 1:  # a loss is per rank; every rank must skip alike (no host sync on NCCL)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if scaler is not None:
-        # The scaler's own check looks at this rank's gradients only (a shard of them under FSDP2), so ranks
-        # could disagree; its update reads the found-inf recorded by unscale_(), which becomes the global flag.
-        scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = {bad.device: bad}
     if skips_on_device(optimizer):
         optimizer.found_inf = bad
         optimizer.step()
     elif not bad.item():
         optimizer.step()
     if scaler is not None:
+        # The scaler's own check looks at this rank's gradients only (a shard of them under FSDP2), so ranks
+        # could disagree; its update reads the found-inf recorded by unscale_(), which becomes the global flag.
+        scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = {bad.device: bad}
         scaler.update()
     if experts:
         balance_experts(experts, bad, mode)
@@ -222,7 +221,6 @@ class Log:
     def skips(self, now: bool = False) -> bool:
         """Print and log the skipped steps read so far (all but the newest `lag`, none left when `now`); True once
         train.max_consecutive_skips are in a row: the run stops."""
-        limit = self.run.cfg.train.max_consecutive_skips
         while len(self.queue) > (0 if now else self.lag):
             step, values, event = self.queue.popleft()
             if event is not None:
@@ -233,9 +231,9 @@ class Log:
                 self.skipped += 1
                 what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
                 print0(f"step {step:>6} | {what} is not finite: update skipped ({self.streak} in a row, {self.skipped} "
-                       f"in total; the run stops at {limit} in a row)", flush=True)
+                       f"in total; the run stops at {self.run.cfg.train.max_consecutive_skips} in a row)", flush=True)
                 self.row({"step": step, "skipped": True, "skipped_steps": self.skipped})
-        return self.streak >= limit
+        return self.streak >= self.run.cfg.train.max_consecutive_skips
 
     def pause(self, seconds: float) -> None:
         self.t0 += seconds
