@@ -1,6 +1,5 @@
 """One optimizer step as train.py and bench.py take it (`train_step`, `first_step`), the books of the steps (`Log`),
-the validation loss (`evaluate`, which eval.py reports; `run_eval` while training) and the time budget (`fit_budget`).
-"""
+the validation loss (`evaluate` for eval.py; `run_eval` while training) and the time budget (`fit_budget`)."""
 import collections
 import json
 import math
@@ -70,16 +69,15 @@ def train_step(model: GPT, train_model: nn.Module, optimizer, batches, run: conf
     bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
     if run.world_size > 1:  # a loss is per rank; every rank must skip alike (no host sync on NCCL)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if scaler is not None:
-        # The scaler's own check looks at this rank's gradients only (a shard of them under FSDP2), so ranks
-        # could disagree; its update reads the found-inf recorded by unscale_(), which becomes the global flag.
-        scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = {bad.device: bad}
     if skips_on_device(optimizer):
         optimizer.found_inf = bad
         optimizer.step()
     elif not bad.item():
         optimizer.step()
     if scaler is not None:
+        # The scaler's own check looks at this rank's gradients only (a shard of them under FSDP2), so ranks
+        # could disagree; its update reads the found-inf recorded by unscale_(), which becomes the global flag.
+        scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = {bad.device: bad}
         scaler.update()
     if experts:
         balance_experts(experts, bad, mode)
@@ -109,36 +107,34 @@ def balance_experts(experts: list[MoE], bad: torch.Tensor, mode: str) -> None:
 
 def first_step(step, model: GPT, optimizer, run: config.Run, group) -> tuple[object, kernel.Ops]:
     """The first training step, `step()`, under `compiling`. When it raises (out of memory aside) and the run's ops
-    have a fallback, it warns and runs again on the fallback, which every rank takes if any did. Returns step()'s
-    result and the ops the model now runs on."""
-    ops, rank, world = run.ops, run.rank, run.world_size
+    have a fallback, it warns and runs again on the fallback from the same torch seed; every rank takes the fallback
+    if any did. Returns step()'s result and the ops the model now runs on."""
     try:
         with compiling(run):
             out, fell = step(), False
     except torch.OutOfMemoryError:
         raise
     except Exception as e:
-        if ops.fallback is None:
+        if run.ops.fallback is None:
             raise
-        cause = (str(e).strip().splitlines() or [""])[0][:300]
+        failed = f"the first step failed with {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+        fallback = ", ".join(f"{op}: {n}" for op, n in run.ops.replaced().items())
         if run.pp > 1:  # the other stages wait mid-schedule for this one: no second try
-            raise kernel.KernelError(
-                f"the first step failed with {type(e).__name__}: {cause}; under train.pp it cannot run again on the "
-                f"fallback ({', '.join(f'{op}: {n}' for op, n in ops.replaced().items())}): set train.kernels=torch "
-                f"and train.loss=chunked") from e
-        print(f"warning{f' (rank {rank})' if world > 1 else ''}: the first step failed with {type(e).__name__}: "
-              f"{cause}; running it again with {', '.join(f'{op}: {n}' for op, n in ops.replaced().items())}",
-              file=sys.stderr, flush=True)
+            raise kernel.KernelError(f"{failed}; under train.pp it cannot run again on the fallback ({fallback}): set "
+                                     f"train.kernels=torch and train.loss=chunked") from e
+        print(f"warning{f' (rank {run.rank})' if run.world_size > 1 else ''}: {failed}; running it again with "
+              f"{fallback}", file=sys.stderr, flush=True)
         optimizer.zero_grad(set_to_none=True)
-        model.set_ops(ops.fallback)
+        model.set_ops(run.ops.fallback)
         torch._dynamo.reset()  # recompile with the fallback
+        torch.manual_seed(torch.initial_seed())  # the failed try's dropout again
         with compiling(run):
             out, fell = step(), True
-    if world > 1 and any_rank(fell, group) and not fell:
-        model.set_ops(ops.fallback)  # the same kernels on every rank, so every rank computes the same way
+    if any_rank(fell, group) and not fell:
+        model.set_ops(run.ops.fallback)  # the same kernels on every rank, so every rank computes the same way
         torch._dynamo.reset()
         fell = True
-    return out, ops.fallback if fell else ops
+    return out, run.ops.fallback if fell else run.ops
 
 
 @contextmanager
@@ -146,10 +142,10 @@ def compiling(run: config.Run):
     """Around a compiled run's first step: a line on rank 0 after 1, 2, 4, ... minutes saying it is still
     compiling, and past train.compile_timeout_s an error on every rank and exit status 3 (a compile that hangs
     cannot be interrupted from Python, so the process ends itself)."""
-    t = run.cfg.train
-    if not t.compile:
+    if not run.cfg.train.compile:
         yield
         return
+    t = run.cfg.train
     done, t0, limit = threading.Event(), time.perf_counter(), t.compile_timeout_s or math.inf
 
     def watch():
@@ -177,8 +173,7 @@ def compiling(run: config.Run):
 class Log:
     """The books of the loop, written by rank 0: metrics.jsonl rows (also to wandb / TensorBoard; on resume the rows
     after the checkpoint dropped), the mean loss and throughput per log line (one host sync each; `pause` leaves out
-    evals and saves), and the skipped steps, each read `lag` steps late so that checking never waits for the step
-    just queued."""
+    evals and saves), and the skipped steps, read `lag` steps late so that checking never waits for the step queued."""
 
     def __init__(self, run: config.Run, model: GPT, data, resumed_step: int, skipped: int):
         cfg = run.cfg
@@ -226,7 +221,6 @@ class Log:
     def skips(self, now: bool = False) -> bool:
         """Print and log the skipped steps read so far (all but the newest `lag`, none left when `now`); True once
         train.max_consecutive_skips are in a row: the run stops."""
-        limit = self.run.cfg.train.max_consecutive_skips
         while len(self.queue) > (0 if now else self.lag):
             step, values, event = self.queue.popleft()
             if event is not None:
@@ -237,9 +231,9 @@ class Log:
                 self.skipped += 1
                 what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
                 print0(f"step {step:>6} | {what} is not finite: update skipped ({self.streak} in a row, {self.skipped} "
-                       f"in total; the run stops at {limit} in a row)", flush=True)
+                       f"in total; the run stops at {self.run.cfg.train.max_consecutive_skips} in a row)", flush=True)
                 self.row({"step": step, "skipped": True, "skipped_steps": self.skipped})
-        return self.streak >= limit
+        return self.streak >= self.run.cfg.train.max_consecutive_skips
 
     def pause(self, seconds: float) -> None:
         self.t0 += seconds
@@ -342,8 +336,7 @@ def run_eval(model, run, step: int, tokens: int, log) -> float:
     return time.perf_counter() - t0
 
 
-# train.max_minutes: the first BUDGET_WARMUP steps of a start are not timed (compilation, allocator growth), the next
-# BUDGET_PROBE steps are; then max_steps is fixed
+# train.max_minutes times BUDGET_PROBE steps after BUDGET_WARMUP untimed ones (compilation, allocator growth) of a start
 BUDGET_WARMUP, BUDGET_PROBE = 2, 5
 
 
@@ -353,15 +346,20 @@ def budget_probe(t: config.TrainConfig, start_step: int) -> int:
     return start_step + BUDGET_WARMUP + (t.profile + 1 if t.profile else 0)
 
 
-def fit_budget(run: config.Run, step: int, max_steps: int, step_s: float, left_s: float, group) -> tuple[int, float]:
-    """(max_steps, s/step): the steps that fit in the budget's `left_s` at `step_s` a step, counting the evals (a
-    forward is about a third of a step), at most `max_steps`; the slowest rank decides, so all stop at one step."""
-    t = run.cfg.train
-    timing = torch.tensor([step_s, -left_s])
+def fit_budget(run: config.Run, step: int, max_steps: int, probe_start: float, run_start: float, log, group) -> int:
+    """train.max_minutes after the BUDGET_PROBE steps timed from `probe_start` (perf_counter, as `run_start`): the
+    max_steps that fit in the budget left, evals counted (a forward is about a third of a step), at most `max_steps`;
+    the slowest rank decides, so all stop at one step. The decision is logged (`log(row)`) and printed."""
+    t, now = run.cfg.train, time.perf_counter()
+    timing = torch.tensor([(now - probe_start) / BUDGET_PROBE, now - (run_start + 60 * t.max_minutes)])
     if group is not None:
         dist.all_reduce(timing, op=dist.ReduceOp.MAX, group=group)
     step_s, late = timing.tolist()
     # an eval scores eval_batches micro-batches over the data-parallel ranks; a step trains grad_accum on each
     evals = t.eval_batches / run.dp / (3 * run.grad_accum) * step_s if t.eval_interval else 0.0  # seconds per eval
     per_step = step_s + (evals / t.eval_interval if t.eval_interval else 0.0)
-    return max(step, min(max_steps, step + int((-late - evals) / per_step))), step_s
+    max_steps = max(step, min(max_steps, step + int((-late - evals) / per_step)))
+    log({"step": step, "max_steps": max_steps, "budget_step_s": step_s})
+    print0(f"train.max_minutes={t.max_minutes:g}: {step_s:.2f} s/step measured over steps "
+           f"{step - BUDGET_PROBE + 1}-{step}, so max_steps = {max_steps}", flush=True)
+    return max_steps

@@ -119,16 +119,14 @@ def model_shape(cfg: config.Config, world: int) -> GPTConfig:
     if cfg.train.init_from:
         import hf  # Hugging Face formats: safetensors
         model = hf.config_from_init(cfg.train.init_from, model)
-    metas = []
     for path in cfg.data.datasets:
         if not os.path.exists(os.path.join(path, "meta.json")):
             from data.prepare import ensure_prepared  # a named corpus is prepared on first use
             ensure_prepared(path)
-        metas.append(read_meta(path))
+    vocab = max(read_meta(path)["vocab_size"] for path in cfg.data.datasets)
     if cfg.train.init_from:
         for warning in hf.check_init_tokenizer(cfg):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
-    vocab = max(m["vocab_size"] for m in metas)
     model = replace(model, vocab_size=model.vocab_size or vocab)
     config.check_model(replace(cfg, model=model), world, data_vocab=vocab)
     return model
@@ -139,8 +137,7 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
     t_start = time.perf_counter()
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals make the FP32 backward many times slower on CPU
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True  # (cuDNN's is on by default)
     if run.rank == 0:
         write_run_files(run)
     print0(config.dump(cfg), end="")
@@ -177,7 +174,7 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
     if t.profile or device.type == "cuda":  # train.profile; on CUDA the allocator's history
         import diagnose
         profiler = diagnose.StepProfiler(t, device, run.rank, step)
-    pending, owed, diverged, first = None, False, False, True
+    pending, owed, diverged, start = None, False, False, step
     if t.compile and step < max_steps:
         print0("compiling the model during the first step (about a minute on a fresh machine, seconds with a warm "
                "cache) ...", flush=True)
@@ -207,18 +204,15 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
                 if profiler:  # train.profile: trace a few steps (the time writing it is not counted)
                     log.pause(profiler.step())
                 lr = optim.set_lr(optimizer, step, t, max_steps)
-                micro = [batches.get() for _ in range(run.grad_accum)] if first else \
-                    (batches.get() for _ in range(run.grad_accum))  # the first step keeps them: it may run twice
-
-                def one_step(micro=micro, seed=t.seed * 1_000_003 + step * 1009 + run.rank):
-                    # Dropout randomness is a function of (seed, step, rank): a resumed run repeats it exactly
-                    torch.manual_seed(seed)
-                    return train_step(model, train_model, optimizer, micro, run, scaler)
-                if first:  # the compile watch; a kernel that fails here falls back to torch's (step.py)
-                    (loss, grad_norm, bad), _ = first_step(one_step, model, optimizer, run, cpu_group)
-                    first = False
-                else:
-                    loss, grad_norm, bad = one_step()
+                torch.manual_seed(t.seed * 1_000_003 + step * 1009 + run.rank)  # dropout: a resume repeats it exactly
+                micro = (batches.get() for _ in range(run.grad_accum))  # each fetched as the step takes it
+                if step > start:
+                    loss, grad_norm, bad = train_step(model, train_model, optimizer, micro, run, scaler)
+                else:  # the compile watch; a kernel that fails falls back to torch's and the step runs again (step.py)
+                    micro = list(micro)  # kept for a second try
+                    (loss, grad_norm, bad), _ = first_step(
+                        lambda: train_step(model, train_model, optimizer, micro, run, scaler), model, optimizer, run,
+                        cpu_group)
                 step += 1
                 tokens += run.batch.batch_tokens
                 log.add(step, loss, grad_norm, bad)
@@ -227,13 +221,7 @@ def train(run: config.Run, loader: TrainLoader, resume_from: str | None) -> int:
                 if budget and step == probe_from:
                     t_probe = time.perf_counter()
                 if budget and step == probe_from + BUDGET_PROBE:  # train.max_minutes fixes max_steps
-                    step_s = (time.perf_counter() - t_probe) / BUDGET_PROBE
-                    left = t_start + 60 * t.max_minutes - time.perf_counter()
-                    max_steps, step_s = fit_budget(run, step, max_steps, step_s, left, cpu_group)
-                    budget_steps = max_steps
-                    log.row({"step": step, "max_steps": max_steps, "budget_step_s": step_s})
-                    print0(f"train.max_minutes={t.max_minutes:g}: {step_s:.2f} s/step measured over steps "
-                           f"{step - BUDGET_PROBE + 1}-{step}, so max_steps = {max_steps}", flush=True)
+                    max_steps = budget_steps = fit_budget(run, step, max_steps, t_probe, t_start, log.row, cpu_group)
                 last = step == max_steps
                 log_now = step % cfg.log.interval == 0 or last
                 if diverged := log.skips(now=log_now):  # skip flags are read late; all of them before a log line
