@@ -142,10 +142,10 @@ def compiling(run: config.Run):
     """Around a compiled run's first step: a line on rank 0 after 1, 2, 4, ... minutes saying it is still
     compiling, and past train.compile_timeout_s an error on every rank and exit status 3 (a compile that hangs
     cannot be interrupted from Python, so the process ends itself)."""
-    if not run.cfg.train.compile:
+    t = run.cfg.train
+    if not t.compile:
         yield
         return
-    t = run.cfg.train
     done, t0, limit = threading.Event(), time.perf_counter(), t.compile_timeout_s or math.inf
 
     def watch():
@@ -221,6 +221,7 @@ class Log:
     def skips(self, now: bool = False) -> bool:
         """Print and log the skipped steps read so far (all but the newest `lag`, none left when `now`); True once
         train.max_consecutive_skips are in a row: the run stops."""
+        limit = self.run.cfg.train.max_consecutive_skips
         while len(self.queue) > (0 if now else self.lag):
             step, values, event = self.queue.popleft()
             if event is not None:
@@ -231,9 +232,9 @@ class Log:
                 self.skipped += 1
                 what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
                 print0(f"step {step:>6} | {what} is not finite: update skipped ({self.streak} in a row, {self.skipped} "
-                       f"in total; the run stops at {self.run.cfg.train.max_consecutive_skips} in a row)", flush=True)
+                       f"in total; the run stops at {limit} in a row)", flush=True)
                 self.row({"step": step, "skipped": True, "skipped_steps": self.skipped})
-        return self.streak >= self.run.cfg.train.max_consecutive_skips
+        return self.streak >= limit
 
     def pause(self, seconds: float) -> None:
         self.t0 += seconds
